@@ -1,0 +1,100 @@
+//! Prometheus metrics: the recorder every service installs, and the metric names, described once
+//! here so `/metrics` explains itself.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// MQTT PUBLISH packets received on telemetry topics.
+pub const READINGS_RECEIVED: &str = "ecars_readings_received_total";
+/// Readings accepted and published on the bus.
+pub const READINGS_ACCEPTED: &str = "ecars_readings_accepted_total";
+/// Readings rejected, labelled by `reason`.
+pub const READINGS_REJECTED: &str = "ecars_readings_rejected_total";
+/// MQTT connections refused at CONNECT, labelled by `reason`.
+pub const MQTT_CONNECTIONS_REFUSED: &str = "ecars_mqtt_connections_refused_total";
+/// MQTT connections currently open through the gateway.
+pub const MQTT_CONNECTIONS_OPEN: &str = "ecars_mqtt_connections_open";
+/// Times a bus publish had to wait for room (backpressure), labelled by `stream`.
+pub const BUS_BACKPRESSURE: &str = "ecars_bus_backpressure_total";
+/// Records waiting in an in-process queue, labelled by `stream` and `group`.
+pub const BUS_QUEUE_DEPTH: &str = "ecars_bus_queue_depth";
+/// Rows committed to the database, labelled by `table`.
+pub const ROWS_WRITTEN: &str = "ecars_rows_written_total";
+/// Rows in each committed batch, labelled by `table`.
+pub const BATCH_SIZE: &str = "ecars_batch_rows";
+/// Time to commit one batch, labelled by `table`.
+pub const BATCH_LATENCY: &str = "ecars_batch_write_seconds";
+/// Failed batch writes that will be retried, labelled by `table`.
+pub const BATCH_RETRIES: &str = "ecars_batch_write_retries_total";
+/// Whether the database answered the last write or health check (1) or not (0).
+pub const DATABASE_UP: &str = "ecars_database_up";
+
+/// Installs the process-wide Prometheus recorder and describes every metric.
+///
+/// Safe to call more than once (tests start several services in one process): later calls
+/// return a handle to the recorder already installed.
+pub fn install_recorder() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ])
+                .map(|b| b.build_recorder())
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+            let handle = recorder.handle();
+            // Another recorder may already be installed (a test harness); ours still renders.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(
+        READINGS_RECEIVED,
+        "MQTT PUBLISH packets received on telemetry topics"
+    );
+    describe_counter!(
+        READINGS_ACCEPTED,
+        "Readings accepted and published on the bus"
+    );
+    describe_counter!(
+        READINGS_REJECTED,
+        "Readings rejected to the dead-letter store, by reason"
+    );
+    describe_counter!(
+        MQTT_CONNECTIONS_REFUSED,
+        "MQTT connections refused at CONNECT, by reason"
+    );
+    describe_gauge!(
+        MQTT_CONNECTIONS_OPEN,
+        "MQTT connections open through the gateway"
+    );
+    describe_counter!(
+        BUS_BACKPRESSURE,
+        "Bus publishes that waited for room in a full queue"
+    );
+    describe_gauge!(
+        BUS_QUEUE_DEPTH,
+        "Records waiting in an in-process bus queue"
+    );
+    describe_counter!(ROWS_WRITTEN, "Rows committed to the database, by table");
+    describe_histogram!(BATCH_SIZE, "Rows per committed batch, by table");
+    describe_histogram!(
+        BATCH_LATENCY,
+        Unit::Seconds,
+        "Time to commit one batch, by table"
+    );
+    describe_counter!(
+        BATCH_RETRIES,
+        "Failed batch writes that are retried, by table"
+    );
+    describe_gauge!(
+        DATABASE_UP,
+        "1 when the database answered the last write or check, else 0"
+    );
+}
