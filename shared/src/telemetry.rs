@@ -9,7 +9,7 @@
 use std::fmt;
 
 use base64::Engine as _;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -247,12 +247,15 @@ impl Rejection {
 /// Parses an MQTT payload received on a telemetry topic into a [`TelemetryReading`].
 ///
 /// `event_id` and `received_at` are given by the caller (ingest), which keeps this function pure.
+/// Times are cut to microseconds, the precision both databases store, so a reading reads back
+/// exactly as it travelled.
 pub fn parse_reading(
     topic: &TelemetryTopic,
     payload: &[u8],
     event_id: Uuid,
     received_at: DateTime<Utc>,
 ) -> Result<TelemetryReading, Rejection> {
+    let received_at = received_at.trunc_subsecs(6);
     if payload.len() > MAX_PAYLOAD_BYTES {
         return Err(Rejection::new(
             RejectReason::PayloadTooLarge,
@@ -312,7 +315,8 @@ pub fn parse_reading(
                     format!("date {:?} is not an RFC 3339 time: {e}", clip(text)),
                 )
             })?
-            .with_timezone(&Utc),
+            .with_timezone(&Utc)
+            .trunc_subsecs(6),
         Some(other) => {
             return Err(Rejection::new(
                 RejectReason::InvalidDate,
@@ -589,7 +593,7 @@ mod tests {
 
     #[test]
     fn vehicle_topic_supplies_the_vin_and_missing_date_defaults_to_received_at() {
-        let received_at = Utc::now();
+        let received_at = Utc::now().trunc_subsecs(6);
         let topic = TelemetryTopic::classify(&format!("vehicles/{VIN}/telemetry")).unwrap();
         let reading =
             parse_reading(&topic, br#"{"battery":50}"#, Uuid::now_v7(), received_at).unwrap();

@@ -1,1 +1,378 @@
+//! What the end-to-end tests and benchmarks need: a throwaway PostgreSQL server, the whole
+//! embedded pipeline on free ports, MQTT clients, and waiting for a condition with a deadline.
 
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use ecars_api::{ApiState, Readiness};
+use ecars_ingest::{BoundIngest, IngestConfig};
+use ecars_persist::{CommitObserver, PersistConfig, PersistWorker, SensorStore};
+use ecars_shared::bus::{Bus, InProcessBus};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A free TCP port on loopback (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Polls `condition` until it holds or `timeout` passes; fails with `what` on timeout.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut condition: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A PostgreSQL server of Debian's `postgresql` package, in a temporary directory, on a free
+/// port; stopped and removed on drop.
+pub struct PgServer {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    port: u16,
+    as_postgres: bool,
+}
+
+impl PgServer {
+    /// Creates and starts a cluster with a database `ecars`. Fails (never skips) when the
+    /// PostgreSQL server binaries are missing: the test command installs them.
+    pub fn start() -> anyhow::Result<PgServer> {
+        let bin = pg_bin_dir()?;
+        let dir = tempfile::Builder::new().prefix("ecars-pg-").tempdir()?;
+        // initdb refuses to run as root: run the server as the `postgres` user then.
+        let as_postgres = is_root();
+        if as_postgres {
+            run(Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path()))?;
+        }
+        let server = PgServer {
+            bin,
+            dir,
+            port: free_port(),
+            as_postgres,
+        };
+        server.pg(
+            "initdb",
+            &[
+                "-D",
+                &server.data_dir(),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+        )?;
+        server.start_server()?;
+        server.pg(
+            "createdb",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &server.port.to_string(),
+                "-U",
+                "postgres",
+                "ecars",
+            ],
+        )?;
+        Ok(server)
+    }
+
+    fn data_dir(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn pg(&self, tool: &str, args: &[&str]) -> anyhow::Result<()> {
+        let program = self.bin.join(tool);
+        let mut command = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&program);
+            c
+        } else {
+            Command::new(&program)
+        };
+        command.args(args);
+        run(&mut command)
+    }
+
+    /// Starts the server (again, after [`PgServer::stop`]) on the same port and data.
+    pub fn start_server(&self) -> anyhow::Result<()> {
+        let options = format!(
+            // fsync off is safe here (the OS survives an immediate stop); synchronous_commit stays
+            // on: with it off, an immediate stop loses commits the database already confirmed.
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("log").display().to_string();
+        self.pg(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data_dir(),
+                "-w",
+                "-l",
+                &log,
+                "-o",
+                &options,
+                "start",
+            ],
+        )
+    }
+
+    /// Stops the server at once, as an outage would (open connections are cut).
+    pub fn stop(&self) -> anyhow::Result<()> {
+        self.pg(
+            "pg_ctl",
+            &["-D", &self.data_dir(), "-w", "-m", "immediate", "stop"],
+        )
+    }
+
+    /// The `DATABASE_URL` of the `ecars` database.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/ecars", self.port)
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
+}
+
+fn pg_bin_dir() -> anyhow::Result<PathBuf> {
+    if let Ok(dir) = std::env::var("ECARS_TEST_PG_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    let root = Path::new("/usr/lib/postgresql");
+    let mut versions: Vec<PathBuf> = std::fs::read_dir(root)
+        .with_context(|| {
+            format!(
+                "PostgreSQL server not installed ({} missing): run the README's test command",
+                root.display()
+            )
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|bin| bin.join("initdb").exists())
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .context("no initdb under /usr/lib/postgresql/*/bin: install Debian's postgresql package")
+}
+
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    let output = command
+        .output()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed: {}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Options of a test pipeline.
+#[derive(Clone, Debug)]
+pub struct PipelineOptions {
+    /// Database URL.
+    pub database_url: String,
+    /// Fleet device secret.
+    pub device_secret: Option<String>,
+    /// In-process bus capacity.
+    pub bus_capacity: usize,
+    /// Persistence batching.
+    pub persist: PersistConfig,
+    /// Observer of committed batches (benchmarks).
+    pub observer: Option<CommitObserver>,
+}
+
+impl PipelineOptions {
+    /// Defaults on the given database.
+    pub fn new(database_url: impl Into<String>) -> PipelineOptions {
+        PipelineOptions {
+            database_url: database_url.into(),
+            device_secret: None,
+            bus_capacity: 10_000,
+            persist: PersistConfig::default(),
+            observer: None,
+        }
+    }
+}
+
+/// The embedded pipeline (`ecars up` without the CLI) on free loopback ports.
+pub struct Pipeline {
+    /// The store it writes.
+    pub store: SensorStore,
+    /// The MQTT listener.
+    pub mqtt_addr: SocketAddr,
+    /// The MQTT-over-WebSocket listener.
+    pub ws_addr: SocketAddr,
+    /// The HTTP listener.
+    pub http_addr: SocketAddr,
+    bus: Arc<InProcessBus>,
+    stop_ingest: CancellationToken,
+    stop_http: CancellationToken,
+    ingest: JoinHandle<()>,
+    persist: JoinHandle<Result<(), ecars_persist::PersistError>>,
+    http: JoinHandle<std::io::Result<()>>,
+}
+
+impl Pipeline {
+    /// Migrates the database and starts broker, bus, persistence and HTTP.
+    pub async fn start(options: PipelineOptions) -> anyhow::Result<Pipeline> {
+        let metrics = ecars_shared::metrics::install_recorder();
+        let store = SensorStore::connect_lazy(&options.database_url)?;
+        store.migrate().await?;
+        let bus = Arc::new(InProcessBus::new(options.bus_capacity));
+        let dyn_bus: Arc<dyn Bus> = bus.clone();
+        let worker = PersistWorker::subscribe(
+            &options.persist,
+            store.clone(),
+            dyn_bus.as_ref(),
+            options.observer,
+        )
+        .await?;
+        let config = IngestConfig {
+            mqtt_addr: "127.0.0.1:0".parse()?,
+            mqtt_ws_addr: "127.0.0.1:0".parse()?,
+            device_secret: options.device_secret,
+            ..IngestConfig::default()
+        };
+        let ingest = BoundIngest::bind(&config, dyn_bus).await?;
+        let (mqtt_addr, ws_addr) = (ingest.mqtt_addr()?, ingest.ws_addr()?);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let http_addr = listener.local_addr()?;
+        let stop_ingest = CancellationToken::new();
+        let stop_http = CancellationToken::new();
+        let router = ecars_api::router(ApiState {
+            store: store.clone(),
+            metrics,
+            readiness: Readiness::default(),
+        });
+        Ok(Pipeline {
+            store,
+            mqtt_addr,
+            ws_addr,
+            http_addr,
+            bus,
+            persist: tokio::spawn(worker.run(CancellationToken::new())),
+            ingest: tokio::spawn(ingest.run(stop_ingest.clone())),
+            http: tokio::spawn(ecars_api::serve(listener, router, stop_http.clone())),
+            stop_ingest,
+            stop_http,
+        })
+    }
+
+    /// `http://addr` of the HTTP listener.
+    pub fn http_base(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+
+    /// Graceful shutdown, as on Ctrl-C: stop ingest, drain the bus into the database, stop HTTP.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.stop_ingest.cancel();
+        self.ingest.await?;
+        self.bus.close();
+        self.persist.await??;
+        self.stop_http.cancel();
+        self.http.await??;
+        Ok(())
+    }
+}
+
+/// A JSON reading as a car would send it.
+pub fn reading_json(vin: &str, battery: f64) -> String {
+    serde_json::json!({
+        "vin": vin,
+        "name": "Test car",
+        "profile": "short",
+        "range": 200.5,
+        "mpge": 110,
+        "battery": battery,
+        "malfunction": false,
+        "speed": 42.0,
+        "latitude": "37.7749",
+        "longitude": "-122.4194",
+        "date": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    })
+    .to_string()
+}
+
+/// A made-up valid VIN for car `n`.
+pub fn test_vin(n: u32) -> String {
+    format!("1TEST0000{n:08}")
+}
+
+/// Publishes `messages` (topic, payload) at QoS 1 over MQTT 3.1.1 with rumqttc and returns once
+/// the broker acknowledged every one. `credentials` log in as a car.
+pub async fn publish_v4(
+    addr: SocketAddr,
+    client_id: &str,
+    credentials: Option<(String, String)>,
+    messages: Vec<(String, String)>,
+) -> anyhow::Result<()> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut options = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+    options.set_keep_alive(Duration::from_secs(30));
+    if let Some((user, password)) = credentials {
+        options.set_credentials(user, password);
+    }
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    let total = messages.len();
+    let publisher = tokio::spawn(async move {
+        for (topic, payload) in messages {
+            client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await?;
+        }
+        anyhow::Ok(client)
+    });
+    let mut acked = 0;
+    while acked < total {
+        match tokio::time::timeout(Duration::from_secs(20), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                bail!("MQTT connection failed after {acked}/{total} acknowledgements: {e}")
+            }
+            Err(_) => bail!("no MQTT event for 20s after {acked}/{total} acknowledgements"),
+        }
+    }
+    let client = publisher.await??;
+    client.disconnect().await?;
+    Ok(())
+}

@@ -20,6 +20,8 @@ pub async fn accept(tcp: TcpStream) -> Result<DuplexStream, tokio_tungstenite::t
             .flat_map(|v| v.split(','))
             .any(|p| p.trim().eq_ignore_ascii_case("mqtt"))
     };
+    // The error type is tungstenite's, so its size is not ours to choose.
+    #[allow(clippy::result_large_err)]
     let callback = |request: &Request, mut response: Response| -> Result<Response, ErrorResponse> {
         if offers_mqtt(request) {
             response

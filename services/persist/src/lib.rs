@@ -172,17 +172,12 @@ impl BatchSink for ReadingSink {
         }
     }
 
-    fn write(
-        &self,
-        batch: &[TelemetryReading],
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send {
-        async move {
-            let added = self.store.insert_readings(batch).await?;
-            if let Some(observer) = &self.observer {
-                let _ = observer.send(batch.to_vec()).await;
-            }
-            Ok(added)
+    async fn write(&self, batch: &[TelemetryReading]) -> Result<u64, StoreError> {
+        let added = self.store.insert_readings(batch).await?;
+        if let Some(observer) = &self.observer {
+            let _ = observer.send(batch.to_vec()).await;
         }
+        Ok(added)
     }
 }
 

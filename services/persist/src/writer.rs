@@ -76,10 +76,7 @@ pub async fn run_writer<S: BatchSink>(
             biased;
             _ = shutdown.cancelled() => None,
             _ = sleep_until(deadline) => Some(None),
-            delivery = subscription.next() => match delivery? {
-                Some(d) => Some(Some(d)),
-                None => None,
-            },
+            delivery = subscription.next() => delivery?.map(Some),
         };
         match next {
             // Stream ended or shutdown: flush and stop.
@@ -217,4 +214,149 @@ pub struct Subscribed<S: BatchSink> {
     pub subscription: Box<dyn Subscription>,
     /// When to flush.
     pub policy: BatchPolicy,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+    use ecars_shared::bus::{Bus, InProcessBus, Stream};
+    use ecars_shared::telemetry::{TelemetryReading, Vin};
+    use std::sync::{Arc, Mutex};
+
+    /// Records batch sizes; fails the first `failures` writes as a database outage would.
+    struct RecordingSink {
+        batches: Arc<Mutex<Vec<usize>>>,
+        failures: Arc<Mutex<u32>>,
+    }
+
+    impl BatchSink for RecordingSink {
+        type Item = TelemetryReading;
+        fn table(&self) -> &'static str {
+            "test"
+        }
+        fn select(&self, record: BusRecord) -> Option<TelemetryReading> {
+            match record {
+                BusRecord::Telemetry(r) => Some(r),
+                BusRecord::DeadLetter(_) => None,
+            }
+        }
+        fn write(
+            &self,
+            batch: &[TelemetryReading],
+        ) -> impl Future<Output = Result<u64, StoreError>> + Send {
+            let result = {
+                let mut failures = self.failures.lock().unwrap();
+                if *failures > 0 {
+                    *failures -= 1;
+                    Err(StoreError::Database(sqlx::Error::PoolTimedOut))
+                } else {
+                    self.batches.lock().unwrap().push(batch.len());
+                    Ok(batch.len() as u64)
+                }
+            };
+            async move { result }
+        }
+    }
+
+    fn reading() -> BusRecord {
+        let now = Utc::now();
+        BusRecord::Telemetry(TelemetryReading {
+            event_id: uuid::Uuid::now_v7(),
+            received_at: now,
+            vin: Vin::parse("1HGCM82633A004352").unwrap(),
+            name: None,
+            profile: None,
+            range: None,
+            mpge: None,
+            battery: Some(50.0),
+            malfunction: None,
+            speed: None,
+            latitude: None,
+            longitude: None,
+            date: now,
+        })
+    }
+
+    async fn start(
+        policy: BatchPolicy,
+        failures: u32,
+    ) -> (
+        InProcessBus,
+        Arc<Mutex<Vec<usize>>>,
+        tokio::task::JoinHandle<Result<(), WriterError>>,
+    ) {
+        let bus = InProcessBus::new(10_000);
+        let subscription = bus.subscribe(Stream::Telemetry, "test").await.unwrap();
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let sink = RecordingSink {
+            batches: Arc::clone(&batches),
+            failures: Arc::new(Mutex::new(failures)),
+        };
+        let retry = RetryPolicy {
+            initial: Duration::from_millis(1),
+            max: Duration::from_millis(5),
+        };
+        let task = tokio::spawn(run_writer(
+            sink,
+            subscription,
+            policy,
+            retry,
+            CancellationToken::new(),
+        ));
+        (bus, batches, task)
+    }
+
+    #[tokio::test]
+    async fn flushes_at_the_row_limit_and_at_close() {
+        let policy = BatchPolicy {
+            max_rows: 1000,
+            max_delay: Duration::from_secs(3600),
+        };
+        let (bus, batches, task) = start(policy, 0).await;
+        for _ in 0..2500 {
+            bus.publish(reading()).await.unwrap();
+        }
+        bus.close();
+        task.await.unwrap().unwrap();
+        assert_eq!(*batches.lock().unwrap(), vec![1000, 1000, 500]);
+    }
+
+    #[tokio::test]
+    async fn flushes_a_small_batch_once_it_waited_long_enough() {
+        let policy = BatchPolicy {
+            max_rows: 1000,
+            max_delay: Duration::from_millis(30),
+        };
+        let (bus, batches, task) = start(policy, 0).await;
+        for _ in 0..3 {
+            bus.publish(reading()).await.unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while batches.lock().unwrap().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            *batches.lock().unwrap(),
+            vec![3],
+            "a timed flush, before any close"
+        );
+        bus.close();
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn retries_a_failed_batch_without_losing_or_splitting_it() {
+        let policy = BatchPolicy {
+            max_rows: 10,
+            max_delay: Duration::from_secs(3600),
+        };
+        let (bus, batches, task) = start(policy, 3).await;
+        for _ in 0..25 {
+            bus.publish(reading()).await.unwrap();
+        }
+        bus.close();
+        task.await.unwrap().unwrap();
+        assert_eq!(*batches.lock().unwrap(), vec![10, 10, 5]);
+    }
 }

@@ -1,0 +1,193 @@
+//! The `ecars` binary as a user runs it: one command up, Debian's mosquitto_pub publishing,
+//! Ctrl-C exiting 0 with everything stored, and bad settings refused with a message that names
+//! the setting.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use ecars_e2e::{free_port, wait_for};
+use ecars_persist::SensorStore;
+use tokio::process::Command;
+
+const ECARS: &str = env!("CARGO_BIN_EXE_ecars");
+
+async fn run_to_end(args: &[&str]) -> std::process::Output {
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        Command::new(ECARS)
+            .args(args)
+            .env_remove("ECARS_DEVICE_SECRET")
+            .output(),
+    )
+    .await
+    .expect("ecars exits")
+    .expect("ecars runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_stores_what_mosquitto_pub_sends_and_exits_zero_on_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("fresh.db");
+    let (mqtt, ws, http) = (free_port(), free_port(), free_port());
+    let mut child = Command::new(ECARS)
+        .arg("up")
+        .env("DATABASE_URL", format!("sqlite://{}", db.display()))
+        .env("ECARS_MQTT_ADDR", format!("127.0.0.1:{mqtt}"))
+        .env("ECARS_MQTT_WS_ADDR", format!("127.0.0.1:{ws}"))
+        .env("ECARS_HTTP_ADDR", format!("127.0.0.1:{http}"))
+        .env("ECARS_LOG_FORMAT", "json")
+        .env_remove("ECARS_DEVICE_SECRET")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{http}");
+    wait_for("/readyz", Duration::from_secs(20), || async {
+        reqwest::get(format!("{base}/readyz"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await
+    .unwrap();
+
+    let vin = "1HGCM82633A004352";
+    let publish = |topic: String, message: String| async move {
+        let out = Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &mqtt.to_string(),
+                "-q",
+                "1",
+                "-t",
+                &topic,
+                "-m",
+                &message,
+            ])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    publish(
+        format!("vehicles/{vin}/telemetry"),
+        format!(r#"{{"vin":"{vin}","battery":80.5,"speed":12}}"#),
+    )
+    .await;
+    publish(
+        format!("vehicles/{vin}/telemetry"),
+        r#"{"vin":"1HGCM82633A004352","battery":"lots"}"#.into(),
+    )
+    .await;
+    publish(
+        "ecars/data".into(),
+        r#"{"vin":"5YJ3E1EA7KF000001","latitude":"37.1","longitude":"-122.3"}"#.into(),
+    )
+    .await;
+
+    let telemetry = format!("{base}/v1/vehicles/{vin}/telemetry");
+    wait_for("the row in the API", Duration::from_secs(5), || async {
+        match reqwest::get(&telemetry).await {
+            Ok(r) => r
+                .json::<serde_json::Value>()
+                .await
+                .is_ok_and(|v| v[0]["battery"] == 80.5),
+            Err(_) => false,
+        }
+    })
+    .await
+    .unwrap();
+
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .await
+        .unwrap()
+        .success());
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "Ctrl-C exits 0, got {status}");
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        use tokio::io::AsyncReadExt;
+        pipe.read_to_string(&mut stderr).await.unwrap();
+    }
+    let first = stderr.lines().next().unwrap_or_default();
+    assert!(
+        serde_json::from_str::<serde_json::Value>(first).is_ok(),
+        "JSON logs on request: {first}"
+    );
+    assert!(stderr.contains("stopped cleanly"), "{stderr}");
+
+    let store = SensorStore::connect_lazy(&format!("sqlite://{}", db.display())).unwrap();
+    assert_eq!(store.count_readings().await.unwrap(), 2);
+    let letters = store.dead_letters(10).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(
+        letters[0].reason,
+        r#"invalid_field: battery "lots" is not a number"#
+    );
+}
+
+#[tokio::test]
+async fn bad_settings_fail_at_start_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("x.db").display());
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["up", "--database-url", &db, "--mqtt-addr", "0.0.0.0:0"],
+            "--allow-anonymous",
+        ),
+        (
+            &["up", "--database-url", "mysql://db/ecars"],
+            "DATABASE_URL",
+        ),
+        (
+            &["up", "--database-url", &db, "--batch-rows", "0"],
+            "--batch-rows",
+        ),
+        (
+            &["up", "--database-url", &db, "--device-secret", "short"],
+            "at least 16 characters",
+        ),
+        (
+            &["up", "--database-url", &db, "--http-addr", "not-an-address"],
+            "--http-addr",
+        ),
+        (&["simulate", "--broker", "http://x:1"], "--broker"),
+    ];
+    for (args, needle) in cases {
+        let out = run_to_end(args).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn help_explains_every_setting_with_its_environment_variable() {
+    let out = run_to_end(&["up", "--help"]).await;
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "ECARS_MQTT_ADDR",
+        "ECARS_MQTT_WS_ADDR",
+        "ECARS_HTTP_ADDR",
+        "DATABASE_URL",
+        "ECARS_DEVICE_SECRET",
+        "ECARS_BATCH_ROWS",
+        "ECARS_BATCH_MS",
+        "--simulate",
+        "--log-format",
+    ] {
+        assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
+    }
+}

@@ -1,0 +1,496 @@
+//! End to end through the real rumqttd broker: MQTT clients nobody here wrote (rumqttc,
+//! Debian's mosquitto_pub) publish, and rows appear in a real database and the HTTP API.
+
+use std::time::Duration;
+use tokio::process::Command;
+
+use ecars_e2e::{
+    publish_v4, reading_json, test_vin, wait_for, PgServer, Pipeline, PipelineOptions,
+};
+use ecars_persist::PersistConfig;
+use ecars_shared::device_auth::DeviceSecret;
+use ecars_shared::telemetry::Vin;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn sqlite_url(dir: &tempfile::TempDir) -> String {
+    format!("sqlite://{}", dir.path().join("ecars.db").display())
+}
+
+async fn get_json(url: &str) -> Value {
+    reqwest::get(url)
+        .await
+        .expect("HTTP request")
+        .json()
+        .await
+        .expect("JSON body")
+}
+
+async fn count(pipeline: &Pipeline) -> i64 {
+    pipeline.store.count_readings().await.unwrap_or(-1)
+}
+
+async fn mosquitto_pub(addr: std::net::SocketAddr, args: &[&str]) -> std::process::Output {
+    Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &addr.port().to_string()])
+        .args(args)
+        .output()
+        .await
+        .expect("mosquitto_pub (Debian's mosquitto-clients) is installed by the test command")
+}
+
+#[tokio::test]
+async fn rumqttc_v4_and_v5_clients_reach_the_database_and_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = Pipeline::start(PipelineOptions::new(sqlite_url(&dir)))
+        .await
+        .unwrap();
+
+    let messages: Vec<(String, String)> = (0..5)
+        .flat_map(|car| {
+            let vin = test_vin(car);
+            (0..20).map(move |i| {
+                (
+                    format!("vehicles/{vin}/telemetry"),
+                    reading_json(&vin, 90.0 - f64::from(i)),
+                )
+            })
+        })
+        .collect();
+    publish_v4(pipeline.mqtt_addr, "v4-client", None, messages)
+        .await
+        .unwrap();
+
+    // MQTT 5 on the same port.
+    let mut options =
+        rumqttc::v5::MqttOptions::new("v5-client", "127.0.0.1", pipeline.mqtt_addr.port());
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, 16);
+    let vin = test_vin(99);
+    for i in 0..10 {
+        client
+            .publish(
+                format!("vehicles/{vin}/telemetry"),
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                false,
+                reading_json(&vin, 50.0 + f64::from(i)),
+            )
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    while acked < 10 {
+        if let rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(ack)) =
+            tokio::time::timeout(WAIT, eventloop.poll())
+                .await
+                .unwrap()
+                .unwrap()
+        {
+            assert_eq!(
+                ack.reason,
+                rumqttc::v5::mqttbytes::v5::PubAckReason::Success
+            );
+            acked += 1;
+        }
+    }
+
+    wait_for("110 rows", WAIT, || async { count(&pipeline).await == 110 })
+        .await
+        .unwrap();
+    let base = pipeline.http_base();
+    let rows = get_json(&format!(
+        "{base}/v1/vehicles/{}/telemetry?limit=5",
+        test_vin(2)
+    ))
+    .await;
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 5);
+    // Newest first: the last published reading (battery 71) leads.
+    assert_eq!(rows[0]["battery"], 71.0);
+    assert_eq!(
+        rows[0]["latitude"], 37.7749,
+        "string coordinates are stored as numbers"
+    );
+    let vehicles = get_json(&format!("{base}/v1/vehicles")).await;
+    assert_eq!(vehicles.as_array().unwrap().len(), 6);
+    let bad = reqwest::get(format!("{base}/v1/vehicles/NOPE/telemetry"))
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    assert!(bad.json::<Value>().await.unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .contains("17 characters"));
+    pipeline.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn mosquitto_pub_on_postgres_valid_malformed_and_legacy_topic() {
+    let pg = PgServer::start().unwrap();
+    let pipeline = Pipeline::start(PipelineOptions::new(pg.url()))
+        .await
+        .unwrap();
+    let vin = "1HGCM82633A004352";
+
+    let started = std::time::Instant::now();
+    let out = mosquitto_pub(
+        pipeline.mqtt_addr,
+        &[
+            "-q",
+            "1",
+            "-t",
+            &format!("vehicles/{vin}/telemetry"),
+            "-m",
+            &format!(r#"{{"vin":"{vin}","battery":80.5}}"#),
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let url = format!("{}/v1/vehicles/{vin}/telemetry", pipeline.http_base());
+    wait_for("the reading in the API", Duration::from_secs(2), || async {
+        get_json(&url)
+            .await
+            .as_array()
+            .is_some_and(|a| a.len() == 1)
+    })
+    .await
+    .unwrap();
+    println!("mosquitto_pub to API row: {:?}", started.elapsed());
+    assert_eq!(get_json(&url).await[0]["battery"], 80.5);
+
+    let out = mosquitto_pub(
+        pipeline.mqtt_addr,
+        &[
+            "-q",
+            "1",
+            "-t",
+            &format!("vehicles/{vin}/telemetry"),
+            "-m",
+            "{oops",
+        ],
+    )
+    .await;
+    assert!(out.status.success());
+    // eCars' own message shape on its legacy topic, coordinates as strings.
+    let legacy = r#"{"vin":"5YJ3E1EA7KF000001","name":"Car 1","profile":"long","range":"230","mpge":"116",
+        "battery":"77.5","malfunction":false,"speed":"61","latitude":"37.79","longitude":"-122.40",
+        "date":"2024-05-01T10:00:00.000Z"}"#;
+    let out = mosquitto_pub(
+        pipeline.mqtt_addr,
+        &["-V", "mqttv5", "-q", "1", "-t", "ecars/data", "-m", legacy],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let dl_url = format!("{}/v1/dead-letters", pipeline.http_base());
+    wait_for("the dead letter", WAIT, || async {
+        get_json(&dl_url)
+            .await
+            .as_array()
+            .is_some_and(|a| a.len() == 1)
+    })
+    .await
+    .unwrap();
+    let letter = &get_json(&dl_url).await[0];
+    assert!(
+        letter["reason"].as_str().unwrap().starts_with("not_json: "),
+        "{letter}"
+    );
+    assert_eq!(letter["payload"], "{oops");
+    assert_eq!(letter["topic"], format!("vehicles/{vin}/telemetry"));
+    wait_for("the legacy reading", WAIT, || async {
+        count(&pipeline).await == 2
+    })
+    .await
+    .unwrap();
+    let legacy_rows = pipeline
+        .store
+        .vehicle_readings(&Vin::parse("5YJ3E1EA7KF000001").unwrap(), 1)
+        .await
+        .unwrap();
+    assert_eq!(legacy_rows[0].battery, Some(77.5));
+    assert_eq!(
+        legacy_rows[0].date.to_rfc3339(),
+        "2024-05-01T10:00:00+00:00"
+    );
+    pipeline.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn mqtt_over_websocket() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = Pipeline::start(PipelineOptions::new(sqlite_url(&dir)))
+        .await
+        .unwrap();
+    let url = format!("ws://127.0.0.1:{}/mqtt", pipeline.ws_addr.port());
+    let mut options = MqttOptions::new("ws-client", url, pipeline.ws_addr.port());
+    options
+        .set_transport(Transport::Ws)
+        .set_keep_alive(Duration::from_secs(30));
+    // Room for every request: the event loop is only polled after publishing.
+    let (client, mut eventloop) = AsyncClient::new(options, 32);
+    let vin = test_vin(7);
+    for i in 0..25 {
+        client
+            .publish(
+                format!("vehicles/{vin}/telemetry"),
+                QoS::AtLeastOnce,
+                false,
+                reading_json(&vin, f64::from(i)),
+            )
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    while acked < 25 {
+        if let Event::Incoming(Packet::PubAck(_)) = tokio::time::timeout(WAIT, eventloop.poll())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            acked += 1;
+        }
+    }
+    wait_for("25 rows", WAIT, || async { count(&pipeline).await == 25 })
+        .await
+        .unwrap();
+    pipeline.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn device_authentication() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret_text = "a-fleet-secret-of-some-length";
+    let mut options = PipelineOptions::new(sqlite_url(&dir));
+    options.device_secret = Some(secret_text.into());
+    let pipeline = Pipeline::start(options).await.unwrap();
+    let secret = DeviceSecret::new(secret_text);
+    let vin = Vin::parse(&test_vin(1)).unwrap();
+    let other = test_vin(2);
+    let password = secret.password_for(&vin);
+
+    // Wrong password: refused at CONNECT, with a CONNACK that says so.
+    let mut opts = MqttOptions::new("bad", "127.0.0.1", pipeline.mqtt_addr.port());
+    opts.set_credentials(vin.as_str(), "00ff");
+    let (_client, mut eventloop) = AsyncClient::new(opts, 4);
+    match tokio::time::timeout(WAIT, eventloop.poll()).await.unwrap() {
+        Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(code, rumqttc::ConnectReturnCode::BadUserNamePassword)
+        }
+        other => panic!("expected a refused connection, got {other:?}"),
+    }
+    // No credentials at all, with Debian's client.
+    let out = mosquitto_pub(pipeline.mqtt_addr, &["-t", "ecars/data", "-m", "{}"]).await;
+    assert!(!out.status.success(), "anonymous publish must be refused");
+    let out = mosquitto_pub(
+        pipeline.mqtt_addr,
+        &[
+            "-u",
+            vin.as_str(),
+            "-P",
+            "wrong",
+            "-t",
+            "ecars/data",
+            "-m",
+            "{}",
+        ],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .to_lowercase()
+            .contains("password"),
+        "{out:?}"
+    );
+
+    // Right credentials: its own reading is stored; a reading for another car is dead-lettered.
+    let creds = Some((vin.to_string(), password.clone()));
+    publish_v4(
+        pipeline.mqtt_addr,
+        "car-1",
+        creds,
+        vec![
+            (
+                format!("vehicles/{vin}/telemetry"),
+                reading_json(vin.as_str(), 60.0),
+            ),
+            (
+                format!("vehicles/{other}/telemetry"),
+                reading_json(&other, 60.0),
+            ),
+            ("ecars/data".into(), reading_json(&other, 61.0)),
+        ],
+    )
+    .await
+    .unwrap();
+    let out = mosquitto_pub(
+        pipeline.mqtt_addr,
+        &[
+            "-u",
+            vin.as_str(),
+            "-P",
+            &password,
+            "-q",
+            "1",
+            "-t",
+            "ecars/data",
+            "-m",
+            &reading_json(vin.as_str(), 59.0),
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    wait_for("two dead letters", WAIT, || async {
+        pipeline
+            .store
+            .dead_letters(10)
+            .await
+            .map(|d| d.len())
+            .unwrap_or(0)
+            == 2
+    })
+    .await
+    .unwrap();
+    wait_for("two own readings", WAIT, || async {
+        count(&pipeline).await == 2
+    })
+    .await
+    .unwrap();
+    for letter in pipeline.store.dead_letters(10).await.unwrap() {
+        assert!(
+            letter
+                .reason
+                .starts_with("unauthorized_vin: client authenticated as"),
+            "{}",
+            letter.reason
+        );
+        assert_eq!(letter.client_id, "car-1");
+    }
+    let metrics = reqwest::get(format!("{}/metrics", pipeline.http_base()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"ecars_readings_rejected_total{reason="unauthorized_vin"}"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"ecars_mqtt_connections_refused_total{reason="wrong_password"}"#));
+    pipeline.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn subscribers_see_valid_telemetry_and_other_topics_pass_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = Pipeline::start(PipelineOptions::new(sqlite_url(&dir)))
+        .await
+        .unwrap();
+    let mut options = MqttOptions::new("listener", "127.0.0.1", pipeline.mqtt_addr.port());
+    options.set_keep_alive(Duration::from_secs(30));
+    let (subscriber, mut events) = AsyncClient::new(options, 16);
+    subscriber
+        .subscribe("vehicles/+/telemetry", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    subscriber
+        .subscribe("fleet/notices", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    loop {
+        if let Event::Incoming(Packet::SubAck(ack)) = tokio::time::timeout(WAIT, events.poll())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            if ack.pkid == 2 {
+                break;
+            }
+        }
+    }
+    let vin = test_vin(3);
+    let topic = format!("vehicles/{vin}/telemetry");
+    publish_v4(
+        pipeline.mqtt_addr,
+        "publisher",
+        None,
+        vec![
+            (topic.clone(), r#"{"battery":101}"#.into()),
+            (topic.clone(), reading_json(&vin, 64.0)),
+            ("fleet/notices".into(), "hello".into()),
+        ],
+    )
+    .await
+    .unwrap();
+    let mut received = Vec::new();
+    while received.len() < 2 {
+        if let Event::Incoming(Packet::Publish(p)) = tokio::time::timeout(WAIT, events.poll())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            received.push((
+                p.topic.clone(),
+                String::from_utf8_lossy(&p.payload).to_string(),
+            ));
+        }
+    }
+    assert_eq!(received[0].0, topic);
+    assert!(
+        received[0].1.contains("64"),
+        "the rejected reading (battery 101) is not relayed: {received:?}"
+    );
+    assert_eq!(
+        received[1],
+        ("fleet/notices".to_owned(), "hello".to_owned())
+    );
+    pipeline.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_flushes_every_accepted_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = PipelineOptions::new(sqlite_url(&dir));
+    // Batches that would wait a minute: only the shutdown flush writes them.
+    options.persist = PersistConfig {
+        batch_rows: 50_000,
+        batch_ms: 60_000,
+    };
+    let pipeline = Pipeline::start(options).await.unwrap();
+    let messages: Vec<_> = (0..500)
+        .map(|i| {
+            let vin = test_vin(i % 10);
+            (
+                format!("vehicles/{vin}/telemetry"),
+                reading_json(&vin, 50.0),
+            )
+        })
+        .collect();
+    publish_v4(pipeline.mqtt_addr, "burst", None, messages)
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&pipeline).await,
+        0,
+        "nothing flushed before the batch is due"
+    );
+    let store = pipeline.store.clone();
+    pipeline.shutdown().await.unwrap();
+    assert_eq!(store.count_readings().await.unwrap(), 500);
+}
