@@ -1,1 +1,158 @@
-fn main() {}
+//! Benchmark: MQTT publish to committed row, end to end, through the real broker into SQLite
+//! and a throwaway PostgreSQL server, with 1,000 simulated cars (one MQTT connection each).
+//!
+//! - throughput: every car publishes as fast as the pipeline acknowledges (QoS 1); readings per
+//!   second from the first publish to the last committed row;
+//! - latency: the fleet publishes at a fixed rate; each reading's `date` is its publish time,
+//!   and the persistence worker reports each committed batch, so commit time minus `date` is
+//!   the publish-to-row latency.
+//!
+//! Run: `cargo bench -p ecars-e2e --bench pipeline` (options: `--quick`, `--only sqlite|postgres`).
+//! Results are printed and written to `bench-results/pipeline.json`.
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use ecars_e2e::{PgServer, Pipeline, PipelineOptions};
+use ecars_simulator::SimulatorConfig;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+struct Throughput {
+    readings: u64,
+    seconds: f64,
+}
+
+struct Latency {
+    rate: u64,
+    readings: usize,
+    p50_ms: f64,
+    p95_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+async fn start(database_url: &str) -> (Pipeline, mpsc::Receiver<Vec<ecars_shared::telemetry::TelemetryReading>>) {
+    let (tx, rx) = mpsc::channel(1024);
+    let mut options = PipelineOptions::new(database_url);
+    options.observer = Some(tx);
+    (Pipeline::start(options).await.expect("pipeline starts"), rx)
+}
+
+async fn throughput(database_url: &str, vehicles: u32, per_vehicle: u64) -> Throughput {
+    let (pipeline, mut committed) = start(database_url).await;
+    let total = u64::from(vehicles) * per_vehicle;
+    let config = SimulatorConfig {
+        vehicles,
+        interval_ms: 0,
+        broker: format!("mqtt://{}", pipeline.mqtt_addr),
+        readings_per_vehicle: Some(per_vehicle),
+        ..SimulatorConfig::default()
+    };
+    let started = Instant::now();
+    let simulator = tokio::spawn(ecars_simulator::run(config, CancellationToken::new()));
+    let mut rows = 0u64;
+    while rows < total {
+        match tokio::time::timeout(Duration::from_secs(60), committed.recv()).await {
+            Ok(Some(batch)) => rows += batch.len() as u64,
+            _ => panic!("stalled at {rows}/{total} rows"),
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let report = simulator.await.expect("simulator task").expect("simulator");
+    assert_eq!(report.acknowledged, total, "every reading acknowledged");
+    assert_eq!(pipeline.store.count_readings().await.unwrap() as u64, total, "every reading stored once");
+    pipeline.shutdown().await.unwrap();
+    Throughput { readings: total, seconds }
+}
+
+async fn latency(database_url: &str, vehicles: u32, rate: u64, seconds: u64) -> Latency {
+    let (pipeline, mut committed) = start(database_url).await;
+    let interval_ms = u64::from(vehicles) * 1000 / rate;
+    let per_vehicle = seconds * 1000 / interval_ms;
+    let total = u64::from(vehicles) * per_vehicle;
+    let config = SimulatorConfig {
+        vehicles,
+        interval_ms,
+        broker: format!("mqtt://{}", pipeline.mqtt_addr),
+        readings_per_vehicle: Some(per_vehicle),
+        ..SimulatorConfig::default()
+    };
+    let simulator = tokio::spawn(ecars_simulator::run(config, CancellationToken::new()));
+    let mut samples: Vec<f64> = Vec::with_capacity(total as usize);
+    while (samples.len() as u64) < total {
+        match tokio::time::timeout(Duration::from_secs(60), committed.recv()).await {
+            Ok(Some(batch)) => {
+                let now = Utc::now();
+                samples.extend(batch.iter().map(|r| (now - r.date).num_microseconds().unwrap_or(0) as f64 / 1000.0));
+            }
+            _ => panic!("stalled at {}/{total} rows", samples.len()),
+        }
+    }
+    simulator.await.expect("simulator task").expect("simulator");
+    pipeline.shutdown().await.unwrap();
+    // The first second includes 1,000 connections being set up; measure the steady state.
+    let warmup = (rate as usize).min(samples.len() / 4);
+    let mut steady = samples.split_off(warmup);
+    steady.sort_by(f64::total_cmp);
+    let pct = |p: f64| steady[((steady.len() as f64 * p) as usize).min(steady.len() - 1)];
+    Latency {
+        rate,
+        readings: steady.len(),
+        p50_ms: pct(0.50),
+        p95_ms: pct(0.95),
+        p99_ms: pct(0.99),
+        max_ms: *steady.last().unwrap_or(&0.0),
+    }
+}
+
+fn main() {
+    let filter = std::env::var("ECARS_LOG").unwrap_or_else(|_| "warn,rumqttd=off".into());
+    let log = ecars_shared::config::LogConfig { format: ecars_shared::config::LogFormat::Text, filter };
+    log.init().expect("log filter");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let (vehicles, per_vehicle, seconds) = if quick { (200, 100, 5) } else { (1000, 200, 20) };
+    let rate = 10_000;
+
+    let dir = tempfile::tempdir().unwrap();
+    let pg = PgServer::start().expect("throwaway PostgreSQL");
+    let mut results = Vec::new();
+    for (backend, make_url) in [
+        ("sqlite", Box::new(|n: usize| format!("sqlite://{}", dir.path().join(format!("bench-{n}.db")).display()))
+            as Box<dyn Fn(usize) -> String>),
+        ("postgres", Box::new(|_| pg.url())),
+    ] {
+        if only.as_deref().is_some_and(|o| o != backend) {
+            continue;
+        }
+        let t = runtime.block_on(throughput(&make_url(1), vehicles, per_vehicle));
+        let rps = t.readings as f64 / t.seconds;
+        println!(
+            "{backend:>8} throughput: {} readings from {vehicles} cars in {:.2}s = {rps:.0} readings/s",
+            t.readings, t.seconds
+        );
+        let l = runtime.block_on(latency(&make_url(2), vehicles, rate, seconds));
+        println!(
+            "{backend:>8} latency at {} readings/s ({} readings after warm-up): p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            l.rate, l.readings, l.p50_ms, l.p95_ms, l.p99_ms, l.max_ms
+        );
+        results.push(serde_json::json!({
+            "backend": backend,
+            "vehicles": vehicles,
+            "throughput_readings": t.readings,
+            "throughput_seconds": t.seconds,
+            "readings_per_second": rps,
+            "latency_rate": l.rate,
+            "latency_readings": l.readings,
+            "p50_ms": l.p50_ms, "p95_ms": l.p95_ms, "p99_ms": l.p99_ms, "max_ms": l.max_ms,
+        }));
+    }
+    std::fs::create_dir_all("bench-results").ok();
+    let path = "bench-results/pipeline.json";
+    if std::fs::write(path, serde_json::to_string_pretty(&results).unwrap()).is_ok() {
+        println!("results written to {path}");
+    }
+}

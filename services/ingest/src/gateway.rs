@@ -104,6 +104,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Whether a whole packet is waiting in the buffer. Writers flush before the reader waits
+    /// for more bytes: a client that waits for acknowledgements before sending the rest of a
+    /// packet must never wait on bytes held in our buffer.
+    fn has_whole_packet(&self) -> bool {
+        check(self.buffer.iter(), MAX_PACKET_BYTES).is_ok()
+    }
+
     /// The next packet; `None` at a clean end of stream.
     async fn next(&mut self) -> Result<Option<(FixedHeader, Bytes)>, ConnectionError> {
         loop {
@@ -483,7 +490,7 @@ where
             },
         }
         // Write out once nothing more is waiting: one syscall for a burst of acks.
-        if broker.buffer.is_empty() && local_rx.is_empty() {
+        if !broker.has_whole_packet() && local_rx.is_empty() {
             client_write.flush().await?;
         }
     }
@@ -577,7 +584,7 @@ impl Upstream<'_> {
             if forward {
                 broker_write.write_all(&frame).await?;
             }
-            if client.buffer.is_empty() {
+            if !client.has_whole_packet() {
                 broker_write.flush().await?;
             }
         }
