@@ -18,6 +18,9 @@ use ecars_simulator::SimulatorConfig;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+/// Readings taken in the first seconds of a latency run are not measured.
+const WARMUP_SECONDS: i64 = 3;
+
 struct Throughput {
     readings: u64,
     seconds: f64,
@@ -32,7 +35,12 @@ struct Latency {
     max_ms: f64,
 }
 
-async fn start(database_url: &str) -> (Pipeline, mpsc::Receiver<Vec<ecars_shared::telemetry::TelemetryReading>>) {
+async fn start(
+    database_url: &str,
+) -> (
+    Pipeline,
+    mpsc::Receiver<Vec<ecars_shared::telemetry::TelemetryReading>>,
+) {
     let (tx, rx) = mpsc::channel(1024);
     let mut options = PipelineOptions::new(database_url);
     options.observer = Some(tx);
@@ -61,9 +69,16 @@ async fn throughput(database_url: &str, vehicles: u32, per_vehicle: u64) -> Thro
     let seconds = started.elapsed().as_secs_f64();
     let report = simulator.await.expect("simulator task").expect("simulator");
     assert_eq!(report.acknowledged, total, "every reading acknowledged");
-    assert_eq!(pipeline.store.count_readings().await.unwrap() as u64, total, "every reading stored once");
+    assert_eq!(
+        pipeline.store.count_readings().await.unwrap() as u64,
+        total,
+        "every reading stored once"
+    );
     pipeline.shutdown().await.unwrap();
-    Throughput { readings: total, seconds }
+    Throughput {
+        readings: total,
+        seconds,
+    }
 }
 
 async fn latency(database_url: &str, vehicles: u32, rate: u64, seconds: u64) -> Latency {
@@ -78,22 +93,30 @@ async fn latency(database_url: &str, vehicles: u32, rate: u64, seconds: u64) -> 
         readings_per_vehicle: Some(per_vehicle),
         ..SimulatorConfig::default()
     };
+    // The first seconds include 1,000 connections being set up: measure the steady state, the
+    // readings taken after the warm-up.
+    let measure_from = Utc::now() + chrono::Duration::seconds(WARMUP_SECONDS);
     let simulator = tokio::spawn(ecars_simulator::run(config, CancellationToken::new()));
     let mut samples: Vec<f64> = Vec::with_capacity(total as usize);
-    while (samples.len() as u64) < total {
+    let mut rows = 0u64;
+    while rows < total {
         match tokio::time::timeout(Duration::from_secs(60), committed.recv()).await {
             Ok(Some(batch)) => {
                 let now = Utc::now();
-                samples.extend(batch.iter().map(|r| (now - r.date).num_microseconds().unwrap_or(0) as f64 / 1000.0));
+                rows += batch.len() as u64;
+                samples.extend(
+                    batch
+                        .iter()
+                        .filter(|r| r.date >= measure_from)
+                        .map(|r| (now - r.date).num_microseconds().unwrap_or(0) as f64 / 1000.0),
+                );
             }
-            _ => panic!("stalled at {}/{total} rows", samples.len()),
+            _ => panic!("stalled at {rows}/{total} rows"),
         }
     }
     simulator.await.expect("simulator task").expect("simulator");
     pipeline.shutdown().await.unwrap();
-    // The first second includes 1,000 connections being set up; measure the steady state.
-    let warmup = (rate as usize).min(samples.len() / 4);
-    let mut steady = samples.split_off(warmup);
+    let mut steady = samples;
     steady.sort_by(f64::total_cmp);
     let pct = |p: f64| steady[((steady.len() as f64 * p) as usize).min(steady.len() - 1)];
     Latency {
@@ -108,21 +131,42 @@ async fn latency(database_url: &str, vehicles: u32, rate: u64, seconds: u64) -> 
 
 fn main() {
     let filter = std::env::var("ECARS_LOG").unwrap_or_else(|_| "warn,rumqttd=off".into());
-    let log = ecars_shared::config::LogConfig { format: ecars_shared::config::LogFormat::Text, filter };
+    let log = ecars_shared::config::LogConfig {
+        format: ecars_shared::config::LogFormat::Text,
+        filter,
+    };
     log.init().expect("log filter");
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let (vehicles, per_vehicle, seconds) = if quick { (200, 100, 5) } else { (1000, 200, 20) };
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (vehicles, per_vehicle, seconds) = if quick {
+        (200, 100, 6)
+    } else {
+        (1000, 200, 20)
+    };
     let rate = 10_000;
 
     let dir = tempfile::tempdir().unwrap();
     let pg = PgServer::start().expect("throwaway PostgreSQL");
     let mut results = Vec::new();
     for (backend, make_url) in [
-        ("sqlite", Box::new(|n: usize| format!("sqlite://{}", dir.path().join(format!("bench-{n}.db")).display()))
-            as Box<dyn Fn(usize) -> String>),
+        (
+            "sqlite",
+            Box::new(|n: usize| {
+                format!(
+                    "sqlite://{}",
+                    dir.path().join(format!("bench-{n}.db")).display()
+                )
+            }) as Box<dyn Fn(usize) -> String>,
+        ),
         ("postgres", Box::new(|_| pg.url())),
     ] {
         if only.as_deref().is_some_and(|o| o != backend) {

@@ -13,8 +13,9 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row};
 use uuid::Uuid;
 
-/// Rows per SQLite statement: 13 bound values each stays far below SQLite's 32,766 limit.
-const SQLITE_ROWS_PER_STATEMENT: usize = 1_000;
+/// Rows per SQLite statement. A fixed size lets one prepared statement serve every full chunk
+/// (preparing a statement of thousands of parameters per batch cost more than the insert).
+const SQLITE_ROWS_PER_STATEMENT: usize = 100;
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
