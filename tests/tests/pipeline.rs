@@ -494,3 +494,58 @@ async fn shutdown_flushes_every_accepted_reading() {
     pipeline.shutdown().await.unwrap();
     assert_eq!(store.count_readings().await.unwrap(), 500);
 }
+
+/// MQTT 3.1.1 packets by hand, for what client libraries never do on purpose.
+fn raw_packet(first_byte: u8, body: &[u8]) -> Vec<u8> {
+    assert!(body.len() < 128, "one-byte remaining length");
+    let mut packet = vec![first_byte, body.len() as u8];
+    packet.extend_from_slice(body);
+    packet
+}
+
+fn mqtt_string(text: &str) -> Vec<u8> {
+    let mut out = (text.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(text.as_bytes());
+    out
+}
+
+#[tokio::test]
+async fn a_packet_split_across_reads_does_not_hold_back_earlier_acknowledgements() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = Pipeline::start(PipelineOptions::new(sqlite_url(&dir))).await.unwrap();
+    let mut socket = tokio::net::TcpStream::connect(pipeline.mqtt_addr).await.unwrap();
+
+    let mut connect = mqtt_string("MQTT");
+    connect.extend_from_slice(&[4, 0x02, 0, 60]);
+    connect.extend(mqtt_string("raw-client"));
+    socket.write_all(&raw_packet(0x10, &connect)).await.unwrap();
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(WAIT, socket.read_exact(&mut connack)).await.unwrap().unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+
+    let vin = test_vin(5);
+    let publish = |pkid: u16| {
+        let mut body = mqtt_string(&format!("vehicles/{vin}/telemetry"));
+        body.extend_from_slice(&pkid.to_be_bytes());
+        body.extend_from_slice(br#"{"battery":42}"#);
+        raw_packet(0x32, &body)
+    };
+    // A whole PUBLISH, then half of the next one: like a client whose window is full, send
+    // nothing more until the first is acknowledged.
+    let mut bytes = publish(1);
+    let second = publish(2);
+    bytes.extend_from_slice(&second[..second.len() / 2]);
+    socket.write_all(&bytes).await.unwrap();
+    let mut puback = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), socket.read_exact(&mut puback))
+        .await
+        .expect("PUBACK of the whole packet arrives while the next is incomplete")
+        .unwrap();
+    assert_eq!(puback, [0x40, 2, 0, 1]);
+    socket.write_all(&second[second.len() / 2..]).await.unwrap();
+    tokio::time::timeout(WAIT, socket.read_exact(&mut puback)).await.unwrap().unwrap();
+    assert_eq!(puback, [0x40, 2, 0, 2]);
+    wait_for("both rows", WAIT, || async { count(&pipeline).await == 2 }).await.unwrap();
+    pipeline.shutdown().await.unwrap();
+}
