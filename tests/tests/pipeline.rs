@@ -513,15 +513,22 @@ fn mqtt_string(text: &str) -> Vec<u8> {
 async fn a_packet_split_across_reads_does_not_hold_back_earlier_acknowledgements() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
-    let pipeline = Pipeline::start(PipelineOptions::new(sqlite_url(&dir))).await.unwrap();
-    let mut socket = tokio::net::TcpStream::connect(pipeline.mqtt_addr).await.unwrap();
+    let pipeline = Pipeline::start(PipelineOptions::new(sqlite_url(&dir)))
+        .await
+        .unwrap();
+    let mut socket = tokio::net::TcpStream::connect(pipeline.mqtt_addr)
+        .await
+        .unwrap();
 
     let mut connect = mqtt_string("MQTT");
     connect.extend_from_slice(&[4, 0x02, 0, 60]);
     connect.extend(mqtt_string("raw-client"));
     socket.write_all(&raw_packet(0x10, &connect)).await.unwrap();
     let mut connack = [0u8; 4];
-    tokio::time::timeout(WAIT, socket.read_exact(&mut connack)).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, socket.read_exact(&mut connack))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(connack, [0x20, 2, 0, 0]);
 
     let vin = test_vin(5);
@@ -544,8 +551,13 @@ async fn a_packet_split_across_reads_does_not_hold_back_earlier_acknowledgements
         .unwrap();
     assert_eq!(puback, [0x40, 2, 0, 1]);
     socket.write_all(&second[second.len() / 2..]).await.unwrap();
-    tokio::time::timeout(WAIT, socket.read_exact(&mut puback)).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, socket.read_exact(&mut puback))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(puback, [0x40, 2, 0, 2]);
-    wait_for("both rows", WAIT, || async { count(&pipeline).await == 2 }).await.unwrap();
+    wait_for("both rows", WAIT, || async { count(&pipeline).await == 2 })
+        .await
+        .unwrap();
     pipeline.shutdown().await.unwrap();
 }
