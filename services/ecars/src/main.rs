@@ -145,16 +145,16 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let stop_ingest = CancellationToken::new();
     let stop_http = CancellationToken::new();
     // Persist stops when the bus is closed and drained, not on a token.
-    let persist_task = tokio::spawn(persist.run(CancellationToken::new()));
+    let mut persist_task = tokio::spawn(persist.run(CancellationToken::new()));
     readiness.set("persist", true);
-    let ingest_task = tokio::spawn(ingest.run(stop_ingest.clone()));
+    let mut ingest_task = tokio::spawn(ingest.run(stop_ingest.clone()));
     readiness.set("ingest", true);
     let router = ecars_api::router(ecars_api::ApiState {
         store: store.clone(),
         metrics,
         readiness: readiness.clone(),
     });
-    let http_task = tokio::spawn(ecars_api::serve(http, router, stop_http.clone()));
+    let mut http_task = tokio::spawn(ecars_api::serve(http, router, stop_http.clone()));
 
     let simulator_task = (args.simulate > 0).then(|| {
         let config = SimulatorConfig {
@@ -172,7 +172,21 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         "ecars is up; Ctrl-C stops it after storing what was accepted"
     );
 
-    cancel_on_signal(shutdown.clone()).await;
+    // A part that stops on its own is fatal: say which, and exit non-zero so a supervisor
+    // restarts the process.
+    let failure = tokio::select! {
+        _ = cancel_on_signal(shutdown.clone()) => None,
+        result = &mut persist_task => Some(format!("the persistence worker stopped: {result:?}")),
+        result = &mut ingest_task => Some(format!("MQTT ingest stopped: {result:?}")),
+        result = &mut http_task => Some(format!("the HTTP server stopped: {result:?}")),
+    };
+    if let Some(failure) = failure {
+        readiness.set("failed", false);
+        shutdown.cancel();
+        stop_ingest.cancel();
+        bus.close();
+        anyhow::bail!("{failure}");
+    }
     tracing::info!("shutting down: no new readings, flushing what was accepted");
     readiness.set("draining", false);
     if let Some(task) = simulator_task {

@@ -7,10 +7,11 @@ use chrono::{DateTime, Utc};
 use ecars_shared::telemetry::{format_timestamp, DeadLetter, TelemetryReading, Vin};
 use serde::Serialize;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::query_builder::Separated;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Row};
+use sqlx::{QueryBuilder, Row, Sqlite};
 use uuid::Uuid;
 
 /// Rows per SQLite statement. A fixed size lets one prepared statement serve every full chunk
@@ -216,15 +217,14 @@ impl SensorStore {
                 Ok(result.rows_affected())
             }
             SensorStore::Sqlite(pool) => {
-                let mut tx = pool.begin().await?;
-                let mut added = 0;
-                for chunk in readings.chunks(SQLITE_ROWS_PER_STATEMENT) {
-                    let mut query = QueryBuilder::new(
-                        r#"INSERT INTO sensor_data
-                             (event_id, received_at, vin, name, profile, "range", mpge, battery,
-                              malfunction, speed, latitude, longitude, date) "#,
-                    );
-                    query.push_values(chunk, |mut row, r| {
+                sqlite_insert(
+                    pool,
+                    r#"INSERT INTO sensor_data
+                         (event_id, received_at, vin, name, profile, "range", mpge, battery,
+                          malfunction, speed, latitude, longitude, date) "#,
+                    " ON CONFLICT (event_id) DO NOTHING",
+                    readings,
+                    |row, r| {
                         row.push_bind(r.event_id.to_string())
                             .push_bind(format_timestamp(&r.received_at))
                             .push_bind(r.vin.as_str())
@@ -238,12 +238,9 @@ impl SensorStore {
                             .push_bind(r.latitude)
                             .push_bind(r.longitude)
                             .push_bind(format_timestamp(&r.date));
-                    });
-                    query.push(" ON CONFLICT (event_id) DO NOTHING");
-                    added += query.build().execute(&mut *tx).await?.rows_affected();
-                }
-                tx.commit().await?;
-                Ok(added)
+                    },
+                )
+                .await
             }
         }
     }
@@ -277,26 +274,21 @@ impl SensorStore {
                 .await?;
                 Ok(result.rows_affected())
             }
-            SensorStore::Sqlite(pool) => {
-                let mut tx = pool.begin().await?;
-                let mut added = 0;
-                for chunk in letters.chunks(SQLITE_ROWS_PER_STATEMENT) {
-                    let mut query =
-                        QueryBuilder::new("INSERT INTO dead_letters (id, received_at, topic, client_id, reason, payload) ");
-                    query.push_values(chunk, |mut row, l| {
-                        row.push_bind(l.id.to_string())
-                            .push_bind(format_timestamp(&l.received_at))
-                            .push_bind(l.topic.as_str())
-                            .push_bind(l.client_id.as_str())
-                            .push_bind(l.reason_text())
-                            .push_bind(l.payload.as_slice());
-                    });
-                    query.push(" ON CONFLICT (id) DO NOTHING");
-                    added += query.build().execute(&mut *tx).await?.rows_affected();
-                }
-                tx.commit().await?;
-                Ok(added)
-            }
+            SensorStore::Sqlite(pool) => sqlite_insert(
+                pool,
+                "INSERT INTO dead_letters (id, received_at, topic, client_id, reason, payload) ",
+                " ON CONFLICT (id) DO NOTHING",
+                letters,
+                |row, l| {
+                    row.push_bind(l.id.to_string())
+                        .push_bind(format_timestamp(&l.received_at))
+                        .push_bind(l.topic.as_str())
+                        .push_bind(l.client_id.as_str())
+                        .push_bind(l.reason_text())
+                        .push_bind(l.payload.as_slice());
+                },
+            )
+            .await,
         }
     }
 
@@ -423,6 +415,27 @@ impl SensorStore {
             SensorStore::Sqlite(pool) => pool.close().await,
         }
     }
+}
+
+/// Inserts `items` in one SQLite transaction, [`SQLITE_ROWS_PER_STATEMENT`] rows per statement;
+/// returns the rows added.
+async fn sqlite_insert<'a, T>(
+    pool: &SqlitePool,
+    insert: &'static str,
+    on_conflict: &'static str,
+    items: &'a [T],
+    bind_row: impl Fn(&mut Separated<'_, Sqlite, &'static str>, &'a T),
+) -> Result<u64, StoreError> {
+    let mut tx = pool.begin().await?;
+    let mut added = 0;
+    for chunk in items.chunks(SQLITE_ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::new(insert);
+        query.push_values(chunk, |mut row, item| bind_row(&mut row, item));
+        query.push(on_conflict);
+        added += query.build().execute(&mut *tx).await?.rows_affected();
+    }
+    tx.commit().await?;
+    Ok(added)
 }
 
 fn pg_reading(row: &sqlx::postgres::PgRow) -> Result<TelemetryReading, StoreError> {
