@@ -18,6 +18,10 @@ pub const MQTT_CONNECTIONS_OPEN: &str = "ecars_mqtt_connections_open";
 pub const BUS_BACKPRESSURE: &str = "ecars_bus_backpressure_total";
 /// Records waiting in an in-process queue, labelled by `stream` and `group`.
 pub const BUS_QUEUE_DEPTH: &str = "ecars_bus_queue_depth";
+/// Kafka records skipped because they do not decode, labelled by `stream`.
+pub const BUS_UNDECODABLE: &str = "ecars_bus_undecodable_total";
+/// Kafka offset commits that failed (the records are delivered again), labelled by `stream`.
+pub const BUS_COMMIT_FAILURES: &str = "ecars_bus_commit_failures_total";
 /// Rows committed to the database, labelled by `table`.
 pub const ROWS_WRITTEN: &str = "ecars_rows_written_total";
 /// Rows in each committed batch, labelled by `table`.
@@ -81,6 +85,14 @@ fn describe() {
     describe_gauge!(
         BUS_QUEUE_DEPTH,
         "Records waiting in an in-process bus queue"
+    );
+    describe_counter!(
+        BUS_UNDECODABLE,
+        "Kafka records skipped because they do not decode"
+    );
+    describe_counter!(
+        BUS_COMMIT_FAILURES,
+        "Kafka offset commits that failed; the records are delivered again"
     );
     describe_counter!(ROWS_WRITTEN, "Rows committed to the database, by table");
     describe_histogram!(BATCH_SIZE, "Rows per committed batch, by table");

@@ -272,14 +272,15 @@ impl Pipeline {
             device_secret: options.device_secret,
             ..IngestConfig::default()
         };
-        let ingest = BoundIngest::bind(&config, dyn_bus).await?;
+        let ingest = BoundIngest::bind(&config, Arc::clone(&dyn_bus)).await?;
         let (mqtt_addr, ws_addr) = (ingest.mqtt_addr()?, ingest.ws_addr()?);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let http_addr = listener.local_addr()?;
         let stop_ingest = CancellationToken::new();
         let stop_http = CancellationToken::new();
         let router = ecars_api::router(ApiState {
-            store: store.clone(),
+            store: Some(store.clone()),
+            bus: Some(Arc::clone(&dyn_bus)),
             metrics,
             readiness: Readiness::default(),
         });
@@ -306,7 +307,7 @@ impl Pipeline {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.stop_ingest.cancel();
         self.ingest.await?;
-        self.bus.close();
+        self.bus.close().await;
         self.persist.await??;
         self.stop_http.cancel();
         self.http.await??;

@@ -17,6 +17,7 @@ use chrono::{DateTime, Utc};
 use clap::Args;
 use ecars_persist::store::DeadLetterRow;
 use ecars_persist::{SensorStore, StoreError};
+use ecars_shared::bus::Bus;
 use ecars_shared::telemetry::{TelemetryReading, Vin};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
@@ -63,8 +64,11 @@ impl Readiness {
 /// What the handlers share.
 #[derive(Clone)]
 pub struct ApiState {
-    /// The database the query API reads.
-    pub store: SensorStore,
+    /// The database the query API reads; `None` in a service without one (`ecars ingest`),
+    /// whose query routes then answer 404.
+    pub store: Option<SensorStore>,
+    /// The bus, checked by `/readyz`.
+    pub bus: Option<Arc<dyn Bus>>,
     /// Prometheus recorder handle for `/metrics`.
     pub metrics: PrometheusHandle,
     /// Readiness of the process's parts.
@@ -141,25 +145,42 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
+/// "ok", or why a dependency does not answer within 2 s.
+async fn probe<E: std::fmt::Display>(
+    check: impl std::future::Future<Output = Result<(), E>>,
+) -> String {
+    match tokio::time::timeout(Duration::from_secs(2), check).await {
+        Ok(Ok(())) => "ok".to_owned(),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no answer within 2s".to_owned(),
+    }
+}
+
 async fn readyz(State(state): State<ApiState>) -> Response {
-    let database = match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("no answer within 2s".to_owned()),
-    };
+    let mut body = serde_json::Map::new();
+    if let Some(store) = &state.store {
+        body.insert("database".into(), probe(store.ping()).await.into());
+    }
+    if let Some(bus) = &state.bus {
+        body.insert("bus".into(), probe(bus.check()).await.into());
+    }
     let parts = state.readiness.snapshot();
-    let ready = database.is_ok() && parts.values().all(|ready| *ready);
+    let ready = body.values().all(|v| v == "ok") && parts.values().all(|ready| *ready);
+    body.insert("parts".into(), serde_json::json!(parts));
+    body.insert("ready".into(), ready.into());
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = serde_json::json!({
-        "ready": ready,
-        "database": match &database { Ok(()) => "ok".to_owned(), Err(e) => e.clone() },
-        "parts": parts,
-    });
-    (status, Json(body)).into_response()
+    (status, Json(serde_json::Value::Object(body))).into_response()
+}
+
+fn store(state: &ApiState) -> Result<&SensorStore, ApiError> {
+    state.store.as_ref().ok_or(ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: "this service has no database; ask a service that runs persistence".into(),
+    })
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
@@ -197,7 +218,7 @@ struct VehicleSummary {
 }
 
 async fn vehicles(State(state): State<ApiState>) -> Result<Json<Vec<VehicleSummary>>, ApiError> {
-    let latest = state.store.latest_per_vehicle().await?;
+    let latest = store(&state)?.latest_per_vehicle().await?;
     Ok(Json(
         latest
             .into_iter()
@@ -216,7 +237,7 @@ async fn vehicle_telemetry(
 ) -> Result<Json<Vec<TelemetryReading>>, ApiError> {
     let vin = Vin::parse(&vin).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let limit = limit(&query, 100)?;
-    Ok(Json(state.store.vehicle_readings(&vin, limit).await?))
+    Ok(Json(store(&state)?.vehicle_readings(&vin, limit).await?))
 }
 
 #[derive(Serialize)]
@@ -252,8 +273,7 @@ async fn dead_letters(
 ) -> Result<Json<Vec<DeadLetterView>>, ApiError> {
     let limit = limit(&query, 100)?;
     Ok(Json(
-        state
-            .store
+        store(&state)?
             .dead_letters(limit)
             .await?
             .into_iter()

@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use ecars_api::{HttpConfig, Readiness};
+use ecars_api::{ApiState, HttpConfig, Readiness};
 use ecars_ingest::{BoundIngest, IngestConfig};
 use ecars_persist::{DatabaseConfig, PersistConfig, PersistWorker, SensorStore};
-use ecars_shared::bus::{Bus, InProcessBus};
+use ecars_shared::bus::{Bus, InProcessBus, KafkaBus, KafkaConfig};
 use ecars_shared::config::LogConfig;
 use ecars_simulator::SimulatorConfig;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// ecars-realtime: car telemetry over MQTT, stored, watched and streamed.
@@ -26,8 +27,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run everything in one process: MQTT broker, in-process bus, persistence and HTTP.
+    /// Run everything in one process: MQTT broker, bus (in process, or Kafka with
+    /// --kafka-brokers), persistence and HTTP.
     Up(UpArgs),
+    /// Scale-out: the MQTT broker, publishing accepted readings to Kafka.
+    Ingest(IngestArgs),
+    /// Scale-out: the persistence worker, consuming Kafka as group `ecars-persist`.
+    Persist(PersistArgs),
     /// Apply the database migrations and exit.
     Migrate(MigrateArgs),
     /// Drive simulated cars against a broker.
@@ -44,6 +50,8 @@ struct UpArgs {
     database: DatabaseConfig,
     #[command(flatten)]
     persist: PersistConfig,
+    #[command(flatten)]
+    kafka: KafkaConfig,
     /// Records each in-process bus queue holds before publishers wait (backpressure).
     #[arg(long = "bus-capacity", env = "ECARS_BUS_CAPACITY", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     bus_capacity: u32,
@@ -67,6 +75,28 @@ struct UpArgs {
 }
 
 #[derive(Debug, Args)]
+struct IngestArgs {
+    #[command(flatten)]
+    ingest: IngestConfig,
+    #[command(flatten)]
+    http: HttpConfig,
+    #[command(flatten)]
+    kafka: KafkaConfig,
+}
+
+#[derive(Debug, Args)]
+struct PersistArgs {
+    #[command(flatten)]
+    database: DatabaseConfig,
+    #[command(flatten)]
+    persist: PersistConfig,
+    #[command(flatten)]
+    http: HttpConfig,
+    #[command(flatten)]
+    kafka: KafkaConfig,
+}
+
+#[derive(Debug, Args)]
 struct MigrateArgs {
     #[command(flatten)]
     database: DatabaseConfig,
@@ -81,6 +111,8 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Up(args) => up(args).await,
+            Command::Ingest(args) => ingest(args).await,
+            Command::Persist(args) => persist(args).await,
             Command::Migrate(args) => {
                 let store = open_store(&args.database).await?;
                 store.close().await;
@@ -120,41 +152,122 @@ async fn open_store(config: &DatabaseConfig) -> anyhow::Result<SensorStore> {
     }
 }
 
-async fn up(args: UpArgs) -> anyhow::Result<()> {
-    let metrics = ecars_shared::metrics::install_recorder();
-    let store = open_store(&args.database).await?;
-    let readiness = Readiness::default();
-    let bus = Arc::new(InProcessBus::new(args.bus_capacity as usize));
-    let dyn_bus: Arc<dyn Bus> = bus.clone();
+/// The Kafka bus; fails naming the setting when no brokers are configured.
+async fn kafka_bus(kafka: &KafkaConfig) -> anyhow::Result<Arc<dyn Bus>> {
+    anyhow::ensure!(
+        kafka.brokers.is_some(),
+        "this service runs on Kafka: set --kafka-brokers / ECARS_KAFKA_BROKERS (or use `ecars up` for the embedded bus)"
+    );
+    let bus = KafkaBus::connect(kafka)
+        .await
+        .context("cannot connect to Kafka (--kafka-brokers / ECARS_KAFKA_BROKERS)")?;
+    Ok(Arc::new(bus))
+}
 
-    // Workers subscribe before ingest publishes, so nothing is published to nobody.
-    let persist =
-        PersistWorker::subscribe(&args.persist, store.clone(), dyn_bus.as_ref(), None).await?;
-    let ingest = BoundIngest::bind(&args.ingest, Arc::clone(&dyn_bus)).await?;
-    let mqtt_addr = ingest.mqtt_addr()?;
-    let http = tokio::net::TcpListener::bind(args.http.http_addr)
+async fn bind_http(config: &HttpConfig) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| {
             format!(
                 "cannot listen on {} (--http-addr / ECARS_HTTP_ADDR)",
-                args.http.http_addr
+                config.http_addr
             )
-        })?;
+        })
+}
+
+/// Waits for a signal, or for a part that stops on its own, which is fatal: the error says
+/// which, and the process exits non-zero so a supervisor restarts it.
+async fn run_until_signal(
+    shutdown: &CancellationToken,
+    readiness: &Readiness,
+    parts: Vec<(&'static str, &mut JoinHandle<anyhow::Result<()>>)>,
+) -> anyhow::Result<()> {
+    let watch = first_to_finish(parts);
+    tokio::select! {
+        _ = cancel_on_signal(shutdown.clone()) => {
+            readiness.set("draining", false);
+            Ok(())
+        }
+        (name, result) = watch => {
+            readiness.set("failed", false);
+            shutdown.cancel();
+            let reason = match result {
+                Ok(Ok(())) => "it returned".to_owned(),
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(e) => e.to_string(),
+            };
+            anyhow::bail!("{name} stopped: {reason}")
+        }
+    }
+}
+
+/// The first of several tasks to finish, with its name.
+async fn first_to_finish(
+    parts: Vec<(&'static str, &mut JoinHandle<anyhow::Result<()>>)>,
+) -> (
+    &'static str,
+    Result<anyhow::Result<()>, tokio::task::JoinError>,
+) {
+    let futures = parts
+        .into_iter()
+        .map(|(name, handle)| Box::pin(async move { (name, handle.await) }));
+    let (first, _, _) = futures_util::future::select_all(futures).await;
+    first
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let metrics = ecars_shared::metrics::install_recorder();
+    let store = open_store(&args.database).await?;
+    let readiness = Readiness::default();
+    let in_process = args
+        .kafka
+        .brokers
+        .is_none()
+        .then(|| Arc::new(InProcessBus::new(args.bus_capacity as usize)));
+    let bus: Arc<dyn Bus> = match &in_process {
+        Some(bus) => bus.clone(),
+        None => kafka_bus(&args.kafka).await?,
+    };
+
+    // Workers subscribe before ingest publishes, so nothing is published to nobody.
+    let persist =
+        PersistWorker::subscribe(&args.persist, store.clone(), bus.as_ref(), None).await?;
+    let ingest = BoundIngest::bind(&args.ingest, Arc::clone(&bus)).await?;
+    let mqtt_addr = ingest.mqtt_addr()?;
+    let http = bind_http(&args.http).await?;
 
     let shutdown = CancellationToken::new();
     let stop_ingest = CancellationToken::new();
     let stop_http = CancellationToken::new();
-    // Persist stops when the bus is closed and drained, not on a token.
-    let mut persist_task = tokio::spawn(persist.run(CancellationToken::new()));
-    readiness.set("persist", true);
-    let mut ingest_task = tokio::spawn(ingest.run(stop_ingest.clone()));
-    readiness.set("ingest", true);
-    let router = ecars_api::router(ecars_api::ApiState {
-        store: store.clone(),
+    // In process, persist stops when the bus is closed and drained; on Kafka, what it has not
+    // read stays in Kafka for the next start, so it stops on a token.
+    let stop_persist = CancellationToken::new();
+    let mut persist_task = {
+        let token = if in_process.is_some() {
+            CancellationToken::new()
+        } else {
+            stop_persist.clone()
+        };
+        tokio::spawn(async move { Ok(persist.run(token).await?) })
+    };
+    let mut ingest_task = {
+        let token = stop_ingest.clone();
+        tokio::spawn(async move {
+            ingest.run(token).await;
+            Ok(())
+        })
+    };
+    let router = ecars_api::router(ApiState {
+        store: Some(store.clone()),
+        bus: Some(Arc::clone(&bus)),
         metrics,
         readiness: readiness.clone(),
     });
-    let mut http_task = tokio::spawn(ecars_api::serve(http, router, stop_http.clone()));
+    let mut http_task = {
+        let token = stop_http.clone();
+        tokio::spawn(async move { Ok(ecars_api::serve(http, router, token).await?) })
+    };
+    readiness.set("workers", true);
 
     let simulator_task = (args.simulate > 0).then(|| {
         let config = SimulatorConfig {
@@ -169,41 +282,125 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     });
     tracing::info!(
         database = store.backend(),
+        bus = if in_process.is_some() {
+            "in-process"
+        } else {
+            "kafka"
+        },
         "ecars is up; Ctrl-C stops it after storing what was accepted"
     );
 
-    // A part that stops on its own is fatal: say which, and exit non-zero so a supervisor
-    // restarts the process.
-    let failure = tokio::select! {
-        _ = cancel_on_signal(shutdown.clone()) => None,
-        result = &mut persist_task => Some(format!("the persistence worker stopped: {result:?}")),
-        result = &mut ingest_task => Some(format!("MQTT ingest stopped: {result:?}")),
-        result = &mut http_task => Some(format!("the HTTP server stopped: {result:?}")),
-    };
-    if let Some(failure) = failure {
-        readiness.set("failed", false);
-        shutdown.cancel();
-        stop_ingest.cancel();
-        bus.close();
-        anyhow::bail!("{failure}");
-    }
+    let parts = vec![
+        ("the persistence worker", &mut persist_task),
+        ("MQTT ingest", &mut ingest_task),
+        ("the HTTP server", &mut http_task),
+    ];
+    run_until_signal(&shutdown, &readiness, parts).await?;
     tracing::info!("shutting down: no new readings, flushing what was accepted");
-    readiness.set("draining", false);
     if let Some(task) = simulator_task {
         let _ = task.await;
     }
     stop_ingest.cancel();
-    ingest_task.await.context("ingest task")?;
-    bus.close();
-    persist_task
-        .await
-        .context("persist task")?
-        .context("persistence worker")?;
+    ingest_task.await.context("ingest task")??;
+    bus.close().await;
+    stop_persist.cancel();
+    persist_task.await.context("persist task")??;
     stop_http.cancel();
-    http_task
-        .await
-        .context("http task")?
-        .context("HTTP server")?;
+    http_task.await.context("http task")??;
+    store.close().await;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
+    let metrics = ecars_shared::metrics::install_recorder();
+    let bus = kafka_bus(&args.kafka).await?;
+    let readiness = Readiness::default();
+    let ingest = BoundIngest::bind(&args.ingest, Arc::clone(&bus)).await?;
+    let http = bind_http(&args.http).await?;
+    let (shutdown, stop_ingest, stop_http) = (
+        CancellationToken::new(),
+        CancellationToken::new(),
+        CancellationToken::new(),
+    );
+    let mut ingest_task = {
+        let token = stop_ingest.clone();
+        tokio::spawn(async move {
+            ingest.run(token).await;
+            Ok(())
+        })
+    };
+    let router = ecars_api::router(ApiState {
+        store: None,
+        bus: Some(Arc::clone(&bus)),
+        metrics,
+        readiness: readiness.clone(),
+    });
+    let mut http_task = {
+        let token = stop_http.clone();
+        tokio::spawn(async move { Ok(ecars_api::serve(http, router, token).await?) })
+    };
+    readiness.set("ingest", true);
+    run_until_signal(
+        &shutdown,
+        &readiness,
+        vec![
+            ("MQTT ingest", &mut ingest_task),
+            ("the HTTP server", &mut http_task),
+        ],
+    )
+    .await?;
+    tracing::info!("shutting down: no new readings, handing what was accepted to Kafka");
+    stop_ingest.cancel();
+    ingest_task.await.context("ingest task")??;
+    bus.close().await;
+    stop_http.cancel();
+    http_task.await.context("http task")??;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn persist(args: PersistArgs) -> anyhow::Result<()> {
+    let metrics = ecars_shared::metrics::install_recorder();
+    let store = open_store(&args.database).await?;
+    let bus = kafka_bus(&args.kafka).await?;
+    let readiness = Readiness::default();
+    let worker = PersistWorker::subscribe(&args.persist, store.clone(), bus.as_ref(), None).await?;
+    let http = bind_http(&args.http).await?;
+    let (shutdown, stop_persist, stop_http) = (
+        CancellationToken::new(),
+        CancellationToken::new(),
+        CancellationToken::new(),
+    );
+    let mut persist_task = {
+        let token = stop_persist.clone();
+        tokio::spawn(async move { Ok(worker.run(token).await?) })
+    };
+    let router = ecars_api::router(ApiState {
+        store: Some(store.clone()),
+        bus: Some(Arc::clone(&bus)),
+        metrics,
+        readiness: readiness.clone(),
+    });
+    let mut http_task = {
+        let token = stop_http.clone();
+        tokio::spawn(async move { Ok(ecars_api::serve(http, router, token).await?) })
+    };
+    readiness.set("persist", true);
+    run_until_signal(
+        &shutdown,
+        &readiness,
+        vec![
+            ("the persistence worker", &mut persist_task),
+            ("the HTTP server", &mut http_task),
+        ],
+    )
+    .await?;
+    tracing::info!("shutting down: committing the current batch and its offsets");
+    stop_persist.cancel();
+    persist_task.await.context("persist task")??;
+    stop_http.cancel();
+    http_task.await.context("http task")??;
     store.close().await;
     tracing::info!("stopped cleanly");
     Ok(())

@@ -317,7 +317,7 @@ mod tests {
         for _ in 0..2500 {
             bus.publish(reading()).await.unwrap();
         }
-        bus.close();
+        bus.close().await;
         task.await.unwrap().unwrap();
         assert_eq!(*batches.lock().unwrap(), vec![1000, 1000, 500]);
     }
@@ -341,7 +341,7 @@ mod tests {
             vec![3],
             "a timed flush, before any close"
         );
-        bus.close();
+        bus.close().await;
         task.await.unwrap().unwrap();
     }
 
@@ -355,7 +355,7 @@ mod tests {
         for _ in 0..25 {
             bus.publish(reading()).await.unwrap();
         }
-        bus.close();
+        bus.close().await;
         task.await.unwrap().unwrap();
         assert_eq!(*batches.lock().unwrap(), vec![10, 10, 5]);
     }

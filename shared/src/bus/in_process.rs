@@ -1,11 +1,6 @@
-//! The bus between ingest and the workers: publish records to a stream keyed by VIN, consume a
-//! stream as a named group and acknowledge what was durably handled.
-//!
-//! [`InProcessBus`] is the embedded default. Kafka implements the same [`Bus`] trait, with
-//! [`Receipt`] as partition and offset, so workers are written once.
+//! The embedded bus: bounded queues in memory.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -13,120 +8,7 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
-use crate::telemetry::{DeadLetter, TelemetryReading};
-
-/// A named stream of records.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Stream {
-    /// Accepted telemetry readings, keyed by VIN.
-    Telemetry,
-    /// Rejected messages with their reasons.
-    DeadLetters,
-}
-
-impl Stream {
-    /// The stream's name, as used in metric labels (and Kafka topic suffixes).
-    pub fn name(self) -> &'static str {
-        match self {
-            Stream::Telemetry => "telemetry",
-            Stream::DeadLetters => "dead_letters",
-        }
-    }
-}
-
-impl fmt::Display for Stream {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// One record on the bus.
-#[derive(Clone, Debug, PartialEq)]
-pub enum BusRecord {
-    /// An accepted reading.
-    Telemetry(TelemetryReading),
-    /// A rejected message.
-    DeadLetter(DeadLetter),
-}
-
-impl BusRecord {
-    /// The stream this record belongs to.
-    pub fn stream(&self) -> Stream {
-        match self {
-            BusRecord::Telemetry(_) => Stream::Telemetry,
-            BusRecord::DeadLetter(_) => Stream::DeadLetters,
-        }
-    }
-
-    /// The partitioning key: the VIN for telemetry, so each car's readings stay in order.
-    pub fn key(&self) -> &str {
-        match self {
-            BusRecord::Telemetry(reading) => reading.vin.as_str(),
-            BusRecord::DeadLetter(letter) => letter.key(),
-        }
-    }
-}
-
-/// Where a delivered record sits in its stream; handed back to [`Subscription::ack`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Receipt {
-    /// Partition (always 0 in process).
-    pub partition: i32,
-    /// Position within the partition.
-    pub offset: i64,
-}
-
-/// A record delivered to a consumer group member.
-#[derive(Debug)]
-pub struct Delivery {
-    /// The record.
-    pub record: BusRecord,
-    /// Its position, to acknowledge once the record is durably handled.
-    pub receipt: Receipt,
-}
-
-/// Errors of a bus.
-#[derive(Debug, thiserror::Error)]
-pub enum BusError {
-    /// The bus was closed (shutdown): nothing more is accepted.
-    #[error("the bus is closed")]
-    Closed,
-    /// Nobody consumes the stream, so an in-process record would be lost.
-    #[error("no consumer group subscribes to stream {0}; the record would be lost")]
-    NoSubscribers(Stream),
-    /// A backend failure (Kafka).
-    #[error("bus backend: {0}")]
-    Backend(String),
-}
-
-/// Publish and subscribe, whatever carries the records.
-#[async_trait]
-pub trait Bus: Send + Sync + 'static {
-    /// Publishes a record to its stream. Waits while the stream is full: this wait is the
-    /// backpressure that reaches MQTT publishers.
-    async fn publish(&self, record: BusRecord) -> Result<(), BusError>;
-
-    /// Joins consumer group `group` on `stream`. Members of one group share the records; each
-    /// group gets every record.
-    async fn subscribe(
-        &self,
-        stream: Stream,
-        group: &str,
-    ) -> Result<Box<dyn Subscription>, BusError>;
-
-    /// Stops accepting records; subscriptions end once they have delivered what was accepted.
-    fn close(&self);
-}
-
-/// A consumer group member's view of a stream.
-#[async_trait]
-pub trait Subscription: Send {
-    /// The next record; `None` once the bus is closed and everything was delivered.
-    async fn next(&mut self) -> Result<Option<Delivery>, BusError>;
-
-    /// Acknowledges that these records are durably handled (for Kafka: commits their offsets).
-    async fn ack(&mut self, receipts: &[Receipt]) -> Result<(), BusError>;
-}
+use super::{Bus, BusError, BusRecord, Delivery, Receipt, Stream, Subscription};
 
 /// Queue of one consumer group in process.
 type GroupQueue = Arc<tokio::sync::Mutex<mpsc::Receiver<(i64, BusRecord)>>>;
@@ -237,7 +119,7 @@ impl Bus for InProcessBus {
         Ok(Box::new(InProcessSubscription { queue }))
     }
 
-    fn close(&self) {
+    async fn close(&self) {
         let mut streams = self.streams.write().unwrap_or_else(|p| p.into_inner());
         for state in streams.values_mut() {
             state.senders = Arc::new(Vec::new());
@@ -271,6 +153,7 @@ impl Subscription for InProcessSubscription {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::{Bus, BusError, BusRecord, Stream};
     use crate::telemetry::{TelemetryReading, Vin};
     use chrono::Utc;
     use std::time::Duration;
@@ -303,7 +186,7 @@ mod tests {
         for n in 0..10 {
             bus.publish(reading(n)).await.unwrap();
         }
-        bus.close();
+        bus.close().await;
         assert!(matches!(
             bus.publish(reading(99)).await,
             Err(BusError::Closed)

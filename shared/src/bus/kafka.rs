@@ -1,0 +1,419 @@
+//! The Kafka bus: the same [`Bus`] on a real Kafka cluster, for scale-out and for other teams.
+//!
+//! - Topics `{prefix}telemetry` (key = VIN, so each car's readings stay in order in one
+//!   partition) and `{prefix}telemetry.dlq`, created at start when missing.
+//! - Values are JSON; attributes follow the CloudEvents Kafka binding in binary mode
+//!   (`ce_specversion`, `ce_id`, `ce_type`, `ce_source`, `ce_time`, `ce_subject`,
+//!   `content-type`), so another service can consume without our code.
+//! - The producer is idempotent (`acks=all`), lz4-compressed, batched with a small linger, and
+//!   never gives up on a record: while Kafka is unreachable, librdkafka keeps records in its
+//!   bounded queue, and once that is full `publish` waits, which is backpressure to the cars.
+//! - Consumers commit offsets only when the worker acknowledges (after its database commit).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use clap::Args;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{Bus, BusError, BusRecord, Delivery, Receipt, Stream, Subscription};
+use crate::telemetry::{DeadLetter, TelemetryReading};
+
+/// CloudEvents `type` of an accepted reading.
+pub const TELEMETRY_EVENT_TYPE: &str = "com.ecars.telemetry.v1";
+/// CloudEvents `type` of a rejected message.
+pub const DEAD_LETTER_EVENT_TYPE: &str = "com.ecars.telemetry.deadletter.v1";
+/// CloudEvents `source` of records ingest publishes.
+pub const EVENT_SOURCE: &str = "urn:ecars:ingest";
+
+/// Environment variables of the form `ECARS_KAFKA_<NAME>` that are our own settings, not
+/// librdkafka properties.
+const OWN_SETTINGS: [&str; 5] = [
+    "BROKERS",
+    "TOPIC_PREFIX",
+    "PARTITIONS",
+    "REPLICATION_FACTOR",
+    "CREATE_TOPICS",
+];
+
+/// Kafka settings. Any other `ECARS_KAFKA_*` variable is passed to librdkafka as a property:
+/// `ECARS_KAFKA_SECURITY_PROTOCOL=sasl_ssl` becomes `security.protocol=sasl_ssl`.
+#[derive(Clone, Debug, Args)]
+pub struct KafkaConfig {
+    /// Kafka bootstrap servers (`host:port,host:port`). Setting it switches the service from the
+    /// in-process bus to Kafka.
+    #[arg(long = "kafka-brokers", env = "ECARS_KAFKA_BROKERS")]
+    pub brokers: Option<String>,
+    /// Prefix of the topic names (`ecars.` gives `ecars.telemetry`, `ecars.telemetry.dlq`).
+    #[arg(
+        long = "kafka-topic-prefix",
+        env = "ECARS_KAFKA_TOPIC_PREFIX",
+        default_value = "ecars."
+    )]
+    pub topic_prefix: String,
+    /// Partitions of topics created at start: the most replicas of a consumer group that share
+    /// the work.
+    #[arg(long = "kafka-partitions", env = "ECARS_KAFKA_PARTITIONS", default_value_t = 6, value_parser = clap::value_parser!(i32).range(1..=10_000))]
+    pub partitions: i32,
+    /// Replication factor of topics created at start (3 on a production cluster).
+    #[arg(long = "kafka-replication-factor", env = "ECARS_KAFKA_REPLICATION_FACTOR", default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=100))]
+    pub replication_factor: i32,
+    /// Create missing topics at start (`false` when operators pre-create them).
+    #[arg(long = "kafka-create-topics", env = "ECARS_KAFKA_CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub create_topics: bool,
+}
+
+impl KafkaConfig {
+    /// Settings for `brokers` with every default.
+    pub fn for_brokers(brokers: impl Into<String>) -> KafkaConfig {
+        KafkaConfig {
+            brokers: Some(brokers.into()),
+            topic_prefix: "ecars.".into(),
+            partitions: 6,
+            replication_factor: 1,
+            create_topics: true,
+        }
+    }
+
+    /// The Kafka topic of a stream.
+    pub fn topic(&self, stream: Stream) -> String {
+        match stream {
+            Stream::Telemetry => format!("{}telemetry", self.topic_prefix),
+            Stream::DeadLetters => format!("{}telemetry.dlq", self.topic_prefix),
+        }
+    }
+
+    /// librdkafka properties from `ECARS_KAFKA_*` environment variables that are not ours.
+    fn passthrough() -> Vec<(String, String)> {
+        std::env::vars()
+            .filter_map(|(name, value)| {
+                let rest = name.strip_prefix("ECARS_KAFKA_")?;
+                (!OWN_SETTINGS.contains(&rest))
+                    .then(|| (rest.to_ascii_lowercase().replace('_', "."), value))
+            })
+            .collect()
+    }
+
+    fn client_config(&self, brokers: &str) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", brokers)
+            .set("client.id", "ecars");
+        for (key, value) in Self::passthrough() {
+            config.set(key, value);
+        }
+        config
+    }
+}
+
+impl From<KafkaError> for BusError {
+    fn from(e: KafkaError) -> Self {
+        BusError::Backend(e.to_string())
+    }
+}
+
+/// The Kafka implementation of [`Bus`].
+pub struct KafkaBus {
+    config: KafkaConfig,
+    brokers: String,
+    producer: FutureProducer,
+}
+
+impl KafkaBus {
+    /// Connects the producer and, if asked, creates the topics that are missing.
+    pub async fn connect(config: &KafkaConfig) -> Result<KafkaBus, BusError> {
+        let brokers = config.brokers.clone().ok_or_else(|| {
+            BusError::Backend("no brokers: set --kafka-brokers / ECARS_KAFKA_BROKERS".into())
+        })?;
+        let producer: FutureProducer = config
+            .client_config(&brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", "lz4")
+            .set("linger.ms", "5")
+            .set("batch.num.messages", "10000")
+            // Never drop a record for being old: keep retrying while Kafka is away. The queue
+            // below bounds the memory; when it is full, publish waits.
+            .set("message.timeout.ms", "0")
+            .set("queue.buffering.max.messages", "200000")
+            .set("queue.buffering.max.kbytes", "262144")
+            .create()?;
+        let bus = KafkaBus {
+            config: config.clone(),
+            brokers,
+            producer,
+        };
+        if config.create_topics {
+            bus.create_topics().await?;
+        }
+        Ok(bus)
+    }
+
+    /// Creates the topics that do not exist yet.
+    pub async fn create_topics(&self) -> Result<(), BusError> {
+        let admin: AdminClient<DefaultClientContext> =
+            self.config.client_config(&self.brokers).create()?;
+        let names: Vec<String> = [Stream::Telemetry, Stream::DeadLetters]
+            .map(|s| self.config.topic(s))
+            .to_vec();
+        let topics: Vec<NewTopic> = names
+            .iter()
+            .map(|name| {
+                NewTopic::new(
+                    name,
+                    self.config.partitions,
+                    TopicReplication::Fixed(self.config.replication_factor),
+                )
+            })
+            .collect();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        for result in admin.create_topics(&topics, &options).await? {
+            match result {
+                Ok(topic) => tracing::info!(
+                    topic,
+                    partitions = self.config.partitions,
+                    "Kafka topic created"
+                ),
+                Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                    tracing::debug!(topic, "Kafka topic exists")
+                }
+                Err((topic, code)) => {
+                    return Err(BusError::Backend(format!(
+                        "cannot create Kafka topic {topic}: {code}"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The CloudEvents headers and JSON value of a record.
+fn encode(record: &BusRecord) -> Result<(OwnedHeaders, Vec<u8>), BusError> {
+    let (id, kind, time, subject, value) = match record {
+        BusRecord::Telemetry(r) => (
+            r.event_id.to_string(),
+            TELEMETRY_EVENT_TYPE,
+            r.received_at,
+            r.vin.to_string(),
+            serde_json::to_vec(r),
+        ),
+        BusRecord::DeadLetter(d) => (
+            d.id.to_string(),
+            DEAD_LETTER_EVENT_TYPE,
+            d.received_at,
+            d.topic.clone(),
+            serde_json::to_vec(d),
+        ),
+    };
+    let value = value.map_err(|e| BusError::Backend(format!("cannot encode record: {e}")))?;
+    let time = time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let headers = OwnedHeaders::new_with_capacity(7)
+        .insert(Header {
+            key: "ce_specversion",
+            value: Some("1.0"),
+        })
+        .insert(Header {
+            key: "ce_id",
+            value: Some(id.as_str()),
+        })
+        .insert(Header {
+            key: "ce_type",
+            value: Some(kind),
+        })
+        .insert(Header {
+            key: "ce_source",
+            value: Some(EVENT_SOURCE),
+        })
+        .insert(Header {
+            key: "ce_time",
+            value: Some(time.as_str()),
+        })
+        .insert(Header {
+            key: "ce_subject",
+            value: Some(subject.as_str()),
+        })
+        .insert(Header {
+            key: "content-type",
+            value: Some("application/json"),
+        });
+    Ok((headers, value))
+}
+
+fn decode(stream: Stream, value: &[u8]) -> Result<BusRecord, serde_json::Error> {
+    Ok(match stream {
+        Stream::Telemetry => {
+            BusRecord::Telemetry(serde_json::from_slice::<TelemetryReading>(value)?)
+        }
+        Stream::DeadLetters => BusRecord::DeadLetter(serde_json::from_slice::<DeadLetter>(value)?),
+    })
+}
+
+#[async_trait]
+impl Bus for KafkaBus {
+    async fn publish(&self, record: BusRecord) -> Result<(), BusError> {
+        let topic = self.config.topic(record.stream());
+        let (headers, value) = encode(&record)?;
+        let kafka_record = FutureRecord::to(&topic)
+            .key(record.key())
+            .payload(&value)
+            .headers(headers);
+        // Timeout::Never: when librdkafka's queue is full, wait for room instead of failing.
+        match self.producer.send(kafka_record, Timeout::Never).await {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(e.into()),
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        stream: Stream,
+        group: &str,
+    ) -> Result<Box<dyn Subscription>, BusError> {
+        let topic = self.config.topic(stream);
+        let consumer: StreamConsumer = self
+            .config
+            .client_config(&self.brokers)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .create()?;
+        consumer.subscribe(&[&topic])?;
+        tracing::info!(topic, group, "joined Kafka consumer group");
+        Ok(Box::new(KafkaSubscription {
+            consumer: Arc::new(consumer),
+            stream,
+            topic,
+        }))
+    }
+
+    async fn check(&self) -> Result<(), BusError> {
+        let producer = self.producer.clone();
+        let topic = self.config.topic(Stream::Telemetry);
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&topic), Timeout::After(Duration::from_secs(2)))
+                .map(|_| ())
+        })
+        .await
+        .map_err(|e| BusError::Backend(format!("metadata task: {e}")))??;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        let producer = self.producer.clone();
+        // Hand every accepted record to Kafka before the process ends.
+        let flushed = tokio::task::spawn_blocking(move || {
+            producer.flush(Timeout::After(Duration::from_secs(30)))
+        })
+        .await;
+        match flushed {
+            Ok(Ok(())) => tracing::info!("Kafka producer flushed"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "Kafka producer could not flush every record")
+            }
+            Err(e) => tracing::error!(error = %e, "Kafka flush task failed"),
+        }
+    }
+}
+
+struct KafkaSubscription {
+    consumer: Arc<StreamConsumer>,
+    stream: Stream,
+    topic: String,
+}
+
+#[async_trait]
+impl Subscription for KafkaSubscription {
+    async fn next(&mut self) -> Result<Option<Delivery>, BusError> {
+        loop {
+            let message = self.consumer.recv().await?;
+            let receipt = Receipt {
+                partition: message.partition(),
+                offset: message.offset(),
+            };
+            match message.payload().map(|value| decode(self.stream, value)) {
+                Some(Ok(record)) => return Ok(Some(Delivery { record, receipt })),
+                // A record that is not ours (another producer wrote garbage): count it, skip it;
+                // its offset is committed with the next acknowledged one.
+                other => {
+                    metrics::counter!(crate::metrics::BUS_UNDECODABLE, "stream" => self.stream.name()).increment(1);
+                    let error = match other {
+                        Some(Err(e)) => e.to_string(),
+                        _ => "empty value".to_owned(),
+                    };
+                    tracing::error!(
+                        topic = self.topic,
+                        partition = receipt.partition,
+                        offset = receipt.offset,
+                        error,
+                        "skipping a record that does not decode"
+                    );
+                }
+            }
+        }
+    }
+
+    async fn ack(&mut self, receipts: &[Receipt]) -> Result<(), BusError> {
+        // Commit the next offset of the highest acknowledged record of each partition.
+        let mut next: HashMap<i32, i64> = HashMap::new();
+        for r in receipts {
+            let entry = next.entry(r.partition).or_insert(r.offset + 1);
+            *entry = (*entry).max(r.offset + 1);
+        }
+        let mut offsets = TopicPartitionList::new();
+        for (partition, offset) in next {
+            offsets.add_partition_offset(&self.topic, partition, Offset::Offset(offset))?;
+        }
+        let consumer = Arc::clone(&self.consumer);
+        // A synchronous commit, off the async threads: once ack returns, the offsets are stored.
+        let committed =
+            tokio::task::spawn_blocking(move || consumer.commit(&offsets, CommitMode::Sync))
+                .await
+                .map_err(|e| BusError::Backend(format!("commit task: {e}")))?;
+        if let Err(error) = committed {
+            // A rebalance took the partition away, or the coordinator is briefly gone. Nothing is
+            // lost: the records are delivered again (to this or another replica) and the
+            // database's unique event ids make the repeat harmless.
+            metrics::counter!(crate::metrics::BUS_COMMIT_FAILURES, "stream" => self.stream.name())
+                .increment(1);
+            tracing::warn!(topic = self.topic, %error, "offset commit failed; the records will be delivered again");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for KafkaSubscription {
+    fn drop(&mut self) {
+        // Leave the group at once so the other replicas take the partitions over.
+        self.consumer.unsubscribe();
+    }
+}
+
+/// CloudEvents attributes of a consumed Kafka message, for tests and tools.
+pub fn cloud_event_headers<M: Message>(message: &M) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    if let Some(headers) = message.headers() {
+        for header in headers.iter() {
+            if let Some(value) = header.value {
+                out.insert(
+                    header.key.to_owned(),
+                    String::from_utf8_lossy(value).into_owned(),
+                );
+            }
+        }
+    }
+    out
+}
