@@ -377,3 +377,70 @@ pub async fn publish_v4(
     client.disconnect().await?;
     Ok(())
 }
+
+/// A Kafka-protocol broker (tansu, in memory) on a free port; killed on drop. Fails (never skips)
+/// when tansu is missing: the test command installs it.
+pub struct KafkaServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl KafkaServer {
+    /// Starts tansu and waits until it accepts connections.
+    pub fn start() -> anyhow::Result<KafkaServer> {
+        let tansu = tansu_binary()?;
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(&tansu)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {}", tansu.display()))?;
+        let server = KafkaServer { child, port };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if std::time::Instant::now() > deadline {
+                bail!("tansu did not listen on {port} within 20s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(server)
+    }
+
+    /// `host:port` for `ECARS_KAFKA_BROKERS`.
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for KafkaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tansu_binary() -> anyhow::Result<PathBuf> {
+    if let Ok(path) = std::env::var("ECARS_TEST_TANSU") {
+        return Ok(PathBuf::from(path));
+    }
+    let home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|_| std::env::var("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .context("no CARGO_HOME or HOME")?;
+    let path = home.join("bin").join("tansu");
+    anyhow::ensure!(
+        path.exists(),
+        "{} is missing: run the README's test command, which installs tansu",
+        path.display()
+    );
+    Ok(path)
+}

@@ -34,6 +34,8 @@ enum Command {
     Ingest(IngestArgs),
     /// Scale-out: the persistence worker, consuming Kafka as group `ecars-persist`.
     Persist(PersistArgs),
+    /// Print the Kafka topics other services can consume: partitions, keys, value schemas.
+    Topics(TopicsArgs),
     /// Apply the database migrations and exit.
     Migrate(MigrateArgs),
     /// Drive simulated cars against a broker.
@@ -97,6 +99,15 @@ struct PersistArgs {
 }
 
 #[derive(Debug, Args)]
+struct TopicsArgs {
+    #[command(flatten)]
+    kafka: KafkaConfig,
+    /// Print JSON instead of text.
+    #[arg(long = "json")]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
 struct MigrateArgs {
     #[command(flatten)]
     database: DatabaseConfig,
@@ -113,6 +124,7 @@ fn main() -> anyhow::Result<()> {
             Command::Up(args) => up(args).await,
             Command::Ingest(args) => ingest(args).await,
             Command::Persist(args) => persist(args).await,
+            Command::Topics(args) => topics(args).await,
             Command::Migrate(args) => {
                 let store = open_store(&args.database).await?;
                 store.close().await;
@@ -403,6 +415,31 @@ async fn persist(args: PersistArgs) -> anyhow::Result<()> {
     http_task.await.context("http task")??;
     store.close().await;
     tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn topics(args: TopicsArgs) -> anyhow::Result<()> {
+    let mut kafka = args.kafka.clone();
+    // Describing must not change the cluster.
+    kafka.create_topics = false;
+    anyhow::ensure!(
+        kafka.brokers.is_some(),
+        "set --kafka-brokers / ECARS_KAFKA_BROKERS"
+    );
+    let bus = KafkaBus::connect(&kafka)
+        .await
+        .context("cannot connect to Kafka")?;
+    let topics = bus.describe_topics().await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&topics)?);
+        return Ok(());
+    }
+    for t in topics {
+        let partitions = t
+            .partitions
+            .map_or("not created yet".to_owned(), |n| n.to_string());
+        println!("{}\n  partitions: {partitions}\n  key: {}\n  headers: CloudEvents binary mode, ce_type={}\n  value: {}\n", t.topic, t.key, t.event_type, t.value);
+    }
     Ok(())
 }
 

@@ -191,3 +191,92 @@ async fn help_explains_every_setting_with_its_environment_variable() {
         assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
     }
 }
+
+/// The scale-out services as separate processes of the same binary: `ecars ingest` and two
+/// `ecars persist` replicas on a Kafka-protocol broker and PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_and_two_persist_processes_over_kafka() {
+    let kafka = ecars_e2e::KafkaServer::start().unwrap();
+    let pg = ecars_e2e::PgServer::start().unwrap();
+    let (mqtt, ws) = (free_port(), free_port());
+    let https = [free_port(), free_port(), free_port()];
+    let spawn = |command: &str, http: u16| {
+        Command::new(ECARS)
+            .arg(command)
+            .env("ECARS_KAFKA_BROKERS", kafka.brokers())
+            .env("ECARS_KAFKA_PARTITIONS", "4")
+            .env("DATABASE_URL", pg.url())
+            .env("ECARS_MQTT_ADDR", format!("127.0.0.1:{mqtt}"))
+            .env("ECARS_MQTT_WS_ADDR", format!("127.0.0.1:{ws}"))
+            .env("ECARS_HTTP_ADDR", format!("127.0.0.1:{http}"))
+            .env_remove("ECARS_DEVICE_SECRET")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let mut ingest = spawn("ingest", https[0]);
+    let mut persists = [spawn("persist", https[1]), spawn("persist", https[2])];
+    for http in https {
+        wait_for("/readyz", Duration::from_secs(30), || async move {
+            reqwest::get(format!("http://127.0.0.1:{http}/readyz"))
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await
+        .unwrap();
+    }
+    let no_db = reqwest::get(format!("http://127.0.0.1:{}/v1/vehicles", https[0]))
+        .await
+        .unwrap();
+    assert_eq!(no_db.status(), 404, "ingest has no database to query");
+
+    let vin = "1HGCM82633A004352";
+    for battery in 0..20 {
+        let out = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &mqtt.to_string(), "-q", "1"])
+            .args([
+                "-t",
+                &format!("vehicles/{vin}/telemetry"),
+                "-m",
+                &format!(r#"{{"battery":{battery}}}"#),
+            ])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let store = SensorStore::connect_lazy(&pg.url()).unwrap();
+    wait_for("20 rows through Kafka", Duration::from_secs(60), || async {
+        store.count_readings().await.unwrap_or(0) == 20
+    })
+    .await
+    .unwrap();
+    let api = format!(
+        "http://127.0.0.1:{}/v1/vehicles/{vin}/telemetry?limit=1",
+        https[1]
+    );
+    let newest: serde_json::Value = reqwest::get(api).await.unwrap().json().await.unwrap();
+    assert_eq!(newest[0]["battery"], 19.0);
+
+    for child in std::iter::once(&mut ingest).chain(persists.iter_mut()) {
+        let pid = child.id().unwrap().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .unwrap()
+            .success());
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "SIGTERM exits 0, got {status}");
+    }
+    assert_eq!(store.count_readings().await.unwrap(), 20);
+}

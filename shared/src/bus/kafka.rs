@@ -198,6 +198,60 @@ impl KafkaBus {
     }
 }
 
+/// What another team needs to know about one of our topics.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TopicDescription {
+    /// Kafka topic name.
+    pub topic: String,
+    /// Partitions, as the cluster reports them (`None` when the topic does not exist yet).
+    pub partitions: Option<usize>,
+    /// What the record key is.
+    pub key: &'static str,
+    /// CloudEvents `type` header.
+    pub event_type: &'static str,
+    /// One line on the JSON value.
+    pub value: &'static str,
+}
+
+impl KafkaBus {
+    /// Describes every topic of the bus, with partition counts read from the cluster.
+    pub async fn describe_topics(&self) -> Result<Vec<TopicDescription>, BusError> {
+        let producer = self.producer.clone();
+        let metadata = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, Timeout::After(Duration::from_secs(10)))
+        })
+        .await
+        .map_err(|e| BusError::Backend(format!("metadata task: {e}")))??;
+        let partitions = |name: &str| {
+            metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == name && t.error().is_none())
+                .map(|t| t.partitions().len())
+        };
+        let telemetry = self.config.topic(Stream::Telemetry);
+        let dlq = self.config.topic(Stream::DeadLetters);
+        Ok(vec![
+            TopicDescription {
+                partitions: partitions(&telemetry),
+                topic: telemetry,
+                key: "VIN (each car's readings in order in one partition)",
+                event_type: TELEMETRY_EVENT_TYPE,
+                value: "TelemetryReading JSON: event_id, received_at, vin, name, profile, range, mpge, battery, malfunction, speed, latitude, longitude, date",
+            },
+            TopicDescription {
+                partitions: partitions(&dlq),
+                topic: dlq,
+                key: "MQTT topic the message arrived on",
+                event_type: DEAD_LETTER_EVENT_TYPE,
+                value: "DeadLetter JSON: id, received_at, topic, client_id, reason, detail, payload (base64 of the original bytes), truncated",
+            },
+        ])
+    }
+}
+
 /// The CloudEvents headers and JSON value of a record.
 fn encode(record: &BusRecord) -> Result<(OwnedHeaders, Vec<u8>), BusError> {
     let (id, kind, time, subject, value) = match record {

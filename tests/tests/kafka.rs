@@ -1,0 +1,154 @@
+//! The Kafka backbone against a real Kafka-protocol broker over TCP (tansu): ingest publishes
+//! each car's readings keyed by VIN with CloudEvents headers, two persistence replicas share the
+//! consumer group, one stops in the middle, and every reading lands once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ecars_e2e::{wait_for, KafkaServer, PgServer};
+use ecars_ingest::{BoundIngest, IngestConfig};
+use ecars_persist::{PersistConfig, PersistWorker, SensorStore};
+use ecars_shared::bus::kafka::{cloud_event_headers, TELEMETRY_EVENT_TYPE};
+use ecars_shared::bus::{Bus, KafkaBus, KafkaConfig};
+use ecars_shared::telemetry::TelemetryReading;
+use ecars_simulator::SimulatorConfig;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use tokio_util::sync::CancellationToken;
+
+async fn persist_replica(
+    kafka: &KafkaConfig,
+    store: &SensorStore,
+) -> (tokio::task::JoinHandle<()>, CancellationToken) {
+    let bus = KafkaBus::connect(kafka).await.unwrap();
+    let config = PersistConfig {
+        batch_rows: 500,
+        batch_ms: 50,
+    };
+    let worker = PersistWorker::subscribe(&config, store.clone(), &bus, None)
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let task = tokio::spawn(async move {
+        worker.run(token).await.unwrap();
+        drop(bus);
+    });
+    (task, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_to_kafka_to_two_persist_replicas_exactly_once_in_order() {
+    let kafka_server = KafkaServer::start().unwrap();
+    let pg = PgServer::start().unwrap();
+    let store = SensorStore::connect_lazy(&pg.url()).unwrap();
+    store.migrate().await.unwrap();
+    let mut kafka = KafkaConfig::for_brokers(kafka_server.brokers());
+    kafka.partitions = 4;
+
+    // Ingest publishes to Kafka.
+    let bus: Arc<dyn Bus> = Arc::new(KafkaBus::connect(&kafka).await.unwrap());
+    let ingest_config = IngestConfig {
+        mqtt_addr: "127.0.0.1:0".parse().unwrap(),
+        mqtt_ws_addr: "127.0.0.1:0".parse().unwrap(),
+        ..IngestConfig::default()
+    };
+    let ingest = BoundIngest::bind(&ingest_config, Arc::clone(&bus))
+        .await
+        .unwrap();
+    let mqtt_addr = ingest.mqtt_addr().unwrap();
+    let stop_ingest = CancellationToken::new();
+    let ingest_task = tokio::spawn(ingest.run(stop_ingest.clone()));
+
+    // Two replicas of the persistence worker in one consumer group.
+    let (first, stop_first) = persist_replica(&kafka, &store).await;
+    let (second, stop_second) = persist_replica(&kafka, &store).await;
+
+    let (cars, per_car) = (50u32, 100u64);
+    let total = i64::from(cars) * per_car as i64;
+    let simulator = tokio::spawn(ecars_simulator::run(
+        SimulatorConfig {
+            vehicles: cars,
+            interval_ms: 5,
+            broker: format!("mqtt://{mqtt_addr}"),
+            readings_per_vehicle: Some(per_car),
+            ..SimulatorConfig::default()
+        },
+        CancellationToken::new(),
+    ));
+
+    // Stop one replica in the middle: the other takes its partitions over.
+    wait_for("a quarter of the rows", Duration::from_secs(60), || async {
+        store.count_readings().await.unwrap_or(0) >= total / 4
+    })
+    .await
+    .unwrap();
+    stop_first.cancel();
+    first.await.unwrap();
+
+    let report = simulator.await.unwrap().unwrap();
+    assert_eq!(report.acknowledged, total as u64);
+    wait_for(
+        "every reading in PostgreSQL",
+        Duration::from_secs(90),
+        || async { store.count_readings().await.unwrap_or(0) >= total },
+    )
+    .await
+    .unwrap();
+    // The unique event_id makes "exactly once" a count: no more rows than readings.
+    assert_eq!(store.count_readings().await.unwrap(), total);
+
+    stop_ingest.cancel();
+    ingest_task.await.unwrap();
+    bus.close().await;
+    stop_second.cancel();
+    second.await.unwrap();
+
+    // Another consumer reads the topic as any service would: keys, headers, order per car.
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_server.brokers())
+        .set("group.id", format!("reader-{}", uuid::Uuid::now_v7()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer
+        .subscribe(&[&kafka.topic(ecars_shared::bus::Stream::Telemetry)])
+        .unwrap();
+    let mut per_car_dates: HashMap<String, Vec<chrono::DateTime<chrono::Utc>>> = HashMap::new();
+    let mut partitions_of_car: HashMap<String, i32> = HashMap::new();
+    let mut seen = 0;
+    while seen < total {
+        let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let key = String::from_utf8(message.key().unwrap().to_vec()).unwrap();
+        let reading: TelemetryReading = serde_json::from_slice(message.payload().unwrap()).unwrap();
+        assert_eq!(reading.vin.as_str(), key, "key = VIN");
+        let headers = cloud_event_headers(&message);
+        assert_eq!(headers["ce_specversion"], "1.0");
+        assert_eq!(headers["ce_type"], TELEMETRY_EVENT_TYPE);
+        assert_eq!(headers["ce_id"], reading.event_id.to_string());
+        assert_eq!(headers["ce_subject"], key);
+        assert_eq!(headers["content-type"], "application/json");
+        assert!(headers.contains_key("ce_source") && headers.contains_key("ce_time"));
+        let partition = *partitions_of_car
+            .entry(key.clone())
+            .or_insert(message.partition());
+        assert_eq!(partition, message.partition(), "one car, one partition");
+        per_car_dates.entry(key).or_default().push(reading.date);
+        seen += 1;
+    }
+    assert_eq!(per_car_dates.len(), cars as usize);
+    for (vin, dates) in &per_car_dates {
+        assert_eq!(dates.len(), per_car as usize, "{vin}");
+        assert!(
+            dates.windows(2).all(|w| w[0] <= w[1]),
+            "{vin}'s readings are in order in the topic"
+        );
+    }
+    consumer.unsubscribe();
+}
