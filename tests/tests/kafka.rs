@@ -152,3 +152,81 @@ async fn ingest_to_kafka_to_two_persist_replicas_exactly_once_in_order() {
     }
     consumer.unsubscribe();
 }
+
+/// Python's confluent-kafka, a client nobody here wrote, reads what we publish: VIN keys,
+/// CloudEvents headers, JSON values with eCars' fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_confluent_kafka_consumer_reads_our_topic() {
+    let kafka_server = KafkaServer::start().unwrap();
+    let kafka = KafkaConfig::for_brokers(kafka_server.brokers());
+    let bus = KafkaBus::connect(&kafka).await.unwrap();
+    let topic = ecars_shared::telemetry::TelemetryTopic::Vehicle("1HGCM82633A004352".into());
+    let mut sent = Vec::new();
+    for battery in 0..10 {
+        let payload = format!(r#"{{"battery":{battery},"latitude":"37.5","name":"Py"}}"#);
+        let reading = ecars_shared::telemetry::parse_reading(
+            &topic,
+            payload.as_bytes(),
+            uuid::Uuid::now_v7(),
+            chrono::Utc::now(),
+        )
+        .unwrap();
+        sent.push(reading.clone());
+        bus.publish(ecars_shared::bus::BusRecord::Telemetry(reading))
+            .await
+            .unwrap();
+    }
+    bus.close().await;
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/consume_telemetry.py");
+    let out = tokio::process::Command::new("python3")
+        .args([
+            script,
+            &kafka_server.brokers(),
+            &kafka.topic(ecars_shared::bus::Stream::Telemetry),
+            "10",
+        ])
+        .output()
+        .await
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 10);
+    for (record, reading) in records.iter().zip(&sent) {
+        assert_eq!(record["key"], "1HGCM82633A004352");
+        assert_eq!(record["headers"]["ce_specversion"], "1.0");
+        assert_eq!(record["headers"]["ce_type"], TELEMETRY_EVENT_TYPE);
+        assert_eq!(record["headers"]["ce_id"], reading.event_id.to_string());
+        assert_eq!(record["headers"]["ce_subject"], "1HGCM82633A004352");
+        assert_eq!(record["headers"]["content-type"], "application/json");
+        let value = &record["value"];
+        assert_eq!(value["event_id"], reading.event_id.to_string());
+        assert_eq!(value["battery"], reading.battery.unwrap());
+        assert_eq!(value["latitude"], 37.5, "numbers, whatever the car sent");
+        assert_eq!(value["name"], "Py");
+        for field in [
+            "received_at",
+            "date",
+            "vin",
+            "range",
+            "mpge",
+            "speed",
+            "longitude",
+            "malfunction",
+            "profile",
+        ] {
+            assert!(
+                value.get(field).is_some(),
+                "{field} is present (null when the car sent none)"
+            );
+        }
+    }
+}
