@@ -20,6 +20,8 @@ pub const BUS_BACKPRESSURE: &str = "ecars_bus_backpressure_total";
 pub const BUS_QUEUE_DEPTH: &str = "ecars_bus_queue_depth";
 /// Kafka records skipped because they do not decode, labelled by `stream`.
 pub const BUS_UNDECODABLE: &str = "ecars_bus_undecodable_total";
+/// Kafka consumption errors (retried), labelled by `stream`.
+pub const BUS_CONSUME_ERRORS: &str = "ecars_bus_consume_errors_total";
 /// Kafka offset commits that failed (the records are delivered again), labelled by `stream`.
 pub const BUS_COMMIT_FAILURES: &str = "ecars_bus_commit_failures_total";
 /// Rows committed to the database, labelled by `table`.

@@ -444,3 +444,15 @@ fn tansu_binary() -> anyhow::Result<PathBuf> {
     );
     Ok(path)
 }
+
+/// Sends the services' logs to stderr when `ECARS_LOG` is set (for example
+/// `ECARS_LOG=info,ecars_persist=debug cargo test -- --nocapture`).
+pub fn init_logs() {
+    if let Ok(filter) = std::env::var("ECARS_LOG") {
+        let log = ecars_shared::config::LogConfig {
+            format: ecars_shared::config::LogFormat::Text,
+            filter,
+        };
+        let _ = log.init();
+    }
+}

@@ -18,6 +18,17 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use tokio_util::sync::CancellationToken;
 
+fn count_now(store: &SensorStore) -> i64 {
+    let store = store.clone();
+    std::thread::spawn(move || {
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(async move { store.count_readings().await.unwrap_or(-1) })
+    })
+    .join()
+    .unwrap()
+}
+
 async fn persist_replica(
     kafka: &KafkaConfig,
     store: &SensorStore,
@@ -39,14 +50,49 @@ async fn persist_replica(
     (task, stop)
 }
 
+/// Where the test's Kafka runs.
+enum Broker {
+    Tansu(KafkaServer),
+    Mock(rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
+}
+
+impl Broker {
+    fn brokers(&self) -> String {
+        match self {
+            Broker::Tansu(server) => server.brokers(),
+            Broker::Mock(cluster) => cluster.bootstrap_servers(),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ingest_to_kafka_to_two_persist_replicas_exactly_once_in_order() {
-    let kafka_server = KafkaServer::start().unwrap();
+async fn tansu_ingest_to_two_persist_replicas_exactly_once_in_order() {
+    ecars_e2e::init_logs();
+    two_replicas(Broker::Tansu(KafkaServer::start().unwrap()), false).await;
+}
+
+/// librdkafka's own mock cluster (the Kafka protocol over loopback) takes the rebalance: tansu
+/// 0.6 was seen to hand a partition's new owner an offset past the last commit (see README).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_cluster_persist_replica_stopped_mid_run_loses_nothing() {
+    ecars_e2e::init_logs();
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    for topic in ["ecars.telemetry", "ecars.telemetry.dlq"] {
+        cluster.create_topic(topic, 4, 1).unwrap();
+    }
+    two_replicas(Broker::Mock(cluster), true).await;
+}
+
+/// Ingest into Kafka, two persistence replicas in one group (one stopped in the middle when
+/// `stop_one`), then checks: every reading stored once, keys, headers and per-car order.
+async fn two_replicas(broker: Broker, stop_one: bool) {
     let pg = PgServer::start().unwrap();
     let store = SensorStore::connect_lazy(&pg.url()).unwrap();
     store.migrate().await.unwrap();
-    let mut kafka = KafkaConfig::for_brokers(kafka_server.brokers());
+    let mut kafka = KafkaConfig::for_brokers(broker.brokers());
     kafka.partitions = 4;
+    // The mock cluster's topics are made above (its admin API does not create them).
+    kafka.create_topics = matches!(broker, Broker::Tansu(_));
 
     // Ingest publishes to Kafka.
     let bus: Arc<dyn Bus> = Arc::new(KafkaBus::connect(&kafka).await.unwrap());
@@ -63,7 +109,7 @@ async fn ingest_to_kafka_to_two_persist_replicas_exactly_once_in_order() {
     let ingest_task = tokio::spawn(ingest.run(stop_ingest.clone()));
 
     // Two replicas of the persistence worker in one consumer group.
-    let (first, stop_first) = persist_replica(&kafka, &store).await;
+    let (mut first, stop_first) = persist_replica(&kafka, &store).await;
     let (second, stop_second) = persist_replica(&kafka, &store).await;
 
     let (cars, per_car) = (50u32, 100u64);
@@ -79,14 +125,16 @@ async fn ingest_to_kafka_to_two_persist_replicas_exactly_once_in_order() {
         CancellationToken::new(),
     ));
 
-    // Stop one replica in the middle: the other takes its partitions over.
-    wait_for("a quarter of the rows", Duration::from_secs(60), || async {
-        store.count_readings().await.unwrap_or(0) >= total / 4
-    })
-    .await
-    .unwrap();
-    stop_first.cancel();
-    first.await.unwrap();
+    if stop_one {
+        // Stop one replica in the middle: the other takes its partitions over.
+        wait_for("a quarter of the rows", Duration::from_secs(60), || async {
+            store.count_readings().await.unwrap_or(0) >= total / 4
+        })
+        .await
+        .unwrap();
+        stop_first.cancel();
+        (&mut first).await.unwrap();
+    }
 
     let report = simulator.await.unwrap().unwrap();
     assert_eq!(report.acknowledged, total as u64);
@@ -96,7 +144,7 @@ async fn ingest_to_kafka_to_two_persist_replicas_exactly_once_in_order() {
         || async { store.count_readings().await.unwrap_or(0) >= total },
     )
     .await
-    .unwrap();
+    .unwrap_or_else(|e| panic!("{e}: {} rows", count_now(&store)));
     // The unique event_id makes "exactly once" a count: no more rows than readings.
     assert_eq!(store.count_readings().await.unwrap(), total);
 
@@ -105,10 +153,14 @@ async fn ingest_to_kafka_to_two_persist_replicas_exactly_once_in_order() {
     bus.close().await;
     stop_second.cancel();
     second.await.unwrap();
+    if !stop_one {
+        stop_first.cancel();
+        first.await.unwrap();
+    }
 
     // Another consumer reads the topic as any service would: keys, headers, order per car.
     let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_server.brokers())
+        .set("bootstrap.servers", broker.brokers())
         .set("group.id", format!("reader-{}", uuid::Uuid::now_v7()))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")

@@ -11,7 +11,9 @@
 //! - forwards everything else untouched, so other MQTT clients can still subscribe.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,8 +22,10 @@ use chrono::Utc;
 use ecars_shared::bus::{Bus, BusError, BusRecord};
 use ecars_shared::metrics as m;
 use ecars_shared::telemetry::{
-    parse_reading, DeadLetter, RejectReason, Rejection, TelemetryTopic, Vin,
+    parse_reading, DeadLetter, RejectReason, Rejection, TelemetryReading, TelemetryTopic, Vin,
 };
+use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt, StreamExt};
 use rumqttd::protocol::v4::{check, FixedHeader, PacketType, V4};
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{Login, Packet, Protocol};
@@ -546,7 +550,29 @@ struct Upstream<'a> {
     locally_received: HashSet<u16>,
 }
 
-impl Upstream<'_> {
+/// What the gateway does with a PUBLISH.
+enum Verdict {
+    /// Not telemetry: pass it to the broker.
+    Forward,
+    /// A valid reading: publish it on the bus, then pass the packet to the broker.
+    Accepted(TelemetryReading),
+    /// A refused reading: dead-letter it and acknowledge it here.
+    Rejected {
+        letter: DeadLetter,
+        qos: u8,
+        pkid: u16,
+    },
+}
+
+/// A reading on its way to the bus, with the packet to forward once it is there.
+type InFlight<'a> = Pin<Box<dyn Future<Output = (Result<(), BusError>, Bytes)> + Send + 'a>>;
+
+/// Most readings of one connection on their way to the bus at once. Kafka acknowledges after a
+/// round trip; keeping several in flight (in order) lets one car publish faster than one
+/// reading per round trip, while the bound keeps memory flat.
+const MAX_IN_FLIGHT: usize = 128;
+
+impl<'a> Upstream<'a> {
     async fn run<R, W>(
         mut self,
         client: &mut FrameReader<R>,
@@ -557,18 +583,44 @@ impl Upstream<'_> {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        loop {
+        let gateway: &'a Gateway = self.gateway;
+        let mut in_flight: FuturesOrdered<InFlight<'a>> = FuturesOrdered::new();
+        let result = loop {
             let next = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return Ok(()),
-                next = client.next() => next?,
+                _ = shutdown.cancelled() => break Ok(()),
+                Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                    if let Err(e) = forward_admitted(done, &mut in_flight, broker_write).await {
+                        break Err(e);
+                    }
+                    continue;
+                }
+                next = client.next(), if in_flight.len() < MAX_IN_FLIGHT => next,
             };
-            let Some((header, frame)) = next else {
-                return Ok(());
+            let (header, frame) = match next {
+                Ok(Some(packet)) => packet,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
             };
-            let forward = match header.packet_type()? {
-                PacketType::Publish => self.admit(&header, &frame).await?,
-                PacketType::PubRel => {
+            let verdict = match header.packet_type()? {
+                PacketType::Publish => self.judge(&header, &frame)?,
+                PacketType::Connect => break Err(protocol_error("second CONNECT")),
+                _ => Verdict::Forward,
+            };
+            if let Verdict::Accepted(reading) = verdict {
+                in_flight.push_back(Box::pin(async move {
+                    (
+                        gateway.bus.publish(BusRecord::Telemetry(reading)).await,
+                        frame,
+                    )
+                }));
+                continue;
+            }
+            // Anything else keeps its place behind the readings still in flight: MQTT wants
+            // acknowledgements in the order the packets came.
+            drain(&mut in_flight, broker_write).await?;
+            let forward = match verdict {
+                Verdict::Forward if header.packet_type()? == PacketType::PubRel => {
                     let pkid = read_u16(&mut frame.slice(header.fixed_header_len..))?;
                     if self.locally_received.remove(&pkid) {
                         self.reply(ack_packet(PacketType::PubComp, pkid, self.version, 0))
@@ -578,8 +630,12 @@ impl Upstream<'_> {
                         true
                     }
                 }
-                PacketType::Connect => return Err(protocol_error("second CONNECT")),
-                _ => true,
+                Verdict::Forward => true,
+                Verdict::Rejected { letter, qos, pkid } => {
+                    self.reject(letter, qos, pkid).await?;
+                    false
+                }
+                Verdict::Accepted(_) => unreachable!("handled above"),
             };
             if forward {
                 broker_write.write_all(&frame).await?;
@@ -587,7 +643,10 @@ impl Upstream<'_> {
             if !client.has_whole_packet() {
                 broker_write.flush().await?;
             }
-        }
+        };
+        // Whatever reached the bus is forwarded (and so acknowledged) before the connection ends.
+        drain(&mut in_flight, broker_write).await?;
+        result
     }
 
     async fn reply(&self, packet: Bytes) {
@@ -595,19 +654,15 @@ impl Upstream<'_> {
         let _ = self.local_tx.send(packet).await;
     }
 
-    /// Decides a PUBLISH: `true` to forward it to the broker.
-    async fn admit(
-        &mut self,
-        header: &FixedHeader,
-        frame: &Bytes,
-    ) -> Result<bool, ConnectionError> {
+    /// Decides a PUBLISH.
+    fn judge(&self, header: &FixedHeader, frame: &Bytes) -> Result<Verdict, ConnectionError> {
         let publish = parse_publish(header, frame, self.version)?;
         if publish.uses_topic_alias {
             // The gateway's CONNACK offers no aliases, so a client using one breaks the protocol.
             return Err(protocol_error("topic alias used though none was offered"));
         }
         let Some(topic) = TelemetryTopic::classify(&publish.topic) else {
-            return Ok(true);
+            return Ok(Verdict::Forward);
         };
         metrics::counter!(m::READINGS_RECEIVED).increment(1);
         let received_at = Utc::now();
@@ -622,70 +677,96 @@ impl Upstream<'_> {
                 }),
                 _ => Ok(reading),
             });
-        match verdict {
-            Ok(reading) => {
-                self.gateway
-                    .bus
-                    .publish(BusRecord::Telemetry(reading))
-                    .await?;
-                metrics::counter!(m::READINGS_ACCEPTED).increment(1);
-                Ok(true)
-            }
+        Ok(match verdict {
+            Ok(reading) => Verdict::Accepted(reading),
             Err(rejection) => {
-                let reason = rejection.reason;
-                metrics::counter!(m::READINGS_REJECTED, "reason" => reason.code()).increment(1);
+                metrics::counter!(m::READINGS_REJECTED, "reason" => rejection.reason.code())
+                    .increment(1);
                 tracing::info!(
                     client_id = self.client_id,
                     topic = publish.topic,
-                    reason = reason.code(),
+                    reason = rejection.reason.code(),
                     detail = rejection.detail,
                     "reading rejected to the dead-letter store"
                 );
-                let letter = DeadLetter::new(
-                    &publish.topic,
-                    self.client_id,
-                    rejection,
-                    &publish.payload,
-                    received_at,
-                );
-                self.gateway
-                    .bus
-                    .publish(BusRecord::DeadLetter(letter))
-                    .await?;
-                let code = if reason == RejectReason::UnauthorizedVin {
-                    REASON_NOT_AUTHORIZED
-                } else {
-                    REASON_PAYLOAD_FORMAT_INVALID
-                };
-                match publish.qos {
-                    1 => {
-                        self.reply(ack_packet(
-                            PacketType::PubAck,
-                            publish.pkid,
-                            self.version,
-                            code,
-                        ))
-                        .await
-                    }
-                    2 => {
-                        self.reply(ack_packet(
-                            PacketType::PubRec,
-                            publish.pkid,
-                            self.version,
-                            code,
-                        ))
-                        .await;
-                        // MQTT 5 ends the exchange at a failing PUBREC; 3.1.1 sends PUBREL.
-                        if self.version == Version::V4 {
-                            self.locally_received.insert(publish.pkid);
-                        }
-                    }
-                    _ => {}
+                Verdict::Rejected {
+                    letter: DeadLetter::new(
+                        &publish.topic,
+                        self.client_id,
+                        rejection,
+                        &publish.payload,
+                        received_at,
+                    ),
+                    qos: publish.qos,
+                    pkid: publish.pkid,
                 }
-                Ok(false)
             }
+        })
+    }
+
+    /// Dead-letters a refused reading, then acknowledges it to the car.
+    async fn reject(
+        &mut self,
+        letter: DeadLetter,
+        qos: u8,
+        pkid: u16,
+    ) -> Result<(), ConnectionError> {
+        let code = if letter.reason == RejectReason::UnauthorizedVin {
+            REASON_NOT_AUTHORIZED
+        } else {
+            REASON_PAYLOAD_FORMAT_INVALID
+        };
+        self.gateway
+            .bus
+            .publish(BusRecord::DeadLetter(letter))
+            .await?;
+        match qos {
+            1 => {
+                self.reply(ack_packet(PacketType::PubAck, pkid, self.version, code))
+                    .await
+            }
+            2 => {
+                self.reply(ack_packet(PacketType::PubRec, pkid, self.version, code))
+                    .await;
+                // MQTT 5 ends the exchange at a failing PUBREC; 3.1.1 sends PUBREL.
+                if self.version == Version::V4 {
+                    self.locally_received.insert(pkid);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Forwards one reading that reached the bus, and every other one already there, then flushes.
+async fn forward_admitted<W: AsyncWrite + Unpin>(
+    first: (Result<(), BusError>, Bytes),
+    in_flight: &mut FuturesOrdered<InFlight<'_>>,
+    broker_write: &mut BufWriter<W>,
+) -> Result<(), ConnectionError> {
+    let mut done = Some(first);
+    while let Some((result, frame)) = done.take() {
+        result?;
+        metrics::counter!(m::READINGS_ACCEPTED).increment(1);
+        broker_write.write_all(&frame).await?;
+        if let Some(Some(next)) = in_flight.next().now_or_never() {
+            done = Some(next);
         }
     }
+    broker_write.flush().await?;
+    Ok(())
+}
+
+/// Waits for every reading in flight and forwards them in order.
+async fn drain<W: AsyncWrite + Unpin>(
+    in_flight: &mut FuturesOrdered<InFlight<'_>>,
+    broker_write: &mut BufWriter<W>,
+) -> Result<(), ConnectionError> {
+    while let Some(done) = in_flight.next().await {
+        forward_admitted(done, in_flight, broker_write).await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

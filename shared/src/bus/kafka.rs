@@ -11,7 +11,6 @@
 //! - Consumers commit offsets only when the worker acknowledges (after its database commit).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -340,13 +339,15 @@ impl Bus for KafkaBus {
             .client_config(&self.brokers)
             .set("group.id", group)
             .set("enable.auto.commit", "false")
+            // librdkafka otherwise remembers the position of every record handed out and commits
+            // it by itself when partitions are revoked, which would skip records still in a batch.
+            .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("partition.assignment.strategy", "cooperative-sticky")
             .create()?;
         consumer.subscribe(&[&topic])?;
         tracing::info!(topic, group, "joined Kafka consumer group");
         Ok(Box::new(KafkaSubscription {
-            consumer: Arc::new(consumer),
+            consumer,
             stream,
             topic,
         }))
@@ -384,7 +385,7 @@ impl Bus for KafkaBus {
 }
 
 struct KafkaSubscription {
-    consumer: Arc<StreamConsumer>,
+    consumer: StreamConsumer,
     stream: Stream,
     topic: String,
 }
@@ -392,8 +393,23 @@ struct KafkaSubscription {
 #[async_trait]
 impl Subscription for KafkaSubscription {
     async fn next(&mut self) -> Result<Option<Delivery>, BusError> {
+        let mut failures = 0u32;
         loop {
-            let message = self.consumer.recv().await?;
+            let message = match self.consumer.recv().await {
+                Ok(message) => message,
+                // Broker restarts, coordinator moves, rebalances: librdkafka recovers by itself.
+                // Stopping here would drop the batch in hand; waiting loses nothing.
+                Err(error) => {
+                    failures += 1;
+                    metrics::counter!(crate::metrics::BUS_CONSUME_ERRORS, "stream" => self.stream.name()).increment(1);
+                    if failures.is_power_of_two() {
+                        tracing::warn!(topic = self.topic, %error, failures, "Kafka consumption failing; retrying");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(20))))
+                        .await;
+                    continue;
+                }
+            };
             let receipt = Receipt {
                 partition: message.partition(),
                 offset: message.offset(),
@@ -431,13 +447,11 @@ impl Subscription for KafkaSubscription {
         for (partition, offset) in next {
             offsets.add_partition_offset(&self.topic, partition, Offset::Offset(offset))?;
         }
-        let consumer = Arc::clone(&self.consumer);
-        // A synchronous commit, off the async threads: once ack returns, the offsets are stored.
-        let committed =
-            tokio::task::spawn_blocking(move || consumer.commit(&offsets, CommitMode::Sync))
-                .await
-                .map_err(|e| BusError::Backend(format!("commit task: {e}")))?;
-        if let Err(error) = committed {
+        // Asynchronous: a synchronous commit blocks while a rebalance waits for this consumer to
+        // be polled, which is a deadlock. librdkafka sends it in order and waits for outstanding
+        // commits when the consumer closes.
+        tracing::debug!(topic = self.topic, ?offsets, "committing");
+        if let Err(error) = self.consumer.commit(&offsets, CommitMode::Async) {
             // A rebalance took the partition away, or the coordinator is briefly gone. Nothing is
             // lost: the records are delivered again (to this or another replica) and the
             // database's unique event ids make the repeat harmless.
@@ -449,12 +463,9 @@ impl Subscription for KafkaSubscription {
     }
 }
 
-impl Drop for KafkaSubscription {
-    fn drop(&mut self) {
-        // Leave the group at once so the other replicas take the partitions over.
-        self.consumer.unsubscribe();
-    }
-}
+// No explicit unsubscribe on drop: dropping the consumer closes it, and librdkafka's close
+// waits for the asynchronous commits in flight before it leaves the group. Leaving first would
+// let another replica start from an older offset, or (with no commit yet) from the reset policy.
 
 /// CloudEvents attributes of a consumed Kafka message, for tests and tools.
 pub fn cloud_event_headers<M: Message>(message: &M) -> HashMap<String, String> {
