@@ -25,7 +25,7 @@ use ecars_shared::telemetry::{
     parse_reading, DeadLetter, RejectReason, Rejection, TelemetryReading, TelemetryTopic, Vin,
 };
 use futures_util::stream::FuturesOrdered;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use rumqttd::protocol::v4::{check, FixedHeader, PacketType, V4};
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{Login, Packet, Protocol};
@@ -590,7 +590,7 @@ impl<'a> Upstream<'a> {
                 biased;
                 _ = shutdown.cancelled() => break Ok(()),
                 Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                    if let Err(e) = forward_admitted(done, &mut in_flight, broker_write).await {
+                    if let Err(e) = forward_admitted(done, broker_write).await {
                         break Err(e);
                     }
                     continue;
@@ -739,21 +739,14 @@ impl<'a> Upstream<'a> {
     }
 }
 
-/// Forwards one reading that reached the bus, and every other one already there, then flushes.
+/// Forwards one reading that reached the bus, and flushes so the car's PUBACK is not held back.
 async fn forward_admitted<W: AsyncWrite + Unpin>(
-    first: (Result<(), BusError>, Bytes),
-    in_flight: &mut FuturesOrdered<InFlight<'_>>,
+    (result, frame): (Result<(), BusError>, Bytes),
     broker_write: &mut BufWriter<W>,
 ) -> Result<(), ConnectionError> {
-    let mut done = Some(first);
-    while let Some((result, frame)) = done.take() {
-        result?;
-        metrics::counter!(m::READINGS_ACCEPTED).increment(1);
-        broker_write.write_all(&frame).await?;
-        if let Some(Some(next)) = in_flight.next().now_or_never() {
-            done = Some(next);
-        }
-    }
+    result?;
+    metrics::counter!(m::READINGS_ACCEPTED).increment(1);
+    broker_write.write_all(&frame).await?;
     broker_write.flush().await?;
     Ok(())
 }
@@ -764,7 +757,7 @@ async fn drain<W: AsyncWrite + Unpin>(
     broker_write: &mut BufWriter<W>,
 ) -> Result<(), ConnectionError> {
     while let Some(done) = in_flight.next().await {
-        forward_admitted(done, in_flight, broker_write).await?;
+        forward_admitted(done, broker_write).await?;
     }
     Ok(())
 }
