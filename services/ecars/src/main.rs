@@ -187,6 +187,18 @@ async fn bind_http(config: &HttpConfig) -> anyhow::Result<tokio::net::TcpListene
         })
 }
 
+/// Serves the HTTP surface on `listener`; cancelling the returned token stops it gracefully.
+fn spawn_http(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+) -> (CancellationToken, JoinHandle<anyhow::Result<()>>) {
+    let stop = CancellationToken::new();
+    let router = ecars_api::router(state);
+    let token = stop.clone();
+    let task = tokio::spawn(async move { Ok(ecars_api::serve(listener, router, token).await?) });
+    (stop, task)
+}
+
 /// Waits for a signal, or for a part that stops on its own, which is fatal: the error says
 /// which, and the process exits non-zero so a supervisor restarts it.
 async fn run_until_signal(
@@ -250,7 +262,6 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let stop_ingest = CancellationToken::new();
-    let stop_http = CancellationToken::new();
     // In process, persist stops when the bus is closed and drained; on Kafka, what it has not
     // read stays in Kafka for the next start, so it stops on a token.
     let stop_persist = CancellationToken::new();
@@ -269,16 +280,15 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             Ok(())
         })
     };
-    let router = ecars_api::router(ApiState {
-        store: Some(store.clone()),
-        bus: Some(Arc::clone(&bus)),
-        metrics,
-        readiness: readiness.clone(),
-    });
-    let mut http_task = {
-        let token = stop_http.clone();
-        tokio::spawn(async move { Ok(ecars_api::serve(http, router, token).await?) })
-    };
+    let (stop_http, mut http_task) = spawn_http(
+        http,
+        ApiState {
+            store: Some(store.clone()),
+            bus: Some(Arc::clone(&bus)),
+            metrics,
+            readiness: readiness.clone(),
+        },
+    );
     readiness.set("workers", true);
 
     let simulator_task = (args.simulate > 0).then(|| {
@@ -330,11 +340,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let readiness = Readiness::default();
     let ingest = BoundIngest::bind(&args.ingest, Arc::clone(&bus)).await?;
     let http = bind_http(&args.http).await?;
-    let (shutdown, stop_ingest, stop_http) = (
-        CancellationToken::new(),
-        CancellationToken::new(),
-        CancellationToken::new(),
-    );
+    let (shutdown, stop_ingest) = (CancellationToken::new(), CancellationToken::new());
     let mut ingest_task = {
         let token = stop_ingest.clone();
         tokio::spawn(async move {
@@ -342,16 +348,15 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
             Ok(())
         })
     };
-    let router = ecars_api::router(ApiState {
-        store: None,
-        bus: Some(Arc::clone(&bus)),
-        metrics,
-        readiness: readiness.clone(),
-    });
-    let mut http_task = {
-        let token = stop_http.clone();
-        tokio::spawn(async move { Ok(ecars_api::serve(http, router, token).await?) })
-    };
+    let (stop_http, mut http_task) = spawn_http(
+        http,
+        ApiState {
+            store: None,
+            bus: Some(Arc::clone(&bus)),
+            metrics,
+            readiness: readiness.clone(),
+        },
+    );
     readiness.set("ingest", true);
     run_until_signal(
         &shutdown,
@@ -379,25 +384,20 @@ async fn persist(args: PersistArgs) -> anyhow::Result<()> {
     let readiness = Readiness::default();
     let worker = PersistWorker::subscribe(&args.persist, store.clone(), bus.as_ref(), None).await?;
     let http = bind_http(&args.http).await?;
-    let (shutdown, stop_persist, stop_http) = (
-        CancellationToken::new(),
-        CancellationToken::new(),
-        CancellationToken::new(),
-    );
+    let (shutdown, stop_persist) = (CancellationToken::new(), CancellationToken::new());
     let mut persist_task = {
         let token = stop_persist.clone();
         tokio::spawn(async move { Ok(worker.run(token).await?) })
     };
-    let router = ecars_api::router(ApiState {
-        store: Some(store.clone()),
-        bus: Some(Arc::clone(&bus)),
-        metrics,
-        readiness: readiness.clone(),
-    });
-    let mut http_task = {
-        let token = stop_http.clone();
-        tokio::spawn(async move { Ok(ecars_api::serve(http, router, token).await?) })
-    };
+    let (stop_http, mut http_task) = spawn_http(
+        http,
+        ApiState {
+            store: Some(store.clone()),
+            bus: Some(Arc::clone(&bus)),
+            metrics,
+            readiness: readiness.clone(),
+        },
+    );
     readiness.set("persist", true);
     run_until_signal(
         &shutdown,
