@@ -12,4 +12,5 @@ pub mod bus;
 pub mod config;
 pub mod device_auth;
 pub mod metrics;
+pub mod schema;
 pub mod telemetry;

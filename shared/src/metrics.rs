@@ -24,6 +24,16 @@ pub const BUS_UNDECODABLE: &str = "ecars_bus_undecodable_total";
 pub const BUS_CONSUME_ERRORS: &str = "ecars_bus_consume_errors_total";
 /// Kafka offset commits that failed (the records are delivered again), labelled by `stream`.
 pub const BUS_COMMIT_FAILURES: &str = "ecars_bus_commit_failures_total";
+/// Bytes of records waiting in the Kafka spool on disk.
+pub const SPOOL_BYTES: &str = "ecars_kafka_spool_bytes";
+/// Records written to (`op="written"`) and delivered from (`op="delivered"`) the Kafka spool.
+pub const SPOOL_RECORDS: &str = "ecars_kafka_spool_records_total";
+/// Times the Kafka spool was full and MQTT publishers had to wait.
+pub const SPOOL_FULL: &str = "ecars_kafka_spool_full_total";
+/// Times the Kafka producer lost every broker.
+pub const KAFKA_OUTAGES: &str = "ecars_kafka_outages_total";
+/// 1 while accepted readings go to the spool instead of straight to Kafka.
+pub const KAFKA_SPOOLING: &str = "ecars_kafka_spooling";
 /// Rows committed to the database, labelled by `table`.
 pub const ROWS_WRITTEN: &str = "ecars_rows_written_total";
 /// Rows in each committed batch, labelled by `table`.
@@ -95,6 +105,24 @@ fn describe() {
     describe_counter!(
         BUS_COMMIT_FAILURES,
         "Kafka offset commits that failed; the records are delivered again"
+    );
+    describe_gauge!(
+        SPOOL_BYTES,
+        Unit::Bytes,
+        "Bytes of accepted records waiting on disk for Kafka"
+    );
+    describe_counter!(
+        SPOOL_RECORDS,
+        "Records written to (op=written) and delivered from (op=delivered) the Kafka spool"
+    );
+    describe_counter!(
+        SPOOL_FULL,
+        "Times the Kafka spool was full and MQTT publishers waited"
+    );
+    describe_counter!(KAFKA_OUTAGES, "Times the Kafka producer lost every broker");
+    describe_gauge!(
+        KAFKA_SPOOLING,
+        "1 while accepted readings go to the disk spool instead of straight to Kafka"
     );
     describe_counter!(ROWS_WRITTEN, "Rows committed to the database, by table");
     describe_histogram!(BATCH_SIZE, "Rows per committed batch, by table");

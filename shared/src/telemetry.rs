@@ -60,6 +60,20 @@ impl Vin {
     }
 }
 
+impl schemars::JsonSchema for Vin {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Vin".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^[A-Z0-9]{17}$",
+            "description": "Vehicle identification number: 17 characters of A-Z and 0-9."
+        })
+    }
+}
+
 impl fmt::Display for Vin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -87,7 +101,7 @@ impl std::str::FromStr for Vin {
 }
 
 /// One accepted sensor reading of one car, as it travels on the bus and lands in `sensor_data`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TelemetryReading {
     /// Unique id given at ingest (UUIDv7, so ids sort by ingest time); the idempotence key.
     pub event_id: Uuid,
@@ -104,14 +118,18 @@ pub struct TelemetryReading {
     /// Efficiency, miles per gallon equivalent.
     pub mpge: Option<f64>,
     /// State of charge, percent, 0..=100.
+    #[schemars(range(min = 0, max = 100))]
     pub battery: Option<f64>,
     /// Whether the car reports a malfunction.
     pub malfunction: Option<bool>,
     /// Speed, non-negative.
+    #[schemars(range(min = 0))]
     pub speed: Option<f64>,
     /// Latitude in degrees, -90..=90.
+    #[schemars(range(min = -90, max = 90))]
     pub latitude: Option<f64>,
     /// Longitude in degrees, -180..=180.
+    #[schemars(range(min = -180, max = 180))]
     pub longitude: Option<f64>,
     /// When the car took the reading (event time); `received_at` when the car sent none.
     pub date: DateTime<Utc>,
@@ -146,7 +164,7 @@ impl TelemetryTopic {
 
 /// Why a telemetry payload was refused. The [`RejectReason::code`] is stable: it labels metrics
 /// and starts the `reason` column of `dead_letters`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RejectReason {
     /// Larger than [`MAX_PAYLOAD_BYTES`].
@@ -483,7 +501,7 @@ fn clip(text: &str) -> String {
 }
 
 /// A message ingest refused, kept with its original bytes so nothing is lost.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DeadLetter {
     /// Unique id (UUIDv7).
     pub id: Uuid,
@@ -499,6 +517,7 @@ pub struct DeadLetter {
     pub detail: String,
     /// The payload as received (at most [`MAX_PAYLOAD_BYTES`]; see `truncated`).
     #[serde(with = "base64_bytes")]
+    #[schemars(with = "String", extend("contentEncoding" = "base64"))]
     pub payload: Vec<u8>,
     /// Whether `payload` was cut to [`MAX_PAYLOAD_BYTES`] (only for oversized payloads).
     #[serde(default)]

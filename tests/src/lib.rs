@@ -456,3 +456,79 @@ pub fn init_logs() {
         let _ = log.init();
     }
 }
+
+/// What a plain Kafka consumer saw on the telemetry topic.
+#[derive(Debug, Default)]
+pub struct TopicReadout {
+    /// Each car's reading dates in topic order (first delivery of each event id).
+    pub dates_per_car: std::collections::HashMap<String, Vec<chrono::DateTime<chrono::Utc>>>,
+    /// Records seen again with an event id already read (at-least-once redelivery).
+    pub duplicates: u64,
+}
+
+/// Reads the telemetry topic from the start, as another team's service would, until `distinct`
+/// readings were seen, checking every record on the way: key = VIN, CloudEvents headers, one
+/// partition per car.
+pub async fn read_telemetry_topic(
+    brokers: &str,
+    topic: &str,
+    distinct: usize,
+) -> anyhow::Result<TopicReadout> {
+    use ecars_shared::bus::kafka::{cloud_event_headers, TELEMETRY_EVENT_TYPE};
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Message;
+
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{}", uuid::Uuid::now_v7()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let mut readout = TopicReadout::default();
+    let mut seen = std::collections::HashSet::new();
+    let mut partition_of_car = std::collections::HashMap::new();
+    let result = async {
+        while seen.len() < distinct {
+            let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+                .await
+                .with_context(|| format!("no record within 30s after {} readings", seen.len()))??;
+            let key = String::from_utf8(message.key().context("no key")?.to_vec())?;
+            let reading: ecars_shared::telemetry::TelemetryReading =
+                serde_json::from_slice(message.payload().context("no value")?)?;
+            anyhow::ensure!(reading.vin.as_str() == key, "key {key} is not the VIN");
+            let headers = cloud_event_headers(&message);
+            for (name, want) in [
+                ("ce_specversion", "1.0"),
+                ("ce_type", TELEMETRY_EVENT_TYPE),
+                ("ce_id", reading.event_id.to_string().as_str()),
+                ("ce_subject", key.as_str()),
+                ("content-type", "application/json"),
+            ] {
+                anyhow::ensure!(
+                    headers.get(name).map(String::as_str) == Some(want),
+                    "header {name} is {:?}, not {want}",
+                    headers.get(name)
+                );
+            }
+            anyhow::ensure!(headers.contains_key("ce_source") && headers.contains_key("ce_time"));
+            let partition = *partition_of_car
+                .entry(key.clone())
+                .or_insert(message.partition());
+            anyhow::ensure!(partition == message.partition(), "{key} in two partitions");
+            if seen.insert(reading.event_id) {
+                readout
+                    .dates_per_car
+                    .entry(key)
+                    .or_default()
+                    .push(reading.date);
+            } else {
+                readout.duplicates += 1;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    consumer.unsubscribe();
+    result.map(|()| readout)
+}

@@ -2,20 +2,15 @@
 //! each car's readings keyed by VIN with CloudEvents headers, two persistence replicas share the
 //! consumer group, one stops in the middle, and every reading lands once.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ecars_e2e::{wait_for, KafkaServer, PgServer};
+use ecars_e2e::{read_telemetry_topic, wait_for, KafkaServer, PgServer};
 use ecars_ingest::{BoundIngest, IngestConfig};
 use ecars_persist::{PersistConfig, PersistWorker, SensorStore};
-use ecars_shared::bus::kafka::{cloud_event_headers, TELEMETRY_EVENT_TYPE};
-use ecars_shared::bus::{Bus, KafkaBus, KafkaConfig};
-use ecars_shared::telemetry::TelemetryReading;
+use ecars_shared::bus::kafka::{DEAD_LETTER_EVENT_TYPE, TELEMETRY_EVENT_TYPE};
+use ecars_shared::bus::{Bus, KafkaBus, KafkaConfig, Stream};
 use ecars_simulator::SimulatorConfig;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
 use tokio_util::sync::CancellationToken;
 
 fn count_now(store: &SensorStore) -> i64 {
@@ -159,50 +154,54 @@ async fn two_replicas(broker: Broker, stop_one: bool) {
     }
 
     // Another consumer reads the topic as any service would: keys, headers, order per car.
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker.brokers())
-        .set("group.id", format!("reader-{}", uuid::Uuid::now_v7()))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    consumer
-        .subscribe(&[&kafka.topic(ecars_shared::bus::Stream::Telemetry)])
-        .unwrap();
-    let mut per_car_dates: HashMap<String, Vec<chrono::DateTime<chrono::Utc>>> = HashMap::new();
-    let mut partitions_of_car: HashMap<String, i32> = HashMap::new();
-    let mut seen = 0;
-    while seen < total {
-        let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        let key = String::from_utf8(message.key().unwrap().to_vec()).unwrap();
-        let reading: TelemetryReading = serde_json::from_slice(message.payload().unwrap()).unwrap();
-        assert_eq!(reading.vin.as_str(), key, "key = VIN");
-        let headers = cloud_event_headers(&message);
-        assert_eq!(headers["ce_specversion"], "1.0");
-        assert_eq!(headers["ce_type"], TELEMETRY_EVENT_TYPE);
-        assert_eq!(headers["ce_id"], reading.event_id.to_string());
-        assert_eq!(headers["ce_subject"], key);
-        assert_eq!(headers["content-type"], "application/json");
-        assert!(headers.contains_key("ce_source") && headers.contains_key("ce_time"));
-        let partition = *partitions_of_car
-            .entry(key.clone())
-            .or_insert(message.partition());
-        assert_eq!(partition, message.partition(), "one car, one partition");
-        per_car_dates.entry(key).or_default().push(reading.date);
-        seen += 1;
-    }
-    assert_eq!(per_car_dates.len(), cars as usize);
-    for (vin, dates) in &per_car_dates {
+    let readout = read_telemetry_topic(
+        &broker.brokers(),
+        &kafka.topic(ecars_shared::bus::Stream::Telemetry),
+        total as usize,
+    )
+    .await
+    .unwrap();
+    assert_eq!(readout.dates_per_car.len(), cars as usize);
+    for (vin, dates) in &readout.dates_per_car {
         assert_eq!(dates.len(), per_car as usize, "{vin}");
         assert!(
             dates.windows(2).all(|w| w[0] <= w[1]),
             "{vin}'s readings are in order in the topic"
         );
     }
-    consumer.unsubscribe();
+}
+
+/// Runs the Python consumer on `topic` and returns its records (it validates each value against
+/// `schema`, a file of docs/schemas).
+async fn python_consume(
+    brokers: &str,
+    topic: &str,
+    count: usize,
+    schema: &str,
+) -> Vec<serde_json::Value> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/consume_telemetry.py");
+    let schema = format!(
+        "{}/../{}/{schema}",
+        env!("CARGO_MANIFEST_DIR"),
+        ecars_shared::schema::SCHEMA_DIR
+    );
+    let out = tokio::process::Command::new("python3")
+        .args([script, brokers, topic, &count.to_string(), &schema])
+        .output()
+        .await
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), count);
+    records
 }
 
 /// Python's confluent-kafka, a client nobody here wrote, reads what we publish: VIN keys,
@@ -228,32 +227,54 @@ async fn a_python_confluent_kafka_consumer_reads_our_topic() {
             .await
             .unwrap();
     }
+    // And dead letters, for the other topic and schema.
+    let mut letters = Vec::new();
+    for n in 0..3 {
+        let letter = ecars_shared::telemetry::DeadLetter::new(
+            "ecars/1HGCM82633A004352/telemetry",
+            &format!("car-{n}"),
+            ecars_shared::telemetry::Rejection {
+                reason: ecars_shared::telemetry::RejectReason::NotJson,
+                detail: "expected value at line 1 column 1".into(),
+            },
+            b"\xff not json",
+            chrono::Utc::now(),
+        );
+        letters.push(letter.clone());
+        bus.publish(ecars_shared::bus::BusRecord::DeadLetter(letter))
+            .await
+            .unwrap();
+    }
     bus.close().await;
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/consume_telemetry.py");
-    let out = tokio::process::Command::new("python3")
-        .args([
-            script,
-            &kafka_server.brokers(),
-            &kafka.topic(ecars_shared::bus::Stream::Telemetry),
-            "10",
-        ])
-        .output()
-        .await
-        .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let records = python_consume(
+        &kafka_server.brokers(),
+        &kafka.topic(Stream::Telemetry),
+        10,
+        "com.ecars.telemetry.v1.json",
+    )
+    .await;
+    let dead = python_consume(
+        &kafka_server.brokers(),
+        &kafka.topic(Stream::DeadLetters),
+        3,
+        "com.ecars.telemetry.deadletter.v1.json",
+    )
+    .await;
+    for (record, letter) in dead.iter().zip(&letters) {
+        assert_eq!(record["schema_errors"], serde_json::json!([]), "{record}");
+        assert_eq!(record["headers"]["ce_type"], DEAD_LETTER_EVENT_TYPE);
+        assert_eq!(record["value"]["id"], letter.id.to_string());
+        assert_eq!(record["value"]["reason"], "not_json");
+    }
     assert_eq!(records.len(), 10);
     for (record, reading) in records.iter().zip(&sent) {
         assert_eq!(record["key"], "1HGCM82633A004352");
+        assert_eq!(
+            record["schema_errors"],
+            serde_json::json!([]),
+            "the value is valid against docs/schemas: {record}"
+        );
         assert_eq!(record["headers"]["ce_specversion"], "1.0");
         assert_eq!(record["headers"]["ce_type"], TELEMETRY_EVENT_TYPE);
         assert_eq!(record["headers"]["ce_id"], reading.event_id.to_string());

@@ -134,7 +134,9 @@ fn main() -> anyhow::Result<()> {
             Command::Simulate(config) => {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(cancel_on_signal(shutdown.clone()));
-                ecars_simulator::run(config, shutdown).await?;
+                let report = ecars_simulator::run(config, shutdown).await?;
+                // The report on stdout, for scripts; the logs go to stderr.
+                println!("{}", serde_json::to_string(&report)?);
                 Ok(())
             }
         }
@@ -164,15 +166,26 @@ async fn open_store(config: &DatabaseConfig) -> anyhow::Result<SensorStore> {
     }
 }
 
+/// Whether a service publishes what cars send (and so needs the spool for Kafka outages).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KafkaRole {
+    /// Publishes accepted readings: the spool keeps them while Kafka is away.
+    Publisher,
+    /// Only consumes.
+    Consumer,
+}
+
 /// The Kafka bus; fails naming the setting when no brokers are configured.
-async fn kafka_bus(kafka: &KafkaConfig) -> anyhow::Result<Arc<dyn Bus>> {
+async fn kafka_bus(kafka: &KafkaConfig, role: KafkaRole) -> anyhow::Result<Arc<dyn Bus>> {
     anyhow::ensure!(
         kafka.brokers.is_some(),
         "this service runs on Kafka: set --kafka-brokers / ECARS_KAFKA_BROKERS (or use `ecars up` for the embedded bus)"
     );
-    let bus = KafkaBus::connect(kafka)
-        .await
-        .context("cannot connect to Kafka (--kafka-brokers / ECARS_KAFKA_BROKERS)")?;
+    let bus = match role {
+        KafkaRole::Publisher => KafkaBus::connect_with_spool(kafka).await,
+        KafkaRole::Consumer => KafkaBus::connect(kafka).await,
+    }
+    .context("cannot connect to Kafka (--kafka-brokers / ECARS_KAFKA_BROKERS)")?;
     Ok(Arc::new(bus))
 }
 
@@ -250,7 +263,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         .then(|| Arc::new(InProcessBus::new(args.bus_capacity as usize)));
     let bus: Arc<dyn Bus> = match &in_process {
         Some(bus) => bus.clone(),
-        None => kafka_bus(&args.kafka).await?,
+        None => kafka_bus(&args.kafka, KafkaRole::Publisher).await?,
     };
 
     // Workers subscribe before ingest publishes, so nothing is published to nobody.
@@ -336,7 +349,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
 
 async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let metrics = ecars_shared::metrics::install_recorder();
-    let bus = kafka_bus(&args.kafka).await?;
+    let bus = kafka_bus(&args.kafka, KafkaRole::Publisher).await?;
     let readiness = Readiness::default();
     let ingest = BoundIngest::bind(&args.ingest, Arc::clone(&bus)).await?;
     let http = bind_http(&args.http).await?;
@@ -380,7 +393,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
 async fn persist(args: PersistArgs) -> anyhow::Result<()> {
     let metrics = ecars_shared::metrics::install_recorder();
     let store = open_store(&args.database).await?;
-    let bus = kafka_bus(&args.kafka).await?;
+    let bus = kafka_bus(&args.kafka, KafkaRole::Consumer).await?;
     let readiness = Readiness::default();
     let worker = PersistWorker::subscribe(&args.persist, store.clone(), bus.as_ref(), None).await?;
     let http = bind_http(&args.http).await?;

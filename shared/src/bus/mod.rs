@@ -12,6 +12,7 @@ use crate::telemetry::{DeadLetter, TelemetryReading};
 
 mod in_process;
 pub mod kafka;
+pub mod spool;
 
 pub use in_process::InProcessBus;
 pub use kafka::{KafkaBus, KafkaConfig};
@@ -108,7 +109,7 @@ pub trait Bus: Send + Sync + 'static {
     async fn publish(&self, record: BusRecord) -> Result<(), BusError>;
 
     /// Joins consumer group `group` on `stream`. Members of one group share the records; each
-    /// group gets every record.
+    /// group gets every record. (On Kafka, the dead-letter stream's group is `{group}.dlq`.)
     async fn subscribe(
         &self,
         stream: Stream,

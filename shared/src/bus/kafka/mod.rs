@@ -6,11 +6,17 @@
 //!   (`ce_specversion`, `ce_id`, `ce_type`, `ce_source`, `ce_time`, `ce_subject`,
 //!   `content-type`), so another service can consume without our code.
 //! - The producer is idempotent (`acks=all`), lz4-compressed, batched with a small linger, and
-//!   never gives up on a record: while Kafka is unreachable, librdkafka keeps records in its
-//!   bounded queue, and once that is full `publish` waits, which is backpressure to the cars.
+//!   never gives up on a record. With a spool ([`KafkaBus::connect_with_spool`], what ingest
+//!   uses), records accepted while Kafka is unreachable or slower than the cars go to a bounded
+//!   spool on disk and reach Kafka in order when it is back ([`producer`]); when the spool is
+//!   full, `publish` waits, which is backpressure to the cars. Without one, librdkafka's bounded
+//!   queue holds them and `publish` waits once it is full.
 //! - Consumers commit offsets only when the worker acknowledges (after its database commit).
 
+mod producer;
+
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -20,13 +26,15 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::Producer;
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::spool::SpooledRecord;
 use super::{Bus, BusError, BusRecord, Delivery, Receipt, Stream, Subscription};
 use crate::telemetry::{DeadLetter, TelemetryReading};
+use producer::SpoolingProducer;
 
 /// CloudEvents `type` of an accepted reading.
 pub const TELEMETRY_EVENT_TYPE: &str = "com.ecars.telemetry.v1";
@@ -37,12 +45,14 @@ pub const EVENT_SOURCE: &str = "urn:ecars:ingest";
 
 /// Environment variables of the form `ECARS_KAFKA_<NAME>` that are our own settings, not
 /// librdkafka properties.
-const OWN_SETTINGS: [&str; 5] = [
+const OWN_SETTINGS: [&str; 7] = [
     "BROKERS",
     "TOPIC_PREFIX",
     "PARTITIONS",
     "REPLICATION_FACTOR",
     "CREATE_TOPICS",
+    "SPOOL_DIR",
+    "SPOOL_MAX_BYTES",
 ];
 
 /// Kafka settings. Any other `ECARS_KAFKA_*` variable is passed to librdkafka as a property:
@@ -70,6 +80,17 @@ pub struct KafkaConfig {
     /// Create missing topics at start (`false` when operators pre-create them).
     #[arg(long = "kafka-create-topics", env = "ECARS_KAFKA_CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub create_topics: bool,
+    /// Directory of the disk spool that keeps accepted readings while Kafka is unreachable
+    /// (ingest only). Give it a persistent volume: what is in it goes to Kafka at the next start.
+    #[arg(
+        long = "kafka-spool-dir",
+        env = "ECARS_KAFKA_SPOOL_DIR",
+        default_value = "ecars-spool"
+    )]
+    pub spool_dir: PathBuf,
+    /// Most bytes the spool holds; when it is full, MQTT publishers wait (backpressure).
+    #[arg(long = "kafka-spool-max-bytes", env = "ECARS_KAFKA_SPOOL_MAX_BYTES", default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(65_536..))]
+    pub spool_max_bytes: u64,
 }
 
 impl KafkaConfig {
@@ -81,6 +102,8 @@ impl KafkaConfig {
             partitions: 6,
             replication_factor: 1,
             create_topics: true,
+            spool_dir: PathBuf::from("ecars-spool"),
+            spool_max_bytes: 1 << 30,
         }
     }
 
@@ -125,28 +148,44 @@ impl From<KafkaError> for BusError {
 pub struct KafkaBus {
     config: KafkaConfig,
     brokers: String,
-    producer: FutureProducer,
+    producer: SpoolingProducer,
 }
 
 impl KafkaBus {
-    /// Connects the producer and, if asked, creates the topics that are missing.
+    /// Connects the producer and, if asked, creates the topics that are missing. Without a
+    /// spool: for services that only consume, or publish little.
     pub async fn connect(config: &KafkaConfig) -> Result<KafkaBus, BusError> {
+        Self::open(config, false).await
+    }
+
+    /// Like [`KafkaBus::connect`], with the disk spool of `config.spool_dir` behind the
+    /// producer, so readings accepted during a Kafka outage are kept (what ingest uses).
+    pub async fn connect_with_spool(config: &KafkaConfig) -> Result<KafkaBus, BusError> {
+        Self::open(config, true).await
+    }
+
+    async fn open(config: &KafkaConfig, with_spool: bool) -> Result<KafkaBus, BusError> {
         let brokers = config.brokers.clone().ok_or_else(|| {
             BusError::Backend("no brokers: set --kafka-brokers / ECARS_KAFKA_BROKERS".into())
         })?;
-        let producer: FutureProducer = config
-            .client_config(&brokers)
+        let mut client = config.client_config(&brokers);
+        client
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("compression.type", "lz4")
             .set("linger.ms", "5")
             .set("batch.num.messages", "10000")
             // Never drop a record for being old: keep retrying while Kafka is away. The queue
-            // below bounds the memory; when it is full, publish waits.
+            // below bounds the memory; when it is full, records go to the spool or publish waits.
             .set("message.timeout.ms", "0")
             .set("queue.buffering.max.messages", "200000")
-            .set("queue.buffering.max.kbytes", "262144")
-            .create()?;
+            .set("queue.buffering.max.kbytes", "262144");
+        // Passthrough settings win over our defaults (a test shrinks the queue, for example).
+        for (key, value) in KafkaConfig::passthrough() {
+            client.set(key, value);
+        }
+        let spool = with_spool.then(|| (config.spool_dir.clone(), config.spool_max_bytes));
+        let producer = SpoolingProducer::create(config, client, spool)?;
         let bus = KafkaBus {
             config: config.clone(),
             brokers,
@@ -215,7 +254,7 @@ pub struct TopicDescription {
 impl KafkaBus {
     /// Describes every topic of the bus, with partition counts read from the cluster.
     pub async fn describe_topics(&self) -> Result<Vec<TopicDescription>, BusError> {
-        let producer = self.producer.clone();
+        let producer = self.producer.kafka();
         let metadata = tokio::task::spawn_blocking(move || {
             producer
                 .client()
@@ -251,8 +290,8 @@ impl KafkaBus {
     }
 }
 
-/// The CloudEvents headers and JSON value of a record.
-fn encode(record: &BusRecord) -> Result<(OwnedHeaders, Vec<u8>), BusError> {
+/// The record as Kafka carries it: VIN key, CloudEvents headers, JSON value.
+fn encode(record: &BusRecord) -> Result<SpooledRecord, BusError> {
     let (id, kind, time, subject, value) = match record {
         BusRecord::Telemetry(r) => (
             r.event_id.to_string(),
@@ -271,36 +310,24 @@ fn encode(record: &BusRecord) -> Result<(OwnedHeaders, Vec<u8>), BusError> {
     };
     let value = value.map_err(|e| BusError::Backend(format!("cannot encode record: {e}")))?;
     let time = time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    let headers = OwnedHeaders::new_with_capacity(7)
-        .insert(Header {
-            key: "ce_specversion",
-            value: Some("1.0"),
-        })
-        .insert(Header {
-            key: "ce_id",
-            value: Some(id.as_str()),
-        })
-        .insert(Header {
-            key: "ce_type",
-            value: Some(kind),
-        })
-        .insert(Header {
-            key: "ce_source",
-            value: Some(EVENT_SOURCE),
-        })
-        .insert(Header {
-            key: "ce_time",
-            value: Some(time.as_str()),
-        })
-        .insert(Header {
-            key: "ce_subject",
-            value: Some(subject.as_str()),
-        })
-        .insert(Header {
-            key: "content-type",
-            value: Some("application/json"),
-        });
-    Ok((headers, value))
+    let headers = [
+        ("ce_specversion", "1.0"),
+        ("ce_id", id.as_str()),
+        ("ce_type", kind),
+        ("ce_source", EVENT_SOURCE),
+        ("ce_time", time.as_str()),
+        ("ce_subject", subject.as_str()),
+        ("content-type", "application/json"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.as_bytes().to_vec()))
+    .collect();
+    Ok(SpooledRecord {
+        stream: record.stream(),
+        key: record.key().as_bytes().to_vec(),
+        headers,
+        value,
+    })
 }
 
 fn decode(stream: Stream, value: &[u8]) -> Result<BusRecord, serde_json::Error> {
@@ -315,17 +342,7 @@ fn decode(stream: Stream, value: &[u8]) -> Result<BusRecord, serde_json::Error> 
 #[async_trait]
 impl Bus for KafkaBus {
     async fn publish(&self, record: BusRecord) -> Result<(), BusError> {
-        let topic = self.config.topic(record.stream());
-        let (headers, value) = encode(&record)?;
-        let kafka_record = FutureRecord::to(&topic)
-            .key(record.key())
-            .payload(&value)
-            .headers(headers);
-        // Timeout::Never: when librdkafka's queue is full, wait for room instead of failing.
-        match self.producer.send(kafka_record, Timeout::Never).await {
-            Ok(_) => Ok(()),
-            Err((e, _)) => Err(e.into()),
-        }
+        self.producer.publish(encode(&record)?).await
     }
 
     async fn subscribe(
@@ -334,6 +351,14 @@ impl Bus for KafkaBus {
         group: &str,
     ) -> Result<Box<dyn Subscription>, BusError> {
         let topic = self.config.topic(stream);
+        // One Kafka group per topic: members of one group with different subscriptions make
+        // every rebalance of the small dead-letter topic stall telemetry too (and librdkafka's
+        // mock cluster never finished such a rejoin after an outage).
+        let group = match stream {
+            Stream::Telemetry => group.to_owned(),
+            Stream::DeadLetters => format!("{group}.dlq"),
+        };
+        let group = group.as_str();
         let consumer: StreamConsumer = self
             .config
             .client_config(&self.brokers)
@@ -354,7 +379,13 @@ impl Bus for KafkaBus {
     }
 
     async fn check(&self) -> Result<(), BusError> {
-        let producer = self.producer.clone();
+        if let Some((bytes, dir)) = self.producer.spooled() {
+            return Err(BusError::Backend(format!(
+                "Kafka unavailable or behind: {bytes} bytes of accepted records wait in the spool {}; they go to Kafka in order when it takes them",
+                dir.display()
+            )));
+        }
+        let producer = self.producer.kafka();
         let topic = self.config.topic(Stream::Telemetry);
         tokio::task::spawn_blocking(move || {
             producer
@@ -368,19 +399,9 @@ impl Bus for KafkaBus {
     }
 
     async fn close(&self) {
-        let producer = self.producer.clone();
-        // Hand every accepted record to Kafka before the process ends.
-        let flushed = tokio::task::spawn_blocking(move || {
-            producer.flush(Timeout::After(Duration::from_secs(30)))
-        })
-        .await;
-        match flushed {
-            Ok(Ok(())) => tracing::info!("Kafka producer flushed"),
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "Kafka producer could not flush every record")
-            }
-            Err(e) => tracing::error!(error = %e, "Kafka flush task failed"),
-        }
+        // Hand every accepted record to Kafka before the process ends; what is spooled stays on
+        // disk for the next start.
+        self.producer.close(Duration::from_secs(30)).await;
     }
 }
 
@@ -398,15 +419,14 @@ impl Subscription for KafkaSubscription {
             let message = match self.consumer.recv().await {
                 Ok(message) => message,
                 // Broker restarts, coordinator moves, rebalances: librdkafka recovers by itself.
-                // Stopping here would drop the batch in hand; waiting loses nothing.
+                // These are events it queued, not failures of this call: read on at once. (A
+                // pause per event left a rejoin waiting behind minutes of queued outage errors.)
                 Err(error) => {
                     failures += 1;
                     metrics::counter!(crate::metrics::BUS_CONSUME_ERRORS, "stream" => self.stream.name()).increment(1);
                     if failures.is_power_of_two() {
-                        tracing::warn!(topic = self.topic, %error, failures, "Kafka consumption failing; retrying");
+                        tracing::warn!(topic = self.topic, %error, failures, "Kafka consumption failing; librdkafka retries");
                     }
-                    tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(20))))
-                        .await;
                     continue;
                 }
             };
