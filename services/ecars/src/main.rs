@@ -15,6 +15,11 @@ use ecars_simulator::SimulatorConfig;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc: glibc's allocator spent a fifth of ingest's CPU on fragmentation and page faults
+/// (MQTT → Kafka went from 46,600 to 58,000 readings/s in the benchmark).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// ecars-realtime: car telemetry over MQTT, stored, watched and streamed.
 #[derive(Debug, Parser)]
 #[command(name = "ecars", version, about, long_about = None)]
