@@ -14,7 +14,6 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,9 +63,6 @@ pub enum ConnectionError {
     /// The client did not send CONNECT in time.
     #[error("no CONNECT within {0:?}")]
     ConnectTimeout(Duration),
-    /// The client sent nothing for one and a half times its keep-alive.
-    #[error("nothing received within 1.5 times the keep-alive ({0:?})")]
-    KeepAliveTimeout(Duration),
     /// The bus refused (shutdown): the connection is closed without acknowledging, so the car
     /// sends the message again elsewhere or later.
     #[error("bus: {0}")]
@@ -378,23 +374,10 @@ where
         Version::V4 => V4.read_mut(&mut connect_buf, MAX_PACKET_BYTES)?,
         Version::V5 => V5.read_mut(&mut connect_buf, MAX_PACKET_BYTES)?,
     };
-    let Packet::Connect(mut connect, props, will, will_props, login) = packet else {
+    let Packet::Connect(connect, props, will, will_props, login) = packet else {
         return Err(protocol_error("first packet is not CONNECT"));
     };
     let client_id = connect.client_id.clone();
-    // The gateway enforces the car's keep-alive itself: without fan-out the broker sees no
-    // PUBLISH from a busy car (which then sends no PINGREQ either), and rumqttd refuses the
-    // keep-alive 0 that MQTT allows.
-    let keep_alive = match connect.keep_alive {
-        0 => None,
-        seconds => Some(Duration::from_secs(u64::from(seconds)).mul_f32(1.5)),
-    };
-    // The broker's side of the session: the car's keep-alive (60 s for a car that asked for
-    // none), kept alive by the gateway's own pings while it forwards nothing.
-    if connect.keep_alive == 0 {
-        connect.keep_alive = 60;
-    }
-    let broker_keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
 
     // Authenticate the car; a refusal gets a CONNACK that says so, then the connection closes.
     let device_vin = match &gateway.device_secret {
@@ -455,39 +438,24 @@ where
     // Packets the gateway answers itself go to the client through the same writer as the
     // broker's, so they never interleave inside a packet.
     let (local_tx, local_rx) = mpsc::channel::<Bytes>(64);
-    let gateway_pings = Arc::new(AtomicU32::new(0));
-    // When the broker ends the session, the car's connection ends too, so the car reconnects
-    // and resends what was not acknowledged, instead of publishing into a dead session.
-    let session = shutdown.child_token();
-    let downstream = {
-        let session = session.clone();
-        let forward = forward_to_client(
-            broker_read,
-            client_write,
-            local_rx,
-            version,
-            Arc::clone(&gateway_pings),
-        );
-        tokio::spawn(async move {
-            let result = forward.await;
-            session.cancel();
-            result
-        })
-    };
+    let downstream = tokio::spawn(forward_to_client(
+        broker_read,
+        client_write,
+        local_rx,
+        version,
+    ));
 
     let upstream = Upstream {
         gateway: &gateway,
         client_id: &client_id,
         device_vin: device_vin.as_ref(),
         version,
-        keep_alive,
-        broker_keep_alive,
-        gateway_pings,
-        last_broker_write: tokio::time::Instant::now(),
         local_tx,
         locally_received: HashSet::new(),
     };
-    let result = upstream.run(&mut client, &mut broker_write, &session).await;
+    let result = upstream
+        .run(&mut client, &mut broker_write, &shutdown)
+        .await;
     // Closing the broker side makes the broker end the session and the downstream task finish.
     let _ = broker_write.shutdown().await;
     drop(broker_write);
@@ -502,7 +470,6 @@ async fn forward_to_client<R, W>(
     mut client_write: BufWriter<W>,
     mut local_rx: mpsc::Receiver<Bytes>,
     version: Version,
-    gateway_pings: Arc<AtomicU32>,
 ) -> Result<(), ConnectionError>
 where
     R: AsyncRead + Unpin,
@@ -514,14 +481,6 @@ where
         tokio::select! {
             frame = broker.next() => {
                 let Some((header, frame)) = frame? else { break };
-                if header.packet_type()? == PacketType::PingResp
-                    && gateway_pings
-                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-                        .is_ok()
-                {
-                    // The answer to the gateway's own ping, not the client's.
-                    continue;
-                }
                 let frame = if version == Version::V5 && header.packet_type()? == PacketType::ConnAck {
                     without_topic_aliases(&header, frame)?
                 } else {
@@ -579,33 +538,12 @@ fn without_topic_aliases(header: &FixedHeader, frame: Bytes) -> Result<Bytes, Co
     Ok(out.freeze())
 }
 
-/// The client's next packet, or an error when it stays silent longer than `limit`.
-async fn read_within<R: AsyncRead + Unpin>(
-    client: &mut FrameReader<R>,
-    limit: Option<Duration>,
-) -> Result<Option<(FixedHeader, Bytes)>, ConnectionError> {
-    match limit {
-        None => client.next().await,
-        Some(limit) => tokio::time::timeout(limit, client.next())
-            .await
-            .map_err(|_| ConnectionError::KeepAliveTimeout(limit))?,
-    }
-}
-
 /// Client to broker: admission of telemetry, pass-through of the rest.
 struct Upstream<'a> {
     gateway: &'a Gateway,
     client_id: &'a str,
     device_vin: Option<&'a Vin>,
     version: Version,
-    /// Longest silence allowed from the client (1.5 × its keep-alive); `None` for keep-alive 0.
-    keep_alive: Option<Duration>,
-    /// The keep-alive of the broker-side session.
-    broker_keep_alive: Duration,
-    /// PINGREQs the gateway sent the broker whose PINGRESP the client must not see.
-    gateway_pings: Arc<AtomicU32>,
-    /// When the gateway last wrote to the broker.
-    last_broker_write: tokio::time::Instant,
     local_tx: mpsc::Sender<Bytes>,
     /// QoS 2 packet ids the gateway acknowledged itself (rejected readings), whose PUBREL it
     /// must answer rather than the broker.
@@ -626,14 +564,8 @@ enum Verdict {
     },
 }
 
-/// A reading that reached the bus (or failed to), with its packet.
-struct Admitted {
-    result: Result<(), BusError>,
-    frame: Bytes,
-}
-
-/// A reading on its way to the bus.
-type InFlight<'a> = Pin<Box<dyn Future<Output = Admitted> + Send + 'a>>;
+/// A reading on its way to the bus, with the packet to forward once it is there.
+type InFlight<'a> = Pin<Box<dyn Future<Output = (Result<(), BusError>, Bytes)> + Send + 'a>>;
 
 /// Most readings of one connection on their way to the bus at once. Kafka acknowledges after a
 /// round trip; keeping several in flight (in order) lets one car publish faster than one
@@ -658,20 +590,12 @@ impl<'a> Upstream<'a> {
                 biased;
                 _ = shutdown.cancelled() => break Ok(()),
                 Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                    if let Err(e) = self.admitted(done, broker_write).await {
+                    if let Err(e) = forward_admitted(done, broker_write).await {
                         break Err(e);
                     }
                     continue;
                 }
-                next = read_within(client, self.keep_alive), if in_flight.len() < MAX_IN_FLIGHT => next,
-                _ = tokio::time::sleep_until(self.last_broker_write + self.broker_keep_alive / 2) => {
-                    // Keep the broker-side session alive while readings are acknowledged here.
-                    self.gateway_pings.fetch_add(1, Ordering::AcqRel);
-                    if let Err(e) = self.write_broker(broker_write, &[0xC0, 0x00]).await {
-                        break Err(e);
-                    }
-                    continue;
-                }
+                next = client.next(), if in_flight.len() < MAX_IN_FLIGHT => next,
             };
             let (header, frame) = match next {
                 Ok(Some(packet)) => packet,
@@ -685,16 +609,16 @@ impl<'a> Upstream<'a> {
             };
             if let Verdict::Accepted(reading) = verdict {
                 in_flight.push_back(Box::pin(async move {
-                    Admitted {
-                        result: gateway.bus.publish(BusRecord::Telemetry(reading)).await,
+                    (
+                        gateway.bus.publish(BusRecord::Telemetry(reading)).await,
                         frame,
-                    }
+                    )
                 }));
                 continue;
             }
             // Anything else keeps its place behind the readings still in flight: MQTT wants
             // acknowledgements in the order the packets came.
-            self.drain(&mut in_flight, broker_write).await?;
+            drain(&mut in_flight, broker_write).await?;
             let forward = match verdict {
                 Verdict::Forward if header.packet_type()? == PacketType::PubRel => {
                     let pkid = read_u16(&mut frame.slice(header.fixed_header_len..))?;
@@ -715,51 +639,14 @@ impl<'a> Upstream<'a> {
             };
             if forward {
                 broker_write.write_all(&frame).await?;
-                self.last_broker_write = tokio::time::Instant::now();
             }
             if !client.has_whole_packet() {
                 broker_write.flush().await?;
             }
         };
-        // Whatever reached the bus is acknowledged before the connection ends.
-        self.drain(&mut in_flight, broker_write).await?;
+        // Whatever reached the bus is forwarded (and so acknowledged) before the connection ends.
+        drain(&mut in_flight, broker_write).await?;
         result
-    }
-
-    /// A reading reached the bus: forward it to the broker (which acknowledges it to the car
-    /// and delivers it to MQTT subscribers), and flush so the acknowledgement is not held back.
-    async fn admitted<W: AsyncWrite + Unpin>(
-        &mut self,
-        done: Admitted,
-        broker_write: &mut BufWriter<W>,
-    ) -> Result<(), ConnectionError> {
-        done.result?;
-        metrics::counter!(m::READINGS_ACCEPTED).increment(1);
-        self.write_broker(broker_write, &done.frame).await
-    }
-
-    /// Writes a packet to the broker and flushes it.
-    async fn write_broker<W: AsyncWrite + Unpin>(
-        &mut self,
-        broker_write: &mut BufWriter<W>,
-        packet: &[u8],
-    ) -> Result<(), ConnectionError> {
-        broker_write.write_all(packet).await?;
-        broker_write.flush().await?;
-        self.last_broker_write = tokio::time::Instant::now();
-        Ok(())
-    }
-
-    /// Waits for every reading in flight and acknowledges them in order.
-    async fn drain<W: AsyncWrite + Unpin>(
-        &mut self,
-        in_flight: &mut FuturesOrdered<InFlight<'_>>,
-        broker_write: &mut BufWriter<W>,
-    ) -> Result<(), ConnectionError> {
-        while let Some(done) = in_flight.next().await {
-            self.admitted(done, broker_write).await?;
-        }
-        Ok(())
     }
 
     async fn reply(&self, packet: Bytes) {
@@ -850,6 +737,29 @@ impl<'a> Upstream<'a> {
         }
         Ok(())
     }
+}
+
+/// Forwards one reading that reached the bus, and flushes so the car's PUBACK is not held back.
+async fn forward_admitted<W: AsyncWrite + Unpin>(
+    (result, frame): (Result<(), BusError>, Bytes),
+    broker_write: &mut BufWriter<W>,
+) -> Result<(), ConnectionError> {
+    result?;
+    metrics::counter!(m::READINGS_ACCEPTED).increment(1);
+    broker_write.write_all(&frame).await?;
+    broker_write.flush().await?;
+    Ok(())
+}
+
+/// Waits for every reading in flight and forwards them in order.
+async fn drain<W: AsyncWrite + Unpin>(
+    in_flight: &mut FuturesOrdered<InFlight<'_>>,
+    broker_write: &mut BufWriter<W>,
+) -> Result<(), ConnectionError> {
+    while let Some(done) = in_flight.next().await {
+        forward_admitted(done, broker_write).await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
