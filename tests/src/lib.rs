@@ -466,6 +466,21 @@ pub struct TopicReadout {
     pub duplicates: u64,
 }
 
+impl TopicReadout {
+    /// Panics unless the topic held `per_car` readings of each of `cars` cars, each car's in
+    /// event-time order.
+    pub fn assert_complete_and_in_order(&self, cars: u32, per_car: u64) {
+        assert_eq!(self.dates_per_car.len(), cars as usize, "cars in the topic");
+        for (vin, dates) in &self.dates_per_car {
+            assert_eq!(dates.len(), per_car as usize, "{vin}");
+            assert!(
+                dates.windows(2).all(|w| w[0] <= w[1]),
+                "{vin}'s readings are in order in the topic"
+            );
+        }
+    }
+}
+
 /// Reads the telemetry topic from the start, as another team's service would, until `distinct`
 /// readings were seen, checking every record on the way: key = VIN, CloudEvents headers, one
 /// partition per car.

@@ -161,14 +161,7 @@ async fn two_replicas(broker: Broker, stop_one: bool) {
     )
     .await
     .unwrap();
-    assert_eq!(readout.dates_per_car.len(), cars as usize);
-    for (vin, dates) in &readout.dates_per_car {
-        assert_eq!(dates.len(), per_car as usize, "{vin}");
-        assert!(
-            dates.windows(2).all(|w| w[0] <= w[1]),
-            "{vin}'s readings are in order in the topic"
-        );
-    }
+    readout.assert_complete_and_in_order(cars, per_car);
 }
 
 /// Runs the Python consumer on `topic` and returns its records (it validates each value against

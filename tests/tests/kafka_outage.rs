@@ -159,13 +159,7 @@ async fn kafka_down_for_60s_loses_and_duplicates_nothing() {
     )
     .await
     .unwrap();
-    for (vin, dates) in &readout.dates_per_car {
-        assert_eq!(dates.len(), per_car as usize, "{vin}");
-        assert!(
-            dates.windows(2).all(|w| w[0] <= w[1]),
-            "{vin}'s readings are in order in the topic"
-        );
-    }
+    readout.assert_complete_and_in_order(cars, per_car);
     eprintln!(
         "outage: {spooled} readings spooled, {} delivered twice to Kafka (absorbed by event ids)",
         readout.duplicates

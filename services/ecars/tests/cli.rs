@@ -399,12 +399,5 @@ async fn hundred_thousand_readings_from_1000_cars_with_a_replica_stopped_midway(
     )
     .await
     .unwrap();
-    assert_eq!(readout.dates_per_car.len(), cars as usize);
-    for (vin, dates) in &readout.dates_per_car {
-        assert_eq!(dates.len(), per_car as usize, "{vin}");
-        assert!(
-            dates.windows(2).all(|w| w[0] <= w[1]),
-            "{vin}'s readings are in order in the topic"
-        );
-    }
+    readout.assert_complete_and_in_order(cars, per_car);
 }

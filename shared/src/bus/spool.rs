@@ -549,7 +549,8 @@ struct Segment {
 }
 
 fn open_tail(shared: &Shared) -> Result<Segment, SpoolError> {
-    let (seq, len) = shared.lock().tail().into();
+    let tail = shared.lock().tail();
+    let (seq, len) = (tail.segment, tail.offset);
     let path = shared.segment_path(seq);
     let file = OpenOptions::new()
         .create(true)
@@ -561,12 +562,6 @@ fn open_tail(shared: &Shared) -> Result<Segment, SpoolError> {
         len,
         out: BufWriter::with_capacity(1024 * 1024, file),
     })
-}
-
-impl From<SpoolPosition> for (u64, u64) {
-    fn from(p: SpoolPosition) -> (u64, u64) {
-        (p.segment, p.offset)
-    }
 }
 
 fn write_loop(shared: &Shared, rx: &mpsc::Receiver<WriterMessage>) {

@@ -51,6 +51,11 @@ enum Phase {
     Spooling,
 }
 
+/// Publishes the phase as the `ecars_kafka_spooling` gauge.
+fn report_phase(phase: Phase) {
+    metrics::gauge!(names::KAFKA_SPOOLING).set(if phase == Phase::Direct { 0.0 } else { 1.0 });
+}
+
 struct State {
     phase: Phase,
     /// Direct records librdkafka holds whose delivery report has not come.
@@ -85,11 +90,7 @@ impl Shared {
         if state.phase != phase {
             tracing::info!(from = ?state.phase, to = ?phase, "Kafka producer phase");
             state.phase = phase;
-            metrics::gauge!(names::KAFKA_SPOOLING).set(if phase == Phase::Direct {
-                0.0
-            } else {
-                1.0
-            });
+            report_phase(phase);
         }
     }
 
@@ -253,7 +254,7 @@ impl SpoolingProducer {
             Some(spool) if !spool.is_empty() => Phase::Spooling,
             _ => Phase::Direct,
         };
-        metrics::gauge!(names::KAFKA_SPOOLING).set(if phase == Phase::Direct { 0.0 } else { 1.0 });
+        report_phase(phase);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 phase,
