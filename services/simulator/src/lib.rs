@@ -66,6 +66,10 @@ pub struct SimulatorConfig {
     /// Seed for the cars' VINs, routes and profiles (the same seed gives the same fleet).
     #[arg(long = "seed", env = "ECARS_SIM_SEED", default_value_t = 1)]
     pub seed: u64,
+    /// Spread the cars' first connections evenly over this long (`5s`), as a real fleet comes
+    /// online, instead of connecting them all at once.
+    #[arg(long = "ramp", env = "ECARS_SIM_RAMP", value_parser = parse_duration)]
+    pub ramp: Option<Duration>,
 }
 
 impl Default for SimulatorConfig {
@@ -80,6 +84,7 @@ impl Default for SimulatorConfig {
             readings_per_vehicle: None,
             legacy_topic: false,
             seed: 1,
+            ramp: None,
         }
     }
 }
@@ -360,14 +365,21 @@ pub async fn run(
             index,
             index >= config.vehicles - config.malfunction,
         );
-        cars.spawn(drive(
+        let delay = config
+            .ramp
+            .map_or(Duration::ZERO, |ramp| ramp * index / config.vehicles);
+        let car = drive(
             vehicle,
             broker.clone(),
             secret.clone(),
             config.clone(),
             Arc::clone(&counters),
             stop.clone(),
-        ));
+        );
+        cars.spawn(async move {
+            tokio::time::sleep(delay).await;
+            car.await
+        });
     }
     while cars.join_next().await.is_some() {}
     let report = SimulatorReport {
