@@ -5,7 +5,8 @@
 
 use schemars::JsonSchema;
 
-use crate::bus::kafka::{DEAD_LETTER_EVENT_TYPE, TELEMETRY_EVENT_TYPE};
+use crate::anomaly::AnomalyEvent;
+use crate::bus::kafka::{ANOMALY_EVENT_TYPE, DEAD_LETTER_EVENT_TYPE, TELEMETRY_EVENT_TYPE};
 use crate::telemetry::{DeadLetter, TelemetryReading};
 
 /// Where the schemas are published, relative to the repository root.
@@ -43,6 +44,7 @@ pub fn topic_schemas() -> Vec<TopicSchema> {
     vec![
         schema_of::<TelemetryReading>(TELEMETRY_EVENT_TYPE),
         schema_of::<DeadLetter>(DEAD_LETTER_EVENT_TYPE),
+        schema_of::<AnomalyEvent>(ANOMALY_EVENT_TYPE),
     ]
 }
 
@@ -83,6 +85,7 @@ mod tests {
         for stream in [
             crate::bus::Stream::Telemetry,
             crate::bus::Stream::DeadLetters,
+            crate::bus::Stream::Anomalies,
         ] {
             let address = format!("address: {}\n", kafka.topic(stream));
             assert!(asyncapi.contains(&address), "asyncapi.yaml lacks {address}");

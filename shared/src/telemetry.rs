@@ -103,7 +103,10 @@ impl std::str::FromStr for Vin {
 /// One accepted sensor reading of one car, as it travels on the bus and lands in `sensor_data`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TelemetryReading {
-    /// Unique id given at ingest (UUIDv7, so ids sort by ingest time); the idempotence key.
+    /// Unique id of the reading, the idempotence key, a UUIDv7. When the car dated the reading,
+    /// its time is that date and its other bits hash the car's payload (see
+    /// [`content_event_id`]), so the same reading sent again after a reconnect has the same id;
+    /// an undated reading gets a fresh id at ingest.
     pub event_id: Uuid,
     /// When ingest accepted the reading.
     pub received_at: DateTime<Utc>,
@@ -133,6 +136,23 @@ pub struct TelemetryReading {
     pub longitude: Option<f64>,
     /// When the car took the reading (event time); `received_at` when the car sent none.
     pub date: DateTime<Utc>,
+}
+
+/// The event id of a reading: UUIDv7 layout (so ids sort by event time), the millisecond
+/// timestamp of `date`, and the remaining 74 bits from SHA-256 of the VIN and the exact payload
+/// bytes. A retransmission of one reading (MQTT `DUP`, or a resend after a reconnect) gets the
+/// same id, which is what makes at-least-once delivery from the car harmless downstream.
+pub fn content_event_id(vin: &Vin, date: DateTime<Utc>, payload: &[u8]) -> Uuid {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(vin.as_str().as_bytes())
+        .chain_update([0u8])
+        .chain_update(payload)
+        .finalize();
+    let mut random = [0u8; 10];
+    random.copy_from_slice(&digest[..10]);
+    let millis = u64::try_from(date.timestamp_millis()).unwrap_or(0);
+    uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
 }
 
 /// The telemetry topics ingest admits.
@@ -264,13 +284,16 @@ impl Rejection {
 
 /// Parses an MQTT payload received on a telemetry topic into a [`TelemetryReading`].
 ///
-/// `event_id` and `received_at` are given by the caller (ingest), which keeps this function pure.
+/// `received_at` is given by the caller (ingest), which keeps this function pure. A payload with
+/// its own `date` gets the [`content_event_id`] of that date and these bytes, so a car sending the
+/// same reading twice (a resend after a reconnect) produces one event id; a payload without a
+/// date cannot be told from a new reading with the same values, and gets `event_id_if_undated`.
 /// Times are cut to microseconds, the precision both databases store, so a reading reads back
 /// exactly as it travelled.
 pub fn parse_reading(
     topic: &TelemetryTopic,
     payload: &[u8],
-    event_id: Uuid,
+    event_id_if_undated: Uuid,
     received_at: DateTime<Utc>,
 ) -> Result<TelemetryReading, Rejection> {
     let received_at = received_at.trunc_subsecs(6);
@@ -324,6 +347,7 @@ pub fn parse_reading(
             format!("speed {speed} is negative"),
         ));
     }
+    let dated = !matches!(object.get("date"), None | Some(Value::Null));
     let date = match object.get("date") {
         None | Some(Value::Null) => received_at,
         Some(Value::String(text)) => DateTime::parse_from_rfc3339(text.trim())
@@ -346,6 +370,11 @@ pub fn parse_reading(
         }
     };
 
+    let event_id = if dated {
+        content_event_id(&vin, date, payload)
+    } else {
+        event_id_if_undated
+    };
     Ok(TelemetryReading {
         event_id,
         received_at,
@@ -582,6 +611,32 @@ mod base64_bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resent_reading_keeps_its_event_id_and_another_reading_gets_another() {
+        let vin = Vin::parse("5YJ3E1EA000000001").unwrap();
+        let date: DateTime<Utc> = "2026-11-22T10:00:00.123Z".parse().unwrap();
+        let payload = br#"{"battery":50}"#;
+        let id = content_event_id(&vin, date, payload);
+        assert_eq!(id, content_event_id(&vin, date, payload));
+        assert_eq!(id.get_version_num(), 7);
+        let (secs, nanos) = id.get_timestamp().unwrap().to_unix();
+        assert_eq!((secs, nanos / 1_000_000), (date.timestamp() as u64, 123));
+        assert_ne!(id, content_event_id(&vin, date, br#"{"battery":49}"#));
+        let other = Vin::parse("5YJ3E1EA000000002").unwrap();
+        assert_ne!(id, content_event_id(&other, date, payload));
+
+        // parse_reading: a dated payload gets its content id, twice the same; an undated one
+        // the id it is given.
+        let topic = TelemetryTopic::Vehicle(vin.to_string());
+        let dated = br#"{"battery":50,"date":"2026-11-22T10:00:00.123Z"}"#;
+        let first = parse_reading(&topic, dated, Uuid::now_v7(), Utc::now()).unwrap();
+        let again = parse_reading(&topic, dated, Uuid::now_v7(), Utc::now()).unwrap();
+        assert_eq!(first.event_id, again.event_id);
+        let given = Uuid::now_v7();
+        let undated = parse_reading(&topic, payload, given, Utc::now()).unwrap();
+        assert_eq!(undated.event_id, given);
+    }
 
     const VIN: &str = "1HGCM82633A004352";
 

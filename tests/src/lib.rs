@@ -1,6 +1,8 @@
 //! What the end-to-end tests and benchmarks need: a throwaway PostgreSQL server, the whole
 //! embedded pipeline on free ports, MQTT clients, and waiting for a condition with a deadline.
 
+pub mod salesforce;
+
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -9,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use chrono::SubsecRound;
 use ecars_api::{ApiState, Readiness};
 use ecars_ingest::{BoundIngest, IngestConfig};
 use ecars_persist::{CommitObserver, PersistConfig, PersistWorker, SensorStore};
@@ -328,9 +331,26 @@ pub fn reading_json(vin: &str, battery: f64) -> String {
         "speed": 42.0,
         "latitude": "37.7749",
         "longitude": "-122.4194",
-        "date": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "date": unique_now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
     })
     .to_string()
+}
+
+/// Now, but never the same instant twice in this process: readings a test makes in a tight loop
+/// are different readings, so they must not share a date (equal payloads with equal dates are
+/// one reading sent twice, and get one event id).
+pub fn unique_now() -> chrono::DateTime<chrono::Utc> {
+    static LAST: std::sync::Mutex<Option<chrono::DateTime<chrono::Utc>>> =
+        std::sync::Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    let mut now = chrono::Utc::now().trunc_subsecs(6);
+    if let Some(previous) = *last {
+        if now <= previous {
+            now = previous + chrono::TimeDelta::microseconds(1);
+        }
+    }
+    *last = Some(now);
+    now
 }
 
 /// A made-up valid VIN for car `n`.

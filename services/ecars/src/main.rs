@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use ecars_anomaly::outbox::CaseOutbox;
+use ecars_anomaly::{AnomalyConfig, AnomalyWorker};
 use ecars_api::{ApiState, HttpConfig, Readiness};
 use ecars_ingest::{BoundIngest, IngestConfig};
 use ecars_persist::{DatabaseConfig, PersistConfig, PersistWorker, SensorStore};
@@ -39,6 +41,11 @@ enum Command {
     Ingest(IngestArgs),
     /// Scale-out: the persistence worker, consuming Kafka as group `ecars-persist`.
     Persist(PersistArgs),
+    /// Scale-out: the anomaly worker (detection and Salesforce Cases), consuming Kafka as group
+    /// `ecars-anomaly`.
+    Anomaly(AnomalyArgs),
+    /// Show or re-queue the Cases of the case outbox.
+    Cases(CasesArgs),
     /// Print the Kafka topics other services can consume: partitions, keys, value schemas.
     Topics(TopicsArgs),
     /// Apply the database migrations and exit.
@@ -59,6 +66,8 @@ struct UpArgs {
     persist: PersistConfig,
     #[command(flatten)]
     kafka: KafkaConfig,
+    #[command(flatten)]
+    anomaly: AnomalyConfig,
     /// Records each in-process bus queue holds before publishers wait (backpressure).
     #[arg(long = "bus-capacity", env = "ECARS_BUS_CAPACITY", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     bus_capacity: u32,
@@ -104,6 +113,49 @@ struct PersistArgs {
 }
 
 #[derive(Debug, Args)]
+struct AnomalyArgs {
+    #[command(flatten)]
+    database: DatabaseConfig,
+    #[command(flatten)]
+    anomaly: AnomalyConfig,
+    #[command(flatten)]
+    http: HttpConfig,
+    #[command(flatten)]
+    kafka: KafkaConfig,
+}
+
+#[derive(Debug, Args)]
+struct CasesArgs {
+    #[command(subcommand)]
+    action: CasesAction,
+}
+
+#[derive(Debug, Subcommand)]
+enum CasesAction {
+    /// List outbox rows, newest first: key, VIN, rule, status, Salesforce Id, attempts, error.
+    List {
+        #[command(flatten)]
+        database: DatabaseConfig,
+        /// Only rows in this status: pending, synced, failed, paused, not_configured.
+        #[arg(long = "status", value_parser = ecars_anomaly::parse_status)]
+        status: Option<ecars_anomaly::outbox::CaseStatus>,
+        /// Most rows shown.
+        #[arg(long = "limit", default_value_t = 100)]
+        limit: i64,
+        /// Print JSON instead of a table.
+        #[arg(long = "json")]
+        json: bool,
+    },
+    /// Send a failed Case again (after fixing what Salesforce refused).
+    Retry {
+        #[command(flatten)]
+        database: DatabaseConfig,
+        /// The Case's `Ecars_Anomaly_Key__c`.
+        key: String,
+    },
+}
+
+#[derive(Debug, Args)]
 struct TopicsArgs {
     #[command(flatten)]
     kafka: KafkaConfig,
@@ -129,6 +181,8 @@ fn main() -> anyhow::Result<()> {
             Command::Up(args) => up(args).await,
             Command::Ingest(args) => ingest(args).await,
             Command::Persist(args) => persist(args).await,
+            Command::Anomaly(args) => anomaly(args).await,
+            Command::Cases(args) => cases(args).await,
             Command::Topics(args) => topics(args).await,
             Command::Migrate(args) => {
                 let store = open_store(&args.database).await?;
@@ -209,9 +263,10 @@ async fn bind_http(config: &HttpConfig) -> anyhow::Result<tokio::net::TcpListene
 fn spawn_http(
     listener: tokio::net::TcpListener,
     state: ApiState,
+    extra: axum::Router,
 ) -> (CancellationToken, JoinHandle<anyhow::Result<()>>) {
     let stop = CancellationToken::new();
-    let router = ecars_api::router(state);
+    let router = ecars_api::router(state).merge(extra);
     let token = stop.clone();
     let task = tokio::spawn(async move { Ok(ecars_api::serve(listener, router, token).await?) });
     (stop, task)
@@ -274,6 +329,16 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     // Workers subscribe before ingest publishes, so nothing is published to nobody.
     let persist =
         PersistWorker::subscribe(&args.persist, store.clone(), bus.as_ref(), None).await?;
+    let anomaly = {
+        let readiness = readiness.clone();
+        AnomalyWorker::subscribe(
+            &args.anomaly,
+            store.clone(),
+            Arc::clone(&bus),
+            move |ready| readiness.set("salesforce_sync", ready),
+        )
+        .await?
+    };
     let ingest = BoundIngest::bind(&args.ingest, Arc::clone(&bus)).await?;
     let mqtt_addr = ingest.mqtt_addr()?;
     let http = bind_http(&args.http).await?;
@@ -291,6 +356,14 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         };
         tokio::spawn(async move { Ok(persist.run(token).await?) })
     };
+    let mut anomaly_task = {
+        let token = if in_process.is_some() {
+            CancellationToken::new()
+        } else {
+            stop_persist.clone()
+        };
+        tokio::spawn(async move { Ok(anomaly.run(token).await?) })
+    };
     let mut ingest_task = {
         let token = stop_ingest.clone();
         tokio::spawn(async move {
@@ -306,6 +379,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             metrics,
             readiness: readiness.clone(),
         },
+        ecars_anomaly::cases_router(CaseOutbox::new(store.clone())),
     );
     readiness.set("workers", true);
 
@@ -332,6 +406,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
 
     let parts = vec![
         ("the persistence worker", &mut persist_task),
+        ("the anomaly worker", &mut anomaly_task),
         ("MQTT ingest", &mut ingest_task),
         ("the HTTP server", &mut http_task),
     ];
@@ -345,6 +420,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     bus.close().await;
     stop_persist.cancel();
     persist_task.await.context("persist task")??;
+    anomaly_task.await.context("anomaly task")??;
     stop_http.cancel();
     http_task.await.context("http task")??;
     store.close().await;
@@ -374,6 +450,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
             metrics,
             readiness: readiness.clone(),
         },
+        axum::Router::new(),
     );
     readiness.set("ingest", true);
     run_until_signal(
@@ -396,43 +473,150 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
 }
 
 async fn persist(args: PersistArgs) -> anyhow::Result<()> {
-    let metrics = ecars_shared::metrics::install_recorder();
     let store = open_store(&args.database).await?;
     let bus = kafka_bus(&args.kafka, KafkaRole::Consumer).await?;
     let readiness = Readiness::default();
     let worker = PersistWorker::subscribe(&args.persist, store.clone(), bus.as_ref(), None).await?;
-    let http = bind_http(&args.http).await?;
-    let (shutdown, stop_persist) = (CancellationToken::new(), CancellationToken::new());
-    let mut persist_task = {
-        let token = stop_persist.clone();
-        tokio::spawn(async move { Ok(worker.run(token).await?) })
+    let service = ConsumerService {
+        name: "the persistence worker",
+        store,
+        bus,
+        readiness,
+        routes: axum::Router::new(),
     };
-    let (stop_http, mut http_task) = spawn_http(
-        http,
-        ApiState {
-            store: Some(store.clone()),
-            bus: Some(Arc::clone(&bus)),
-            metrics,
-            readiness: readiness.clone(),
-        },
-    );
-    readiness.set("persist", true);
-    run_until_signal(
-        &shutdown,
-        &readiness,
-        vec![
-            ("the persistence worker", &mut persist_task),
-            ("the HTTP server", &mut http_task),
-        ],
-    )
-    .await?;
-    tracing::info!("shutting down: committing the current batch and its offsets");
-    stop_persist.cancel();
-    persist_task.await.context("persist task")??;
-    stop_http.cancel();
-    http_task.await.context("http task")??;
+    service
+        .run(
+            &args.http,
+            |stop| async move { Ok(worker.run(stop).await?) },
+        )
+        .await
+}
+
+async fn anomaly(args: AnomalyArgs) -> anyhow::Result<()> {
+    let store = open_store(&args.database).await?;
+    let bus = kafka_bus(&args.kafka, KafkaRole::Consumer).await?;
+    let readiness = Readiness::default();
+    let worker = {
+        let readiness = readiness.clone();
+        AnomalyWorker::subscribe(
+            &args.anomaly,
+            store.clone(),
+            Arc::clone(&bus),
+            move |ready| readiness.set("salesforce_sync", ready),
+        )
+        .await?
+    };
+    let service = ConsumerService {
+        name: "the anomaly worker",
+        routes: ecars_anomaly::cases_router(CaseOutbox::new(store.clone())),
+        store,
+        bus,
+        readiness,
+    };
+    service
+        .run(
+            &args.http,
+            |stop| async move { Ok(worker.run(stop).await?) },
+        )
+        .await
+}
+
+/// A scale-out service that consumes Kafka into the database (`ecars persist`, `ecars anomaly`):
+/// its worker and the HTTP surface, until a signal; then the worker commits what it has and
+/// stops.
+struct ConsumerService {
+    name: &'static str,
+    store: SensorStore,
+    bus: Arc<dyn Bus>,
+    readiness: Readiness,
+    routes: axum::Router,
+}
+
+impl ConsumerService {
+    async fn run<F, Fut>(self, http: &HttpConfig, worker: F) -> anyhow::Result<()>
+    where
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let metrics = ecars_shared::metrics::install_recorder();
+        let http = bind_http(http).await?;
+        let (shutdown, stop_worker) = (CancellationToken::new(), CancellationToken::new());
+        let mut worker_task = tokio::spawn(worker(stop_worker.clone()));
+        let (stop_http, mut http_task) = spawn_http(
+            http,
+            ApiState {
+                store: Some(self.store.clone()),
+                bus: Some(Arc::clone(&self.bus)),
+                metrics,
+                readiness: self.readiness.clone(),
+            },
+            self.routes,
+        );
+        self.readiness.set("worker", true);
+        run_until_signal(
+            &shutdown,
+            &self.readiness,
+            vec![
+                (self.name, &mut worker_task),
+                ("the HTTP server", &mut http_task),
+            ],
+        )
+        .await?;
+        tracing::info!("shutting down: committing the current batch and its offsets");
+        stop_worker.cancel();
+        worker_task.await.context("worker task")??;
+        stop_http.cancel();
+        http_task.await.context("http task")??;
+        self.store.close().await;
+        tracing::info!("stopped cleanly");
+        Ok(())
+    }
+}
+
+async fn cases(args: CasesArgs) -> anyhow::Result<()> {
+    let database = match &args.action {
+        CasesAction::List { database, .. } | CasesAction::Retry { database, .. } => database,
+    };
+    let store = open_store(database).await?;
+    let outbox = CaseOutbox::new(store.clone());
+    match args.action {
+        CasesAction::List {
+            status,
+            limit,
+            json,
+            ..
+        } => {
+            let rows = outbox.list(status, limit.clamp(1, 10_000)).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<64} {:<17} {:<20} {:<14} {:<18} {:>8}  LAST ERROR",
+                    "KEY", "VIN", "RULE", "STATUS", "SALESFORCE ID", "ATTEMPTS"
+                );
+                for r in rows {
+                    println!(
+                        "{:<64} {:<17} {:<20} {:<14} {:<18} {:>8}  {}",
+                        r.key,
+                        r.vin,
+                        r.rule,
+                        r.status,
+                        r.salesforce_id.as_deref().unwrap_or("-"),
+                        r.attempts,
+                        r.last_error.as_deref().unwrap_or("")
+                    );
+                }
+            }
+        }
+        CasesAction::Retry { key, .. } => {
+            anyhow::ensure!(
+                outbox.retry(&key, chrono::Utc::now()).await?,
+                "no failed case with key {key:?} (see `ecars cases list --status failed`)"
+            );
+            println!("{key}: queued for sync");
+        }
+    }
     store.close().await;
-    tracing::info!("stopped cleanly");
     Ok(())
 }
 

@@ -70,6 +70,17 @@ pub struct SimulatorConfig {
     /// online, instead of connecting them all at once.
     #[arg(long = "ramp", env = "ECARS_SIM_RAMP", value_parser = parse_duration)]
     pub ramp: Option<Duration>,
+    /// Run the cars' clocks this many times faster than real time (`60`: a minute of driving
+    /// per second), for demos and tests of time-based detection; readings carry the cars' time.
+    #[arg(long = "time-scale", env = "ECARS_SIM_TIME_SCALE", default_value_t = 1.0, value_parser = parse_time_scale)]
+    pub time_scale: f64,
+}
+
+fn parse_time_scale(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if (0.001..=10_000.0).contains(&v) => Ok(v),
+        _ => Err(format!("{text:?} is not a factor between 0.001 and 10000")),
+    }
 }
 
 impl Default for SimulatorConfig {
@@ -85,32 +96,12 @@ impl Default for SimulatorConfig {
             legacy_topic: false,
             seed: 1,
             ramp: None,
+            time_scale: 1.0,
         }
     }
 }
 
-/// Parses `90s`, `5m`, `1h`, `250ms` or a plain number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, unit) = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map_or((text, ""), |i| text.split_at(i));
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration such as 90s, 5m or 1h"))?;
-    let seconds = match unit {
-        "" | "s" => value,
-        "ms" => value / 1000.0,
-        "m" | "min" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => {
-            return Err(format!(
-                "{text:?}: unknown unit {unit:?} (use ms, s, m or h)"
-            ))
-        }
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
-}
+pub use ecars_shared::config::parse_duration;
 
 /// Errors of the simulator.
 #[derive(Debug, thiserror::Error)]
@@ -209,8 +200,19 @@ impl Vehicle {
         }
     }
 
-    /// Advances the car by `dt` of driving and returns its reading as JSON.
+    /// Advances the car by `dt` of driving and returns its reading as JSON, dated now.
     pub fn step(&mut self, dt: Duration, legacy: bool) -> serde_json::Value {
+        self.step_at(dt, Utc::now(), legacy)
+    }
+
+    /// Advances the car by `dt` of driving and returns its reading as JSON, dated `date` (the
+    /// car's own clock).
+    pub fn step_at(
+        &mut self,
+        dt: Duration,
+        date: chrono::DateTime<Utc>,
+        legacy: bool,
+    ) -> serde_json::Value {
         let minutes = dt.as_secs_f64() / 60.0;
         let (low, high) = self.profile.speed_band();
         if self.charging {
@@ -248,7 +250,7 @@ impl Vehicle {
             "speed": round(self.speed, 1),
             "latitude": round(self.latitude, 6),
             "longitude": round(self.longitude, 6),
-            "date": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "date": date.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         });
         if legacy {
             // eCars' simulator sent coordinates as strings.
@@ -419,7 +421,11 @@ async fn drive(
     options
         .set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(1 << 20, 1 << 20)
-        .set_inflight(100);
+        .set_inflight(100)
+        // A persistent session, as a car that must not lose readings uses: readings in flight
+        // when a connection drops are sent again after the reconnect (same payload, so the same
+        // event id downstream) instead of being forgotten with a clean session.
+        .set_clean_session(false);
     if let Some(secret) = &secret {
         options.set_credentials(vehicle.vin.as_str(), secret.password_for(&vehicle.vin));
     }
@@ -441,6 +447,7 @@ async fn drive(
             ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
             let mut sent = 0u64;
             let mut last = Instant::now();
+            let (clock_start, wall_start) = (Utc::now(), last);
             while config.readings_per_vehicle.is_none_or(|max| sent < max) {
                 if !interval.is_zero() {
                     tokio::select! {
@@ -451,7 +458,14 @@ async fn drive(
                     break;
                 }
                 let now = Instant::now();
-                let reading = vehicle.step(now - last, config.legacy_topic);
+                let car_time = (now - wall_start).mul_f64(config.time_scale);
+                let date = clock_start
+                    + chrono::TimeDelta::from_std(car_time).unwrap_or(chrono::TimeDelta::MAX);
+                let reading = vehicle.step_at(
+                    (now - last).mul_f64(config.time_scale),
+                    date,
+                    config.legacy_topic,
+                );
                 last = now;
                 let payload = reading.to_string();
                 if client

@@ -8,6 +8,7 @@ use std::fmt;
 
 use async_trait::async_trait;
 
+use crate::anomaly::AnomalyEvent;
 use crate::telemetry::{DeadLetter, TelemetryReading};
 
 mod in_process;
@@ -24,6 +25,8 @@ pub enum Stream {
     Telemetry,
     /// Rejected messages with their reasons.
     DeadLetters,
+    /// Changes of anomaly episodes, keyed by VIN, for other services.
+    Anomalies,
 }
 
 impl Stream {
@@ -32,6 +35,7 @@ impl Stream {
         match self {
             Stream::Telemetry => "telemetry",
             Stream::DeadLetters => "dead_letters",
+            Stream::Anomalies => "anomalies",
         }
     }
 }
@@ -49,6 +53,8 @@ pub enum BusRecord {
     Telemetry(TelemetryReading),
     /// A rejected message.
     DeadLetter(DeadLetter),
+    /// A change of an anomaly episode.
+    Anomaly(AnomalyEvent),
 }
 
 impl BusRecord {
@@ -57,14 +63,17 @@ impl BusRecord {
         match self {
             BusRecord::Telemetry(_) => Stream::Telemetry,
             BusRecord::DeadLetter(_) => Stream::DeadLetters,
+            BusRecord::Anomaly(_) => Stream::Anomalies,
         }
     }
 
-    /// The partitioning key: the VIN for telemetry, so each car's readings stay in order.
+    /// The partitioning key: the VIN for telemetry and anomalies, so each car's records stay in
+    /// order.
     pub fn key(&self) -> &str {
         match self {
             BusRecord::Telemetry(reading) => reading.vin.as_str(),
             BusRecord::DeadLetter(letter) => letter.key(),
+            BusRecord::Anomaly(event) => event.vin.as_str(),
         }
     }
 }

@@ -96,6 +96,7 @@ impl SpooledRecord {
         out.push(match self.stream {
             Stream::Telemetry => 0,
             Stream::DeadLetters => 1,
+            Stream::Anomalies => 2,
         });
         out.extend_from_slice(&(self.key.len() as u32).to_le_bytes());
         out.extend_from_slice(&self.key);
@@ -124,6 +125,7 @@ impl SpooledRecord {
         let stream = match take(1)?[0] {
             0 => Stream::Telemetry,
             1 => Stream::DeadLetters,
+            2 => Stream::Anomalies,
             _ => return None,
         };
         let key_len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
@@ -698,7 +700,7 @@ mod tests {
 
     fn record(i: u32) -> SpooledRecord {
         SpooledRecord {
-            stream: if i % 7 == 0 {
+            stream: if i.is_multiple_of(7) {
                 Stream::DeadLetters
             } else {
                 Stream::Telemetry

@@ -1,7 +1,8 @@
 //! The Kafka bus: the same [`Bus`] on a real Kafka cluster, for scale-out and for other teams.
 //!
 //! - Topics `{prefix}telemetry` (key = VIN, so each car's readings stay in order in one
-//!   partition) and `{prefix}telemetry.dlq`, created at start when missing.
+//!   partition), `{prefix}telemetry.dlq` and `{prefix}anomalies` (key = VIN), created at start
+//!   when missing.
 //! - Values are JSON; attributes follow the CloudEvents Kafka binding in binary mode
 //!   (`ce_specversion`, `ce_id`, `ce_type`, `ce_source`, `ce_time`, `ce_subject`,
 //!   `content-type`), so another service can consume without our code.
@@ -33,6 +34,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::spool::SpooledRecord;
 use super::{Bus, BusError, BusRecord, Delivery, Receipt, Stream, Subscription};
+use crate::anomaly::AnomalyEvent;
 use crate::telemetry::{DeadLetter, TelemetryReading};
 use producer::SpoolingProducer;
 
@@ -40,8 +42,12 @@ use producer::SpoolingProducer;
 pub const TELEMETRY_EVENT_TYPE: &str = "com.ecars.telemetry.v1";
 /// CloudEvents `type` of a rejected message.
 pub const DEAD_LETTER_EVENT_TYPE: &str = "com.ecars.telemetry.deadletter.v1";
+/// CloudEvents `type` of a change of an anomaly episode.
+pub const ANOMALY_EVENT_TYPE: &str = "com.ecars.anomaly.v1";
 /// CloudEvents `source` of records ingest publishes.
 pub const EVENT_SOURCE: &str = "urn:ecars:ingest";
+/// CloudEvents `source` of records the anomaly worker publishes.
+pub const ANOMALY_EVENT_SOURCE: &str = "urn:ecars:anomaly";
 
 /// Environment variables of the form `ECARS_KAFKA_<NAME>` that are our own settings, not
 /// librdkafka properties.
@@ -112,6 +118,7 @@ impl KafkaConfig {
         match stream {
             Stream::Telemetry => format!("{}telemetry", self.topic_prefix),
             Stream::DeadLetters => format!("{}telemetry.dlq", self.topic_prefix),
+            Stream::Anomalies => format!("{}anomalies", self.topic_prefix),
         }
     }
 
@@ -201,7 +208,7 @@ impl KafkaBus {
     pub async fn create_topics(&self) -> Result<(), BusError> {
         let admin: AdminClient<DefaultClientContext> =
             self.config.client_config(&self.brokers).create()?;
-        let names: Vec<String> = [Stream::Telemetry, Stream::DeadLetters]
+        let names: Vec<String> = [Stream::Telemetry, Stream::DeadLetters, Stream::Anomalies]
             .map(|s| self.config.topic(s))
             .to_vec();
         let topics: Vec<NewTopic> = names
@@ -271,6 +278,7 @@ impl KafkaBus {
         };
         let telemetry = self.config.topic(Stream::Telemetry);
         let dlq = self.config.topic(Stream::DeadLetters);
+        let anomalies = self.config.topic(Stream::Anomalies);
         Ok(vec![
             TopicDescription {
                 partitions: partitions(&telemetry),
@@ -286,16 +294,24 @@ impl KafkaBus {
                 event_type: DEAD_LETTER_EVENT_TYPE,
                 value: "DeadLetter JSON: id, received_at, topic, client_id, reason, detail, payload (base64 of the original bytes), truncated",
             },
+            TopicDescription {
+                partitions: partitions(&anomalies),
+                topic: anomalies,
+                key: "VIN (each car's episode changes in order in one partition)",
+                event_type: ANOMALY_EVENT_TYPE,
+                value: "AnomalyEvent JSON: event_id, key (the Case's Ecars_Anomaly_Key__c), vin, rule, change (opened, updated, closed), version, started_at, closed_at, firings, subject, priority, recorded_at",
+            },
         ])
     }
 }
 
 /// The record as Kafka carries it: VIN key, CloudEvents headers, JSON value.
 fn encode(record: &BusRecord) -> Result<SpooledRecord, BusError> {
-    let (id, kind, time, subject, value) = match record {
+    let (id, kind, source, time, subject, value) = match record {
         BusRecord::Telemetry(r) => (
             r.event_id.to_string(),
             TELEMETRY_EVENT_TYPE,
+            EVENT_SOURCE,
             r.received_at,
             r.vin.to_string(),
             serde_json::to_vec(r),
@@ -303,9 +319,18 @@ fn encode(record: &BusRecord) -> Result<SpooledRecord, BusError> {
         BusRecord::DeadLetter(d) => (
             d.id.to_string(),
             DEAD_LETTER_EVENT_TYPE,
+            EVENT_SOURCE,
             d.received_at,
             d.topic.clone(),
             serde_json::to_vec(d),
+        ),
+        BusRecord::Anomaly(a) => (
+            a.event_id.to_string(),
+            ANOMALY_EVENT_TYPE,
+            ANOMALY_EVENT_SOURCE,
+            a.recorded_at,
+            a.vin.to_string(),
+            serde_json::to_vec(a),
         ),
     };
     let value = value.map_err(|e| BusError::Backend(format!("cannot encode record: {e}")))?;
@@ -314,7 +339,7 @@ fn encode(record: &BusRecord) -> Result<SpooledRecord, BusError> {
         ("ce_specversion", "1.0"),
         ("ce_id", id.as_str()),
         ("ce_type", kind),
-        ("ce_source", EVENT_SOURCE),
+        ("ce_source", source),
         ("ce_time", time.as_str()),
         ("ce_subject", subject.as_str()),
         ("content-type", "application/json"),
@@ -336,6 +361,7 @@ fn decode(stream: Stream, value: &[u8]) -> Result<BusRecord, serde_json::Error> 
             BusRecord::Telemetry(serde_json::from_slice::<TelemetryReading>(value)?)
         }
         Stream::DeadLetters => BusRecord::DeadLetter(serde_json::from_slice::<DeadLetter>(value)?),
+        Stream::Anomalies => BusRecord::Anomaly(serde_json::from_slice::<AnomalyEvent>(value)?),
     })
 }
 
@@ -357,6 +383,7 @@ impl Bus for KafkaBus {
         let group = match stream {
             Stream::Telemetry => group.to_owned(),
             Stream::DeadLetters => format!("{group}.dlq"),
+            Stream::Anomalies => format!("{group}.anomalies"),
         };
         let group = group.as_str();
         let consumer: StreamConsumer = self

@@ -261,7 +261,7 @@ impl SpoolingProducer {
                 in_flight: 0,
                 held: Vec::new(),
             }),
-            topics: [Stream::Telemetry, Stream::DeadLetters]
+            topics: [Stream::Telemetry, Stream::DeadLetters, Stream::Anomalies]
                 .map(|s| (config.topic(s), s))
                 .to_vec(),
             spool,

@@ -1,0 +1,640 @@
+//! The case outbox: one row per episode holding the Case as it should be in Salesforce and how
+//! far its sync got, next to the detector's per-car state (written in the same transaction).
+//!
+//! The SQL is written once for PostgreSQL and SQLite (times as Unix milliseconds, JSON as text);
+//! where the two differ (unpacking a JSON array of rows) each gets its own statement.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use chrono::{DateTime, TimeZone, Utc};
+use ecars_persist::{SensorStore, StoreError};
+use ecars_shared::telemetry::Vin;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use sqlx::{ColumnIndex, Decode, Row, Type};
+
+use crate::detector::VehicleState;
+
+/// Runs `$body` with `$pool` bound to whichever pool the store has.
+macro_rules! on_pool {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match $store {
+            SensorStore::Postgres($pool) => $body,
+            SensorStore::Sqlite($pool) => $body,
+        }
+    };
+}
+
+/// Where an outbox row stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CaseStatus {
+    /// Waiting to be sent (first time or an update).
+    Pending,
+    /// Salesforce has the Case as the row wants it.
+    Synced,
+    /// A permanent error: kept for a person; `ecars cases retry KEY` sends it again.
+    Failed,
+    /// Salesforce authentication fails: the whole sync waits.
+    Paused,
+    /// No Salesforce settings: kept until they are set.
+    NotConfigured,
+}
+
+impl CaseStatus {
+    /// The status as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaseStatus::Pending => "pending",
+            CaseStatus::Synced => "synced",
+            CaseStatus::Failed => "failed",
+            CaseStatus::Paused => "paused",
+            CaseStatus::NotConfigured => "not_configured",
+        }
+    }
+
+    fn parse(text: &str) -> Result<CaseStatus, StoreError> {
+        Ok(match text {
+            "pending" => CaseStatus::Pending,
+            "synced" => CaseStatus::Synced,
+            "failed" => CaseStatus::Failed,
+            "paused" => CaseStatus::Paused,
+            "not_configured" => CaseStatus::NotConfigured,
+            other => return Err(StoreError::Decode(format!("unknown case status {other:?}"))),
+        })
+    }
+}
+
+impl fmt::Display for CaseStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A Case as the detector wants it, for one episode.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CaseDraft {
+    /// `Ecars_Anomaly_Key__c`.
+    pub key: String,
+    /// The car.
+    pub vin: Vin,
+    /// The rule.
+    pub rule: String,
+    /// Episode start, event time.
+    pub started_at: DateTime<Utc>,
+    /// Episode end, once closed.
+    pub closed_at: Option<DateTime<Utc>>,
+    /// The Case fields.
+    pub fields: Map<String, Value>,
+}
+
+/// One outbox row, as the sync and `GET /v1/cases` see it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CaseRecord {
+    /// `Ecars_Anomaly_Key__c`.
+    pub key: String,
+    /// The car.
+    pub vin: String,
+    /// The rule.
+    pub rule: String,
+    /// Where the sync stands.
+    pub status: CaseStatus,
+    /// The Case's Salesforce Id, once created.
+    pub salesforce_id: Option<String>,
+    /// Attempts since the last success.
+    pub attempts: i64,
+    /// The last error's text.
+    pub last_error: Option<String>,
+    /// Episode start.
+    pub episode_started_at: DateTime<Utc>,
+    /// Episode end.
+    pub episode_closed_at: Option<DateTime<Utc>>,
+    /// Row created.
+    pub created_at: DateTime<Utc>,
+    /// Row changed.
+    pub updated_at: DateTime<Utc>,
+    /// Last successful sync.
+    pub synced_at: Option<DateTime<Utc>>,
+    /// The Case fields wanted.
+    #[serde(skip)]
+    pub fields: Map<String, Value>,
+    /// The Case fields Salesforce has.
+    #[serde(skip)]
+    pub synced_fields: Map<String, Value>,
+    /// Version of `fields`.
+    #[serde(skip)]
+    pub version: i64,
+    /// When the first of the current run of errors happened.
+    #[serde(skip)]
+    pub first_error_at: Option<DateTime<Utc>>,
+    /// The newest version published on the anomalies stream.
+    #[serde(skip)]
+    pub published_version: i64,
+}
+
+/// How a row's sync ended, to be written back.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SyncOutcome {
+    /// Salesforce accepted the fields sent.
+    Synced {
+        /// Case Id.
+        salesforce_id: Option<String>,
+        /// The fields Salesforce now has.
+        fields: Map<String, Value>,
+        /// The row version sent.
+        version: i64,
+    },
+    /// Try again at `at`.
+    Retry {
+        /// Why.
+        error: String,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// Give up: a person looks at it.
+    Failed {
+        /// Why.
+        error: String,
+    },
+}
+
+/// The outbox and the detector's state, in the service's database.
+#[derive(Clone, Debug)]
+pub struct CaseOutbox {
+    store: SensorStore,
+}
+
+fn ms(time: DateTime<Utc>) -> i64 {
+    time.timestamp_millis()
+}
+
+fn time(ms: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
+}
+
+fn json_object(text: Option<String>) -> Result<Map<String, Value>, StoreError> {
+    match text {
+        None => Ok(Map::new()),
+        Some(text) => match serde_json::from_str(&text) {
+            Ok(Value::Object(map)) => Ok(map),
+            Ok(_) | Err(_) => Err(StoreError::Decode(format!(
+                "case fields are not a JSON object: {text:.80}"
+            ))),
+        },
+    }
+}
+
+fn record<'r, R>(row: &'r R) -> Result<CaseRecord, StoreError>
+where
+    R: Row,
+    &'r str: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let get_i64 = |c: &'r str| row.try_get::<i64, _>(c);
+    let get_opt_i64 = |c: &'r str| row.try_get::<Option<i64>, _>(c);
+    let get_opt_str = |c: &'r str| row.try_get::<Option<String>, _>(c);
+    Ok(CaseRecord {
+        key: row.try_get("anomaly_key")?,
+        vin: row.try_get("vin")?,
+        rule: row.try_get("rule")?,
+        status: CaseStatus::parse(&row.try_get::<String, _>("status")?)?,
+        salesforce_id: get_opt_str("salesforce_id")?,
+        attempts: get_i64("attempts")?,
+        last_error: get_opt_str("last_error")?,
+        episode_started_at: time(get_i64("episode_started_ms")?),
+        episode_closed_at: get_opt_i64("episode_closed_ms")?.map(time),
+        created_at: time(get_i64("created_ms")?),
+        updated_at: time(get_i64("updated_ms")?),
+        synced_at: get_opt_i64("synced_ms")?.map(time),
+        fields: json_object(Some(row.try_get("fields")?))?,
+        synced_fields: json_object(get_opt_str("synced_fields")?)?,
+        version: get_i64("version")?,
+        first_error_at: get_opt_i64("first_error_ms")?.map(time),
+        published_version: get_i64("published_version")?,
+    })
+}
+
+/// A stored `(vin, state)` row.
+fn parse_state((vin, state): (String, String)) -> Result<(Vin, VehicleState), StoreError> {
+    let vin = Vin::parse(&vin).map_err(|e| StoreError::Decode(e.to_string()))?;
+    let state = serde_json::from_str(&state)
+        .map_err(|e| StoreError::Decode(format!("state of {vin}: {e}")))?;
+    Ok((vin, state))
+}
+
+const COLUMNS: &str = "anomaly_key, vin, rule, status, salesforce_id, attempts, last_error, \
+     episode_started_ms, episode_closed_ms, created_ms, updated_ms, synced_ms, fields, \
+     synced_fields, version, first_error_ms, published_version";
+
+impl CaseOutbox {
+    /// The outbox in this database (migrated by [`SensorStore::migrate`]).
+    pub fn new(store: SensorStore) -> CaseOutbox {
+        CaseOutbox { store }
+    }
+
+    /// The database.
+    pub fn store(&self) -> &SensorStore {
+        &self.store
+    }
+
+    /// The stored detector state of these cars (absent cars have none yet).
+    pub async fn load_states(
+        &self,
+        vins: &[&Vin],
+    ) -> Result<HashMap<Vin, VehicleState>, StoreError> {
+        if vins.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let list = Value::from(vins.iter().map(|v| v.as_str()).collect::<Vec<_>>()).to_string();
+        let rows: Vec<(String, String)> = match &self.store {
+            SensorStore::Postgres(pool) => {
+                sqlx::query_as(
+                    "SELECT vin, state FROM anomaly_vehicle_state
+                     WHERE vin IN (SELECT jsonb_array_elements_text($1::jsonb))",
+                )
+                .bind(&list)
+                .fetch_all(pool)
+                .await?
+            }
+            SensorStore::Sqlite(pool) => {
+                sqlx::query_as(
+                    "SELECT vin, state FROM anomaly_vehicle_state
+                     WHERE vin IN (SELECT value FROM json_each($1))",
+                )
+                .bind(&list)
+                .fetch_all(pool)
+                .await?
+            }
+        };
+        rows.into_iter().map(parse_state).collect()
+    }
+
+    /// Cars whose newest reading is older than `before`, with their state (the silence sweep).
+    pub async fn quiet_states(
+        &self,
+        before: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<(Vin, VehicleState)>, StoreError> {
+        let rows: Vec<(String, String)> = on_pool!(&self.store, |pool| {
+            sqlx::query_as(
+                "SELECT vin, state FROM anomaly_vehicle_state WHERE last_date_ms < $1
+                 ORDER BY last_date_ms LIMIT $2",
+            )
+            .bind(ms(before))
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        });
+        rows.into_iter().map(parse_state).collect()
+    }
+
+    /// Stores the cars' new states and the Cases their readings changed, in one transaction.
+    /// A draft for a key already in the outbox replaces its fields and bumps its version; a
+    /// synced row becomes pending again, not before `update_after_ms` after its last sync (so a
+    /// busy episode costs one API call per interval, not one per reading).
+    pub async fn commit(
+        &self,
+        states: &HashMap<Vin, VehicleState>,
+        drafts: &[CaseDraft],
+        new_status: CaseStatus,
+        update_after_ms: i64,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let state_rows = Value::Array(
+            states
+                .iter()
+                .map(|(vin, state)| -> Result<Value, StoreError> {
+                    Ok(json!({
+                        "vin": vin.as_str(),
+                        "state": serde_json::to_string(state)
+                            .map_err(|e| StoreError::Decode(e.to_string()))?,
+                        "last_date_ms": state.last_date.map_or(0, ms),
+                    }))
+                })
+                .collect::<Result<_, _>>()?,
+        )
+        .to_string();
+        let now_ms = ms(now);
+        let case_rows = Value::Array(
+            drafts
+                .iter()
+                .map(|d| {
+                    json!({
+                        "anomaly_key": d.key,
+                        "vin": d.vin.as_str(),
+                        "rule": d.rule,
+                        "episode_started_ms": ms(d.started_at),
+                        "episode_closed_ms": d.closed_at.map(ms),
+                        "fields": Value::Object(d.fields.clone()).to_string(),
+                    })
+                })
+                .collect(),
+        )
+        .to_string();
+        // The upsert is the same on both databases; only unpacking the JSON rows differs.
+        let upsert_tail = "
+            ON CONFLICT (anomaly_key) DO UPDATE SET
+                fields = excluded.fields,
+                episode_closed_ms = excluded.episode_closed_ms,
+                version = case_outbox.version + 1,
+                updated_ms = excluded.updated_ms,
+                status = CASE WHEN case_outbox.status = 'synced' THEN 'pending'
+                              ELSE case_outbox.status END,
+                next_attempt_ms = CASE
+                    WHEN case_outbox.status = 'synced'
+                         AND case_outbox.synced_ms + $5 > excluded.next_attempt_ms
+                    THEN case_outbox.synced_ms + $5
+                    ELSE case_outbox.next_attempt_ms END";
+        match &self.store {
+            SensorStore::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                sqlx::query(
+                    "INSERT INTO anomaly_vehicle_state (vin, state, last_date_ms)
+                     SELECT x.vin, x.state, x.last_date_ms
+                     FROM jsonb_to_recordset($1::jsonb) AS x(vin text, state text, last_date_ms bigint)
+                     ON CONFLICT (vin) DO UPDATE SET state = excluded.state,
+                         last_date_ms = excluded.last_date_ms",
+                )
+                .bind(&state_rows)
+                .execute(&mut *tx)
+                .await?;
+                if !drafts.is_empty() {
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "INSERT INTO case_outbox (anomaly_key, vin, rule, episode_started_ms,
+                             episode_closed_ms, fields, version, status, next_attempt_ms,
+                             created_ms, updated_ms)
+                         SELECT x.anomaly_key, x.vin, x.rule, x.episode_started_ms,
+                             x.episode_closed_ms, x.fields, 1, $2, $3, $4, $4
+                         FROM jsonb_to_recordset($1::jsonb) AS x(anomaly_key text, vin text,
+                             rule text, episode_started_ms bigint, episode_closed_ms bigint,
+                             fields text)
+                         {upsert_tail}"
+                    )))
+                    .bind(&case_rows)
+                    .bind(new_status.as_str())
+                    .bind(now_ms)
+                    .bind(now_ms)
+                    .bind(update_after_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+            }
+            SensorStore::Sqlite(pool) => {
+                let mut tx = pool.begin().await?;
+                // `WHERE true` keeps SQLite from reading ON CONFLICT as part of the SELECT.
+                sqlx::query(
+                    "INSERT INTO anomaly_vehicle_state (vin, state, last_date_ms)
+                     SELECT json_extract(value, '$.vin'), json_extract(value, '$.state'),
+                            json_extract(value, '$.last_date_ms')
+                     FROM json_each($1) WHERE true
+                     ON CONFLICT (vin) DO UPDATE SET state = excluded.state,
+                         last_date_ms = excluded.last_date_ms",
+                )
+                .bind(&state_rows)
+                .execute(&mut *tx)
+                .await?;
+                if !drafts.is_empty() {
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "INSERT INTO case_outbox (anomaly_key, vin, rule, episode_started_ms,
+                             episode_closed_ms, fields, version, status, next_attempt_ms,
+                             created_ms, updated_ms)
+                         SELECT json_extract(value, '$.anomaly_key'), json_extract(value, '$.vin'),
+                             json_extract(value, '$.rule'), json_extract(value, '$.episode_started_ms'),
+                             json_extract(value, '$.episode_closed_ms'), json_extract(value, '$.fields'),
+                             1, $2, $3, $4, $4
+                         FROM json_each($1) WHERE true
+                         {upsert_tail}"
+                    )))
+                    .bind(&case_rows)
+                    .bind(new_status.as_str())
+                    .bind(now_ms)
+                    .bind(now_ms)
+                    .bind(update_after_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Leases up to `limit` due pending rows, oldest first, until `lease_until` (another worker
+    /// skips them meanwhile; an expired lease makes them due again).
+    pub async fn claim_due(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<CaseRecord>, StoreError> {
+        let sql = format!(
+            "UPDATE case_outbox SET lease_until_ms = $1 WHERE anomaly_key IN (
+                 SELECT anomaly_key FROM case_outbox
+                 WHERE status = 'pending' AND next_attempt_ms <= $2 AND lease_until_ms <= $2
+                 ORDER BY created_ms, anomaly_key LIMIT $3)
+             RETURNING {COLUMNS}"
+        );
+        let mut records = on_pool!(&self.store, |pool| {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(ms(lease_until))
+                .bind(ms(now))
+                .bind(limit)
+                .fetch_all(pool)
+                .await?;
+            rows.iter().map(record).collect::<Result<Vec<_>, _>>()?
+        });
+        records.sort_by(|a, b| (a.created_at, &a.key).cmp(&(b.created_at, &b.key)));
+        Ok(records)
+    }
+
+    /// When the next pending row is due, if any.
+    pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let next: Option<i64> = on_pool!(&self.store, |pool| {
+            sqlx::query_scalar(
+                "SELECT MIN(CASE WHEN lease_until_ms > next_attempt_ms THEN lease_until_ms
+                                 ELSE next_attempt_ms END)
+                 FROM case_outbox WHERE status = 'pending'",
+            )
+            .fetch_one(pool)
+            .await?
+        });
+        Ok(next.map(time))
+    }
+
+    /// Writes back how the sync of leased rows ended, in one transaction.
+    pub async fn finish(
+        &self,
+        outcomes: &[(CaseRecord, SyncOutcome)],
+        update_after_ms: i64,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let now_ms = ms(now);
+        on_pool!(&self.store, |pool| {
+            let mut tx = pool.begin().await?;
+            for (row, outcome) in outcomes {
+                match outcome {
+                    SyncOutcome::Synced {
+                        salesforce_id,
+                        fields,
+                        version,
+                    } => {
+                        // A newer version written meanwhile stays pending, due one update
+                        // interval after this sync.
+                        sqlx::query(
+                            "UPDATE case_outbox SET synced_fields = $1, synced_version = $2,
+                                 salesforce_id = COALESCE($3, salesforce_id), attempts = 0,
+                                 first_error_ms = NULL, last_error = NULL, lease_until_ms = 0,
+                                 synced_ms = $4, updated_ms = $4,
+                                 status = CASE WHEN version = $2 THEN 'synced' ELSE status END,
+                                 next_attempt_ms = $4 + $5
+                             WHERE anomaly_key = $6",
+                        )
+                        .bind(Value::Object(fields.clone()).to_string())
+                        .bind(*version)
+                        .bind(salesforce_id.as_deref())
+                        .bind(now_ms)
+                        .bind(update_after_ms)
+                        .bind(&row.key)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    SyncOutcome::Retry { error, at } => {
+                        sqlx::query(
+                            "UPDATE case_outbox SET attempts = attempts + 1,
+                                 first_error_ms = COALESCE(first_error_ms, $1), last_error = $2,
+                                 next_attempt_ms = $3, lease_until_ms = 0, updated_ms = $1
+                             WHERE anomaly_key = $4",
+                        )
+                        .bind(now_ms)
+                        .bind(error)
+                        .bind(ms(*at))
+                        .bind(&row.key)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    SyncOutcome::Failed { error } => {
+                        sqlx::query(
+                            "UPDATE case_outbox SET attempts = attempts + 1, status = 'failed',
+                                 first_error_ms = COALESCE(first_error_ms, $1), last_error = $2,
+                                 lease_until_ms = 0, updated_ms = $1
+                             WHERE anomaly_key = $3",
+                        )
+                        .bind(now_ms)
+                        .bind(error)
+                        .bind(&row.key)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// Moves every row in status `from` to `to` (not configured → pending when Salesforce is
+    /// set; pending ↔ paused while authentication fails). Returns the rows moved.
+    pub async fn move_status(&self, from: CaseStatus, to: CaseStatus) -> Result<u64, StoreError> {
+        let done = on_pool!(&self.store, |pool| {
+            sqlx::query("UPDATE case_outbox SET status = $1, lease_until_ms = 0 WHERE status = $2")
+                .bind(to.as_str())
+                .bind(from.as_str())
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(done)
+    }
+
+    /// Re-queues a failed row after a fix (`ecars cases retry KEY`); false when no failed row
+    /// has that key.
+    pub async fn retry(&self, key: &str, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let done = on_pool!(&self.store, |pool| {
+            sqlx::query(
+                "UPDATE case_outbox SET status = 'pending', attempts = 0, first_error_ms = NULL,
+                     next_attempt_ms = $1, lease_until_ms = 0, updated_ms = $1
+                 WHERE anomaly_key = $2 AND status = 'failed'",
+            )
+            .bind(ms(now))
+            .bind(key)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(done == 1)
+    }
+
+    /// The newest rows, optionally of one status.
+    pub async fn list(
+        &self,
+        status: Option<CaseStatus>,
+        limit: i64,
+    ) -> Result<Vec<CaseRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM case_outbox WHERE ($1 IS NULL OR status = $1)
+             ORDER BY created_ms DESC, anomaly_key LIMIT $2"
+        );
+        let status = status.map(CaseStatus::as_str);
+        let records = on_pool!(&self.store, |pool| {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(status)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?;
+            rows.iter().map(record).collect::<Result<Vec<_>, _>>()?
+        });
+        Ok(records)
+    }
+
+    /// Rows changed since they were last published on the anomalies stream, oldest change
+    /// first.
+    pub async fn unpublished(&self, limit: i64) -> Result<Vec<CaseRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM case_outbox WHERE version > published_version
+             ORDER BY updated_ms, anomaly_key LIMIT $1"
+        );
+        let records = on_pool!(&self.store, |pool| {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(limit)
+                .fetch_all(pool)
+                .await?;
+            rows.iter().map(record).collect::<Result<Vec<_>, _>>()?
+        });
+        Ok(records)
+    }
+
+    /// Records that these versions were published (a newer version written meanwhile stays
+    /// unpublished).
+    pub async fn mark_published(&self, published: &[(String, i64)]) -> Result<(), StoreError> {
+        on_pool!(&self.store, |pool| {
+            let mut tx = pool.begin().await?;
+            for (key, version) in published {
+                sqlx::query(
+                    "UPDATE case_outbox SET published_version = $1
+                     WHERE anomaly_key = $2 AND published_version < $1",
+                )
+                .bind(*version)
+                .bind(key)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// Rows per status.
+    pub async fn counts(&self) -> Result<HashMap<CaseStatus, i64>, StoreError> {
+        let rows: Vec<(String, i64)> = on_pool!(&self.store, |pool| {
+            sqlx::query_as("SELECT status, COUNT(*) FROM case_outbox GROUP BY status")
+                .fetch_all(pool)
+                .await?
+        });
+        rows.into_iter()
+            .map(|(status, n)| Ok((CaseStatus::parse(&status)?, n)))
+            .collect()
+    }
+}

@@ -1,0 +1,80 @@
+//! The anomaly contract: what the anomaly worker publishes on the anomalies stream (Kafka topic
+//! `{prefix}anomalies`) for other services, one event per change of an episode.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::telemetry::Vin;
+
+/// What happened to an episode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AnomalyChange {
+    /// A rule fired outside any open episode: a new Case is on its way.
+    Opened,
+    /// The rule fired again inside the episode.
+    Updated,
+    /// The rule stayed quiet for the quiet period.
+    Closed,
+}
+
+/// One change of an anomaly episode of one car.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct AnomalyEvent {
+    /// Id of this event: the same episode version always gets the same id, so a republished
+    /// event is recognisably the same (CloudEvents `ce_id`).
+    pub event_id: Uuid,
+    /// The episode's key, `{VIN}-{rule}-{episode start}`: the Salesforce Case's
+    /// `Ecars_Anomaly_Key__c`.
+    pub key: String,
+    /// The car.
+    pub vin: Vin,
+    /// The rule (`battery_drain`, `malfunction_reported`, `battery_critical`,
+    /// `telemetry_silent`).
+    pub rule: String,
+    /// What happened.
+    pub change: AnomalyChange,
+    /// Version of the episode's Case fields this event reflects (grows by one per change).
+    pub version: i64,
+    /// Event time of the first firing.
+    pub started_at: DateTime<Utc>,
+    /// When the episode closed, once closed.
+    pub closed_at: Option<DateTime<Utc>>,
+    /// Firings so far.
+    pub firings: u64,
+    /// The Case subject.
+    pub subject: String,
+    /// The Case priority.
+    pub priority: String,
+    /// When the worker recorded this change.
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl AnomalyEvent {
+    /// The event id of an episode version (UUIDv8 of SHA-256 of key and version).
+    pub fn id_for(key: &str, version: i64) -> Uuid {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new()
+            .chain_update(key.as_bytes())
+            .chain_update(version.to_be_bytes())
+            .finalize();
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        uuid::Builder::from_custom_bytes(bytes).into_uuid()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_episode_version_has_one_event_id() {
+        let a = AnomalyEvent::id_for("K", 1);
+        assert_eq!(a, AnomalyEvent::id_for("K", 1));
+        assert_ne!(a, AnomalyEvent::id_for("K", 2));
+        assert_ne!(a, AnomalyEvent::id_for("L", 1));
+        assert_eq!(a.get_version_num(), 8);
+    }
+}
