@@ -16,11 +16,28 @@ use uuid::Uuid;
 
 use crate::rules::{RuleKind, RuleSet};
 
-/// A battery level at a moment of the car's time.
+/// A battery level at a moment of the car's time. Stored as `[unix ms, percent]`: a car's
+/// state holds a window of these and is written with every batch, so it is kept small.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(from = "(i64, f64)", into = "(i64, f64)")]
 struct BatteryPoint {
     date: DateTime<Utc>,
     percent: f64,
+}
+
+impl From<(i64, f64)> for BatteryPoint {
+    fn from((ms, percent): (i64, f64)) -> Self {
+        BatteryPoint {
+            date: DateTime::from_timestamp_millis(ms).unwrap_or_default(),
+            percent,
+        }
+    }
+}
+
+impl From<BatteryPoint> for (i64, f64) {
+    fn from(point: BatteryPoint) -> Self {
+        (point.date.timestamp_millis(), point.percent)
+    }
 }
 
 /// What the detector remembers of one car.

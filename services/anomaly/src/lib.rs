@@ -139,7 +139,7 @@ pub enum AnomalyError {
 
 /// The worker, checked and subscribed, ready to run.
 pub struct AnomalyWorker {
-    sink: DetectorSink,
+    detection: Arc<Detection>,
     subscription: Box<dyn ecars_shared::bus::Subscription>,
     sync: Option<CaseSync>,
     events: events::EpisodeEventRelay,
@@ -177,7 +177,7 @@ impl AnomalyWorker {
             tracing::warn!("no Salesforce settings (SALESFORCE_CLIENT_ID): anomalies are kept in the case outbox as not configured");
             None
         };
-        let sink = DetectorSink {
+        let detection = Arc::new(Detection {
             detector: Detector::new(rules),
             outbox,
             settings: CaseSettings {
@@ -193,9 +193,10 @@ impl AnomalyWorker {
                 .unwrap_or(i64::MAX),
             wake,
             events_wake: Arc::clone(&events.wake),
-        };
+            states: tokio::sync::Mutex::new(()),
+        });
         Ok(AnomalyWorker {
-            sink,
+            detection,
             subscription: bus.subscribe(Stream::Telemetry, CONSUMER_GROUP).await?,
             sync,
             events,
@@ -206,11 +207,13 @@ impl AnomalyWorker {
     /// received before returning.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AnomalyError> {
         let detector = tokio::spawn(run_writer(
-            self.sink,
+            DetectorSink(Arc::clone(&self.detection)),
             self.subscription,
+            // Each batch reads and writes the state of every car in it: larger batches carry
+            // more readings per state round trip (detection may lag by up to 250 ms).
             BatchPolicy {
-                max_rows: 1000,
-                max_delay: Duration::from_millis(100),
+                max_rows: 5000,
+                max_delay: Duration::from_millis(250),
             },
             RetryPolicy::default(),
             shutdown.clone(),
@@ -220,6 +223,7 @@ impl AnomalyWorker {
             .sync
             .map(|sync| tokio::spawn(sync.run(sync_stop.clone())));
         let events = tokio::spawn(self.events.run(sync_stop.clone()));
+        let sweep = tokio::spawn(Arc::clone(&self.detection).sweep_until(sync_stop.clone()));
         let detected = detector.await;
         // The sync and the event relay stop with the detector (the bus closed) or with shutdown.
         sync_stop.cancel();
@@ -227,6 +231,7 @@ impl AnomalyWorker {
             sync.await??;
         }
         events.await??;
+        sweep.await?;
         detected??;
         Ok(())
     }
@@ -245,8 +250,9 @@ pub async fn run(
         .await
 }
 
-/// Runs the detector over batches of readings and commits states and Cases together.
-struct DetectorSink {
+/// The detector with where its results go; shared by the batch sink and the silence sweep,
+/// which take turns on the cars' states.
+struct Detection {
     detector: Detector,
     outbox: CaseOutbox,
     settings: CaseSettings,
@@ -254,7 +260,129 @@ struct DetectorSink {
     update_after_ms: i64,
     wake: Arc<Notify>,
     events_wake: Arc<Notify>,
+    /// Held while states are read, changed and written back, so the sweep and a batch never
+    /// overwrite each other's changes to one car.
+    states: tokio::sync::Mutex<()>,
 }
+
+/// The Cases of a run of changes, one per episode (the newest change wins).
+#[derive(Default)]
+struct Drafts {
+    drafts: Vec<outbox::CaseDraft>,
+    index: HashMap<String, usize>,
+}
+
+impl Detection {
+    fn record(&self, change: &detector::EpisodeChange, drafts: &mut Drafts) {
+        ::metrics::counter!(
+            metrics::EPISODES,
+            "rule" => change.episode.rule.name(),
+            "change" => match change.kind {
+                ChangeKind::Opened => "opened",
+                ChangeKind::Updated => "updated",
+                ChangeKind::Closed => "closed",
+            }
+        )
+        .increment(1);
+        if change.kind == ChangeKind::Opened {
+            tracing::info!(vin = %change.vin, rule = %change.episode.rule, key = change.episode.key, "anomaly episode opened");
+        }
+        let draft = case::draft(change, self.detector.rules(), &self.settings);
+        match drafts.index.get(&draft.key) {
+            Some(&i) => drafts.drafts[i] = draft,
+            None => {
+                drafts.index.insert(draft.key.clone(), drafts.drafts.len());
+                drafts.drafts.push(draft);
+            }
+        }
+    }
+
+    async fn commit(
+        &self,
+        states: &HashMap<Vin, VehicleState>,
+        drafts: &Drafts,
+    ) -> Result<(), StoreError> {
+        self.outbox
+            .commit(
+                states,
+                &drafts.drafts,
+                self.new_status,
+                self.update_after_ms,
+                Utc::now(),
+            )
+            .await?;
+        if !drafts.drafts.is_empty() {
+            self.wake.notify_one();
+            self.events_wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Runs a batch of readings through the detector; returns the Cases changed.
+    async fn process(&self, batch: &[TelemetryReading]) -> Result<u64, StoreError> {
+        let _turn = self.states.lock().await;
+        // The states are read fresh for every batch: after a rebalance or restart, another
+        // worker's progress on these cars is what counts.
+        let mut vins: Vec<&Vin> = batch.iter().map(|r| &r.vin).collect();
+        vins.sort();
+        vins.dedup();
+        let mut states: HashMap<Vin, VehicleState> = self.outbox.load_states(&vins).await?;
+        let mut drafts = Drafts::default();
+        for reading in batch {
+            let state = states.entry(reading.vin.clone()).or_default();
+            for change in self.detector.observe(state, reading) {
+                self.record(&change, &mut drafts);
+            }
+        }
+        self.commit(&states, &drafts).await?;
+        Ok(drafts.drafts.len() as u64)
+    }
+
+    /// Opens `telemetry_silent` episodes for cars quiet for longer than the rule allows (wall
+    /// clock). Every worker computes the same episode key, so two sweeping replicas agree.
+    async fn sweep(&self, now: chrono::DateTime<Utc>) -> Result<usize, StoreError> {
+        let rule = &self.detector.rules().telemetry_silent;
+        let quiet_since = now - chrono::TimeDelta::from_std(rule.after).unwrap_or_default();
+        let _turn = self.states.lock().await;
+        let mut states = HashMap::new();
+        let mut drafts = Drafts::default();
+        for (vin, mut state) in self.outbox.quiet_states(quiet_since, 1000).await? {
+            let changes = self.detector.sweep(&vin, &mut state, now);
+            if !changes.is_empty() {
+                for change in &changes {
+                    self.record(change, &mut drafts);
+                }
+                states.insert(vin, state);
+            }
+        }
+        if !states.is_empty() {
+            self.commit(&states, &drafts).await?;
+        }
+        Ok(drafts.drafts.len())
+    }
+
+    /// Sweeps for silent cars every quarter of the rule's threshold (at most every 30 s) until
+    /// `stop`; does nothing when the rule is off.
+    async fn sweep_until(self: Arc<Self>, stop: CancellationToken) {
+        let rule = &self.detector.rules().telemetry_silent;
+        if !rule.enabled {
+            return;
+        }
+        let every = (rule.after / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            if let Err(e) = self.sweep(Utc::now()).await {
+                tracing::warn!(error = %e, "silence sweep failed; trying again later");
+            }
+        }
+    }
+}
+
+/// The batch sink of the detector: each batch's states and Cases in one transaction.
+struct DetectorSink(Arc<Detection>);
 
 impl BatchSink for DetectorSink {
     type Item = TelemetryReading;
@@ -271,55 +399,7 @@ impl BatchSink for DetectorSink {
     }
 
     async fn write(&self, batch: &[TelemetryReading]) -> Result<u64, StoreError> {
-        // The states are read fresh for every batch: after a rebalance or restart, another
-        // worker's progress on these cars is what counts.
-        let mut vins: Vec<&Vin> = batch.iter().map(|r| &r.vin).collect();
-        vins.sort();
-        vins.dedup();
-        let mut states: HashMap<Vin, VehicleState> = self.outbox.load_states(&vins).await?;
-        let mut drafts: Vec<outbox::CaseDraft> = Vec::new();
-        let mut index: HashMap<String, usize> = HashMap::new();
-        for reading in batch {
-            let state = states.entry(reading.vin.clone()).or_default();
-            for change in self.detector.observe(state, reading) {
-                ::metrics::counter!(
-                    metrics::EPISODES,
-                    "rule" => change.episode.rule.name(),
-                    "change" => match change.kind {
-                        ChangeKind::Opened => "opened",
-                        ChangeKind::Updated => "updated",
-                        ChangeKind::Closed => "closed",
-                    }
-                )
-                .increment(1);
-                if change.kind == ChangeKind::Opened {
-                    tracing::info!(vin = %change.vin, rule = %change.episode.rule, key = change.episode.key, "anomaly episode opened");
-                }
-                let draft = case::draft(&change, self.detector.rules(), &self.settings);
-                // One row per episode per batch: the newest change wins.
-                match index.get(&draft.key) {
-                    Some(&i) => drafts[i] = draft,
-                    None => {
-                        index.insert(draft.key.clone(), drafts.len());
-                        drafts.push(draft);
-                    }
-                }
-            }
-        }
-        self.outbox
-            .commit(
-                &states,
-                &drafts,
-                self.new_status,
-                self.update_after_ms,
-                Utc::now(),
-            )
-            .await?;
-        if !drafts.is_empty() {
-            self.wake.notify_one();
-            self.events_wake.notify_one();
-        }
-        Ok(drafts.len() as u64)
+        self.0.process(batch).await
     }
 }
 
