@@ -1,0 +1,444 @@
+//! The live relay: streams readings to WebSocket clients (a service agent's Case page, the
+//! dashboard), one car or a chosen set per socket, on the HTTP port.
+//!
+//! - `GET /v1/vehicles/{vin}/live`: one car; `GET /v1/live[?vin=A,B]`: the fleet or some cars.
+//!   A socket first gets the newest readings of its cars from the database (so a chart starts
+//!   full), then live ones, each a JSON text frame of the reading with its `event_id`.
+//! - Routing by VIN and a bounded queue per client ([`hub`]); a client that falls behind is closed
+//!   with [`CLOSE_TOO_SLOW`]; pings keep sockets alive and an idle one is closed.
+//! - With `ECARS_RELAY_SECRET`, a client presents a relay token ([`token`]) as
+//!   `Authorization: Bearer`, `?access_token=` or its first message; otherwise the socket closes
+//!   with 1008 (policy violation). `POST /v1/relay-tokens` mints one for callers with
+//!   `ECARS_RELAY_API_KEY`. Without a secret the relay only runs on a loopback address.
+//! - Data flow: bus (a tail of the telemetry stream of its own: every instance sees every
+//!   reading) → [`hub::Hub`] → sockets.
+
+pub mod hub;
+pub mod token;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use clap::Args;
+use ecars_persist::SensorStore;
+use ecars_shared::bus::{Bus, BusError, BusRecord, Stream};
+use ecars_shared::config::parse_duration;
+use ecars_shared::telemetry::Vin;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::{Frame, Hub};
+use crate::token::{TokenAuthority, TokenError, FLEET};
+
+/// Close code of a client that fell too far behind (private-use range of RFC 6455).
+pub const CLOSE_TOO_SLOW: u16 = 4001;
+/// Close code of a missing, invalid, expired or wrong token (RFC 6455 policy violation).
+pub const CLOSE_POLICY: u16 = 1008;
+/// Close code of a socket idle for too long (RFC 6455 going away).
+pub const CLOSE_IDLE: u16 = 1001;
+
+/// Metric names of the relay (described with the others in `ecars_shared::metrics`).
+pub(crate) mod metrics {
+    pub use ecars_shared::metrics::{
+        RELAY_CLIENTS as CLIENTS, RELAY_REFUSED as REFUSED, RELAY_SLOW_CLIENTS as SLOW_CLIENTS,
+    };
+}
+
+/// Settings of the relay.
+#[derive(Clone, Debug, Args)]
+pub struct RelayConfig {
+    /// Secret that signs relay tokens (HS256, at least 32 bytes). Without it the relay is open
+    /// and refuses to run on a non-loopback address. Prefer the environment or the file.
+    #[arg(long = "relay-secret", env = "ECARS_RELAY_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+    /// File holding the relay secret.
+    #[arg(long = "relay-secret-file", env = "ECARS_RELAY_SECRET_FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// API key that may mint relay tokens at `POST /v1/relay-tokens` (for a Salesforce Named
+    /// Credential); minting is off without it.
+    #[arg(long = "relay-api-key", env = "ECARS_RELAY_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// File holding the API key.
+    #[arg(long = "relay-api-key-file", env = "ECARS_RELAY_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Origins allowed to open sockets, comma-separated (for example
+    /// `https://myorg.lightning.force.com`); empty allows any. Clients without an Origin header
+    /// (not browsers) are not affected.
+    #[arg(long = "relay-allowed-origins", env = "ECARS_RELAY_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// Readings of each car sent first on connect.
+    #[arg(long = "relay-backlog", env = "ECARS_RELAY_BACKLOG", default_value_t = 20, value_parser = clap::value_parser!(i64).range(0..=1000))]
+    pub backlog: i64,
+    /// Frames a client may fall behind before it is closed.
+    #[arg(long = "relay-client-queue", env = "ECARS_RELAY_CLIENT_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub client_queue: u32,
+    /// Interval of pings to each client.
+    #[arg(long = "relay-ping-interval", env = "ECARS_RELAY_PING_INTERVAL", default_value = "20s", value_parser = parse_duration)]
+    pub ping_interval: Duration,
+    /// A client silent this long (no pong, no message) is closed.
+    #[arg(long = "relay-idle-timeout", env = "ECARS_RELAY_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Lifetime of minted tokens.
+    #[arg(long = "relay-token-ttl", env = "ECARS_RELAY_TOKEN_TTL", default_value = "5m", value_parser = parse_duration)]
+    pub token_ttl: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            secret: None,
+            secret_file: None,
+            api_key: None,
+            api_key_file: None,
+            allowed_origins: Vec::new(),
+            backlog: 20,
+            client_queue: 256,
+            ping_interval: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(60),
+            token_ttl: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A relay setting that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {setting}: {reason}")]
+pub struct RelayConfigError {
+    /// Which setting.
+    pub setting: &'static str,
+    /// Why.
+    pub reason: String,
+}
+
+fn secret_from(
+    value: &Option<String>,
+    file: &Option<PathBuf>,
+    setting: &'static str,
+) -> Result<Option<String>, RelayConfigError> {
+    match (value, file) {
+        (Some(_), Some(_)) => Err(RelayConfigError {
+            setting,
+            reason: "set either the value or the file, not both".into(),
+        }),
+        (Some(v), None) => Ok(Some(v.clone())),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map(|s| Some(s.trim().to_owned()))
+            .map_err(|e| RelayConfigError {
+                setting,
+                reason: format!("cannot read {}: {e}", path.display()),
+            }),
+        (None, None) => Ok(None),
+    }
+}
+
+/// The running relay's shared state.
+pub struct Relay {
+    hub: Arc<Hub>,
+    store: Option<SensorStore>,
+    auth: Option<TokenAuthority>,
+    api_key: Option<String>,
+    config: RelayConfig,
+}
+
+impl Relay {
+    /// Checks the settings for a relay served on `http_addr`, reading backlogs from `store`.
+    pub fn new(
+        config: &RelayConfig,
+        http_addr: SocketAddr,
+        store: Option<SensorStore>,
+    ) -> Result<Arc<Relay>, RelayConfigError> {
+        let secret = secret_from(&config.secret, &config.secret_file, "ECARS_RELAY_SECRET")?;
+        let api_key = secret_from(&config.api_key, &config.api_key_file, "ECARS_RELAY_API_KEY")?;
+        let auth = match &secret {
+            Some(secret) if secret.len() < 32 => {
+                return Err(RelayConfigError {
+                    setting: "ECARS_RELAY_SECRET",
+                    reason: format!("{} bytes; at least 32 are needed for HS256", secret.len()),
+                })
+            }
+            Some(secret) => Some(TokenAuthority::new(secret.as_bytes())),
+            None if !http_addr.ip().is_loopback() => {
+                return Err(RelayConfigError {
+                    setting: "ECARS_RELAY_SECRET",
+                    reason: format!("missing, and the HTTP listener {http_addr} is not loopback: anyone could watch every car"),
+                })
+            }
+            None => {
+                tracing::warn!("no relay secret: live sockets are open to anyone who reaches the loopback HTTP listener");
+                None
+            }
+        };
+        if api_key.is_some() && auth.is_none() {
+            return Err(RelayConfigError {
+                setting: "ECARS_RELAY_API_KEY",
+                reason: "minting tokens needs ECARS_RELAY_SECRET to sign them".into(),
+            });
+        }
+        Ok(Arc::new(Relay {
+            hub: Hub::new(config.client_queue as usize),
+            store,
+            auth,
+            api_key,
+            config: config.clone(),
+        }))
+    }
+
+    /// The fan-out.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Follows the telemetry stream into the hub until `shutdown` or the bus closes. Each relay
+    /// has a tail of its own (in Kafka: its own group, from the newest offset).
+    pub async fn feed(self: Arc<Self>, bus: Arc<dyn Bus>, shutdown: CancellationToken) -> Result<(), BusError> {
+        let mut tail = bus.tail(Stream::Telemetry, "ecars-relay").await?;
+        loop {
+            let delivery = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                delivery = tail.next() => delivery?,
+            };
+            match delivery {
+                None => return Ok(()),
+                Some(delivery) => {
+                    if let BusRecord::Telemetry(reading) = delivery.record {
+                        self.hub.publish(&reading);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The relay's routes.
+pub fn router(relay: Arc<Relay>) -> Router {
+    Router::new()
+        .route("/v1/vehicles/{vin}/live", get(vehicle_live))
+        .route("/v1/live", get(fleet_live))
+        .route("/v1/relay-tokens", post(mint_token))
+        .with_state(relay)
+}
+
+#[derive(Debug, Deserialize)]
+struct LiveQuery {
+    access_token: Option<String>,
+    vin: Option<String>,
+}
+
+fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_owned())
+}
+
+impl Relay {
+    /// Refuses a browser from an Origin not on the allow-list.
+    fn origin_allowed(&self, headers: &HeaderMap) -> bool {
+        let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+            return true;
+        };
+        self.config.allowed_origins.is_empty()
+            || self
+                .config
+                .allowed_origins
+                .iter()
+                .any(|allowed| allowed.trim_end_matches('/') == origin)
+    }
+
+    fn upgrade(
+        self: Arc<Self>,
+        upgrade: WebSocketUpgrade,
+        headers: &HeaderMap,
+        query: LiveQuery,
+        vins: Option<Vec<Vin>>,
+    ) -> Response {
+        if !self.origin_allowed(headers) {
+            ::metrics::counter!(metrics::REFUSED, "reason" => "origin").increment(1);
+            return refuse(StatusCode::FORBIDDEN, "this Origin may not open live sockets");
+        }
+        let token = bearer(headers).or(query.access_token);
+        upgrade.on_upgrade(move |socket| self.serve(socket, vins, token))
+    }
+
+    async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
+        let _ = socket
+            .send(Message::Close(Some(CloseFrame {
+                code,
+                reason: Utf8Bytes::from(reason),
+            })))
+            .await;
+    }
+
+    /// Waits for the first message to carry the token: the raw token or
+    /// `{"access_token": "..."}`.
+    async fn token_from_first_message(socket: &mut WebSocket) -> Option<String> {
+        let first = tokio::time::timeout(Duration::from_secs(10), socket.recv()).await;
+        let Ok(Some(Ok(Message::Text(text)))) = first else {
+            return None;
+        };
+        let text = text.as_str().trim();
+        match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(value) => value["access_token"].as_str().map(str::to_owned),
+            Err(_) => Some(text.to_owned()),
+        }
+    }
+
+    async fn serve(self: Arc<Self>, mut socket: WebSocket, vins: Option<Vec<Vin>>, token: Option<String>) {
+        if let Some(auth) = &self.auth {
+            let token = match token {
+                Some(token) => Some(token),
+                None => Self::token_from_first_message(&mut socket).await,
+            };
+            let checked = match token {
+                None => Err(TokenError::Missing),
+                Some(token) => auth.check(&token, vins.as_deref()),
+            };
+            if let Err(error) = checked {
+                ::metrics::counter!(metrics::REFUSED, "reason" => error.code()).increment(1);
+                tracing::info!(reason = error.code(), "live socket refused");
+                Self::close(&mut socket, CLOSE_POLICY, &error.to_string()).await;
+                return;
+            }
+        }
+        // Registered before the backlog is read, so nothing published meanwhile is missed;
+        // a reading in both is sent once.
+        let mut registration = self.hub.register(vins.clone());
+        let mut sent: HashSet<uuid::Uuid> = HashSet::new();
+        if let (Some(store), Some(vins)) = (&self.store, &vins) {
+            for vin in vins {
+                let readings = match store.vehicle_readings(vin, self.config.backlog).await {
+                    Ok(readings) => readings,
+                    Err(e) => {
+                        tracing::warn!(error = %e, %vin, "backlog unavailable; live readings only");
+                        Vec::new()
+                    }
+                };
+                for reading in readings.iter().rev() {
+                    sent.insert(reading.event_id);
+                    if socket.send(Message::Text(Frame::of(reading).text)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let mut ping = tokio::time::interval(self.config.ping_interval);
+        ping.reset();
+        let mut last_heard = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                frame = registration.frames.recv() => {
+                    let Some(frame) = frame else { return };
+                    if !sent.is_empty() && sent.remove(&frame.event_id) {
+                        continue;
+                    }
+                    if socket.send(Message::Text(frame.text)).await.is_err() {
+                        return;
+                    }
+                }
+                _ = registration.kicked.cancelled() => {
+                    let reason = format!("client too slow: more than {} readings behind", self.config.client_queue);
+                    Self::close(&mut socket, CLOSE_TOO_SLOW, &reason).await;
+                    return;
+                }
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > self.config.idle_timeout {
+                        Self::close(&mut socket, CLOSE_IDLE, "idle").await;
+                        return;
+                    }
+                    if socket.send(Message::Ping(Default::default())).await.is_err() {
+                        return;
+                    }
+                }
+                message = socket.recv() => match message {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                    Some(Ok(_)) => last_heard = tokio::time::Instant::now(),
+                },
+            }
+        }
+    }
+}
+
+async fn vehicle_live(
+    State(relay): State<Arc<Relay>>,
+    Path(vin): Path<String>,
+    Query(query): Query<LiveQuery>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    match Vin::parse(&vin) {
+        Ok(vin) => relay.upgrade(upgrade, &headers, query, Some(vec![vin])),
+        Err(e) => refuse(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+async fn fleet_live(
+    State(relay): State<Arc<Relay>>,
+    Query(query): Query<LiveQuery>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let vins = match query.vin.as_deref().filter(|v| !v.trim().is_empty()) {
+        None => None,
+        Some(list) => match list.split(',').map(|v| Vin::parse(v.trim())).collect() {
+            Ok(vins) => Some(vins),
+            Err(e) => return refuse(StatusCode::BAD_REQUEST, e.to_string()),
+        },
+    };
+    relay.upgrade(upgrade, &headers, query, vins)
+}
+
+#[derive(Debug, Deserialize)]
+struct MintRequest {
+    /// A VIN, or `*` for the fleet.
+    vin: String,
+}
+
+/// Equal-time comparison, so the key cannot be guessed byte by byte from response times.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn mint_token(
+    State(relay): State<Arc<Relay>>,
+    headers: HeaderMap,
+    Json(request): Json<MintRequest>,
+) -> Response {
+    let (Some(key), Some(auth)) = (&relay.api_key, &relay.auth) else {
+        return refuse(StatusCode::NOT_FOUND, "token minting is off (no ECARS_RELAY_API_KEY)");
+    };
+    if !bearer(&headers).is_some_and(|given| same_secret(&given, key)) {
+        ::metrics::counter!(metrics::REFUSED, "reason" => "api_key").increment(1);
+        return refuse(StatusCode::UNAUTHORIZED, "a valid API key is required");
+    }
+    let subject = if request.vin == FLEET {
+        FLEET.to_owned()
+    } else {
+        match Vin::parse(&request.vin) {
+            Ok(vin) => vin.to_string(),
+            Err(e) => return refuse(StatusCode::BAD_REQUEST, e.to_string()),
+        }
+    };
+    match auth.mint(&subject, relay.config.token_ttl) {
+        Ok(token) => Json(serde_json::json!({
+            "token": token,
+            "sub": subject,
+            "expires_in": relay.config.token_ttl.as_secs(),
+        }))
+        .into_response(),
+        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
