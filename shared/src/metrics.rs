@@ -66,6 +66,14 @@ pub const CASE_SYNC_PAUSES: &str = "ecars_case_sync_pauses_total";
 /// Times the Case sync waited because API usage passed the budget share.
 pub const CASE_SYNC_BUDGET_WAITS: &str = "ecars_case_sync_budget_waits_total";
 
+/// Live sockets open on the relay.
+pub const RELAY_CLIENTS: &str = "ecars_relay_clients";
+/// Live sockets refused, labelled by `reason` (missing, invalid, expired, wrong_vin, origin,
+/// api_key).
+pub const RELAY_REFUSED: &str = "ecars_relay_refused_total";
+/// Live sockets closed because the client fell too far behind.
+pub const RELAY_SLOW_CLIENTS: &str = "ecars_relay_slow_clients_total";
+
 /// Installs the process-wide Prometheus recorder and describes every metric.
 ///
 /// Safe to call more than once (tests start several services in one process): later calls
@@ -183,6 +191,12 @@ fn describe() {
     describe_counter!(
         CASE_SYNC_PAUSES,
         "Times the Case sync paused on refused credentials"
+    );
+    describe_gauge!(RELAY_CLIENTS, "Live sockets open on the relay");
+    describe_counter!(RELAY_REFUSED, "Live sockets refused, by reason");
+    describe_counter!(
+        RELAY_SLOW_CLIENTS,
+        "Live sockets closed because the client fell too far behind"
     );
     describe_counter!(
         CASE_SYNC_BUDGET_WAITS,

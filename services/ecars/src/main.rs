@@ -11,6 +11,7 @@ use ecars_anomaly::{AnomalyConfig, AnomalyWorker};
 use ecars_api::{ApiState, HttpConfig, Readiness};
 use ecars_ingest::{BoundIngest, IngestConfig};
 use ecars_persist::{DatabaseConfig, PersistConfig, PersistWorker, SensorStore};
+use ecars_relay::{Relay, RelayConfig};
 use ecars_shared::bus::{Bus, InProcessBus, KafkaBus, KafkaConfig};
 use ecars_shared::config::LogConfig;
 use ecars_simulator::SimulatorConfig;
@@ -36,7 +37,7 @@ struct Cli {
 enum Command {
     /// Run everything in one process: MQTT broker, bus (in process, or Kafka with
     /// --kafka-brokers), persistence and HTTP.
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// Scale-out: the MQTT broker, publishing accepted readings to Kafka.
     Ingest(IngestArgs),
     /// Scale-out: the persistence worker, consuming Kafka as group `ecars-persist`.
@@ -44,6 +45,8 @@ enum Command {
     /// Scale-out: the anomaly worker (detection and Salesforce Cases), consuming Kafka as group
     /// `ecars-anomaly`.
     Anomaly(AnomalyArgs),
+    /// Scale-out: the live relay (WebSockets on the HTTP port), following Kafka on its own.
+    Relay(RelayArgs),
     /// Show or re-queue the Cases of the case outbox.
     Cases(CasesArgs),
     /// Print the Kafka topics other services can consume: partitions, keys, value schemas.
@@ -68,6 +71,8 @@ struct UpArgs {
     kafka: KafkaConfig,
     #[command(flatten)]
     anomaly: AnomalyConfig,
+    #[command(flatten)]
+    relay: RelayConfig,
     /// Records each in-process bus queue holds before publishers wait (backpressure).
     #[arg(long = "bus-capacity", env = "ECARS_BUS_CAPACITY", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     bus_capacity: u32,
@@ -118,6 +123,18 @@ struct AnomalyArgs {
     database: DatabaseConfig,
     #[command(flatten)]
     anomaly: AnomalyConfig,
+    #[command(flatten)]
+    http: HttpConfig,
+    #[command(flatten)]
+    kafka: KafkaConfig,
+}
+
+#[derive(Debug, Args)]
+struct RelayArgs {
+    #[command(flatten)]
+    relay: RelayConfig,
+    #[command(flatten)]
+    database: DatabaseConfig,
     #[command(flatten)]
     http: HttpConfig,
     #[command(flatten)]
@@ -178,10 +195,11 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Up(args) => up(args).await,
+            Command::Up(args) => up(*args).await,
             Command::Ingest(args) => ingest(args).await,
             Command::Persist(args) => persist(args).await,
             Command::Anomaly(args) => anomaly(args).await,
+            Command::Relay(args) => relay(args).await,
             Command::Cases(args) => cases(args).await,
             Command::Topics(args) => topics(args).await,
             Command::Migrate(args) => {
@@ -339,6 +357,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         )
         .await?
     };
+    let relay = Relay::new(&args.relay, args.http.http_addr, Some(store.clone()))?;
     let ingest = BoundIngest::bind(&args.ingest, Arc::clone(&bus)).await?;
     let mqtt_addr = ingest.mqtt_addr()?;
     let http = bind_http(&args.http).await?;
@@ -364,6 +383,11 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         };
         tokio::spawn(async move { Ok(anomaly.run(token).await?) })
     };
+    let stop_relay = CancellationToken::new();
+    let mut relay_task = {
+        let (relay, bus, token) = (Arc::clone(&relay), Arc::clone(&bus), stop_relay.clone());
+        tokio::spawn(async move { Ok(relay.feed(bus, token).await?) })
+    };
     let mut ingest_task = {
         let token = stop_ingest.clone();
         tokio::spawn(async move {
@@ -379,7 +403,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             metrics,
             readiness: readiness.clone(),
         },
-        ecars_anomaly::cases_router(CaseOutbox::new(store.clone())),
+        ecars_anomaly::cases_router(CaseOutbox::new(store.clone()))
+            .merge(ecars_relay::router(Arc::clone(&relay))),
     );
     readiness.set("workers", true);
 
@@ -407,6 +432,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let parts = vec![
         ("the persistence worker", &mut persist_task),
         ("the anomaly worker", &mut anomaly_task),
+        ("the live relay", &mut relay_task),
         ("MQTT ingest", &mut ingest_task),
         ("the HTTP server", &mut http_task),
     ];
@@ -421,6 +447,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     stop_persist.cancel();
     persist_task.await.context("persist task")??;
     anomaly_task.await.context("anomaly task")??;
+    stop_relay.cancel();
+    relay_task.await.context("relay task")??;
     stop_http.cancel();
     http_task.await.context("http task")??;
     store.close().await;
@@ -571,6 +599,24 @@ impl ConsumerService {
         tracing::info!("stopped cleanly");
         Ok(())
     }
+}
+
+async fn relay(args: RelayArgs) -> anyhow::Result<()> {
+    let store = open_store(&args.database).await?;
+    let bus = kafka_bus(&args.kafka, KafkaRole::Consumer).await?;
+    let relay = Relay::new(&args.relay, args.http.http_addr, Some(store.clone()))?;
+    let service = ConsumerService {
+        name: "the live relay",
+        routes: ecars_relay::router(Arc::clone(&relay)),
+        store,
+        bus: Arc::clone(&bus),
+        readiness: Readiness::default(),
+    };
+    service
+        .run(&args.http, |stop| async move {
+            Ok(relay.feed(bus, stop).await?)
+        })
+        .await
 }
 
 async fn cases(args: CasesArgs) -> anyhow::Result<()> {

@@ -52,6 +52,11 @@ async fn up_stores_what_mosquitto_pub_sends_and_exits_zero_on_ctrl_c() {
     .unwrap();
 
     let vin = "1HGCM82633A004352";
+    // A service agent's live view of the car, on the same port.
+    let (mut live, _) =
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{http}/v1/vehicles/{vin}/live"))
+            .await
+            .unwrap();
     let publish = |topic: String, message: String| async move {
         let out = Command::new("mosquitto_pub")
             .args([
@@ -90,6 +95,18 @@ async fn up_stores_what_mosquitto_pub_sends_and_exits_zero_on_ctrl_c() {
         r#"{"vin":"5YJ3E1EA7KF000001","latitude":"37.1","longitude":"-122.3"}"#.into(),
     )
     .await;
+
+    let frame = loop {
+        use futures_util::StreamExt;
+        match tokio::time::timeout(Duration::from_secs(10), live.next()).await {
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text)))) => break text,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no live frame: {other:?}"),
+        }
+    };
+    let frame: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
+    assert_eq!(frame["battery"], 80.5, "the live view got the reading");
+    drop(live);
 
     let telemetry = format!("{base}/v1/vehicles/{vin}/telemetry");
     wait_for("the row in the API", Duration::from_secs(5), || async {
@@ -164,6 +181,28 @@ async fn bad_settings_fail_at_start_naming_the_setting() {
             "--http-addr",
         ),
         (&["simulate", "--broker", "http://x:1"], "--broker"),
+        (
+            &[
+                "up",
+                "--database-url",
+                &db,
+                "--rules",
+                "/nonexistent/rules.toml",
+            ],
+            "ECARS_ANOMALY_RULES",
+        ),
+        (
+            &["up", "--database-url", &db, "--salesforce-client-id", "x"],
+            "SALESFORCE_USERNAME",
+        ),
+        (
+            &["up", "--database-url", &db, "--relay-secret", "short"],
+            "ECARS_RELAY_SECRET",
+        ),
+        (
+            &["up", "--database-url", &db, "--http-addr", "0.0.0.0:0"],
+            "ECARS_RELAY_SECRET",
+        ),
     ];
     for (args, needle) in cases {
         let out = run_to_end(args).await;
@@ -187,6 +226,11 @@ async fn help_explains_every_setting_with_its_environment_variable() {
         "ECARS_BATCH_MS",
         "--simulate",
         "--log-format",
+        "ECARS_ANOMALY_RULES",
+        "SALESFORCE_CLIENT_ID",
+        "SALESFORCE_PRIVATE_KEY_FILE",
+        "ECARS_RELAY_SECRET",
+        "ECARS_RELAY_ALLOWED_ORIGINS",
     ] {
         assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
     }

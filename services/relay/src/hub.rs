@@ -95,7 +95,11 @@ impl Hub {
                 }
                 Some(vins) => {
                     for vin in vins {
-                        routes.by_vin.entry(vin.clone()).or_default().insert(id, client());
+                        routes
+                            .by_vin
+                            .entry(vin.clone())
+                            .or_default()
+                            .insert(id, client());
                     }
                 }
             }

@@ -58,14 +58,22 @@ pub(crate) mod metrics {
 pub struct RelayConfig {
     /// Secret that signs relay tokens (HS256, at least 32 bytes). Without it the relay is open
     /// and refuses to run on a non-loopback address. Prefer the environment or the file.
-    #[arg(long = "relay-secret", env = "ECARS_RELAY_SECRET", hide_env_values = true)]
+    #[arg(
+        long = "relay-secret",
+        env = "ECARS_RELAY_SECRET",
+        hide_env_values = true
+    )]
     pub secret: Option<String>,
     /// File holding the relay secret.
     #[arg(long = "relay-secret-file", env = "ECARS_RELAY_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
     /// API key that may mint relay tokens at `POST /v1/relay-tokens` (for a Salesforce Named
     /// Credential); minting is off without it.
-    #[arg(long = "relay-api-key", env = "ECARS_RELAY_API_KEY", hide_env_values = true)]
+    #[arg(
+        long = "relay-api-key",
+        env = "ECARS_RELAY_API_KEY",
+        hide_env_values = true
+    )]
     pub api_key: Option<String>,
     /// File holding the API key.
     #[arg(long = "relay-api-key-file", env = "ECARS_RELAY_API_KEY_FILE")]
@@ -73,7 +81,11 @@ pub struct RelayConfig {
     /// Origins allowed to open sockets, comma-separated (for example
     /// `https://myorg.lightning.force.com`); empty allows any. Clients without an Origin header
     /// (not browsers) are not affected.
-    #[arg(long = "relay-allowed-origins", env = "ECARS_RELAY_ALLOWED_ORIGINS", value_delimiter = ',')]
+    #[arg(
+        long = "relay-allowed-origins",
+        env = "ECARS_RELAY_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
     pub allowed_origins: Vec<String>,
     /// Readings of each car sent first on connect.
     #[arg(long = "relay-backlog", env = "ECARS_RELAY_BACKLOG", default_value_t = 20, value_parser = clap::value_parser!(i64).range(0..=1000))]
@@ -199,7 +211,11 @@ impl Relay {
 
     /// Follows the telemetry stream into the hub until `shutdown` or the bus closes. Each relay
     /// has a tail of its own (in Kafka: its own group, from the newest offset).
-    pub async fn feed(self: Arc<Self>, bus: Arc<dyn Bus>, shutdown: CancellationToken) -> Result<(), BusError> {
+    pub async fn feed(
+        self: Arc<Self>,
+        bus: Arc<dyn Bus>,
+        shutdown: CancellationToken,
+    ) -> Result<(), BusError> {
         let mut tail = bus.tail(Stream::Telemetry, "ecars-relay").await?;
         loop {
             let delivery = tokio::select! {
@@ -268,10 +284,16 @@ impl Relay {
     ) -> Response {
         if !self.origin_allowed(headers) {
             ::metrics::counter!(metrics::REFUSED, "reason" => "origin").increment(1);
-            return refuse(StatusCode::FORBIDDEN, "this Origin may not open live sockets");
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "this Origin may not open live sockets",
+            );
         }
         let token = bearer(headers).or(query.access_token);
-        upgrade.on_upgrade(move |socket| self.serve(socket, vins, token))
+        // Registered before the handshake completes, so a reading published right after the
+        // client sees the upgrade reaches it; dropped if the token is refused.
+        let registration = self.hub.register(vins.clone());
+        upgrade.on_upgrade(move |socket| self.serve(socket, vins, token, registration))
     }
 
     async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
@@ -297,7 +319,13 @@ impl Relay {
         }
     }
 
-    async fn serve(self: Arc<Self>, mut socket: WebSocket, vins: Option<Vec<Vin>>, token: Option<String>) {
+    async fn serve(
+        self: Arc<Self>,
+        mut socket: WebSocket,
+        vins: Option<Vec<Vin>>,
+        token: Option<String>,
+        mut registration: hub::Registration,
+    ) {
         if let Some(auth) = &self.auth {
             let token = match token {
                 Some(token) => Some(token),
@@ -316,7 +344,6 @@ impl Relay {
         }
         // Registered before the backlog is read, so nothing published meanwhile is missed;
         // a reading in both is sent once.
-        let mut registration = self.hub.register(vins.clone());
         let mut sent: HashSet<uuid::Uuid> = HashSet::new();
         if let (Some(store), Some(vins)) = (&self.store, &vins) {
             for vin in vins {
@@ -329,7 +356,11 @@ impl Relay {
                 };
                 for reading in readings.iter().rev() {
                     sent.insert(reading.event_id);
-                    if socket.send(Message::Text(Frame::of(reading).text)).await.is_err() {
+                    if socket
+                        .send(Message::Text(Frame::of(reading).text))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -409,7 +440,11 @@ struct MintRequest {
 
 /// Equal-time comparison, so the key cannot be guessed byte by byte from response times.
 fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 async fn mint_token(
@@ -418,7 +453,10 @@ async fn mint_token(
     Json(request): Json<MintRequest>,
 ) -> Response {
     let (Some(key), Some(auth)) = (&relay.api_key, &relay.auth) else {
-        return refuse(StatusCode::NOT_FOUND, "token minting is off (no ECARS_RELAY_API_KEY)");
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "token minting is off (no ECARS_RELAY_API_KEY)",
+        );
     };
     if !bearer(&headers).is_some_and(|given| same_secret(&given, key)) {
         ::metrics::counter!(metrics::REFUSED, "reason" => "api_key").increment(1);

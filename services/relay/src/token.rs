@@ -24,7 +24,9 @@ pub struct RelayClaims {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
     /// No token was presented.
-    #[error("a relay token is required (Authorization: Bearer, ?access_token= or the first message)")]
+    #[error(
+        "a relay token is required (Authorization: Bearer, ?access_token= or the first message)"
+    )]
     Missing,
     /// The token does not verify (bad signature, malformed, wrong algorithm).
     #[error("the relay token is invalid")]
@@ -74,7 +76,8 @@ impl TokenAuthority {
 
     /// A token for `subject` (a VIN or `*`) valid for `ttl`.
     pub fn mint(&self, subject: &str, ttl: Duration) -> Result<String, TokenError> {
-        let exp = chrono::Utc::now().timestamp() + i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2);
+        let exp =
+            chrono::Utc::now().timestamp() + i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2);
         encode(
             &Header::new(Algorithm::HS256),
             &RelayClaims {
@@ -121,13 +124,18 @@ mod tests {
     #[test]
     fn a_token_covers_its_car_only_and_a_fleet_token_covers_all() {
         let authority = TokenAuthority::new(b"0123456789abcdef0123456789abcdef");
-        let token = authority.mint(vin(1).as_str(), Duration::from_secs(60)).unwrap();
+        let token = authority
+            .mint(vin(1).as_str(), Duration::from_secs(60))
+            .unwrap();
         assert!(authority.check(&token, Some(&[vin(1)])).is_ok());
         assert_eq!(
             authority.check(&token, Some(&[vin(2)])),
             Err(TokenError::WrongVin(vin(2).to_string()))
         );
-        assert!(matches!(authority.check(&token, None), Err(TokenError::WrongVin(_))));
+        assert!(matches!(
+            authority.check(&token, None),
+            Err(TokenError::WrongVin(_))
+        ));
         let fleet = authority.mint(FLEET, Duration::from_secs(60)).unwrap();
         assert!(authority.check(&fleet, None).is_ok());
         assert!(authority.check(&fleet, Some(&[vin(1), vin(2)])).is_ok());
@@ -139,7 +147,10 @@ mod tests {
         let other = TokenAuthority::new(b"another secret of 32 bytes......");
         let token = other.mint(FLEET, Duration::from_secs(60)).unwrap();
         assert_eq!(authority.check(&token, None), Err(TokenError::Invalid));
-        assert_eq!(authority.check("not.a.token", None), Err(TokenError::Invalid));
+        assert_eq!(
+            authority.check("not.a.token", None),
+            Err(TokenError::Invalid)
+        );
         let expired = encode(
             &Header::new(Algorithm::HS256),
             &RelayClaims {

@@ -125,6 +125,14 @@ pub trait Bus: Send + Sync + 'static {
         group: &str,
     ) -> Result<Box<dyn Subscription>, BusError>;
 
+    /// Every record of `stream` published from now on, for this process alone: no group shared
+    /// with other instances, nothing committed (live views, where each instance must see every
+    /// record and a restart starts at the newest). `name` identifies the reader. In process,
+    /// that is a group of its own.
+    async fn tail(&self, stream: Stream, name: &str) -> Result<Box<dyn Subscription>, BusError> {
+        self.subscribe(stream, name).await
+    }
+
     /// Checks that the bus can carry records now (Kafka: the cluster answers).
     async fn check(&self) -> Result<(), BusError> {
         Ok(())

@@ -405,6 +405,32 @@ impl Bus for KafkaBus {
         }))
     }
 
+    async fn tail(&self, stream: Stream, name: &str) -> Result<Box<dyn Subscription>, BusError> {
+        let topic = self.config.topic(stream);
+        // A group of its own per process, from the newest offset, never committed: every relay
+        // instance sees every record, and a restarted one starts live.
+        let group = format!("{name}-{}", uuid::Uuid::now_v7());
+        let consumer: StreamConsumer = self
+            .config
+            .client_config(&self.brokers)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "latest")
+            .create()?;
+        consumer.subscribe(&[&topic])?;
+        tracing::info!(
+            topic,
+            group,
+            "following Kafka topic from its newest records"
+        );
+        Ok(Box::new(KafkaSubscription {
+            consumer,
+            stream,
+            topic,
+        }))
+    }
+
     async fn check(&self) -> Result<(), BusError> {
         if let Some((bytes, dir)) = self.producer.spooled() {
             return Err(BusError::Backend(format!(
