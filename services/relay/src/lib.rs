@@ -10,6 +10,7 @@
 //!   `Authorization: Bearer`, `?access_token=` or its first message; otherwise the socket closes
 //!   with 1008 (policy violation). `POST /v1/relay-tokens` mints one for callers with
 //!   `ECARS_RELAY_API_KEY`. Without a secret the relay only runs on a loopback address.
+//! - `GET /` is the built-in dashboard (`assets/dashboard.html`, embedded).
 //! - Data flow: bus (a tail of the telemetry stream of its own: every instance sees every
 //!   reading) → [`hub::Hub`] → sockets.
 
@@ -237,10 +238,25 @@ impl Relay {
 /// The relay's routes.
 pub fn router(relay: Arc<Relay>) -> Router {
     Router::new()
+        .route("/", get(dashboard))
         .route("/v1/vehicles/{vin}/live", get(vehicle_live))
         .route("/v1/live", get(fleet_live))
         .route("/v1/relay-tokens", post(mint_token))
         .with_state(relay)
+}
+
+/// The built-in dashboard (embedded in the binary): the fleet with its latest readings and open
+/// anomalies, and a live chart of a chosen car, over the same HTTP and WebSocket API as any
+/// client. `?vin=` picks the car; `?access_token=` carries a relay token when one is needed.
+async fn dashboard() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("../assets/dashboard.html"),
+    )
+        .into_response()
 }
 
 #[derive(Debug, Deserialize)]
