@@ -296,3 +296,80 @@ async fn a_python_confluent_kafka_consumer_reads_our_topic() {
         }
     }
 }
+
+/// Each relay instance follows the telemetry topic on its own: two tails both get every record
+/// published after they joined, and neither gets what came before (they start at the newest).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tails_each_see_every_new_record_from_the_newest_offset() {
+    use ecars_shared::bus::{Bus, BusRecord, Stream};
+    let kafka_server = KafkaServer::start().unwrap();
+    let kafka = KafkaConfig::for_brokers(kafka_server.brokers());
+    let bus = KafkaBus::connect(&kafka).await.unwrap();
+    let topic = ecars_shared::telemetry::TelemetryTopic::Vehicle("1HGCM82633A004352".into());
+    let reading = |battery: u32| {
+        let payload = format!(r#"{{"battery":{battery}}}"#);
+        ecars_shared::telemetry::parse_reading(
+            &topic,
+            payload.as_bytes(),
+            uuid::Uuid::now_v7(),
+            chrono::Utc::now(),
+        )
+        .unwrap()
+    };
+    let old = reading(1);
+    bus.publish(BusRecord::Telemetry(old.clone()))
+        .await
+        .unwrap();
+    let mut a = bus.tail(Stream::Telemetry, "relay-test").await.unwrap();
+    let mut b = bus.tail(Stream::Telemetry, "relay-test").await.unwrap();
+    // A tail starts at the newest offset once it has its partitions: publish until both see
+    // a record (each publish is a new reading), then check what they saw.
+    let mut sent = Vec::new();
+    let mut seen_a = Vec::new();
+    let mut seen_b = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while seen_a.is_empty() || seen_b.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tails got nothing"
+        );
+        let r = reading(50 + sent.len() as u32);
+        bus.publish(BusRecord::Telemetry(r.clone())).await.unwrap();
+        sent.push(r.event_id);
+        for (tail, seen) in [(&mut a, &mut seen_a), (&mut b, &mut seen_b)] {
+            if let Ok(Ok(Some(delivery))) =
+                tokio::time::timeout(Duration::from_millis(500), tail.next()).await
+            {
+                if let BusRecord::Telemetry(r) = delivery.record {
+                    seen.push(r.event_id);
+                }
+            }
+        }
+    }
+    for seen in [&seen_a, &seen_b] {
+        assert!(
+            !seen.contains(&old.event_id),
+            "a tail starts at the newest record"
+        );
+        assert!(seen.iter().all(|id| sent.contains(id)));
+    }
+    // Once both follow, a new record reaches both.
+    let last = reading(99);
+    bus.publish(BusRecord::Telemetry(last.clone()))
+        .await
+        .unwrap();
+    for tail in [&mut a, &mut b] {
+        loop {
+            let delivery = tokio::time::timeout(Duration::from_secs(10), tail.next())
+                .await
+                .expect("the record within 10 s")
+                .unwrap()
+                .unwrap();
+            if let BusRecord::Telemetry(r) = delivery.record {
+                if r.event_id == last.event_id {
+                    break;
+                }
+            }
+        }
+    }
+}

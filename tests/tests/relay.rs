@@ -397,3 +397,20 @@ fn without_a_secret_the_relay_refuses_a_public_address() {
     };
     assert!(Relay::new(&short, "127.0.0.1:8080".parse().unwrap(), None).is_err());
 }
+
+#[tokio::test]
+async fn a_client_that_answers_no_pings_is_closed_as_idle() {
+    let s = server(RelayConfig {
+        ping_interval: Duration::from_millis(100),
+        idle_timeout: Duration::from_millis(300),
+        ..RelayConfig::default()
+    })
+    .await;
+    let mut quiet = connect(&format!("{}/v1/vehicles/{}/live", s.base, vin(7)), &[])
+        .await
+        .unwrap();
+    // Not polling the socket means not answering pings: the observation window itself.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(close_code(&mut quiet).await, Some(CloseCode::Away));
+    s.stop.cancel();
+}

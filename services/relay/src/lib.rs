@@ -309,16 +309,34 @@ impl Relay {
         // Registered before the handshake completes, so a reading published right after the
         // client sees the upgrade reaches it; dropped if the token is refused.
         let registration = self.hub.register(vins.clone());
-        upgrade.on_upgrade(move |socket| self.serve(socket, vins, token, registration))
+        // Clients send little (a token, pongs): tungstenite's default 128 KiB read buffer per
+        // socket would be most of the relay's memory at 10,000 sockets.
+        upgrade
+            .read_buffer_size(4 * 1024)
+            .write_buffer_size(16 * 1024)
+            .max_write_buffer_size(1024 * 1024)
+            .max_message_size(64 * 1024)
+            .on_upgrade(move |socket| self.serve(socket, vins, token, registration))
     }
 
+    /// Sends a close frame and waits (briefly) for the client's, so the client reads the code
+    /// and reason rather than a reset connection.
     async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
-        let _ = socket
-            .send(Message::Close(Some(CloseFrame {
-                code,
-                reason: Utf8Bytes::from(reason),
-            })))
-            .await;
+        let frame = Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from(reason),
+        }));
+        if socket.send(frame).await.is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(message)) = socket.recv().await {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 
     /// Waits for the first message to carry the token: the raw token or
