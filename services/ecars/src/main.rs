@@ -187,7 +187,26 @@ struct MigrateArgs {
     database: DatabaseConfig,
 }
 
+/// Treats an empty `ECARS_*`, `SALESFORCE_*` or `DATABASE_URL` variable as unset, as a `.env`
+/// file with `NAME=` means: an empty secret must not count as a (too short) secret.
+fn unset_empty_settings() {
+    let empty: Vec<String> = std::env::vars_os()
+        .filter_map(|(name, value)| {
+            let name = name.into_string().ok()?;
+            let ours = name.starts_with("ECARS_")
+                || name.starts_with("SALESFORCE_")
+                || name == "DATABASE_URL";
+            (ours && value.is_empty()).then_some(name)
+        })
+        .collect();
+    for name in empty {
+        // Single-threaded here: before the runtime and any thread start.
+        std::env::remove_var(name);
+    }
+}
+
 fn main() -> anyhow::Result<()> {
+    unset_empty_settings();
     let cli = Cli::parse();
     cli.log.init()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -212,6 +212,28 @@ async fn bad_settings_fail_at_start_naming_the_setting() {
     }
 }
 
+/// `NAME=` in an `.env` file means unset: an empty device secret is no secret (so binding
+/// beyond loopback still asks for one), not a secret that is too short.
+#[tokio::test]
+async fn an_empty_setting_counts_as_unset() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(ECARS)
+        .args(["up", "--mqtt-addr", "0.0.0.0:0"])
+        .env(
+            "DATABASE_URL",
+            format!("sqlite://{}", dir.path().join("e.db").display()),
+        )
+        .env("ECARS_DEVICE_SECRET", "")
+        .env("SALESFORCE_CLIENT_ID", "")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--allow-anonymous"), "{stderr}");
+    assert!(!stderr.contains("at least 16 characters"), "{stderr}");
+}
+
 #[tokio::test]
 async fn help_explains_every_setting_with_its_environment_variable() {
     let out = run_to_end(&["up", "--help"]).await;

