@@ -626,7 +626,9 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
     let relay = Relay::new(&args.relay, args.http.http_addr, Some(store.clone()))?;
     let service = ConsumerService {
         name: "the live relay",
-        routes: ecars_relay::router(Arc::clone(&relay)),
+        // The dashboard shows the case outbox too.
+        routes: ecars_relay::router(Arc::clone(&relay))
+            .merge(ecars_anomaly::cases_router(CaseOutbox::new(store.clone()))),
         store,
         bus: Arc::clone(&bus),
         readiness: Readiness::default(),
