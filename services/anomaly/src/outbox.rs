@@ -271,7 +271,9 @@ impl CaseOutbox {
         rows.into_iter().map(parse_state).collect()
     }
 
-    /// Cars whose newest reading is older than `before`, with their state (the silence sweep).
+    /// Cars whose newest reading is older than `before`, with their state (the silence sweep),
+    /// the most recently quiet first: a car is swept in the first rounds after it went quiet,
+    /// and cars long silent (their episode open already) do not crowd it out of the limit.
     pub async fn quiet_states(
         &self,
         before: DateTime<Utc>,
@@ -280,7 +282,7 @@ impl CaseOutbox {
         let rows: Vec<(String, String)> = on_pool!(&self.store, |pool| {
             sqlx::query_as(
                 "SELECT vin, state FROM anomaly_vehicle_state WHERE last_date_ms < $1
-                 ORDER BY last_date_ms LIMIT $2",
+                 ORDER BY last_date_ms DESC LIMIT $2",
             )
             .bind(ms(before))
             .bind(limit)
