@@ -661,7 +661,7 @@ async fn read_opened_anomalies(brokers: &str, episodes: usize) -> Vec<String> {
 }
 
 /// The built-in dashboard in a real browser (Debian's chromium, driven by playwright-core from
-/// `tests/browser`): `ecars up --simulate 3` shows the fleet and a live chart of the chosen car;
+/// `tests/browser`): `ecars up --simulate 20` shows the fleet and a live chart of the chosen car;
 /// a second tab on another car sees only that car. The screenshot is kept in
 /// `target/screenshots/dashboard.png`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -669,7 +669,7 @@ async fn the_dashboard_shows_the_fleet_and_a_live_chart_in_chromium() {
     let dir = tempfile::tempdir().unwrap();
     let (mqtt, ws, http) = (free_port(), free_port(), free_port());
     let mut child = Command::new(ECARS)
-        .args(["up", "--simulate", "3", "--simulate-interval-ms", "200"])
+        .args(["up", "--simulate", "20", "--simulate-interval-ms", "200"])
         .env(
             "DATABASE_URL",
             format!("sqlite://{}", dir.path().join("d.db").display()),
@@ -685,15 +685,19 @@ async fn the_dashboard_shows_the_fleet_and_a_live_chart_in_chromium() {
         .unwrap();
     wait_ready(http).await;
     let base = format!("http://127.0.0.1:{http}");
-    wait_for("three cars in the API", Duration::from_secs(30), || async {
-        match reqwest::get(format!("{base}/v1/vehicles")).await {
-            Ok(r) => r
-                .json::<serde_json::Value>()
-                .await
-                .is_ok_and(|v| v.as_array().is_some_and(|a| a.len() == 3)),
-            Err(_) => false,
-        }
-    })
+    wait_for(
+        "twenty cars in the API",
+        Duration::from_secs(30),
+        || async {
+            match reqwest::get(format!("{base}/v1/vehicles")).await {
+                Ok(r) => r
+                    .json::<serde_json::Value>()
+                    .await
+                    .is_ok_and(|v| v.as_array().is_some_and(|a| a.len() == 20)),
+                Err(_) => false,
+            }
+        },
+    )
     .await
     .unwrap();
     let vin = |i| ecars_simulator::Vehicle::new(1, i, false).vin.to_string();
@@ -709,7 +713,7 @@ async fn the_dashboard_shows_the_fleet_and_a_live_chart_in_chromium() {
     let out = Command::new("node")
         .current_dir(&browser_dir)
         .arg("dashboard.mjs")
-        .args([&base, &vin(0), &vin(2)])
+        .args([&base, &vin(0), &vin(19)])
         .arg(&shot)
         .output()
         .await
@@ -721,7 +725,7 @@ async fn the_dashboard_shows_the_fleet_and_a_live_chart_in_chromium() {
         String::from_utf8_lossy(&out.stderr)
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["rows"], 3, "the fleet table lists the three cars");
+    assert_eq!(report["rows"], 20, "the fleet table lists the twenty cars");
     let png = std::fs::read(&shot).unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a screenshot was saved");
     assert!(terminate(&mut child).await.success());
