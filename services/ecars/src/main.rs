@@ -349,6 +349,22 @@ async fn first_to_finish(
     first
 }
 
+/// The anomaly worker, subscribed; `/readyz` hears when its Case sync pauses.
+async fn subscribe_anomaly(
+    config: &AnomalyConfig,
+    store: &SensorStore,
+    bus: &Arc<dyn Bus>,
+    readiness: &Readiness,
+) -> anyhow::Result<AnomalyWorker> {
+    let readiness = readiness.clone();
+    Ok(
+        AnomalyWorker::subscribe(config, store.clone(), Arc::clone(bus), move |ready| {
+            readiness.set("salesforce_sync", ready)
+        })
+        .await?,
+    )
+}
+
 async fn up(args: UpArgs) -> anyhow::Result<()> {
     let metrics = ecars_shared::metrics::install_recorder();
     let store = open_store(&args.database).await?;
@@ -366,16 +382,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     // Workers subscribe before ingest publishes, so nothing is published to nobody.
     let persist =
         PersistWorker::subscribe(&args.persist, store.clone(), bus.as_ref(), None).await?;
-    let anomaly = {
-        let readiness = readiness.clone();
-        AnomalyWorker::subscribe(
-            &args.anomaly,
-            store.clone(),
-            Arc::clone(&bus),
-            move |ready| readiness.set("salesforce_sync", ready),
-        )
-        .await?
-    };
+    let anomaly = subscribe_anomaly(&args.anomaly, &store, &bus, &readiness).await?;
     let relay = Relay::new(&args.relay, args.http.http_addr, Some(store.clone()))?;
     let ingest = BoundIngest::bind(&args.ingest, Arc::clone(&bus)).await?;
     let mqtt_addr = ingest.mqtt_addr()?;
@@ -543,16 +550,7 @@ async fn anomaly(args: AnomalyArgs) -> anyhow::Result<()> {
     let store = open_store(&args.database).await?;
     let bus = kafka_bus(&args.kafka, KafkaRole::Consumer).await?;
     let readiness = Readiness::default();
-    let worker = {
-        let readiness = readiness.clone();
-        AnomalyWorker::subscribe(
-            &args.anomaly,
-            store.clone(),
-            Arc::clone(&bus),
-            move |ready| readiness.set("salesforce_sync", ready),
-        )
-        .await?
-    };
+    let worker = subscribe_anomaly(&args.anomaly, &store, &bus, &readiness).await?;
     let service = ConsumerService {
         name: "the anomaly worker",
         routes: ecars_anomaly::cases_router(CaseOutbox::new(store.clone())),
