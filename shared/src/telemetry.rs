@@ -180,6 +180,36 @@ impl TelemetryTopic {
     pub fn for_vin(vin: &Vin) -> String {
         format!("vehicles/{vin}/telemetry")
     }
+
+    /// Whether an MQTT subscription filter (wildcards `+` and `#`, a `$share/{group}/` prefix
+    /// allowed) can match any telemetry topic: `ecars/data` or `vehicles/{vin}/telemetry`.
+    pub fn filter_may_match(filter: &str) -> bool {
+        let filter = match filter.strip_prefix("$share/") {
+            Some(shared) => shared.split_once('/').map_or("", |(_, rest)| rest),
+            None => filter,
+        };
+        // `None` stands for the VIN level, which can be anything.
+        let patterns: [&[Option<&str>]; 2] = [
+            &[Some("ecars"), Some("data")],
+            &[Some("vehicles"), None, Some("telemetry")],
+        ];
+        patterns.iter().any(|pattern| {
+            let mut levels = filter.split('/');
+            for expected in pattern.iter() {
+                match (levels.next(), expected) {
+                    (Some("#"), _) => return true,
+                    (Some("+"), _) | (Some(_), None) => {}
+                    (Some(level), Some(expected)) if level == *expected => {}
+                    _ => return false,
+                }
+            }
+            match levels.next() {
+                None => true,
+                // `vehicles/x/telemetry/#` also matches `vehicles/x/telemetry` itself.
+                Some(rest) => rest == "#" && levels.next().is_none(),
+            }
+        })
+    }
 }
 
 /// Why a telemetry payload was refused. The [`RejectReason::code`] is stable: it labels metrics
@@ -610,6 +640,38 @@ mod base64_bytes {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn subscription_filters_that_can_see_telemetry() {
+        for filter in [
+            "#",
+            "ecars/data",
+            "ecars/#",
+            "+/data",
+            "+/+",
+            "vehicles/+/telemetry",
+            "vehicles/#",
+            "vehicles/WP0ZZZ99ZTS392124/telemetry",
+            "+/+/+",
+            "vehicles/+/telemetry/#",
+            "$share/relay/vehicles/+/telemetry",
+        ] {
+            assert!(TelemetryTopic::filter_may_match(filter), "{filter}");
+        }
+        for filter in [
+            "fleet/notices",
+            "ecars",
+            "ecars/data/more",
+            "+",
+            "vehicles/+",
+            "vehicles/+/status",
+            "+/+/+/+",
+            "$share/relay/fleet/#",
+            "$share/only-a-group",
+        ] {
+            assert!(!TelemetryTopic::filter_may_match(filter), "{filter}");
+        }
+    }
+
     use super::*;
 
     #[test]

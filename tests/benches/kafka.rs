@@ -62,6 +62,12 @@ async fn mqtt_to_kafka(bus: &Arc<dyn Bus>, load: Load, vehicles: u32, per_vehicl
     .await
     .unwrap();
     assert_eq!(report.acknowledged, u64::from(vehicles) * per_vehicle);
+    if report.connection_errors > 0 {
+        println!(
+            "  ({} connection errors, each followed by a reconnect)",
+            report.connection_errors
+        );
+    }
     stop.cancel();
     ingest_task.await.unwrap();
     report.rate()
@@ -74,7 +80,16 @@ fn main() {
     };
     log.init().expect("log filter");
     let quick = std::env::args().any(|a| a == "--quick");
-    let (vehicles, per_vehicle) = if quick { (200u32, 100u64) } else { (1000, 200) };
+    let (vehicles, mut per_vehicle) = if quick { (200u32, 100u64) } else { (1000, 200) };
+    // `--per-car N`: a longer run, where the 1,000 connections' start weighs less.
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(n) = args
+        .iter()
+        .position(|a| a == "--per-car")
+        .and_then(|i| args.get(i + 1))
+    {
+        per_vehicle = n.parse().expect("--per-car takes a number");
+    }
     let total = u64::from(vehicles) * per_vehicle;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

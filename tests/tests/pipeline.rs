@@ -451,15 +451,51 @@ async fn subscribers_see_valid_telemetry_and_other_topics_pass_through() {
             ));
         }
     }
-    assert_eq!(received[0].0, topic);
-    assert!(
-        received[0].1.contains("64"),
-        "the rejected reading (battery 101) is not relayed: {received:?}"
-    );
+    // Telemetry reaches subscribers through the gateway's fan-out link, other topics through the
+    // publisher's own broker connection: MQTT orders messages per topic, not across topics.
+    received.sort();
     assert_eq!(
-        received[1],
+        received[0],
         ("fleet/notices".to_owned(), "hello".to_owned())
     );
+    assert_eq!(received[1].0, topic);
+    assert!(
+        received[1].1.contains("64"),
+        "the rejected reading (battery 101) is not relayed: {received:?}"
+    );
+
+    // A retained reading stays retained: a later subscriber gets it at once.
+    let retained = mosquitto_pub(
+        pipeline.mqtt_addr,
+        &[
+            "-q",
+            "1",
+            "-r",
+            "-t",
+            &topic,
+            "-m",
+            &reading_json(&vin, 63.0),
+        ],
+    )
+    .await;
+    assert!(retained.status.success(), "{retained:?}");
+    let mut options = MqttOptions::new("late-listener", "127.0.0.1", pipeline.mqtt_addr.port());
+    options.set_keep_alive(Duration::from_secs(30));
+    let (late, mut late_events) = AsyncClient::new(options, 16);
+    late.subscribe(topic.as_str(), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let publish = loop {
+        if let Event::Incoming(Packet::Publish(p)) = tokio::time::timeout(WAIT, late_events.poll())
+            .await
+            .expect("the retained reading reaches a new subscriber")
+            .unwrap()
+        {
+            break p;
+        }
+    };
+    assert!(publish.retain, "delivered as a retained message");
+    assert!(String::from_utf8_lossy(&publish.payload).contains("63"));
     pipeline.shutdown().await.unwrap();
 }
 
@@ -556,6 +592,122 @@ async fn a_packet_split_across_reads_does_not_hold_back_earlier_acknowledgements
         .unwrap()
         .unwrap();
     assert_eq!(puback, [0x40, 2, 0, 2]);
+    wait_for("both rows", WAIT, || async { count(&pipeline).await == 2 })
+        .await
+        .unwrap();
+    pipeline.shutdown().await.unwrap();
+}
+
+/// Reads one MQTT 3.1.1 packet of at most 127 bytes.
+async fn read_small_packet(socket: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 2];
+    tokio::time::timeout(WAIT, socket.read_exact(&mut head))
+        .await
+        .expect("a packet arrives")
+        .unwrap();
+    let mut body = vec![0u8; usize::from(head[1])];
+    tokio::time::timeout(WAIT, socket.read_exact(&mut body))
+        .await
+        .unwrap()
+        .unwrap();
+    [head.to_vec(), body].concat()
+}
+
+#[tokio::test]
+async fn qos2_telemetry_completes_at_the_gateway_even_across_a_reconnect() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = Pipeline::start(PipelineOptions::new(sqlite_url(&dir)))
+        .await
+        .unwrap();
+    let vin = test_vin(8);
+    let topic = format!("vehicles/{vin}/telemetry");
+    let mut options = MqttOptions::new("qos2-listener", "127.0.0.1", pipeline.mqtt_addr.port());
+    options.set_keep_alive(Duration::from_secs(30));
+    let (subscriber, mut events) = AsyncClient::new(options, 16);
+    subscriber
+        .subscribe(topic.as_str(), QoS::ExactlyOnce)
+        .await
+        .unwrap();
+    while !matches!(
+        tokio::time::timeout(WAIT, events.poll())
+            .await
+            .unwrap()
+            .unwrap(),
+        Event::Incoming(Packet::SubAck(_))
+    ) {}
+
+    // A car with a persistent session (clean session flag 0).
+    let connect = || {
+        let mut body = mqtt_string("MQTT");
+        body.extend_from_slice(&[4, 0x00, 0, 60]);
+        body.extend(mqtt_string("qos2-car"));
+        raw_packet(0x10, &body)
+    };
+    let publish = |first_byte: u8, pkid: u16, battery: f64| {
+        let mut body = mqtt_string(&topic);
+        body.extend_from_slice(&pkid.to_be_bytes());
+        body.extend_from_slice(reading_json(&vin, battery).as_bytes());
+        let mut packet = vec![first_byte];
+        let mut len = body.len();
+        loop {
+            let byte = (len % 128) as u8;
+            len /= 128;
+            packet.push(if len > 0 { byte | 0x80 } else { byte });
+            if len == 0 {
+                break;
+            }
+        }
+        packet.extend(body);
+        packet
+    };
+    let mut socket = tokio::net::TcpStream::connect(pipeline.mqtt_addr)
+        .await
+        .unwrap();
+    socket.write_all(&connect()).await.unwrap();
+    assert_eq!(read_small_packet(&mut socket).await[..2], [0x20, 2]);
+    socket.write_all(&publish(0x34, 7, 55.0)).await.unwrap();
+    assert_eq!(
+        read_small_packet(&mut socket).await,
+        [0x50, 2, 0, 7],
+        "PUBREC once the reading is accepted"
+    );
+    // The connection drops before the car sends PUBREL.
+    drop(socket);
+
+    let mut socket = tokio::net::TcpStream::connect(pipeline.mqtt_addr)
+        .await
+        .unwrap();
+    socket.write_all(&connect()).await.unwrap();
+    let connack = read_small_packet(&mut socket).await;
+    assert_eq!((connack[0], connack[3]), (0x20, 0), "{connack:?}");
+    socket.write_all(&[0x62, 2, 0, 7]).await.unwrap();
+    assert_eq!(
+        read_small_packet(&mut socket).await,
+        [0x70, 2, 0, 7],
+        "the gateway completes the exchange the broker never saw"
+    );
+    // The connection is still good: the next reading is acknowledged.
+    socket.write_all(&publish(0x32, 8, 54.0)).await.unwrap();
+    assert_eq!(read_small_packet(&mut socket).await, [0x40, 2, 0, 8]);
+
+    let mut batteries = Vec::new();
+    while batteries.len() < 2 {
+        if let Event::Incoming(Packet::Publish(p)) = tokio::time::timeout(WAIT, events.poll())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            let reading: Value = serde_json::from_slice(&p.payload).unwrap();
+            batteries.push(reading["battery"].as_f64().unwrap());
+        }
+    }
+    assert_eq!(
+        batteries,
+        [55.0, 54.0],
+        "subscribers get both readings, in order"
+    );
     wait_for("both rows", WAIT, || async { count(&pipeline).await == 2 })
         .await
         .unwrap();

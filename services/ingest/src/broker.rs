@@ -1,13 +1,27 @@
 //! The embedded rumqttd broker. It listens on loopback ports of its own (one for MQTT 3.1.1, one
 //! for MQTT 5) that only the gateway uses, with an internal credential, so nothing reaches it
 //! without passing the gateway's checks.
+//!
+//! Accepted telemetry does not take the cars' own broker connections: the gateway acknowledges
+//! it once the bus has it and hands it to the broker's router through one in-process link, the
+//! [`TelemetryFanout`], so MQTT subscribers of telemetry topics still see every reading. That
+//! saves two loopback hops and the broker's network work per reading, and while no subscription
+//! can match a telemetry topic (the usual case: services read the bus), the router's work too
+//! (see the README's benchmarks).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ecars_shared::telemetry::TelemetryTopic;
+
 use rand::distr::{Alphanumeric, SampleString};
+use rumqttd::local::LinkTx;
+use rumqttd::protocol::{Packet, Publish, PublishProperties};
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+use tokio::sync::mpsc;
 
 /// Largest MQTT packet the gateway and broker carry, in bytes (telemetry itself is capped lower,
 /// at 64 KiB, and larger telemetry is dead-lettered rather than refused).
@@ -24,51 +38,266 @@ pub enum BrokerError {
     Start(String),
 }
 
+/// Listeners per protocol version. rumqttd serves each listener on a thread of its own and
+/// accepts at most one connection per turn of that thread's timer: with one listener, 1,000 cars
+/// connecting at once queued for seconds (and overflowed the accept queue, costing SYN
+/// retransmissions of a second each).
+const LISTENERS_PER_VERSION: usize = 4;
+
 /// A running embedded broker: where the gateway reaches it and how it logs in.
 #[derive(Clone, Debug)]
 pub struct EmbeddedBroker {
-    /// MQTT 3.1.1 listener.
-    pub v4_addr: SocketAddr,
-    /// MQTT 5 listener.
-    pub v5_addr: SocketAddr,
+    /// MQTT 3.1.1 listeners.
+    v4_addrs: Vec<SocketAddr>,
+    /// MQTT 5 listeners.
+    v5_addrs: Vec<SocketAddr>,
+    /// Spreads connections over the listeners.
+    next_listener: Arc<AtomicUsize>,
     /// Internal username the gateway presents.
     pub username: String,
     /// Internal password the gateway presents (random per process).
     pub password: String,
+    /// Where accepted telemetry goes for the broker's MQTT subscribers.
+    pub fanout: TelemetryFanout,
+}
+
+/// Readings waiting for the broker's router, at most. A full queue makes the gateway wait (and
+/// so the cars): backpressure rather than memory that grows with a stalled router.
+const FANOUT_QUEUE: usize = 8192;
+
+/// Most readings handed to the router at once: one wake-up of the router per batch.
+const FANOUT_BATCH: usize = 1024;
+
+/// Accepted telemetry on its way to the broker's MQTT subscribers, through one in-process link
+/// of the router (no socket, no acknowledgement: the gateway has already acknowledged it).
+///
+/// Every client reaches the broker through the gateway, so the gateway tells the fan-out about
+/// each SUBSCRIBE and UNSUBSCRIBE, and readings skip the router while no subscription could
+/// match a telemetry topic. Retained readings always go, so a later subscriber finds them.
+#[derive(Clone, Debug)]
+pub struct TelemetryFanout {
+    queue: mpsc::Sender<Packet>,
+    subscriptions: Arc<TelemetrySubscriptions>,
+}
+
+/// Which sessions hold a subscription that can match a telemetry topic.
+#[derive(Debug, Default)]
+struct TelemetrySubscriptions {
+    /// Client id → (the connection that last changed it, its telemetry filters). A persistent
+    /// session keeps its entry after a disconnect: the broker keeps its subscriptions too.
+    by_client: Mutex<HashMap<String, (u64, HashSet<String>)>>,
+    /// Whether `by_client` has any entry: read on every reading, without the lock.
+    any: AtomicBool,
+    /// Numbers connections, so a clean session's old connection, ending after a new one with the
+    /// same client id took over, does not remove the new one's subscriptions.
+    connections: AtomicU64,
+}
+
+impl TelemetrySubscriptions {
+    fn update(&self, change: impl FnOnce(&mut HashMap<String, (u64, HashSet<String>)>)) {
+        let mut map = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
+        change(&mut map);
+        map.retain(|_, (_, filters)| !filters.is_empty());
+        self.any.store(!map.is_empty(), Ordering::Release);
+    }
+}
+
+/// One client connection's view of the fan-out's subscription registry.
+#[derive(Debug)]
+pub struct SubscriberSession {
+    subscriptions: Arc<TelemetrySubscriptions>,
+    client_id: String,
+    connection: u64,
+    clean: bool,
+}
+
+impl SubscriberSession {
+    /// Notes the filters of a SUBSCRIBE that can match telemetry.
+    pub fn subscribed<'f>(&self, filters: impl IntoIterator<Item = &'f str>) {
+        let telemetry: Vec<&str> = filters
+            .into_iter()
+            .filter(|f| TelemetryTopic::filter_may_match(f))
+            .collect();
+        if telemetry.is_empty() {
+            return;
+        }
+        self.subscriptions.update(|map| {
+            let entry = map
+                .entry(self.client_id.clone())
+                .or_insert_with(|| (self.connection, HashSet::new()));
+            entry.0 = self.connection;
+            entry.1.extend(telemetry.into_iter().map(str::to_owned));
+        });
+    }
+
+    /// Notes the filters of an UNSUBSCRIBE.
+    pub fn unsubscribed<'f>(&self, filters: impl IntoIterator<Item = &'f str>) {
+        let filters: Vec<&str> = filters.into_iter().collect();
+        self.subscriptions.update(|map| {
+            if let Some((_, held)) = map.get_mut(&self.client_id) {
+                for filter in filters {
+                    held.remove(filter);
+                }
+            }
+        });
+    }
+}
+
+impl Drop for SubscriberSession {
+    /// A clean session's subscriptions end with its connection.
+    fn drop(&mut self) {
+        if self.clean {
+            self.subscriptions.update(|map| {
+                if map.get(&self.client_id).map(|(c, _)| *c) == Some(self.connection) {
+                    map.remove(&self.client_id);
+                }
+            });
+        }
+    }
+}
+
+/// The router is gone (the broker stopped): nothing can reach MQTT subscribers any more.
+#[derive(Debug, thiserror::Error)]
+#[error("the embedded broker's router stopped")]
+pub struct FanoutClosed;
+
+impl TelemetryFanout {
+    /// Registers a client connection. A clean session starts without the subscriptions a
+    /// previous session of the same client id held.
+    pub fn session(&self, client_id: &str, clean_session: bool) -> SubscriberSession {
+        let connection = self
+            .subscriptions
+            .connections
+            .fetch_add(1, Ordering::Relaxed);
+        if clean_session {
+            self.subscriptions.update(|map| {
+                map.remove(client_id);
+            });
+        }
+        SubscriberSession {
+            subscriptions: Arc::clone(&self.subscriptions),
+            client_id: client_id.to_owned(),
+            connection,
+            clean: clean_session,
+        }
+    }
+
+    /// Whether a reading must go to the broker: some subscription could match it, or it is
+    /// retained.
+    pub fn wanted(&self, retain: bool) -> bool {
+        retain || self.subscriptions.any.load(Ordering::Acquire)
+    }
+
+    /// Queues one accepted PUBLISH (topic, payload, retain flag and MQTT 5 properties are kept)
+    /// for the broker's subscribers; waits while the queue is full.
+    pub async fn publish(
+        &self,
+        topic: bytes::Bytes,
+        payload: bytes::Bytes,
+        retain: bool,
+        properties: Option<PublishProperties>,
+    ) -> Result<(), FanoutClosed> {
+        let publish = Publish::new(topic, payload, retain);
+        self.queue
+            .send(Packet::Publish(publish, properties))
+            .await
+            .map_err(|_| FanoutClosed)
+    }
+
+    /// Moves queued packets into the router's link, a batch per wake-up, on its own thread:
+    /// the link's send blocks when the router's event channel is full.
+    fn forward(
+        runtime: tokio::runtime::Handle,
+        mut link: LinkTx,
+        mut queue: mpsc::Receiver<Packet>,
+    ) {
+        let mut batch = Vec::with_capacity(FANOUT_BATCH);
+        while queue.blocking_recv_many(&mut batch, FANOUT_BATCH) > 0 {
+            let Some(last) = batch.pop() else { continue };
+            link.buffer().extend(batch.drain(..));
+            // One event makes the router take everything in the link's buffer.
+            if runtime.block_on(link.send(last)).is_err() {
+                tracing::error!(
+                    "embedded broker's router stopped: MQTT subscribers get no telemetry"
+                );
+                return;
+            }
+        }
+    }
 }
 
 impl EmbeddedBroker {
-    /// Starts rumqttd on two free loopback ports and waits until both accept connections.
+    /// Starts rumqttd on free loopback ports and waits until they accept connections.
     pub async fn start(max_connections: usize) -> Result<EmbeddedBroker, BrokerError> {
-        let v4_addr = free_loopback_port()?;
-        let v5_addr = free_loopback_port()?;
+        let ports = || {
+            (0..LISTENERS_PER_VERSION)
+                .map(|_| free_loopback_port())
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let (v4_addrs, v5_addrs) = (ports()?, ports()?);
         let username = "ecars-gateway".to_owned();
         let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
-        let config = broker_config(v4_addr, v5_addr, &username, &password, max_connections);
+        // One more connection than the cars: the fan-out link.
+        let config = broker_config(
+            &v4_addrs,
+            &v5_addrs,
+            &username,
+            &password,
+            max_connections + 1,
+        );
+        let mut broker = Broker::new(config);
+        // The link never subscribes, so nothing arrives on its receiving half; it is kept open
+        // (moved into the fan-out thread) so the router never sees it disconnect.
+        let (link, link_rx) = broker
+            .link("ecars-gateway-fanout")
+            .map_err(|e| BrokerError::Start(format!("fan-out link: {e}")))?;
         std::thread::Builder::new()
             .name("rumqttd".into())
             .spawn(move || {
-                let mut broker = Broker::new(config);
                 if let Err(e) = broker.start() {
                     tracing::error!(error = %e, "embedded MQTT broker stopped");
                 }
             })
             .map_err(|e| BrokerError::Start(e.to_string()))?;
-        for addr in [v4_addr, v5_addr] {
-            wait_until_listening(addr).await?;
+        let (queue, queued) = mpsc::channel(FANOUT_QUEUE);
+        let runtime = tokio::runtime::Handle::current();
+        std::thread::Builder::new()
+            .name("mqtt-fanout".into())
+            .spawn(move || {
+                TelemetryFanout::forward(runtime, link, queued);
+                drop(link_rx);
+            })
+            .map_err(|e| BrokerError::Start(e.to_string()))?;
+        for addr in v4_addrs.iter().chain(&v5_addrs) {
+            wait_until_listening(*addr).await?;
         }
         Ok(EmbeddedBroker {
-            v4_addr,
-            v5_addr,
+            v4_addrs,
+            v5_addrs,
+            next_listener: Arc::default(),
             username,
             password,
+            fanout: TelemetryFanout {
+                queue,
+                subscriptions: Arc::default(),
+            },
         })
+    }
+
+    /// The listener for the next connection of this MQTT version (3.1.1 or 5).
+    pub fn listener(&self, mqtt5: bool) -> SocketAddr {
+        let addrs = if mqtt5 {
+            &self.v5_addrs
+        } else {
+            &self.v4_addrs
+        };
+        addrs[self.next_listener.fetch_add(1, Ordering::Relaxed) % addrs.len()]
     }
 }
 
 fn broker_config(
-    v4: SocketAddr,
-    v5: SocketAddr,
+    v4: &[SocketAddr],
+    v5: &[SocketAddr],
     user: &str,
     password: &str,
     max_connections: usize,
@@ -81,12 +310,22 @@ fn broker_config(
         external_auth: None,
         dynamic_filters: false,
     };
-    let server = |name: &str, listen| ServerSettings {
-        name: name.to_owned(),
-        listen,
-        tls: None,
-        next_connection_delay_ms: 0,
-        connections: connections.clone(),
+    let servers = |version: &str, addrs: &[SocketAddr]| {
+        addrs
+            .iter()
+            .enumerate()
+            .map(|(i, listen)| {
+                let name = format!("internal-{version}-{i}");
+                let settings = ServerSettings {
+                    name: name.clone(),
+                    listen: *listen,
+                    tls: None,
+                    next_connection_delay_ms: 0,
+                    connections: connections.clone(),
+                };
+                (name, settings)
+            })
+            .collect::<HashMap<_, _>>()
     };
     Config {
         id: 0,
@@ -101,14 +340,8 @@ fn broker_config(
             initialized_filters: Some(vec!["#".to_owned()]),
             shared_subscriptions_strategy: Default::default(),
         },
-        v4: Some(HashMap::from([(
-            "v4".to_owned(),
-            server("internal-v4", v4),
-        )])),
-        v5: Some(HashMap::from([(
-            "v5".to_owned(),
-            server("internal-v5", v5),
-        )])),
+        v4: Some(servers("v4", v4)),
+        v5: Some(servers("v5", v5)),
         ws: None,
         cluster: None,
         console: None,
@@ -135,5 +368,75 @@ async fn wait_until_listening(addr: SocketAddr) -> Result<(), BrokerError> {
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fanout() -> TelemetryFanout {
+        TelemetryFanout {
+            queue: mpsc::channel(1).0,
+            subscriptions: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn readings_go_to_the_broker_only_while_a_telemetry_subscription_exists() {
+        let fanout = fanout();
+        assert!(!fanout.wanted(false));
+        assert!(fanout.wanted(true), "retained readings always go");
+
+        let listener = fanout.session("listener", true);
+        listener.subscribed(["fleet/notices"]);
+        assert!(!fanout.wanted(false), "not a telemetry filter");
+        listener.subscribed(["vehicles/+/telemetry", "ecars/data"]);
+        assert!(fanout.wanted(false));
+        listener.unsubscribed(["vehicles/+/telemetry"]);
+        assert!(fanout.wanted(false), "ecars/data is still subscribed");
+        listener.unsubscribed(["ecars/data"]);
+        assert!(!fanout.wanted(false));
+
+        listener.subscribed(["#"]);
+        drop(listener);
+        assert!(
+            !fanout.wanted(false),
+            "a clean session ends with its connection"
+        );
+    }
+
+    #[test]
+    fn persistent_sessions_keep_their_subscriptions_until_a_clean_start() {
+        let fanout = fanout();
+        let first = fanout.session("dashboard", false);
+        first.subscribed(["ecars/#"]);
+        drop(first);
+        assert!(
+            fanout.wanted(false),
+            "the broker still queues for the session"
+        );
+        let back = fanout.session("dashboard", false);
+        assert!(fanout.wanted(false));
+        drop(back);
+        let clean = fanout.session("dashboard", true);
+        assert!(
+            !fanout.wanted(false),
+            "a clean start discards the old session"
+        );
+        drop(clean);
+    }
+
+    #[test]
+    fn an_old_connection_ending_late_leaves_the_new_one_subscribed() {
+        let fanout = fanout();
+        let old = fanout.session("car-app", true);
+        old.subscribed(["vehicles/#"]);
+        let new = fanout.session("car-app", true);
+        new.subscribed(["vehicles/#"]);
+        drop(old);
+        assert!(fanout.wanted(false));
+        drop(new);
+        assert!(!fanout.wanted(false));
     }
 }

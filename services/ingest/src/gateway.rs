@@ -3,18 +3,19 @@
 //! Every client connection (TCP or WebSocket, MQTT 3.1.1 or 5 on the same port) passes through
 //! here on its way to rumqttd. The gateway
 //! - authenticates cars at CONNECT (and answers a refusal with a proper CONNACK);
-//! - admits each PUBLISH on a telemetry topic to the bus *before* forwarding it to the broker,
-//!   so the car's PUBACK means "accepted", and a full bus stops reading from the car: that is the
-//!   backpressure publishers feel;
+//! - admits each PUBLISH on a telemetry topic to the bus and acknowledges it itself once the bus
+//!   has it, so the car's PUBACK means "accepted", and a full bus stops reading from the car: that
+//!   is the backpressure publishers feel. The reading then goes to the broker's MQTT subscribers
+//!   through the [`TelemetryFanout`](crate::broker::TelemetryFanout), not through the car's broker connection;
 //! - dead-letters a rejected reading and acknowledges it itself, so subscribers of the broker
 //!   only see valid telemetry and the car does not resend a message that can never pass;
 //! - forwards everything else untouched, so other MQTT clients can still subscribe.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -28,14 +29,14 @@ use futures_util::stream::FuturesOrdered;
 use futures_util::StreamExt;
 use rumqttd::protocol::v4::{check, FixedHeader, PacketType, V4};
 use rumqttd::protocol::v5::V5;
-use rumqttd::protocol::{Login, Packet, Protocol};
+use rumqttd::protocol::{Login, Packet, Protocol, PublishProperties};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::broker::{EmbeddedBroker, MAX_PACKET_BYTES};
+use crate::broker::{EmbeddedBroker, SubscriberSession, MAX_PACKET_BYTES};
 use ecars_shared::device_auth::{AuthError, DeviceSecret};
 
 /// How long a new connection may take to send CONNECT.
@@ -49,6 +50,46 @@ pub struct Gateway {
     pub broker: EmbeddedBroker,
     /// The device secret; `None` admits anonymous clients.
     pub device_secret: Option<DeviceSecret>,
+    /// QoS 2 packet ids the gateway acknowledged (PUBREC) and whose PUBREL has not come yet, by
+    /// client id, kept while a car with a persistent session reconnects: its PUBREL must be
+    /// answered here, because the broker never saw those packets.
+    pub unreleased: Mutex<HashMap<String, HashSet<u16>>>,
+}
+
+impl Gateway {
+    /// A gateway in front of `broker`, admitting readings to `bus`.
+    pub fn new(
+        bus: Arc<dyn Bus>,
+        broker: EmbeddedBroker,
+        device_secret: Option<DeviceSecret>,
+    ) -> Self {
+        Gateway {
+            bus,
+            broker,
+            device_secret,
+            unreleased: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The packet ids awaiting PUBREL that a returning client left; a clean session starts
+    /// with none.
+    fn take_unreleased(&self, client_id: &str, clean_session: bool) -> HashSet<u16> {
+        let mut map = self.unreleased.lock().unwrap_or_else(|p| p.into_inner());
+        let kept = map.remove(client_id);
+        if clean_session {
+            HashSet::new()
+        } else {
+            kept.unwrap_or_default()
+        }
+    }
+
+    /// Keeps a leaving client's packet ids awaiting PUBREL for its next connection.
+    fn keep_unreleased(&self, client_id: &str, ids: HashSet<u16>) {
+        if !ids.is_empty() {
+            let mut map = self.unreleased.lock().unwrap_or_else(|p| p.into_inner());
+            map.insert(client_id.to_owned(), ids);
+        }
+    }
 }
 
 /// Why a connection ended abnormally.
@@ -138,9 +179,27 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 struct PublishView {
     qos: u8,
     pkid: u16,
+    retain: bool,
     topic: String,
+    /// The topic as it was on the wire, for the fan-out.
+    topic_bytes: Bytes,
     payload: Bytes,
-    uses_topic_alias: bool,
+    /// The whole frame when it carries MQTT 5 properties, to rebuild them for the fan-out.
+    with_properties: Option<Bytes>,
+}
+
+impl PublishView {
+    /// The MQTT 5 properties to pass on, parsed only now (rare on telemetry) by rumqttd's own
+    /// parser.
+    fn properties(&self) -> Result<Option<PublishProperties>, ConnectionError> {
+        let Some(frame) = &self.with_properties else {
+            return Ok(None);
+        };
+        match V5.read_mut(&mut BytesMut::from(frame.as_ref()), MAX_PACKET_BYTES)? {
+            Packet::Publish(_, properties) => Ok(properties),
+            _ => Err(protocol_error("PUBLISH frame read as another packet")),
+        }
+    }
 }
 
 fn protocol_error(what: &str) -> ConnectionError {
@@ -192,28 +251,37 @@ fn parse_publish(
     if bytes.remaining() < topic_len {
         return Err(protocol_error("truncated topic"));
     }
-    let topic = std::str::from_utf8(&bytes[..topic_len])
+    let topic_bytes = bytes.split_to(topic_len);
+    let topic = std::str::from_utf8(&topic_bytes)
         .map_err(|_| protocol_error("topic is not UTF-8"))?
         .to_owned();
-    bytes.advance(topic_len);
     let pkid = if qos > 0 { read_u16(&mut bytes)? } else { 0 };
-    let mut uses_topic_alias = false;
+    let mut with_properties = None;
     if version == Version::V5 {
         let len = read_varint(&mut bytes)?;
         if bytes.remaining() < len {
             return Err(protocol_error("truncated properties"));
         }
         let props = bytes.split_to(len);
-        uses_topic_alias = properties(&props)?
+        if properties(&props)?
             .iter()
-            .any(|(id, _)| *id == PROPERTY_TOPIC_ALIAS);
+            .any(|(id, _)| *id == PROPERTY_TOPIC_ALIAS)
+        {
+            // The gateway's CONNACK offers no aliases, so a client using one breaks the protocol.
+            return Err(protocol_error("topic alias used though none was offered"));
+        }
+        if !props.is_empty() {
+            with_properties = Some(frame.clone());
+        }
     }
     Ok(PublishView {
         qos,
         pkid,
+        retain: header.byte1 & 0b1 == 1,
         topic,
+        topic_bytes,
         payload: bytes,
-        uses_topic_alias,
+        with_properties,
     })
 }
 
@@ -378,6 +446,7 @@ where
         return Err(protocol_error("first packet is not CONNECT"));
     };
     let client_id = connect.client_id.clone();
+    let clean_session = connect.clean_session;
 
     // Authenticate the car; a refusal gets a CONNACK that says so, then the connection closes.
     let device_vin = match &gateway.device_secret {
@@ -415,14 +484,14 @@ where
                 Packet::Connect(connect, None, will, None, internal_login),
                 &mut connect_out,
             )?;
-            gateway.broker.v4_addr
+            gateway.broker.listener(false)
         }
         Version::V5 => {
             V5.write(
                 Packet::Connect(connect, props, will, will_props, internal_login),
                 &mut connect_out,
             )?;
-            gateway.broker.v5_addr
+            gateway.broker.listener(true)
         }
     };
     let broker_stream = TcpStream::connect(broker_addr).await?;
@@ -445,17 +514,21 @@ where
         version,
     ));
 
-    let upstream = Upstream {
+    let mut upstream = Upstream {
         gateway: &gateway,
+        subscriber: gateway.broker.fanout.session(&client_id, clean_session),
         client_id: &client_id,
         device_vin: device_vin.as_ref(),
         version,
         local_tx,
-        locally_received: HashSet::new(),
+        acks: BytesMut::new(),
+        locally_received: gateway.take_unreleased(&client_id, clean_session),
     };
     let result = upstream
         .run(&mut client, &mut broker_write, &shutdown)
         .await;
+    gateway.keep_unreleased(&client_id, std::mem::take(&mut upstream.locally_received));
+    drop(upstream);
     // Closing the broker side makes the broker end the session and the downstream task finish.
     let _ = broker_write.shutdown().await;
     drop(broker_write);
@@ -541,21 +614,29 @@ fn without_topic_aliases(header: &FixedHeader, frame: Bytes) -> Result<Bytes, Co
 /// Client to broker: admission of telemetry, pass-through of the rest.
 struct Upstream<'a> {
     gateway: &'a Gateway,
+    /// This connection in the fan-out's registry of telemetry subscriptions.
+    subscriber: SubscriberSession,
     client_id: &'a str,
     device_vin: Option<&'a Vin>,
     version: Version,
     local_tx: mpsc::Sender<Bytes>,
-    /// QoS 2 packet ids the gateway acknowledged itself (rejected readings), whose PUBREL it
-    /// must answer rather than the broker.
+    /// Acknowledgements written by the gateway and not yet handed to the client's writer: the
+    /// readings Kafka acknowledged together leave in one message and one write.
+    acks: BytesMut,
+    /// QoS 2 packet ids the gateway acknowledged itself (telemetry, accepted or rejected), whose
+    /// PUBREL it must answer rather than the broker.
     locally_received: HashSet<u16>,
 }
 
 /// What the gateway does with a PUBLISH.
+// A verdict lives for one packet on the stack; boxing the reading would cost an allocation per
+// reading for nothing.
+#[allow(clippy::large_enum_variant)]
 enum Verdict {
     /// Not telemetry: pass it to the broker.
     Forward,
-    /// A valid reading: publish it on the bus, then pass the packet to the broker.
-    Accepted(TelemetryReading),
+    /// A valid reading: publish it on the bus, then acknowledge it and fan it out.
+    Accepted(TelemetryReading, PublishView),
     /// A refused reading: dead-letter it and acknowledge it here.
     Rejected {
         letter: DeadLetter,
@@ -564,8 +645,20 @@ enum Verdict {
     },
 }
 
-/// A reading on its way to the bus, with the packet to forward once it is there.
-type InFlight<'a> = Pin<Box<dyn Future<Output = (Result<(), BusError>, Bytes)> + Send + 'a>>;
+/// A reading on its way to the bus, with its PUBLISH to acknowledge and fan out once it is there.
+type InFlight<'a> = Pin<Box<dyn Future<Output = (Result<(), BusError>, PublishView)> + Send + 'a>>;
+
+/// The next reading whose admission has finished, if one has; polled with the task's own waker,
+/// so a reading finishing later still wakes the connection.
+async fn ready<'a>(
+    in_flight: &mut FuturesOrdered<InFlight<'a>>,
+) -> Option<(Result<(), BusError>, PublishView)> {
+    std::future::poll_fn(|cx| match in_flight.poll_next_unpin(cx) {
+        std::task::Poll::Ready(Some(done)) => std::task::Poll::Ready(Some(done)),
+        _ => std::task::Poll::Ready(None),
+    })
+    .await
+}
 
 /// Most readings of one connection on their way to the bus at once. Kafka acknowledges after a
 /// round trip; keeping several in flight (in order) lets one car publish faster than one
@@ -574,7 +667,7 @@ const MAX_IN_FLIGHT: usize = 128;
 
 impl<'a> Upstream<'a> {
     async fn run<R, W>(
-        mut self,
+        &mut self,
         client: &mut FrameReader<R>,
         broker_write: &mut BufWriter<W>,
         shutdown: &CancellationToken,
@@ -590,7 +683,16 @@ impl<'a> Upstream<'a> {
                 biased;
                 _ = shutdown.cancelled() => break Ok(()),
                 Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                    if let Err(e) = forward_admitted(done, broker_write).await {
+                    let mut outcome = self.admitted(done).await;
+                    // And the others already admitted, without waiting.
+                    while outcome.is_ok() {
+                        match ready(&mut in_flight).await {
+                            Some(done) => outcome = self.admitted(done).await,
+                            None => break,
+                        }
+                    }
+                    self.send_acks().await;
+                    if let Err(e) = outcome {
                         break Err(e);
                     }
                     continue;
@@ -605,20 +707,24 @@ impl<'a> Upstream<'a> {
             let verdict = match header.packet_type()? {
                 PacketType::Publish => self.judge(&header, &frame)?,
                 PacketType::Connect => break Err(protocol_error("second CONNECT")),
+                PacketType::Subscribe | PacketType::Unsubscribe => {
+                    self.note_subscriptions(&frame)?;
+                    Verdict::Forward
+                }
                 _ => Verdict::Forward,
             };
-            if let Verdict::Accepted(reading) = verdict {
+            if let Verdict::Accepted(reading, publish) = verdict {
                 in_flight.push_back(Box::pin(async move {
                     (
                         gateway.bus.publish(BusRecord::Telemetry(reading)).await,
-                        frame,
+                        publish,
                     )
                 }));
                 continue;
             }
             // Anything else keeps its place behind the readings still in flight: MQTT wants
             // acknowledgements in the order the packets came.
-            drain(&mut in_flight, broker_write).await?;
+            self.drain(&mut in_flight).await?;
             let forward = match verdict {
                 Verdict::Forward if header.packet_type()? == PacketType::PubRel => {
                     let pkid = read_u16(&mut frame.slice(header.fixed_header_len..))?;
@@ -635,7 +741,7 @@ impl<'a> Upstream<'a> {
                     self.reject(letter, qos, pkid).await?;
                     false
                 }
-                Verdict::Accepted(_) => unreachable!("handled above"),
+                Verdict::Accepted(..) => unreachable!("handled above"),
             };
             if forward {
                 broker_write.write_all(&frame).await?;
@@ -644,23 +750,113 @@ impl<'a> Upstream<'a> {
                 broker_write.flush().await?;
             }
         };
-        // Whatever reached the bus is forwarded (and so acknowledged) before the connection ends.
-        drain(&mut in_flight, broker_write).await?;
+        // Whatever reached the bus is acknowledged before the connection ends.
+        self.drain(&mut in_flight).await?;
         result
     }
 
-    async fn reply(&self, packet: Bytes) {
+    /// Acknowledges one reading that reached the bus, then hands it to the broker's subscribers.
+    async fn admitted(
+        &mut self,
+        (result, publish): (Result<(), BusError>, PublishView),
+    ) -> Result<(), ConnectionError> {
+        result?;
+        metrics::counter!(m::READINGS_ACCEPTED).increment(1);
+        self.acknowledge(publish.qos, publish.pkid, 0);
+        let fanout = &self.gateway.broker.fanout;
+        if !fanout.wanted(publish.retain) {
+            return Ok(());
+        }
+        let properties = publish.properties()?;
+        fanout
+            .publish(
+                publish.topic_bytes,
+                publish.payload,
+                publish.retain,
+                properties,
+            )
+            .await
+            .map_err(|e| ConnectionError::Protocol(e.to_string()))
+    }
+
+    /// Waits for every reading in flight and acknowledges them in order.
+    async fn drain(
+        &mut self,
+        in_flight: &mut FuturesOrdered<InFlight<'_>>,
+    ) -> Result<(), ConnectionError> {
+        while let Some(done) = in_flight.next().await {
+            self.admitted(done).await?;
+        }
+        self.send_acks().await;
+        Ok(())
+    }
+
+    /// Answers a PUBLISH the gateway took itself: PUBACK for QoS 1; PUBREC for QoS 2, after
+    /// which the car's PUBREL is answered here too.
+    /// The acknowledgement waits in `acks` until [`Upstream::send_acks`].
+    fn acknowledge(&mut self, qos: u8, pkid: u16, reason: u8) {
+        match qos {
+            1 => self.acks.extend_from_slice(&ack_packet(
+                PacketType::PubAck,
+                pkid,
+                self.version,
+                reason,
+            )),
+            2 => {
+                // MQTT 5 ends the exchange at a failing PUBREC; otherwise a PUBREL follows.
+                if reason < 0x80 || self.version == Version::V4 {
+                    self.locally_received.insert(pkid);
+                }
+                self.acks.extend_from_slice(&ack_packet(
+                    PacketType::PubRec,
+                    pkid,
+                    self.version,
+                    reason,
+                ));
+            }
+            _ => {}
+        }
+    }
+
+    /// Tells the fan-out which telemetry filters this client (un)subscribes, before the broker
+    /// sees the packet: a reading admitted after it reaches the new subscriber.
+    fn note_subscriptions(&self, frame: &Bytes) -> Result<(), ConnectionError> {
+        let mut buffer = BytesMut::from(frame.as_ref());
+        let packet = match self.version {
+            Version::V4 => V4.read_mut(&mut buffer, MAX_PACKET_BYTES)?,
+            Version::V5 => V5.read_mut(&mut buffer, MAX_PACKET_BYTES)?,
+        };
+        match packet {
+            Packet::Subscribe(subscribe, _) => self
+                .subscriber
+                .subscribed(subscribe.filters.iter().map(|f| f.path.as_str())),
+            Packet::Unsubscribe(unsubscribe, _) => self
+                .subscriber
+                .unsubscribed(unsubscribe.filters.iter().map(String::as_str)),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Sends `packet` to the client, after the acknowledgements still pending.
+    async fn reply(&mut self, packet: Bytes) {
+        self.acks.extend_from_slice(&packet);
+        self.send_acks().await;
+    }
+
+    /// Hands the pending acknowledgements to the client's writer.
+    async fn send_acks(&mut self) {
+        if self.acks.is_empty() {
+            return;
+        }
+        let acks = self.acks.split().freeze();
         // The downstream task only stops when the connection is ending anyway.
-        let _ = self.local_tx.send(packet).await;
+        let _ = self.local_tx.send(acks).await;
     }
 
     /// Decides a PUBLISH.
     fn judge(&self, header: &FixedHeader, frame: &Bytes) -> Result<Verdict, ConnectionError> {
         let publish = parse_publish(header, frame, self.version)?;
-        if publish.uses_topic_alias {
-            // The gateway's CONNACK offers no aliases, so a client using one breaks the protocol.
-            return Err(protocol_error("topic alias used though none was offered"));
-        }
         let Some(topic) = TelemetryTopic::classify(&publish.topic) else {
             return Ok(Verdict::Forward);
         };
@@ -678,7 +874,7 @@ impl<'a> Upstream<'a> {
                 _ => Ok(reading),
             });
         Ok(match verdict {
-            Ok(reading) => Verdict::Accepted(reading),
+            Ok(reading) => Verdict::Accepted(reading, publish),
             Err(rejection) => {
                 metrics::counter!(m::READINGS_REJECTED, "reason" => rejection.reason.code())
                     .increment(1);
@@ -720,46 +916,10 @@ impl<'a> Upstream<'a> {
             .bus
             .publish(BusRecord::DeadLetter(letter))
             .await?;
-        match qos {
-            1 => {
-                self.reply(ack_packet(PacketType::PubAck, pkid, self.version, code))
-                    .await
-            }
-            2 => {
-                self.reply(ack_packet(PacketType::PubRec, pkid, self.version, code))
-                    .await;
-                // MQTT 5 ends the exchange at a failing PUBREC; 3.1.1 sends PUBREL.
-                if self.version == Version::V4 {
-                    self.locally_received.insert(pkid);
-                }
-            }
-            _ => {}
-        }
+        self.acknowledge(qos, pkid, code);
+        self.send_acks().await;
         Ok(())
     }
-}
-
-/// Forwards one reading that reached the bus, and flushes so the car's PUBACK is not held back.
-async fn forward_admitted<W: AsyncWrite + Unpin>(
-    (result, frame): (Result<(), BusError>, Bytes),
-    broker_write: &mut BufWriter<W>,
-) -> Result<(), ConnectionError> {
-    result?;
-    metrics::counter!(m::READINGS_ACCEPTED).increment(1);
-    broker_write.write_all(&frame).await?;
-    broker_write.flush().await?;
-    Ok(())
-}
-
-/// Waits for every reading in flight and forwards them in order.
-async fn drain<W: AsyncWrite + Unpin>(
-    in_flight: &mut FuturesOrdered<InFlight<'_>>,
-    broker_write: &mut BufWriter<W>,
-) -> Result<(), ConnectionError> {
-    while let Some(done) = in_flight.next().await {
-        forward_admitted(done, broker_write).await?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -806,13 +966,13 @@ mod tests {
         ];
         let (h, f) = publish_frame("a/b", 2, 9, Some(&props), b"xyz");
         let p = parse_publish(&h, &f, Version::V5).unwrap();
-        assert_eq!(
-            (p.qos, p.pkid, p.payload.as_ref(), p.uses_topic_alias),
-            (2, 9, &b"xyz"[..], false)
-        );
+        assert_eq!((p.qos, p.pkid, p.payload.as_ref()), (2, 9, &b"xyz"[..]));
+        let props = p.properties().unwrap().unwrap();
+        assert_eq!(props.content_type.as_deref(), Some("json"));
+        assert_eq!(props.user_properties, vec![("k".into(), "v".into())]);
 
         let (h, f) = publish_frame("", 0, 0, Some(&[0x23, 0x00, 0x01]), b"x");
-        assert!(parse_publish(&h, &f, Version::V5).unwrap().uses_topic_alias);
+        assert!(parse_publish(&h, &f, Version::V5).is_err());
 
         let (h, f) = publish_frame("t", 0, 0, Some(&[0x7f]), b"x");
         assert!(parse_publish(&h, &f, Version::V5).is_err());

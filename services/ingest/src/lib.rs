@@ -168,6 +168,23 @@ impl IngestConfig {
     }
 }
 
+/// Connections waiting to be accepted, at most (the kernel caps it at `net.core.somaxconn`).
+/// The usual 128 overflowed when 1,000 cars reconnected at once, and each overflowed car waited a
+/// second for its SYN to be sent again.
+const ACCEPT_BACKLOG: u32 = 4096;
+
+/// Binds a listener with room for a whole fleet reconnecting at once.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
+
 /// Ingest with its listeners bound, ready to run.
 pub struct BoundIngest {
     gateway: Arc<Gateway>,
@@ -184,23 +201,17 @@ impl BoundIngest {
         let device_secret = config.device_secret()?;
         config.check_exposure(device_secret.as_ref())?;
         let bind = |setting: &'static str, addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| IngestError::Bind {
-                    setting,
-                    addr,
-                    source,
-                })
+            listen(addr).map_err(|source| IngestError::Bind {
+                setting,
+                addr,
+                source,
+            })
         };
         let tcp = bind("--mqtt-addr / ECARS_MQTT_ADDR", config.mqtt_addr).await?;
         let ws = bind("--mqtt-ws-addr / ECARS_MQTT_WS_ADDR", config.mqtt_ws_addr).await?;
         let broker = EmbeddedBroker::start(config.max_connections).await?;
         Ok(BoundIngest {
-            gateway: Arc::new(Gateway {
-                bus,
-                broker,
-                device_secret,
-            }),
+            gateway: Arc::new(Gateway::new(bus, broker, device_secret)),
             tcp,
             ws,
         })

@@ -82,6 +82,14 @@ impl Shared {
             .map(|(_, stream)| *stream)
     }
 
+    /// The topic of a stream, without building its name for every record.
+    fn topic_of(&self, stream: Stream) -> Option<&str> {
+        self.topics
+            .iter()
+            .find(|(_, s)| *s == stream)
+            .map(|(name, _)| name.as_str())
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -311,7 +319,10 @@ impl SpoolingProducer {
     pub(super) async fn publish(&self, record: SpooledRecord) -> Result<(), BusError> {
         let (tx, rx) = oneshot::channel();
         let mut waited = false;
-        let topic = self.config.topic(record.stream);
+        let topic = match self.shared.topic_of(record.stream) {
+            Some(name) => std::borrow::Cow::Borrowed(name),
+            None => std::borrow::Cow::Owned(self.config.topic(record.stream)),
+        };
         let mut next = Some((record, tx));
         while let Some((current, done)) = next.take() {
             if self.shared.closed.load(Ordering::Acquire) {
