@@ -1,5 +1,6 @@
-//! The anomaly contract: what the anomaly worker publishes on the anomalies stream (Kafka topic
-//! `{prefix}anomalies`) for other services, one event per change of an episode.
+//! The anomaly contract: what the anomaly worker publishes for other services. On the anomalies
+//! stream (Kafka topic `{prefix}anomalies`), one event per change of an episode; on the cases
+//! stream (`{prefix}cases`), one event per change of its Salesforce Case's sync.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -54,14 +55,67 @@ pub struct AnomalyEvent {
 impl AnomalyEvent {
     /// The event id of an episode version (UUIDv8 of SHA-256 of key and version).
     pub fn id_for(key: &str, version: i64) -> Uuid {
-        use sha2::{Digest, Sha256};
-        let digest = Sha256::new()
-            .chain_update(key.as_bytes())
-            .chain_update(version.to_be_bytes())
-            .finalize();
-        let mut bytes = [0u8; 16];
-        bytes.copy_from_slice(&digest[..16]);
-        uuid::Builder::from_custom_bytes(bytes).into_uuid()
+        derived_id(b"", key, version)
+    }
+}
+
+/// A UUIDv8 from SHA-256 of a domain, a key and a number: the same inputs, the same id.
+fn derived_id(domain: &[u8], key: &str, number: i64) -> Uuid {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(domain)
+        .chain_update(key.as_bytes())
+        .chain_update(number.to_be_bytes())
+        .finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+/// What happened to an episode's Salesforce Case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CaseChange {
+    /// Salesforce has the Case for the first time: `salesforce_id` is its Id.
+    Created,
+    /// Salesforce took a newer version of the Case's fields.
+    Updated,
+    /// Salesforce refused the Case for good (a permanent error, in `error`); it stays in the
+    /// outbox for a person (`ecars cases retry KEY`).
+    Failed,
+}
+
+/// One change of the Salesforce sync of an episode's Case.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct CaseEvent {
+    /// Id of this event: the same change always gets the same id (CloudEvents `ce_id`).
+    pub event_id: Uuid,
+    /// The episode's key, the Case's `Ecars_Anomaly_Key__c` (as on the anomalies stream).
+    pub key: String,
+    /// The car.
+    pub vin: Vin,
+    /// The rule that opened the episode.
+    pub rule: String,
+    /// What happened.
+    pub change: CaseChange,
+    /// The Case's Salesforce Id, once created.
+    pub salesforce_id: Option<String>,
+    /// Version of the episode's Case fields Salesforce has (0 before the first success).
+    pub synced_version: i64,
+    /// The Case's status as sent (`New` when created; set by agents afterwards).
+    pub case_status: Option<String>,
+    /// Why Salesforce refused it (`Failed` only).
+    pub error: Option<String>,
+    /// Sequence number of this change for the episode (1, 2, ...).
+    pub sequence: i64,
+    /// When the worker recorded this change.
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl CaseEvent {
+    /// The event id of an episode's `sequence`-th Case change.
+    pub fn id_for(key: &str, sequence: i64) -> Uuid {
+        derived_id(b"case:", key, sequence)
     }
 }
 
@@ -76,5 +130,11 @@ mod tests {
         assert_ne!(a, AnomalyEvent::id_for("K", 2));
         assert_ne!(a, AnomalyEvent::id_for("L", 1));
         assert_eq!(a.get_version_num(), 8);
+        assert_ne!(
+            CaseEvent::id_for("K", 1),
+            a,
+            "case events have ids of their own"
+        );
+        assert_eq!(CaseEvent::id_for("K", 1), CaseEvent::id_for("K", 1));
     }
 }

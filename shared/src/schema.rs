@@ -5,8 +5,10 @@
 
 use schemars::JsonSchema;
 
-use crate::anomaly::AnomalyEvent;
-use crate::bus::kafka::{ANOMALY_EVENT_TYPE, DEAD_LETTER_EVENT_TYPE, TELEMETRY_EVENT_TYPE};
+use crate::anomaly::{AnomalyEvent, CaseEvent};
+use crate::bus::kafka::{
+    ANOMALY_EVENT_TYPE, CASE_EVENT_TYPE, DEAD_LETTER_EVENT_TYPE, TELEMETRY_EVENT_TYPE,
+};
 use crate::telemetry::{DeadLetter, TelemetryReading};
 
 /// Where the schemas are published, relative to the repository root.
@@ -39,12 +41,13 @@ fn schema_of<T: JsonSchema>(event_type: &'static str) -> TopicSchema {
     }
 }
 
-/// The schemas of every topic value: accepted readings and dead letters.
+/// The schemas of every topic value: accepted readings, dead letters, anomaly and Case events.
 pub fn topic_schemas() -> Vec<TopicSchema> {
     vec![
         schema_of::<TelemetryReading>(TELEMETRY_EVENT_TYPE),
         schema_of::<DeadLetter>(DEAD_LETTER_EVENT_TYPE),
         schema_of::<AnomalyEvent>(ANOMALY_EVENT_TYPE),
+        schema_of::<CaseEvent>(CASE_EVENT_TYPE),
     ]
 }
 
@@ -82,11 +85,7 @@ mod tests {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let asyncapi = std::fs::read_to_string(root.join("docs/asyncapi.yaml")).unwrap();
         let kafka = crate::bus::KafkaConfig::for_brokers("x");
-        for stream in [
-            crate::bus::Stream::Telemetry,
-            crate::bus::Stream::DeadLetters,
-            crate::bus::Stream::Anomalies,
-        ] {
+        for stream in crate::bus::Stream::ALL {
             let address = format!("address: {}\n", kafka.topic(stream));
             assert!(asyncapi.contains(&address), "asyncapi.yaml lacks {address}");
         }

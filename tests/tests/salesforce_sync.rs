@@ -458,3 +458,99 @@ async fn cases_wait_out_two_minutes_of_503_and_arrive_once() {
     );
     h.stop().await;
 }
+
+/// Waits for the next Case change on the cases stream (acknowledging it).
+async fn next_case_event(
+    cases: &mut Box<dyn ecars_shared::bus::Subscription>,
+) -> ecars_shared::anomaly::CaseEvent {
+    let delivery = tokio::time::timeout(Duration::from_secs(10), cases.next())
+        .await
+        .expect("a Case change is published")
+        .expect("the bus is open")
+        .unwrap();
+    cases.ack(&[delivery.receipt]).await.unwrap();
+    match delivery.record {
+        ecars_shared::bus::BusRecord::Case(event) => event,
+        other => panic!("not a Case event: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn case_changes_go_out_on_the_cases_stream_created_updated_and_failed() {
+    use ecars_anomaly::events::EpisodeEventRelay;
+    use ecars_shared::anomaly::{CaseChange, CaseEvent};
+    use ecars_shared::bus::{Bus, InProcessBus, Stream};
+
+    let mut h = Harness::start(client_credentials).await;
+    let bus = Arc::new(InProcessBus::new(100));
+    let mut cases = bus.subscribe(Stream::Cases, "case-watcher").await.unwrap();
+    let relay = EpisodeEventRelay::new(h.outbox.clone(), bus.clone() as Arc<dyn Bus>);
+    let relay = tokio::spawn(relay.run(h.stop.clone()));
+
+    let good = draft(1, "High");
+    let bad = draft(2, "Urgent"); // not in the restricted Priority picklist
+    h.add(&[good.clone(), bad.clone()]).await;
+    h.run(fast_policy());
+    let mut first = vec![
+        next_case_event(&mut cases).await,
+        next_case_event(&mut cases).await,
+    ];
+    first.sort_by_key(|e| e.key != good.key);
+    let (created, failed) = (&first[0], &first[1]);
+
+    assert_eq!(
+        (created.key.as_str(), created.change, created.sequence),
+        (good.key.as_str(), CaseChange::Created, 1)
+    );
+    let salesforce_id = created.salesforce_id.clone().expect("the Case's Id");
+    assert_eq!(
+        Some(salesforce_id.as_str()),
+        h.outbox.list(Some(CaseStatus::Synced), 10).await.unwrap()[0]
+            .salesforce_id
+            .as_deref()
+    );
+    assert_eq!(created.vin, good.vin);
+    assert_eq!(created.case_status.as_deref(), Some("New"));
+    assert!(created.error.is_none());
+    assert_eq!(created.event_id, CaseEvent::id_for(&good.key, 1));
+
+    assert_eq!(
+        (
+            failed.key.as_str(),
+            failed.change,
+            failed.salesforce_id.as_deref()
+        ),
+        (bad.key.as_str(), CaseChange::Failed, None)
+    );
+    assert!(failed
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST"));
+
+    // The episode fires again: the sync sends the change and says so.
+    let mut later = good.clone();
+    later.fields.insert("Ecars_Firings__c".into(), 2.into());
+    h.add(&[later]).await;
+    let updated = next_case_event(&mut cases).await;
+    assert_eq!(
+        (updated.key.as_str(), updated.change, updated.sequence),
+        (good.key.as_str(), CaseChange::Updated, 2)
+    );
+    assert_eq!(
+        updated.salesforce_id.as_deref(),
+        Some(salesforce_id.as_str())
+    );
+    assert!(updated.synced_version > created.synced_version);
+
+    // Nothing is published twice.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), cases.next())
+            .await
+            .is_err(),
+        "no further Case change"
+    );
+    h.stop.cancel();
+    relay.await.unwrap().unwrap();
+    h.stop().await;
+}

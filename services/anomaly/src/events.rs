@@ -1,14 +1,20 @@
-//! The episode event relay: publishes changes of the case outbox on the anomalies stream
-//! (Kafka topic `{prefix}anomalies`) for other services. The outbox row is written in the same
-//! transaction as the detector's state, and a row counts as published only once the bus took
-//! it, so every change goes out at least once, even across a crash (a transactional outbox).
-//! Changes made in quick succession go out as one event with the newest state.
+//! The episode event relay: publishes changes of the case outbox for other services, on two
+//! streams:
+//!
+//! - anomalies (Kafka topic `{prefix}anomalies`): each change of an episode, written by the
+//!   detector in the same transaction as its state;
+//! - cases (`{prefix}cases`): each change of the episode's Case sync (created in Salesforce,
+//!   updated, failed for good), written by the sync in the same transaction as its outcome.
+//!
+//! A change counts as published only once the bus took it, so every change goes out at least
+//! once, even across a crash (a transactional outbox). Changes made in quick succession go out
+//! as one event with the newest state.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use ecars_persist::StoreError;
-use ecars_shared::anomaly::{AnomalyChange, AnomalyEvent};
+use ecars_shared::anomaly::{AnomalyChange, AnomalyEvent, CaseChange, CaseEvent};
 use ecars_shared::bus::{Bus, BusError, BusRecord};
 use ecars_shared::telemetry::{Vin, VinError};
 use tokio::sync::Notify;
@@ -25,8 +31,18 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 pub struct EpisodeEventRelay {
     outbox: CaseOutbox,
     bus: Arc<dyn Bus>,
-    /// Woken when the detector wrote rows.
+    /// Woken when the detector or the sync wrote rows.
     pub wake: Arc<Notify>,
+}
+
+/// How publishing one batch went.
+enum Round {
+    /// Every record went out (or had nowhere to go); `busy` when the batch was full.
+    Done { busy: bool },
+    /// The bus refused for now.
+    Failed,
+    /// The bus closed: the relay stops.
+    Closed,
 }
 
 impl EpisodeEventRelay {
@@ -43,51 +59,19 @@ impl EpisodeEventRelay {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StoreError> {
         let mut failures = 0u32;
         loop {
-            let rows = match self.outbox.unpublished(BATCH).await {
-                Ok(rows) => rows,
-                Err(e) => {
-                    tracing::warn!(error = %e, "case outbox unavailable to the event relay; retrying");
-                    Vec::new()
-                }
+            let anomalies = self.anomaly_round().await?;
+            let cases = self.case_round().await?;
+            let (busy, failed) = match (anomalies, cases) {
+                (Round::Closed, _) | (_, Round::Closed) => return Ok(()),
+                (Round::Failed, _) | (_, Round::Failed) => (false, true),
+                (Round::Done { busy: a }, Round::Done { busy: c }) => (a || c, false),
             };
-            let mut published = Vec::with_capacity(rows.len());
-            let mut failed = false;
-            for row in &rows {
-                let Ok(event) = event_of(row) else {
-                    // Only the detector writes rows, with VINs it parsed; skip rather than loop.
-                    tracing::error!(
-                        key = row.key,
-                        vin = row.vin,
-                        "outbox row with an invalid VIN; not published"
-                    );
-                    published.push((row.key.clone(), row.version));
-                    continue;
-                };
-                match self.bus.publish(BusRecord::Anomaly(event)).await {
-                    // In process nobody may listen to anomalies: nothing to deliver then.
-                    Ok(()) | Err(BusError::NoSubscribers(_)) => {
-                        published.push((row.key.clone(), row.version))
-                    }
-                    Err(BusError::Closed) => {
-                        self.outbox.mark_published(&published).await?;
-                        return Ok(());
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot publish anomaly events; retrying");
-                        failed = true;
-                        break;
-                    }
-                }
-            }
-            if !published.is_empty() {
-                self.outbox.mark_published(&published).await?;
-            }
             failures = if failed {
                 failures.saturating_add(1)
             } else {
                 0
             };
-            if !rows.is_empty() && !failed {
+            if busy {
                 continue;
             }
             let wait = if failed {
@@ -104,6 +88,113 @@ impl EpisodeEventRelay {
             }
         }
     }
+
+    /// Publishes the episode changes not yet on the anomalies stream.
+    async fn anomaly_round(&self) -> Result<Round, StoreError> {
+        let rows = match self.outbox.unpublished(BATCH).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "case outbox unavailable to the event relay; retrying");
+                return Ok(Round::Failed);
+            }
+        };
+        let busy = rows.len() as i64 == BATCH;
+        let records = rows
+            .iter()
+            .map(|row| (event_of(row).map(BusRecord::Anomaly), row, row.version));
+        let (round, published) = self.publish(records).await;
+        if !published.is_empty() {
+            self.outbox.mark_published(&published).await?;
+        }
+        Ok(match round {
+            Round::Done { .. } => Round::Done { busy },
+            other => other,
+        })
+    }
+
+    /// Publishes the Case sync changes not yet on the cases stream.
+    async fn case_round(&self) -> Result<Round, StoreError> {
+        let rows = match self.outbox.unpublished_case_events(BATCH).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "case outbox unavailable to the event relay; retrying");
+                return Ok(Round::Failed);
+            }
+        };
+        let busy = rows.len() as i64 == BATCH;
+        let records = rows.iter().filter_map(|row| {
+            let event = case_event_of(row).transpose()?;
+            Some((event.map(BusRecord::Case), row, row.case_event_seq))
+        });
+        let (round, published) = self.publish(records).await;
+        if !published.is_empty() {
+            self.outbox.mark_case_events_published(&published).await?;
+        }
+        Ok(match round {
+            Round::Done { .. } => Round::Done { busy },
+            other => other,
+        })
+    }
+
+    /// Publishes records in order until the bus refuses; returns how it went and the (key,
+    /// version) of every row done with.
+    async fn publish<'r>(
+        &self,
+        records: impl Iterator<Item = (Result<BusRecord, VinError>, &'r CaseRecord, i64)>,
+    ) -> (Round, Vec<(String, i64)>) {
+        let mut published = Vec::new();
+        for (record, row, version) in records {
+            let Ok(record) = record else {
+                // Only the detector writes rows, with VINs it parsed; skip rather than loop.
+                tracing::error!(
+                    key = row.key,
+                    vin = row.vin,
+                    "outbox row with an invalid VIN; not published"
+                );
+                published.push((row.key.clone(), version));
+                continue;
+            };
+            let stream = record.stream();
+            match self.bus.publish(record).await {
+                // In process nobody may listen to these streams: nothing to deliver then.
+                Ok(()) | Err(BusError::NoSubscribers(_)) => {
+                    published.push((row.key.clone(), version))
+                }
+                Err(BusError::Closed) => return (Round::Closed, published),
+                Err(e) => {
+                    tracing::warn!(error = %e, %stream, "cannot publish outbox events; retrying");
+                    return (Round::Failed, published);
+                }
+            }
+        }
+        (Round::Done { busy: false }, published)
+    }
+}
+
+/// The event of a row's latest Case sync change; `None` when its Case never changed.
+pub fn case_event_of(row: &CaseRecord) -> Result<Option<CaseEvent>, VinError> {
+    let Some(change) = row.case_event else {
+        return Ok(None);
+    };
+    Ok(Some(CaseEvent {
+        event_id: CaseEvent::id_for(&row.key, row.case_event_seq),
+        key: row.key.clone(),
+        vin: Vin::parse(&row.vin)?,
+        rule: row.rule.clone(),
+        change,
+        salesforce_id: row.salesforce_id.clone(),
+        synced_version: row.synced_version,
+        case_status: row
+            .fields
+            .get("Status")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned),
+        error: (change == CaseChange::Failed)
+            .then(|| row.last_error.clone())
+            .flatten(),
+        sequence: row.case_event_seq,
+        recorded_at: row.case_event_at.unwrap_or(row.updated_at),
+    }))
 }
 
 /// The event of an outbox row's current version.

@@ -172,6 +172,7 @@ impl AnomalyWorker {
             };
             let mut sync = CaseSync::new(outbox.clone(), client, policy).on_readiness(readiness);
             sync.wake = Arc::clone(&wake);
+            sync.events_wake = Arc::clone(&events.wake);
             Some(sync)
         } else {
             tracing::warn!("no Salesforce settings (SALESFORCE_CLIENT_ID): anomalies are kept in the case outbox as not configured");
@@ -394,7 +395,7 @@ impl BatchSink for DetectorSink {
     fn select(&self, record: BusRecord) -> Option<TelemetryReading> {
         match record {
             BusRecord::Telemetry(reading) => Some(reading),
-            BusRecord::DeadLetter(_) | BusRecord::Anomaly(_) => None,
+            BusRecord::DeadLetter(_) | BusRecord::Anomaly(_) | BusRecord::Case(_) => None,
         }
     }
 

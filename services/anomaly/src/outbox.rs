@@ -9,6 +9,7 @@ use std::fmt;
 
 use chrono::{DateTime, TimeZone, Utc};
 use ecars_persist::{SensorStore, StoreError};
+use ecars_shared::anomaly::CaseChange;
 use ecars_shared::telemetry::Vin;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -131,6 +132,18 @@ pub struct CaseRecord {
     /// The newest version published on the anomalies stream.
     #[serde(skip)]
     pub published_version: i64,
+    /// Version of `fields` Salesforce has (0 before the first success).
+    #[serde(skip)]
+    pub synced_version: i64,
+    /// The latest change of the Case's sync, for the cases stream.
+    #[serde(skip)]
+    pub case_event: Option<CaseChange>,
+    /// How many changes of the Case's sync there were.
+    #[serde(skip)]
+    pub case_event_seq: i64,
+    /// When the latest change happened.
+    #[serde(skip)]
+    pub case_event_at: Option<DateTime<Utc>>,
 }
 
 /// How a row's sync ended, to be written back.
@@ -213,7 +226,24 @@ where
         version: get_i64("version")?,
         first_error_at: get_opt_i64("first_error_ms")?.map(time),
         published_version: get_i64("published_version")?,
+        case_event: get_opt_str("case_event")?
+            .as_deref()
+            .map(case_change)
+            .transpose()?,
+        synced_version: get_i64("synced_version")?,
+        case_event_seq: get_i64("case_event_seq")?,
+        case_event_at: get_opt_i64("case_event_ms")?.map(time),
     })
+}
+
+/// A stored Case sync change.
+fn case_change(text: &str) -> Result<CaseChange, StoreError> {
+    match text {
+        "created" => Ok(CaseChange::Created),
+        "updated" => Ok(CaseChange::Updated),
+        "failed" => Ok(CaseChange::Failed),
+        other => Err(StoreError::Decode(format!("unknown case event {other:?}"))),
+    }
 }
 
 /// A stored `(vin, state)` row.
@@ -226,7 +256,8 @@ fn parse_state((vin, state): (String, String)) -> Result<(Vin, VehicleState), St
 
 const COLUMNS: &str = "anomaly_key, vin, rule, status, salesforce_id, attempts, last_error, \
      episode_started_ms, episode_closed_ms, created_ms, updated_ms, synced_ms, fields, \
-     synced_fields, version, first_error_ms, published_version";
+     synced_fields, version, first_error_ms, published_version, synced_version, case_event, \
+     case_event_seq, case_event_ms";
 
 impl CaseOutbox {
     /// The outbox in this database (migrated by [`SensorStore::migrate`]).
@@ -490,6 +521,9 @@ impl CaseOutbox {
                                  salesforce_id = COALESCE($3, salesforce_id), attempts = 0,
                                  first_error_ms = NULL, last_error = NULL, lease_until_ms = 0,
                                  synced_ms = $4, updated_ms = $4,
+                                 case_event = CASE WHEN synced_version = 0 THEN 'created'
+                                                   ELSE 'updated' END,
+                                 case_event_seq = case_event_seq + 1, case_event_ms = $4,
                                  status = CASE WHEN version = $2 THEN 'synced' ELSE status END,
                                  next_attempt_ms = $4 + $5
                              WHERE anomaly_key = $6",
@@ -521,7 +555,8 @@ impl CaseOutbox {
                         sqlx::query(
                             "UPDATE case_outbox SET attempts = attempts + 1, status = 'failed',
                                  first_error_ms = COALESCE(first_error_ms, $1), last_error = $2,
-                                 lease_until_ms = 0, updated_ms = $1
+                                 lease_until_ms = 0, updated_ms = $1, case_event = 'failed',
+                                 case_event_seq = case_event_seq + 1, case_event_ms = $1
                              WHERE anomaly_key = $3",
                         )
                         .bind(now_ms)
@@ -619,6 +654,44 @@ impl CaseOutbox {
                      WHERE anomaly_key = $2 AND published_version < $1",
                 )
                 .bind(*version)
+                .bind(key)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// Rows whose latest Case sync change has not gone out on the cases stream, oldest first.
+    pub async fn unpublished_case_events(&self, limit: i64) -> Result<Vec<CaseRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM case_outbox WHERE case_event_seq > case_published_seq
+             ORDER BY case_event_ms, anomaly_key LIMIT $1"
+        );
+        let records = on_pool!(&self.store, |pool| {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(limit)
+                .fetch_all(pool)
+                .await?;
+            rows.iter().map(record).collect::<Result<Vec<_>, _>>()?
+        });
+        Ok(records)
+    }
+
+    /// Records that these Case sync changes (key, sequence) were published.
+    pub async fn mark_case_events_published(
+        &self,
+        published: &[(String, i64)],
+    ) -> Result<(), StoreError> {
+        on_pool!(&self.store, |pool| {
+            let mut tx = pool.begin().await?;
+            for (key, sequence) in published {
+                sqlx::query(
+                    "UPDATE case_outbox SET case_published_seq = $1
+                     WHERE anomaly_key = $2 AND case_published_seq < $1",
+                )
+                .bind(*sequence)
                 .bind(key)
                 .execute(&mut *tx)
                 .await?;

@@ -73,6 +73,8 @@ pub struct CaseSync {
     policy: SyncPolicy,
     /// Woken when the detector wrote new rows.
     pub wake: Arc<Notify>,
+    /// Woken after outcomes were written: the event relay publishes Case changes.
+    pub events_wake: Arc<Notify>,
     readiness: Option<Box<dyn Fn(bool) + Send + Sync>>,
 }
 
@@ -102,8 +104,19 @@ impl CaseSync {
             client,
             policy,
             wake: Arc::new(Notify::new()),
+            events_wake: Arc::new(Notify::new()),
             readiness: None,
         }
+    }
+
+    /// Writes back how leased rows' sync ended (with their Case changes), then wakes the event
+    /// relay.
+    async fn finish(&self, outcomes: &[(CaseRecord, SyncOutcome)]) -> Result<(), StoreError> {
+        self.outbox
+            .finish(outcomes, ms(self.policy.update_interval), Utc::now())
+            .await?;
+        self.events_wake.notify_one();
+        Ok(())
     }
 
     /// Reports readiness changes (false while paused) to `report`.
@@ -344,9 +357,7 @@ impl CaseSync {
                 Err(e) => {
                     let rows = sent.into_iter().map(|(row, _)| row).collect();
                     if !outcomes.is_empty() {
-                        self.outbox
-                            .finish(&outcomes, ms(self.policy.update_interval), Utc::now())
-                            .await?;
+                        self.finish(&outcomes).await?;
                     }
                     return self.fail_batch(rows, e, outage_failures).await;
                 }
@@ -356,9 +367,7 @@ impl CaseSync {
                 outcomes.push((row, outcome));
             }
         }
-        self.outbox
-            .finish(&outcomes, ms(self.policy.update_interval), Utc::now())
-            .await?;
+        self.finish(&outcomes).await?;
         Ok(None)
     }
 
@@ -428,9 +437,7 @@ impl CaseSync {
                         (row, outcome)
                     })
                     .collect();
-                self.outbox
-                    .finish(&outcomes, ms(self.policy.update_interval), Utc::now())
-                    .await?;
+                self.finish(&outcomes).await?;
                 return Err(BatchError::Auth(error));
             }
             ErrorClass::Transient => self.backoff_wait(i64::from(outage_failures)),
@@ -445,9 +452,7 @@ impl CaseSync {
                         (row, outcome)
                     })
                     .collect();
-                self.outbox
-                    .finish(&outcomes, ms(self.policy.update_interval), Utc::now())
-                    .await?;
+                self.finish(&outcomes).await?;
                 return Ok(None);
             }
         };
@@ -463,9 +468,7 @@ impl CaseSync {
                 (row, outcome)
             })
             .collect();
-        self.outbox
-            .finish(&outcomes, ms(self.policy.update_interval), Utc::now())
-            .await?;
+        self.finish(&outcomes).await?;
         Ok(Some(wait))
     }
 }

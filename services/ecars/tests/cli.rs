@@ -480,7 +480,12 @@ async fn malfunctioning_cars_open_one_case_per_episode_across_a_killed_anomaly_w
     use ecars_e2e::salesforce::{EmulatorCredentials, SalesforceEmulator};
 
     let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
-    for topic in ["ecars.telemetry", "ecars.telemetry.dlq", "ecars.anomalies"] {
+    for topic in [
+        "ecars.telemetry",
+        "ecars.telemetry.dlq",
+        "ecars.anomalies",
+        "ecars.cases",
+    ] {
         cluster.create_topic(topic, 4, 1).unwrap();
     }
     let pg = ecars_e2e::PgServer::start().unwrap();
@@ -595,10 +600,34 @@ async fn malfunctioning_cars_open_one_case_per_episode_across_a_killed_anomaly_w
 
     // Other services see each episode on the anomalies topic: key = VIN, CloudEvents headers,
     // an `opened` event first.
-    let opened = read_opened_anomalies(&cluster.bootstrap_servers(), cases.len()).await;
+    let brokers = cluster.bootstrap_servers();
+    let anomalies = read_first_events(
+        &brokers,
+        "ecars.anomalies",
+        "com.ecars.anomaly.v1",
+        cases.len(),
+    )
+    .await;
+    let opened: Vec<String> = anomalies
+        .iter()
+        .filter(|(_, event)| event["change"] == "opened")
+        .map(|(key, _)| key.clone())
+        .collect();
     let mut case_keys: Vec<String> = cases.keys().cloned().collect();
     case_keys.sort();
     assert_eq!(opened, case_keys);
+    // And each Case's creation in Salesforce on the cases topic, with its Salesforce Id.
+    let created =
+        read_first_events(&brokers, "ecars.cases", "com.ecars.case.v1", cases.len()).await;
+    assert_eq!(created.keys().cloned().collect::<Vec<_>>(), case_keys);
+    for (key, event) in &created {
+        assert_eq!(event["change"], "created", "{key}");
+        assert_eq!(
+            event["salesforce_id"].as_str(),
+            Some(cases[key].id.as_str()),
+            "{key}: the Case's Salesforce Id"
+        );
+    }
 
     let mut expected: Vec<(String, String)> = faulty
         .iter()
@@ -613,10 +642,14 @@ async fn malfunctioning_cars_open_one_case_per_episode_across_a_killed_anomaly_w
     assert_eq!(per_car_rule, expected);
 }
 
-/// Reads `ecars.anomalies` from the start until `episodes` distinct episodes were seen, checking
-/// each record's key and CloudEvents headers; returns the keys of the episodes, sorted, whose
-/// first event says `opened`.
-async fn read_opened_anomalies(brokers: &str, episodes: usize) -> Vec<String> {
+/// Reads `topic` from the start until `episodes` distinct episodes were seen, checking each
+/// record's key and CloudEvents headers (`ce_type`); returns each episode's first event.
+async fn read_first_events(
+    brokers: &str,
+    topic: &str,
+    ce_type: &str,
+    episodes: usize,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::message::{Headers, Message};
 
@@ -627,16 +660,16 @@ async fn read_opened_anomalies(brokers: &str, episodes: usize) -> Vec<String> {
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
-    consumer.subscribe(&["ecars.anomalies"]).unwrap();
-    let mut first_change: std::collections::BTreeMap<String, String> = Default::default();
-    while first_change.len() < episodes {
+    consumer.subscribe(&[topic]).unwrap();
+    let mut first: std::collections::BTreeMap<String, serde_json::Value> = Default::default();
+    while first.len() < episodes {
         let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
             .await
-            .expect("an anomaly event within 30 s")
+            .unwrap_or_else(|_| panic!("an event on {topic} within 30 s"))
             .unwrap();
-        let event: ecars_shared::anomaly::AnomalyEvent =
-            serde_json::from_slice(message.payload().unwrap()).unwrap();
-        assert_eq!(message.key(), Some(event.vin.as_str().as_bytes()));
+        let event: serde_json::Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
+        let vin = event["vin"].as_str().unwrap();
+        assert_eq!(message.key(), Some(vin.as_bytes()));
         let headers = message.headers().unwrap();
         let header = |name: &str| {
             headers
@@ -645,19 +678,15 @@ async fn read_opened_anomalies(brokers: &str, episodes: usize) -> Vec<String> {
                 .and_then(|h| h.value)
                 .map(|v| String::from_utf8_lossy(v).into_owned())
         };
-        assert_eq!(header("ce_type").as_deref(), Some("com.ecars.anomaly.v1"));
-        assert_eq!(header("ce_id"), Some(event.event_id.to_string()));
-        assert_eq!(header("ce_subject").as_deref(), Some(event.vin.as_str()));
-        first_change
-            .entry(event.key.clone())
-            .or_insert_with(|| format!("{:?}", event.change));
+        assert_eq!(header("ce_type").as_deref(), Some(ce_type));
+        assert_eq!(header("ce_id").as_deref(), event["event_id"].as_str());
+        assert_eq!(header("ce_subject").as_deref(), Some(vin));
+        first
+            .entry(event["key"].as_str().unwrap().to_owned())
+            .or_insert(event);
     }
     consumer.unsubscribe();
-    first_change
-        .into_iter()
-        .filter(|(_, change)| change == "Opened")
-        .map(|(key, _)| key)
-        .collect()
+    first
 }
 
 /// The built-in dashboard in a real browser (Debian's chromium, driven by playwright-core from

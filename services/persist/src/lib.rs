@@ -168,7 +168,7 @@ impl BatchSink for ReadingSink {
     fn select(&self, record: BusRecord) -> Option<TelemetryReading> {
         match record {
             BusRecord::Telemetry(reading) => Some(reading),
-            BusRecord::DeadLetter(_) | BusRecord::Anomaly(_) => None,
+            BusRecord::DeadLetter(_) | BusRecord::Anomaly(_) | BusRecord::Case(_) => None,
         }
     }
 
@@ -195,7 +195,7 @@ impl BatchSink for DeadLetterSink {
     fn select(&self, record: BusRecord) -> Option<DeadLetter> {
         match record {
             BusRecord::DeadLetter(letter) => Some(letter),
-            BusRecord::Telemetry(_) | BusRecord::Anomaly(_) => None,
+            BusRecord::Telemetry(_) | BusRecord::Anomaly(_) | BusRecord::Case(_) => None,
         }
     }
 

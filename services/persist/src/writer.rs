@@ -238,7 +238,7 @@ mod tests {
         fn select(&self, record: BusRecord) -> Option<TelemetryReading> {
             match record {
                 BusRecord::Telemetry(r) => Some(r),
-                BusRecord::DeadLetter(_) | BusRecord::Anomaly(_) => None,
+                BusRecord::DeadLetter(_) | BusRecord::Anomaly(_) | BusRecord::Case(_) => None,
             }
         }
         fn write(

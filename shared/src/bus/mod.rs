@@ -8,7 +8,7 @@ use std::fmt;
 
 use async_trait::async_trait;
 
-use crate::anomaly::AnomalyEvent;
+use crate::anomaly::{AnomalyEvent, CaseEvent};
 use crate::telemetry::{DeadLetter, TelemetryReading};
 
 mod in_process;
@@ -27,15 +27,26 @@ pub enum Stream {
     DeadLetters,
     /// Changes of anomaly episodes, keyed by VIN, for other services.
     Anomalies,
+    /// Changes of the Salesforce sync of episodes' Cases, keyed by VIN, for other services.
+    Cases,
 }
 
 impl Stream {
+    /// Every stream.
+    pub const ALL: [Stream; 4] = [
+        Stream::Telemetry,
+        Stream::DeadLetters,
+        Stream::Anomalies,
+        Stream::Cases,
+    ];
+
     /// The stream's name, as used in metric labels (and Kafka topic suffixes).
     pub fn name(self) -> &'static str {
         match self {
             Stream::Telemetry => "telemetry",
             Stream::DeadLetters => "dead_letters",
             Stream::Anomalies => "anomalies",
+            Stream::Cases => "cases",
         }
     }
 }
@@ -55,6 +66,8 @@ pub enum BusRecord {
     DeadLetter(DeadLetter),
     /// A change of an anomaly episode.
     Anomaly(AnomalyEvent),
+    /// A change of an episode's Case sync.
+    Case(CaseEvent),
 }
 
 impl BusRecord {
@@ -64,16 +77,18 @@ impl BusRecord {
             BusRecord::Telemetry(_) => Stream::Telemetry,
             BusRecord::DeadLetter(_) => Stream::DeadLetters,
             BusRecord::Anomaly(_) => Stream::Anomalies,
+            BusRecord::Case(_) => Stream::Cases,
         }
     }
 
-    /// The partitioning key: the VIN for telemetry and anomalies, so each car's records stay in
-    /// order.
+    /// The partitioning key: the VIN for telemetry, anomalies and cases, so each car's records
+    /// stay in order.
     pub fn key(&self) -> &str {
         match self {
             BusRecord::Telemetry(reading) => reading.vin.as_str(),
             BusRecord::DeadLetter(letter) => letter.key(),
             BusRecord::Anomaly(event) => event.vin.as_str(),
+            BusRecord::Case(event) => event.vin.as_str(),
         }
     }
 }

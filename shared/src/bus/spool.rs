@@ -97,6 +97,7 @@ impl SpooledRecord {
             Stream::Telemetry => 0,
             Stream::DeadLetters => 1,
             Stream::Anomalies => 2,
+            Stream::Cases => 3,
         });
         out.extend_from_slice(&(self.key.len() as u32).to_le_bytes());
         out.extend_from_slice(&self.key);
@@ -126,6 +127,7 @@ impl SpooledRecord {
             0 => Stream::Telemetry,
             1 => Stream::DeadLetters,
             2 => Stream::Anomalies,
+            3 => Stream::Cases,
             _ => return None,
         };
         let key_len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;

@@ -1,8 +1,8 @@
 //! The Kafka bus: the same [`Bus`] on a real Kafka cluster, for scale-out and for other teams.
 //!
 //! - Topics `{prefix}telemetry` (key = VIN, so each car's readings stay in order in one
-//!   partition), `{prefix}telemetry.dlq` and `{prefix}anomalies` (key = VIN), created at start
-//!   when missing.
+//!   partition), `{prefix}telemetry.dlq`, `{prefix}anomalies` and `{prefix}cases` (key = VIN),
+//!   created at start when missing.
 //! - Values are JSON; attributes follow the CloudEvents Kafka binding in binary mode
 //!   (`ce_specversion`, `ce_id`, `ce_type`, `ce_source`, `ce_time`, `ce_subject`,
 //!   `content-type`), so another service can consume without our code.
@@ -34,7 +34,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::spool::SpooledRecord;
 use super::{Bus, BusError, BusRecord, Delivery, Receipt, Stream, Subscription};
-use crate::anomaly::AnomalyEvent;
+use crate::anomaly::{AnomalyEvent, CaseEvent};
 use crate::telemetry::{DeadLetter, TelemetryReading};
 use producer::SpoolingProducer;
 
@@ -48,6 +48,10 @@ pub const ANOMALY_EVENT_TYPE: &str = "com.ecars.anomaly.v1";
 pub const EVENT_SOURCE: &str = "urn:ecars:ingest";
 /// CloudEvents `source` of records the anomaly worker publishes.
 pub const ANOMALY_EVENT_SOURCE: &str = "urn:ecars:anomaly";
+/// CloudEvents `type` of a change of a Case's Salesforce sync.
+pub const CASE_EVENT_TYPE: &str = "com.ecars.case.v1";
+/// CloudEvents `source` of records the Case sync publishes.
+pub const CASE_EVENT_SOURCE: &str = "urn:ecars:case-sync";
 
 /// Environment variables of the form `ECARS_KAFKA_<NAME>` that are our own settings, not
 /// librdkafka properties.
@@ -119,6 +123,7 @@ impl KafkaConfig {
             Stream::Telemetry => format!("{}telemetry", self.topic_prefix),
             Stream::DeadLetters => format!("{}telemetry.dlq", self.topic_prefix),
             Stream::Anomalies => format!("{}anomalies", self.topic_prefix),
+            Stream::Cases => format!("{}cases", self.topic_prefix),
         }
     }
 
@@ -208,9 +213,7 @@ impl KafkaBus {
     pub async fn create_topics(&self) -> Result<(), BusError> {
         let admin: AdminClient<DefaultClientContext> =
             self.config.client_config(&self.brokers).create()?;
-        let names: Vec<String> = [Stream::Telemetry, Stream::DeadLetters, Stream::Anomalies]
-            .map(|s| self.config.topic(s))
-            .to_vec();
+        let names: Vec<String> = Stream::ALL.map(|s| self.config.topic(s)).to_vec();
         let topics: Vec<NewTopic> = names
             .iter()
             .map(|name| {
@@ -279,6 +282,7 @@ impl KafkaBus {
         let telemetry = self.config.topic(Stream::Telemetry);
         let dlq = self.config.topic(Stream::DeadLetters);
         let anomalies = self.config.topic(Stream::Anomalies);
+        let cases = self.config.topic(Stream::Cases);
         Ok(vec![
             TopicDescription {
                 partitions: partitions(&telemetry),
@@ -300,6 +304,13 @@ impl KafkaBus {
                 key: "VIN (each car's episode changes in order in one partition)",
                 event_type: ANOMALY_EVENT_TYPE,
                 value: "AnomalyEvent JSON: event_id, key (the Case's Ecars_Anomaly_Key__c), vin, rule, change (opened, updated, closed), version, started_at, closed_at, firings, subject, priority, recorded_at",
+            },
+            TopicDescription {
+                partitions: partitions(&cases),
+                topic: cases,
+                key: "VIN (each car's Case changes in order in one partition)",
+                event_type: CASE_EVENT_TYPE,
+                value: "CaseEvent JSON: event_id, key (Ecars_Anomaly_Key__c), vin, rule, change (created, updated, failed), salesforce_id, synced_version, case_status, error, sequence, recorded_at",
             },
         ])
     }
@@ -332,6 +343,14 @@ fn encode(record: &BusRecord) -> Result<SpooledRecord, BusError> {
             a.vin.to_string(),
             serde_json::to_vec(a),
         ),
+        BusRecord::Case(c) => (
+            c.event_id.to_string(),
+            CASE_EVENT_TYPE,
+            CASE_EVENT_SOURCE,
+            c.recorded_at,
+            c.vin.to_string(),
+            serde_json::to_vec(c),
+        ),
     };
     let value = value.map_err(|e| BusError::Backend(format!("cannot encode record: {e}")))?;
     let time = time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
@@ -362,6 +381,7 @@ fn decode(stream: Stream, value: &[u8]) -> Result<BusRecord, serde_json::Error> 
         }
         Stream::DeadLetters => BusRecord::DeadLetter(serde_json::from_slice::<DeadLetter>(value)?),
         Stream::Anomalies => BusRecord::Anomaly(serde_json::from_slice::<AnomalyEvent>(value)?),
+        Stream::Cases => BusRecord::Case(serde_json::from_slice::<CaseEvent>(value)?),
     })
 }
 
@@ -384,6 +404,7 @@ impl Bus for KafkaBus {
             Stream::Telemetry => group.to_owned(),
             Stream::DeadLetters => format!("{group}.dlq"),
             Stream::Anomalies => format!("{group}.anomalies"),
+            Stream::Cases => format!("{group}.cases"),
         };
         let group = group.as_str();
         let consumer: StreamConsumer = self

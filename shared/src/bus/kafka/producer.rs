@@ -269,9 +269,7 @@ impl SpoolingProducer {
                 in_flight: 0,
                 held: Vec::new(),
             }),
-            topics: [Stream::Telemetry, Stream::DeadLetters, Stream::Anomalies]
-                .map(|s| (config.topic(s), s))
-                .to_vec(),
+            topics: Stream::ALL.map(|s| (config.topic(s), s)).to_vec(),
             spool,
             outage: tokio::sync::Notify::new(),
             closed: AtomicBool::new(false),
