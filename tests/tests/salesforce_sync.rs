@@ -491,7 +491,7 @@ async fn case_changes_go_out_on_the_cases_stream_created_updated_and_failed() {
     let bad = draft(2, "Urgent"); // not in the restricted Priority picklist
     h.add(&[good.clone(), bad.clone()]).await;
     h.run(fast_policy());
-    let mut first = vec![
+    let mut first = [
         next_case_event(&mut cases).await,
         next_case_event(&mut cases).await,
     ];
