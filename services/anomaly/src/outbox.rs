@@ -629,54 +629,23 @@ impl CaseOutbox {
     /// Rows changed since they were last published on the anomalies stream, oldest change
     /// first.
     pub async fn unpublished(&self, limit: i64) -> Result<Vec<CaseRecord>, StoreError> {
-        let sql = format!(
-            "SELECT {COLUMNS} FROM case_outbox WHERE version > published_version
-             ORDER BY updated_ms, anomaly_key LIMIT $1"
-        );
-        let records = on_pool!(&self.store, |pool| {
-            let rows = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-                .bind(limit)
-                .fetch_all(pool)
-                .await?;
-            rows.iter().map(record).collect::<Result<Vec<_>, _>>()?
-        });
-        Ok(records)
+        self.pending_events("version > published_version ORDER BY updated_ms", limit)
+            .await
     }
 
     /// Records that these versions were published (a newer version written meanwhile stays
     /// unpublished).
     pub async fn mark_published(&self, published: &[(String, i64)]) -> Result<(), StoreError> {
-        on_pool!(&self.store, |pool| {
-            let mut tx = pool.begin().await?;
-            for (key, version) in published {
-                sqlx::query(
-                    "UPDATE case_outbox SET published_version = $1
-                     WHERE anomaly_key = $2 AND published_version < $1",
-                )
-                .bind(*version)
-                .bind(key)
-                .execute(&mut *tx)
-                .await?;
-            }
-            tx.commit().await?;
-        });
-        Ok(())
+        self.mark_events("published_version", published).await
     }
 
     /// Rows whose latest Case sync change has not gone out on the cases stream, oldest first.
     pub async fn unpublished_case_events(&self, limit: i64) -> Result<Vec<CaseRecord>, StoreError> {
-        let sql = format!(
-            "SELECT {COLUMNS} FROM case_outbox WHERE case_event_seq > case_published_seq
-             ORDER BY case_event_ms, anomaly_key LIMIT $1"
-        );
-        let records = on_pool!(&self.store, |pool| {
-            let rows = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-                .bind(limit)
-                .fetch_all(pool)
-                .await?;
-            rows.iter().map(record).collect::<Result<Vec<_>, _>>()?
-        });
-        Ok(records)
+        self.pending_events(
+            "case_event_seq > case_published_seq ORDER BY case_event_ms",
+            limit,
+        )
+        .await
     }
 
     /// Records that these Case sync changes (key, sequence) were published.
@@ -684,17 +653,45 @@ impl CaseOutbox {
         &self,
         published: &[(String, i64)],
     ) -> Result<(), StoreError> {
+        self.mark_events("case_published_seq", published).await
+    }
+
+    /// Rows matching `condition_and_order` (a fixed SQL fragment of ours), then by key.
+    async fn pending_events(
+        &self,
+        condition_and_order: &'static str,
+        limit: i64,
+    ) -> Result<Vec<CaseRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM case_outbox WHERE {condition_and_order}, anomaly_key LIMIT $1"
+        );
+        let records = on_pool!(&self.store, |pool| {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(limit)
+                .fetch_all(pool)
+                .await?;
+            rows.iter().map(record).collect::<Result<Vec<_>, _>>()?
+        });
+        Ok(records)
+    }
+
+    /// Raises `column` (a published marker) to each (key, number), never lowering it.
+    async fn mark_events(
+        &self,
+        column: &'static str,
+        published: &[(String, i64)],
+    ) -> Result<(), StoreError> {
+        let sql = format!(
+            "UPDATE case_outbox SET {column} = $1 WHERE anomaly_key = $2 AND {column} < $1"
+        );
         on_pool!(&self.store, |pool| {
             let mut tx = pool.begin().await?;
-            for (key, sequence) in published {
-                sqlx::query(
-                    "UPDATE case_outbox SET case_published_seq = $1
-                     WHERE anomaly_key = $2 AND case_published_seq < $1",
-                )
-                .bind(*sequence)
-                .bind(key)
-                .execute(&mut *tx)
-                .await?;
+            for (key, number) in published {
+                sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                    .bind(*number)
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await?;
             }
             tx.commit().await?;
         });
