@@ -13,15 +13,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
-use ecars_anomaly::outbox::{CaseDraft, CaseOutbox, CaseStatus};
 use ecars_anomaly::salesforce::{SalesforceClient, SalesforceConfig};
 use ecars_anomaly::sync::{CaseSync, SyncPolicy};
 use ecars_anomaly::{AnomalyConfig, AnomalyWorker};
+use ecars_bus::Bus;
+use ecars_db::case_outbox::{CaseDraft, CaseStatus};
+use ecars_db::vehicle_states::StoredState;
+use ecars_db::Database;
 use ecars_e2e::salesforce::{EmulatorCredentials, SalesforceEmulator};
 use ecars_e2e::PgServer;
-use ecars_persist::SensorStore;
-use ecars_shared::bus::{Bus, BusRecord, InProcessBus};
-use ecars_shared::telemetry::{TelemetryReading, Vin};
+use ecars_model::{TelemetryReading, Vin};
 use serde_json::{json, Map};
 use tokio_util::sync::CancellationToken;
 
@@ -48,17 +49,13 @@ fn reading(vin: &Vin, n: u64, start: chrono::DateTime<Utc>, battery: f64) -> Tel
 }
 
 async fn detection(url: &str, cars: u32, per_car: u64) -> (u64, f64, usize) {
-    let store = SensorStore::connect_lazy(url).unwrap();
-    store.migrate().await.unwrap();
-    let bus = Arc::new(InProcessBus::new(10_000));
-    let worker = AnomalyWorker::subscribe(
-        &AnomalyConfig::default(),
-        store.clone(),
-        Arc::clone(&bus) as Arc<dyn Bus>,
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let db = Database::connect_lazy(url).unwrap();
+    db.migrate().await.unwrap();
+    let bus = Bus::in_process(10_000);
+    let worker =
+        AnomalyWorker::subscribe(&AnomalyConfig::default(), db.clone(), bus.clone(), |_| {})
+            .await
+            .unwrap();
     let task = tokio::spawn(worker.run(CancellationToken::new()));
     let vins: Vec<Vin> = (0..cars)
         .map(|i| Vin::parse(&ecars_e2e::test_vin(i)).unwrap())
@@ -70,19 +67,13 @@ async fn detection(url: &str, cars: u32, per_car: u64) -> (u64, f64, usize) {
             // Every tenth car drains at 6 %/min: its episodes are written too.
             let rate = if i % 10 == 0 { 6.0 } else { 0.5 };
             let battery = 90.0 - rate * n as f64 / 60.0;
-            bus.publish(BusRecord::Telemetry(reading(vin, n, start, battery)))
-                .await
-                .unwrap();
+            bus.publish(reading(vin, n, start, battery)).await.unwrap();
         }
     }
     bus.close().await;
     task.await.unwrap().unwrap();
     let seconds = started.elapsed().as_secs_f64();
-    let episodes = CaseOutbox::new(store)
-        .list(None, 10_000)
-        .await
-        .unwrap()
-        .len();
+    let episodes = db.case_outbox().list(None, 10_000).await.unwrap().len();
     (u64::from(cars) * per_car, seconds, episodes)
 }
 
@@ -138,11 +129,10 @@ async fn api_economy(cars: u32) -> (Economy, Economy) {
         emulator.add_vehicle(vin.as_str());
     }
     let dir = tempfile::tempdir().unwrap();
-    let store =
-        SensorStore::connect_lazy(&format!("sqlite://{}", dir.path().join("b.db").display()))
-            .unwrap();
-    store.migrate().await.unwrap();
-    let outbox = CaseOutbox::new(store);
+    let db =
+        Database::connect_lazy(&format!("sqlite://{}", dir.path().join("b.db").display())).unwrap();
+    db.migrate().await.unwrap();
+    let outbox = db.case_outbox();
     let client = Arc::new(
         SalesforceClient::new(&SalesforceConfig {
             client_id: Some("bench".into()),
@@ -169,14 +159,9 @@ async fn api_economy(cars: u32) -> (Economy, Economy) {
         let drafts: Vec<_> = vins.iter().map(|v| draft(v, round)).collect();
         // Episodes arrive in detector batches, as they would from the worker.
         for chunk in drafts.chunks(250) {
+            let no_states: &[StoredState<'_, ()>] = &[];
             outbox
-                .commit(
-                    &Default::default(),
-                    chunk,
-                    CaseStatus::Pending,
-                    300_000,
-                    Utc::now(),
-                )
+                .commit(no_states, chunk, CaseStatus::Pending, 300_000, Utc::now())
                 .await
                 .unwrap();
         }

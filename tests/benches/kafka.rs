@@ -8,18 +8,15 @@
 //!
 //! Run: `cargo bench -p ecars-e2e --bench kafka` (`-- --quick` for a short run).
 
-use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ecars_bus::kafka::KafkaConfig;
+use ecars_e2e::{ingest_service, kafka_config, persist_service, KafkaServer, PgServer, RunningApp};
+use ecars_simulator::SimulatorConfig;
+use tokio_util::sync::CancellationToken;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use std::time::{Duration, Instant};
-
-use ecars_e2e::{KafkaServer, PgServer};
-use ecars_ingest::{BoundIngest, IngestConfig};
-use ecars_persist::{PersistConfig, PersistWorker, SensorStore};
-use ecars_shared::bus::{Bus, KafkaBus, KafkaConfig};
-use ecars_simulator::SimulatorConfig;
-use tokio_util::sync::CancellationToken;
 
 /// What drives the cars.
 #[derive(Clone, Copy)]
@@ -31,28 +28,22 @@ enum Load {
 }
 
 /// One run of cars through ingest into Kafka; returns acknowledged readings per second.
-async fn mqtt_to_kafka(bus: &Arc<dyn Bus>, load: Load, vehicles: u32, per_vehicle: u64) -> f64 {
-    let config = IngestConfig {
-        mqtt_addr: "127.0.0.1:0".parse().unwrap(),
-        mqtt_ws_addr: "127.0.0.1:0".parse().unwrap(),
-        ..IngestConfig::default()
-    };
-    let ingest = BoundIngest::bind(&config, Arc::clone(bus)).await.unwrap();
+async fn mqtt_to_kafka(kafka: &KafkaConfig, load: Load, vehicles: u32, per_vehicle: u64) -> f64 {
+    // `ecars ingest`, as it runs in production (with its disk spool for outages).
+    let ingest = ingest_service(kafka).await.unwrap();
     let mqtt = ingest.mqtt_addr().unwrap();
-    let stop = CancellationToken::new();
-    let ingest_task = tokio::spawn(ingest.run(stop.clone()));
+    let ingest = RunningApp::start(ingest);
     if let Load::Raw = load {
         let rate = ecars_e2e::raw_mqtt_load(mqtt, vehicles, per_vehicle, 32)
             .await
             .unwrap();
-        stop.cancel();
-        ingest_task.await.unwrap();
+        ingest.shutdown().await.unwrap();
         return rate;
     }
     let report = ecars_simulator::run(
         SimulatorConfig {
             vehicles,
-            interval_ms: 0,
+            interval: Duration::ZERO,
             broker: format!("mqtt://{mqtt}"),
             readings_per_vehicle: Some(per_vehicle),
             ..SimulatorConfig::default()
@@ -68,14 +59,13 @@ async fn mqtt_to_kafka(bus: &Arc<dyn Bus>, load: Load, vehicles: u32, per_vehicl
             report.connection_errors
         );
     }
-    stop.cancel();
-    ingest_task.await.unwrap();
+    ingest.shutdown().await.unwrap();
     report.rate()
 }
 
 fn main() {
-    let log = ecars_shared::config::LogConfig {
-        format: ecars_shared::config::LogFormat::Text,
+    let log = ecars_runtime::settings::LogConfig {
+        format: ecars_runtime::settings::LogFormat::Text,
         filter: std::env::var("ECARS_LOG").unwrap_or_else(|_| "warn,rumqttd=off".into()),
     };
     log.init().expect("log filter");
@@ -98,9 +88,10 @@ fn main() {
     let kafka_server = KafkaServer::start().expect("tansu");
     let pg = PgServer::start().expect("PostgreSQL");
     runtime.block_on(async {
-        let mut kafka = KafkaConfig::for_brokers(kafka_server.brokers());
+        let spool = tempfile::tempdir().unwrap();
+        let mut kafka = kafka_config(kafka_server.brokers());
         kafka.partitions = 6;
-        let bus: Arc<dyn Bus> = Arc::new(KafkaBus::connect(&kafka).await.unwrap());
+        kafka.spool_dir = spool.path().to_owned();
         // One configuration per process (`--raw`): each run starts a fresh broker.
         let load = if std::env::args().any(|a| a == "--raw") {
             Load::Raw
@@ -108,7 +99,7 @@ fn main() {
             Load::Simulator
         };
         {
-            let rate = mqtt_to_kafka(&bus, load, vehicles, per_vehicle).await;
+            let rate = mqtt_to_kafka(&kafka, load, vehicles, per_vehicle).await;
             println!(
                 "MQTT -> Kafka, {}: {total} readings from {vehicles} cars = {rate:.0} readings/s",
                 match load {
@@ -118,25 +109,12 @@ fn main() {
             );
         }
 
-        bus.close().await;
-
-        let store = SensorStore::connect_lazy(&pg.url()).unwrap();
-        store.migrate().await.unwrap();
-        let worker = PersistWorker::subscribe(
-            &PersistConfig {
-                batch_rows: 5000,
-                batch_ms: 50,
-            },
-            store.clone(),
-            bus.as_ref(),
-            None,
-        )
-        .await
-        .unwrap();
-        let stop = CancellationToken::new();
+        // `ecars persist`: one replica reads the topic from the start.
         let started = Instant::now();
-        let task = tokio::spawn(worker.run(stop.clone()));
-        while (store.count_readings().await.unwrap_or(0) as u64) < total {
+        let persist = persist_service(&kafka, &pg.url(), 5000).await.unwrap();
+        let store = persist.database().unwrap().sensor_rows();
+        let persist = RunningApp::start(persist);
+        while (store.count().await.unwrap_or(0) as u64) < total {
             assert!(
                 started.elapsed() < Duration::from_secs(300),
                 "persist stalled"
@@ -148,7 +126,6 @@ fn main() {
             "Kafka -> PostgreSQL: {total} rows in {seconds:.2}s = {:.0} rows/s (one worker)",
             total as f64 / seconds
         );
-        stop.cancel();
-        task.await.unwrap().unwrap();
+        persist.shutdown().await.unwrap();
     });
 }

@@ -37,10 +37,7 @@ struct Latency {
 
 async fn start(
     database_url: &str,
-) -> (
-    Pipeline,
-    mpsc::Receiver<Vec<ecars_shared::telemetry::TelemetryReading>>,
-) {
+) -> (Pipeline, mpsc::Receiver<Vec<ecars_model::TelemetryReading>>) {
     let (tx, rx) = mpsc::channel(1024);
     let mut options = PipelineOptions::new(database_url);
     options.observer = Some(tx);
@@ -52,7 +49,7 @@ async fn throughput(database_url: &str, vehicles: u32, per_vehicle: u64) -> Thro
     let total = u64::from(vehicles) * per_vehicle;
     let config = SimulatorConfig {
         vehicles,
-        interval_ms: 0,
+        interval: Duration::ZERO,
         broker: format!("mqtt://{}", pipeline.mqtt_addr),
         readings_per_vehicle: Some(per_vehicle),
         ..SimulatorConfig::default()
@@ -70,7 +67,7 @@ async fn throughput(database_url: &str, vehicles: u32, per_vehicle: u64) -> Thro
     let report = simulator.await.expect("simulator task").expect("simulator");
     assert_eq!(report.acknowledged, total, "every reading acknowledged");
     assert_eq!(
-        pipeline.store.count_readings().await.unwrap() as u64,
+        pipeline.db.sensor_rows().count().await.unwrap() as u64,
         total,
         "every reading stored once"
     );
@@ -85,10 +82,11 @@ async fn latency(database_url: &str, vehicles: u32, rate: u64, seconds: u64) -> 
     let (pipeline, mut committed) = start(database_url).await;
     let interval_ms = u64::from(vehicles) * 1000 / rate;
     let per_vehicle = seconds * 1000 / interval_ms;
+    let interval = Duration::from_millis(interval_ms);
     let total = u64::from(vehicles) * per_vehicle;
     let config = SimulatorConfig {
         vehicles,
-        interval_ms,
+        interval,
         broker: format!("mqtt://{}", pipeline.mqtt_addr),
         readings_per_vehicle: Some(per_vehicle),
         ..SimulatorConfig::default()
@@ -131,8 +129,8 @@ async fn latency(database_url: &str, vehicles: u32, rate: u64, seconds: u64) -> 
 
 fn main() {
     let filter = std::env::var("ECARS_LOG").unwrap_or_else(|_| "warn,rumqttd=off".into());
-    let log = ecars_shared::config::LogConfig {
-        format: ecars_shared::config::LogFormat::Text,
+    let log = ecars_runtime::settings::LogConfig {
+        format: ecars_runtime::settings::LogFormat::Text,
         filter,
     };
     log.init().expect("log filter");

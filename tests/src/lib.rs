@@ -1,5 +1,6 @@
-//! What the end-to-end tests and benchmarks need: a throwaway PostgreSQL server, the whole
-//! embedded pipeline on free ports, MQTT clients, and waiting for a condition with a deadline.
+//! What the end-to-end tests and benchmarks need: a throwaway PostgreSQL server, the product's
+//! own composition (`ecars up`) on free ports, MQTT clients, and waiting for a condition with a
+//! deadline.
 
 pub mod salesforce;
 
@@ -7,15 +8,15 @@ use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use chrono::SubsecRound;
-use ecars_api::{ApiState, Readiness};
-use ecars_ingest::{BoundIngest, IngestConfig};
-use ecars_persist::{CommitObserver, PersistConfig, PersistWorker, SensorStore};
-use ecars_shared::bus::{Bus, InProcessBus};
+use ecars_app::{App, AppError, Hooks, Settings};
+use ecars_db::{Database, DatabaseConfig};
+use ecars_ingest::IngestConfig;
+use ecars_persist::{CommitObserver, PersistConfig};
+use ecars_runtime::settings::defaults;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -221,6 +222,8 @@ pub struct PipelineOptions {
     pub persist: PersistConfig,
     /// Observer of committed batches (benchmarks).
     pub observer: Option<CommitObserver>,
+    /// The live relay.
+    pub relay: ecars_relay::RelayConfig,
 }
 
 impl PipelineOptions {
@@ -232,72 +235,78 @@ impl PipelineOptions {
             bus_capacity: 10_000,
             persist: PersistConfig::default(),
             observer: None,
+            relay: defaults(),
         }
+    }
+
+    /// The settings of `ecars up` with these options, every listener on a free loopback port.
+    pub fn settings(&self) -> anyhow::Result<Settings> {
+        let http = loopback_http();
+        let mut bus: ecars_app::InProcessBusConfig = defaults();
+        bus.capacity = u32::try_from(self.bus_capacity)?;
+        Ok(Settings::everything(
+            http,
+            defaults(),
+            bus,
+            DatabaseConfig {
+                url: self.database_url.clone(),
+            },
+            IngestConfig {
+                device_secret: self.device_secret.clone(),
+                ..loopback_ingest()
+            },
+            self.persist.clone(),
+            defaults(),
+            self.relay.clone(),
+            defaults(),
+        ))
     }
 }
 
-/// The embedded pipeline (`ecars up` without the CLI) on free loopback ports.
+/// The product's own composition, as `ecars up` runs it (MQTT ingest, the in-process bus, the
+/// persistence and anomaly workers, the live relay and the HTTP API), on free loopback ports.
 pub struct Pipeline {
-    /// The store it writes.
-    pub store: SensorStore,
+    /// The database it writes.
+    pub db: Database,
     /// The MQTT listener.
     pub mqtt_addr: SocketAddr,
     /// The MQTT-over-WebSocket listener.
     pub ws_addr: SocketAddr,
     /// The HTTP listener.
     pub http_addr: SocketAddr,
-    bus: Arc<InProcessBus>,
-    stop_ingest: CancellationToken,
-    stop_http: CancellationToken,
-    ingest: JoinHandle<()>,
-    persist: JoinHandle<Result<(), ecars_persist::PersistError>>,
-    http: JoinHandle<std::io::Result<()>>,
+    /// The bus (tests publish on it directly).
+    pub bus: ecars_bus::Bus,
+    /// The live relay.
+    pub relay: std::sync::Arc<ecars_relay::Relay>,
+    database_url: String,
+    app: RunningApp,
 }
 
 impl Pipeline {
-    /// Migrates the database and starts broker, bus, persistence and HTTP.
+    /// Builds and starts the application.
     pub async fn start(options: PipelineOptions) -> anyhow::Result<Pipeline> {
-        let metrics = ecars_shared::metrics::install_recorder();
-        let store = SensorStore::connect_lazy(&options.database_url)?;
-        store.migrate().await?;
-        let bus = Arc::new(InProcessBus::new(options.bus_capacity));
-        let dyn_bus: Arc<dyn Bus> = bus.clone();
-        let worker = PersistWorker::subscribe(
-            &options.persist,
-            store.clone(),
-            dyn_bus.as_ref(),
-            options.observer,
-        )
-        .await?;
-        let config = IngestConfig {
-            mqtt_addr: "127.0.0.1:0".parse()?,
-            mqtt_ws_addr: "127.0.0.1:0".parse()?,
-            device_secret: options.device_secret,
-            ..IngestConfig::default()
+        let settings = options.settings()?;
+        let database_url = options.database_url.clone();
+        let hooks = Hooks {
+            on_commit: options.observer,
         };
-        let ingest = BoundIngest::bind(&config, Arc::clone(&dyn_bus)).await?;
-        let (mqtt_addr, ws_addr) = (ingest.mqtt_addr()?, ingest.ws_addr()?);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let http_addr = listener.local_addr()?;
-        let stop_ingest = CancellationToken::new();
-        let stop_http = CancellationToken::new();
-        let router = ecars_api::router(ApiState {
-            store: Some(store.clone()),
-            bus: Some(Arc::clone(&dyn_bus)),
-            metrics,
-            readiness: Readiness::default(),
-        });
+        let app = App::build_with(settings, hooks).await?;
+        let db = app.database().context("ecars up has a database")?.clone();
+        let mqtt_addr = app.mqtt_addr().context("ecars up runs ingest")?;
+        let ws_addr = app.mqtt_ws_addr().context("ecars up runs ingest")?;
+        let http_addr = app.http_addr();
+        let bus = app.bus().clone();
+        let relay = app.relay().context("ecars up runs the relay")?.clone();
+        let app = RunningApp::start(app);
         Ok(Pipeline {
-            store,
+            db,
             mqtt_addr,
             ws_addr,
             http_addr,
             bus,
-            persist: tokio::spawn(worker.run(CancellationToken::new())),
-            ingest: tokio::spawn(ingest.run(stop_ingest.clone())),
-            http: tokio::spawn(ecars_api::serve(listener, router, stop_http.clone())),
-            stop_ingest,
-            stop_http,
+            relay,
+            database_url,
+            app,
         })
     }
 
@@ -307,13 +316,86 @@ impl Pipeline {
     }
 
     /// Graceful shutdown, as on Ctrl-C: stop ingest, drain the bus into the database, stop HTTP.
+    /// Returns a new connection to the database (the application closed its own), to check
+    /// what was stored.
+    pub async fn shutdown(self) -> anyhow::Result<Database> {
+        self.app.shutdown().await?;
+        Ok(Database::connect_lazy(&self.database_url)?)
+    }
+}
+
+/// Kafka settings for `brokers`, every other setting at its default.
+pub fn kafka_config(brokers: impl Into<String>) -> ecars_bus::kafka::KafkaConfig {
+    ecars_bus::kafka::KafkaConfig {
+        brokers: Some(brokers.into()),
+        ..defaults()
+    }
+}
+
+/// HTTP settings on a free loopback port.
+pub fn loopback_http() -> ecars_api::HttpConfig {
+    ecars_api::HttpConfig {
+        http_addr: ([127, 0, 0, 1], 0).into(),
+    }
+}
+
+/// Ingest settings on free loopback ports, without a device secret.
+pub fn loopback_ingest() -> IngestConfig {
+    IngestConfig {
+        mqtt_addr: ([127, 0, 0, 1], 0).into(),
+        mqtt_ws_addr: ([127, 0, 0, 1], 0).into(),
+        ..IngestConfig::default()
+    }
+}
+
+/// `ecars ingest` on Kafka, on free loopback ports (its spool where `kafka.spool_dir` says).
+pub async fn ingest_service(kafka: &ecars_bus::kafka::KafkaConfig) -> anyhow::Result<App> {
+    Ok(App::build(Settings {
+        ingest: Some(loopback_ingest()),
+        ..Settings::service(loopback_http(), kafka.clone())
+    })
+    .await?)
+}
+
+/// `ecars persist` on Kafka into `database_url`, flushing at `batch_rows` or 50 ms.
+pub async fn persist_service(
+    kafka: &ecars_bus::kafka::KafkaConfig,
+    database_url: &str,
+    batch_rows: u32,
+) -> anyhow::Result<App> {
+    Ok(App::build(Settings {
+        database: Some(DatabaseConfig {
+            url: database_url.to_owned(),
+        }),
+        persist: Some(PersistConfig {
+            batch_rows,
+            batch_delay: Duration::from_millis(50),
+            ..PersistConfig::default()
+        }),
+        ..Settings::service(loopback_http(), kafka.clone())
+    })
+    .await?)
+}
+
+/// A running [`App`] and what stops it.
+pub struct RunningApp {
+    /// Stops the application gracefully when cancelled.
+    pub stop: CancellationToken,
+    task: JoinHandle<Result<(), AppError>>,
+}
+
+impl RunningApp {
+    /// Runs `app` until [`RunningApp::shutdown`].
+    pub fn start(app: App) -> RunningApp {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(app.run(stop.clone().cancelled_owned()));
+        RunningApp { stop, task }
+    }
+
+    /// Stops it as a signal would and waits until every part stopped.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        self.stop_ingest.cancel();
-        self.ingest.await?;
-        self.bus.close().await;
-        self.persist.await??;
-        self.stop_http.cancel();
-        self.http.await??;
+        self.stop.cancel();
+        self.task.await??;
         Ok(())
     }
 }
@@ -469,8 +551,8 @@ fn tansu_binary() -> anyhow::Result<PathBuf> {
 /// `ECARS_LOG=info,ecars_persist=debug cargo test -- --nocapture`).
 pub fn init_logs() {
     if let Ok(filter) = std::env::var("ECARS_LOG") {
-        let log = ecars_shared::config::LogConfig {
-            format: ecars_shared::config::LogFormat::Text,
+        let log = ecars_runtime::settings::LogConfig {
+            format: ecars_runtime::settings::LogFormat::Text,
             filter,
         };
         let _ = log.init();
@@ -509,7 +591,8 @@ pub async fn read_telemetry_topic(
     topic: &str,
     distinct: usize,
 ) -> anyhow::Result<TopicReadout> {
-    use ecars_shared::bus::kafka::{cloud_event_headers, TELEMETRY_EVENT_TYPE};
+    use ecars_bus::kafka::cloud_event_headers;
+    use ecars_model::{Record, TelemetryReading};
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::message::Message;
 
@@ -529,13 +612,13 @@ pub async fn read_telemetry_topic(
                 .await
                 .with_context(|| format!("no record within 30s after {} readings", seen.len()))??;
             let key = String::from_utf8(message.key().context("no key")?.to_vec())?;
-            let reading: ecars_shared::telemetry::TelemetryReading =
+            let reading: TelemetryReading =
                 serde_json::from_slice(message.payload().context("no value")?)?;
             anyhow::ensure!(reading.vin.as_str() == key, "key {key} is not the VIN");
             let headers = cloud_event_headers(&message);
             for (name, want) in [
                 ("ce_specversion", "1.0"),
-                ("ce_type", TELEMETRY_EVENT_TYPE),
+                ("ce_type", TelemetryReading::EVENT_TYPE),
                 ("ce_id", reading.event_id.to_string().as_str()),
                 ("ce_subject", key.as_str()),
                 ("content-type", "application/json"),

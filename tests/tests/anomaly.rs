@@ -1,20 +1,24 @@
 //! The anomaly worker in process: episodes from readings on the bus to the case outbox, the
 //! silence sweep, and a restart that reopens nothing.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
-use ecars_anomaly::outbox::{CaseOutbox, CaseStatus};
 use ecars_anomaly::{AnomalyConfig, AnomalyWorker};
+use ecars_bus::Bus;
+use ecars_db::case_outbox::CaseStatus;
+use ecars_db::Database;
 use ecars_e2e::wait_for;
-use ecars_persist::SensorStore;
-use ecars_shared::bus::{Bus, BusRecord, InProcessBus};
-use ecars_shared::telemetry::{TelemetryReading, Vin};
+use ecars_model::{TelemetryReading, Vin};
 use tokio_util::sync::CancellationToken;
 
-fn reading(vin: &Vin, date: chrono::DateTime<Utc>, battery: f64, malfunction: bool) -> BusRecord {
-    BusRecord::Telemetry(TelemetryReading {
+fn reading(
+    vin: &Vin,
+    date: chrono::DateTime<Utc>,
+    battery: f64,
+    malfunction: bool,
+) -> TelemetryReading {
+    TelemetryReading {
         event_id: uuid::Uuid::now_v7(),
         received_at: date,
         vin: vin.clone(),
@@ -28,20 +32,19 @@ fn reading(vin: &Vin, date: chrono::DateTime<Utc>, battery: f64, malfunction: bo
         latitude: None,
         longitude: None,
         date,
-    })
+    }
 }
 
 struct Worker {
-    bus: Arc<InProcessBus>,
+    bus: Bus,
     task: tokio::task::JoinHandle<Result<(), ecars_anomaly::AnomalyError>>,
 }
 
-async fn start(store: &SensorStore, config: &AnomalyConfig) -> Worker {
-    let bus = Arc::new(InProcessBus::new(1000));
-    let worker =
-        AnomalyWorker::subscribe(config, store.clone(), bus.clone() as Arc<dyn Bus>, |_| {})
-            .await
-            .unwrap();
+async fn start(db: &Database, config: &AnomalyConfig) -> Worker {
+    let bus = Bus::in_process(1000);
+    let worker = AnomalyWorker::subscribe(config, db.clone(), bus.clone(), |_| {})
+        .await
+        .unwrap();
     let task = tokio::spawn(worker.run(CancellationToken::new()));
     Worker { bus, task }
 }
@@ -54,25 +57,24 @@ impl Worker {
     }
 }
 
-async fn sqlite() -> (tempfile::TempDir, SensorStore) {
+async fn sqlite() -> (tempfile::TempDir, Database) {
     let dir = tempfile::tempdir().unwrap();
-    let store =
-        SensorStore::connect_lazy(&format!("sqlite://{}", dir.path().join("a.db").display()))
-            .unwrap();
-    store.migrate().await.unwrap();
-    (dir, store)
+    let db =
+        Database::connect_lazy(&format!("sqlite://{}", dir.path().join("a.db").display())).unwrap();
+    db.migrate().await.unwrap();
+    (dir, db)
 }
 
 #[tokio::test]
 async fn a_restart_carries_on_the_episode_and_redelivered_readings_change_nothing() {
-    let (_dir, store) = sqlite().await;
-    let outbox = CaseOutbox::new(store.clone());
+    let (_dir, db) = sqlite().await;
+    let outbox = db.case_outbox();
     let vin = Vin::parse(&ecars_e2e::test_vin(1)).unwrap();
     let start_at = Utc::now();
     let first: Vec<_> = (0..10)
         .map(|i| reading(&vin, start_at + TimeDelta::seconds(i), 80.0, true))
         .collect();
-    let worker = start(&store, &AnomalyConfig::default()).await;
+    let worker = start(&db, &AnomalyConfig::default()).await;
     for r in &first {
         worker.bus.publish(r.clone()).await.unwrap();
     }
@@ -88,7 +90,7 @@ async fn a_restart_carries_on_the_episode_and_redelivered_readings_change_nothin
     let version = rows[0].version;
 
     // A new process: the same readings again (at-least-once redelivery), then new ones.
-    let worker = start(&store, &AnomalyConfig::default()).await;
+    let worker = start(&db, &AnomalyConfig::default()).await;
     for r in &first {
         worker.bus.publish(r.clone()).await.unwrap();
     }
@@ -100,7 +102,7 @@ async fn a_restart_carries_on_the_episode_and_redelivered_readings_change_nothin
         "redelivery changed nothing"
     );
 
-    let worker = start(&store, &AnomalyConfig::default()).await;
+    let worker = start(&db, &AnomalyConfig::default()).await;
     worker
         .bus
         .publish(reading(&vin, start_at + TimeDelta::seconds(20), 80.0, true))
@@ -118,7 +120,7 @@ async fn a_restart_carries_on_the_episode_and_redelivered_readings_change_nothin
 
 #[tokio::test]
 async fn a_car_that_goes_quiet_opens_a_silence_episode_and_closes_it_when_it_reports() {
-    let (dir, store) = sqlite().await;
+    let (dir, db) = sqlite().await;
     let rules = dir.path().join("rules.toml");
     std::fs::write(
         &rules,
@@ -129,9 +131,9 @@ async fn a_car_that_goes_quiet_opens_a_silence_episode_and_closes_it_when_it_rep
         rules: Some(rules),
         ..AnomalyConfig::default()
     };
-    let outbox = CaseOutbox::new(store.clone());
+    let outbox = db.case_outbox();
     let vin = Vin::parse(&ecars_e2e::test_vin(2)).unwrap();
-    let worker = start(&store, &config).await;
+    let worker = start(&db, &config).await;
     worker
         .bus
         .publish(reading(&vin, Utc::now(), 80.0, false))

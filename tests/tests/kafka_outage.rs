@@ -2,20 +2,19 @@
 //! only broker down). Ingest keeps acknowledging the cars from its disk spool, `/readyz` says
 //! so, and when Kafka is back every accepted reading reaches PostgreSQL once, each car's in order.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use ecars_api::{ApiState, Readiness};
-use ecars_e2e::{read_telemetry_topic, wait_for, PgServer};
-use ecars_ingest::{BoundIngest, IngestConfig};
-use ecars_persist::{PersistConfig, PersistWorker, SensorStore};
-use ecars_shared::bus::{Bus, KafkaBus, KafkaConfig, Stream};
+use ecars_e2e::{
+    ingest_service, kafka_config, persist_service, read_telemetry_topic, wait_for, PgServer,
+    RunningApp,
+};
+use ecars_model::{Record, TelemetryReading};
 use ecars_simulator::SimulatorConfig;
 use tokio_util::sync::CancellationToken;
 
 /// Sum of a Prometheus metric's samples whose line contains `filter`.
 fn metric(name: &str, filter: &str) -> f64 {
-    ecars_shared::metrics::install_recorder()
+    ecars_runtime::metrics::install_recorder()
         .render()
         .lines()
         .filter(|l| l.starts_with(name) && l.contains(filter))
@@ -26,58 +25,24 @@ fn metric(name: &str, filter: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_down_for_60s_loses_and_duplicates_nothing() {
     ecars_e2e::init_logs();
-    let metrics = ecars_shared::metrics::install_recorder();
     let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
     for topic in ["ecars.telemetry", "ecars.telemetry.dlq"] {
         cluster.create_topic(topic, 4, 1).unwrap();
     }
     let pg = PgServer::start().unwrap();
-    let store = SensorStore::connect_lazy(&pg.url()).unwrap();
-    store.migrate().await.unwrap();
     let spool_dir = tempfile::tempdir().unwrap();
-    let mut kafka = KafkaConfig::for_brokers(cluster.bootstrap_servers());
+    let mut kafka = kafka_config(cluster.bootstrap_servers());
     kafka.create_topics = false;
     kafka.spool_dir = spool_dir.path().to_owned();
 
-    let bus: Arc<dyn Bus> = Arc::new(KafkaBus::connect_with_spool(&kafka).await.unwrap());
-    let ingest = BoundIngest::bind(
-        &IngestConfig {
-            mqtt_addr: "127.0.0.1:0".parse().unwrap(),
-            mqtt_ws_addr: "127.0.0.1:0".parse().unwrap(),
-            ..IngestConfig::default()
-        },
-        Arc::clone(&bus),
-    )
-    .await
-    .unwrap();
+    // `ecars ingest` and `ecars persist`, each as its own application.
+    let ingest = ingest_service(&kafka).await.unwrap();
     let mqtt_addr = ingest.mqtt_addr().unwrap();
-    let stop_ingest = CancellationToken::new();
-    let ingest_task = tokio::spawn(ingest.run(stop_ingest.clone()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let readyz = format!("http://{}/readyz", listener.local_addr().unwrap());
-    let stop_http = CancellationToken::new();
-    let router = ecars_api::router(ApiState {
-        store: None,
-        bus: Some(Arc::clone(&bus)),
-        metrics,
-        readiness: Readiness::default(),
-    });
-    let http = tokio::spawn(ecars_api::serve(listener, router, stop_http.clone()));
-
-    let consumer_bus = KafkaBus::connect(&kafka).await.unwrap();
-    let worker = PersistWorker::subscribe(
-        &PersistConfig {
-            batch_rows: 500,
-            batch_ms: 50,
-        },
-        store.clone(),
-        &consumer_bus,
-        None,
-    )
-    .await
-    .unwrap();
-    let stop_persist = CancellationToken::new();
-    let persist = tokio::spawn(worker.run(stop_persist.clone()));
+    let readyz = format!("http://{}/readyz", ingest.http_addr());
+    let ingest = RunningApp::start(ingest);
+    let persist = persist_service(&kafka, &pg.url(), 500).await.unwrap();
+    let store = persist.database().unwrap().sensor_rows();
+    let persist = RunningApp::start(persist);
 
     // 20 cars, a reading every 25 ms each (800/s), for about 80 s: the outage is in the middle.
     let (cars, per_car) = (20u32, 3_200u64);
@@ -85,7 +50,7 @@ async fn kafka_down_for_60s_loses_and_duplicates_nothing() {
     let simulator = tokio::spawn(ecars_simulator::run(
         SimulatorConfig {
             vehicles: cars,
-            interval_ms: 25,
+            interval: Duration::from_millis(25),
             broker: format!("mqtt://{mqtt_addr}"),
             readings_per_vehicle: Some(per_car),
             malfunction: 2,
@@ -95,7 +60,7 @@ async fn kafka_down_for_60s_loses_and_duplicates_nothing() {
     ));
 
     wait_for("the first 2,000 rows", Duration::from_secs(60), || async {
-        store.count_readings().await.unwrap_or(0) >= 2_000
+        store.count().await.unwrap_or(0) >= 2_000
     })
     .await
     .unwrap();
@@ -130,7 +95,7 @@ async fn kafka_down_for_60s_loses_and_duplicates_nothing() {
     wait_for(
         "every reading in PostgreSQL",
         Duration::from_secs(120),
-        || async { store.count_readings().await.unwrap_or(0) >= total as i64 },
+        || async { store.count().await.unwrap_or(0) >= total as i64 },
     )
     .await
     .unwrap();
@@ -142,19 +107,14 @@ async fn kafka_down_for_60s_loses_and_duplicates_nothing() {
     assert_eq!(metric("ecars_kafka_spool_bytes", ""), 0.0);
     assert_eq!(reqwest::get(&readyz).await.unwrap().status(), 200);
     // Unique event ids: the count is "none lost, none twice".
-    assert_eq!(store.count_readings().await.unwrap(), total as i64);
+    assert_eq!(store.count().await.unwrap(), total as i64);
 
-    stop_ingest.cancel();
-    ingest_task.await.unwrap();
-    bus.close().await;
-    stop_persist.cancel();
-    persist.await.unwrap().unwrap();
-    stop_http.cancel();
-    http.await.unwrap().unwrap();
+    ingest.shutdown().await.unwrap();
+    persist.shutdown().await.unwrap();
 
     let readout = read_telemetry_topic(
         &cluster.bootstrap_servers(),
-        &kafka.topic(Stream::Telemetry),
+        &kafka.topic(TelemetryReading::TOPIC),
         total as usize,
     )
     .await

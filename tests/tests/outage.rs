@@ -16,7 +16,8 @@ async fn database_outage_mid_run_loses_nothing() {
     options.bus_capacity = 200;
     options.persist = PersistConfig {
         batch_rows: 100,
-        batch_ms: 20,
+        batch_delay: Duration::from_millis(20),
+        ..PersistConfig::default()
     };
     let pipeline = Pipeline::start(options).await.unwrap();
     let base = pipeline.http_base();
@@ -26,7 +27,7 @@ async fn database_outage_mid_run_loses_nothing() {
     let simulator = tokio::spawn(ecars_simulator::run(
         SimulatorConfig {
             vehicles: cars,
-            interval_ms: 10,
+            interval: Duration::from_millis(10),
             broker: format!("mqtt://{}", pipeline.mqtt_addr),
             readings_per_vehicle: Some(per_car),
             malfunction: 2,
@@ -36,12 +37,12 @@ async fn database_outage_mid_run_loses_nothing() {
     ));
 
     wait_for("the first 1,000 rows", Duration::from_secs(30), || async {
-        pipeline.store.count_readings().await.unwrap_or(0) >= 1_000
+        pipeline.db.sensor_rows().count().await.unwrap_or(0) >= 1_000
     })
     .await
     .unwrap();
     pg.stop().unwrap();
-    let during = pipeline.store.count_readings().await;
+    let during = pipeline.db.sensor_rows().count().await;
     assert!(during.is_err(), "the database is down");
     // The outage itself: cars keep publishing into a pipeline that cannot write.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -55,15 +56,14 @@ async fn database_outage_mid_run_loses_nothing() {
         report.acknowledged, report.published,
         "every reading was acknowledged to its car"
     );
-    let store = pipeline.store.clone();
-    pipeline.shutdown().await.unwrap();
+    let db = pipeline.shutdown().await.unwrap();
     assert_eq!(
-        store.count_readings().await.unwrap(),
+        db.sensor_rows().count().await.unwrap(),
         (u64::from(cars) * per_car) as i64,
         "every reading stored once"
     );
 
-    let metrics = ecars_shared::metrics::install_recorder().render();
+    let metrics = ecars_runtime::metrics::install_recorder().render();
     let value = |name: &str| -> f64 {
         metrics
             .lines()

@@ -1,9 +1,9 @@
-//! The sensor store against a real PostgreSQL server (started here) and SQLite.
+//! The sensor and dead-letter tables against a real PostgreSQL server (started here) and SQLite.
 
 use chrono::{Duration as ChronoDuration, SubsecRound, Utc};
+use ecars_db::Database;
 use ecars_e2e::PgServer;
-use ecars_persist::SensorStore;
-use ecars_shared::telemetry::{DeadLetter, RejectReason, Rejection, TelemetryReading, Vin};
+use ecars_model::telemetry::{DeadLetter, RejectReason, Rejection, TelemetryReading, Vin};
 use uuid::Uuid;
 
 fn reading(vin: &str, minutes_ago: i64, battery: f64) -> TelemetryReading {
@@ -25,10 +25,12 @@ fn reading(vin: &str, minutes_ago: i64, battery: f64) -> TelemetryReading {
     }
 }
 
-async fn exercise(store: SensorStore) {
-    store.migrate().await.unwrap();
+async fn exercise(db: Database) {
+    db.migrate().await.unwrap();
     // Migrations are re-runnable.
-    store.migrate().await.unwrap();
+    db.migrate().await.unwrap();
+    let store = db.sensor_rows();
+    let letters = db.dead_letter_rows();
 
     let a = "1HGCM82633A004352";
     let b = "2HGCM82633A004352";
@@ -38,22 +40,19 @@ async fn exercise(store: SensorStore) {
         reading(a, 2, 89.0),
         reading(b, 5, 50.0),
     ];
-    assert_eq!(store.insert_readings(&batch).await.unwrap(), 4);
+    assert_eq!(store.insert(&batch).await.unwrap(), 4);
     // At-least-once redelivery: the same events again add nothing.
-    assert_eq!(store.insert_readings(&batch).await.unwrap(), 0);
+    assert_eq!(store.insert(&batch).await.unwrap(), 0);
     let mut mixed = batch[..2].to_vec();
     mixed.push(reading(b, 0, 49.0));
     assert_eq!(
-        store.insert_readings(&mixed).await.unwrap(),
+        store.insert(&mixed).await.unwrap(),
         1,
         "only the new event is added"
     );
-    assert_eq!(store.count_readings().await.unwrap(), 5);
+    assert_eq!(store.count().await.unwrap(), 5);
 
-    let newest = store
-        .vehicle_readings(&Vin::parse(a).unwrap(), 2)
-        .await
-        .unwrap();
+    let newest = store.of_vehicle(&Vin::parse(a).unwrap(), 2).await.unwrap();
     assert_eq!(
         newest.iter().map(|r| r.battery).collect::<Vec<_>>(),
         vec![Some(88.0), Some(89.0)]
@@ -70,8 +69,8 @@ async fn exercise(store: SensorStore) {
 
     // A bulk batch larger than one SQLite statement.
     let bulk: Vec<_> = (0..2_500).map(|i| reading(b, 10 + i, 40.0)).collect();
-    assert_eq!(store.insert_readings(&bulk).await.unwrap(), 2_500);
-    assert_eq!(store.count_readings().await.unwrap(), 2_505);
+    assert_eq!(store.insert(&bulk).await.unwrap(), 2_500);
+    assert_eq!(store.count().await.unwrap(), 2_505);
 
     let rejection = Rejection {
         reason: RejectReason::NotJson,
@@ -85,20 +84,14 @@ async fn exercise(store: SensorStore) {
         Utc::now(),
     );
     assert_eq!(
-        store
-            .insert_dead_letters(std::slice::from_ref(&letter))
-            .await
-            .unwrap(),
+        letters.insert(std::slice::from_ref(&letter)).await.unwrap(),
         1
     );
     assert_eq!(
-        store
-            .insert_dead_letters(std::slice::from_ref(&letter))
-            .await
-            .unwrap(),
+        letters.insert(std::slice::from_ref(&letter)).await.unwrap(),
         0
     );
-    let rows = store.dead_letters(10).await.unwrap();
+    let rows = letters.newest(10).await.unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].reason, "not_json: payload is not JSON");
     assert_eq!(rows[0].payload, b"\xff\xfe not json");
@@ -112,11 +105,11 @@ async fn exercise(store: SensorStore) {
 async fn sqlite_store() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("nested-ok.db").display());
-    exercise(SensorStore::connect_lazy(&url).unwrap()).await;
+    exercise(Database::connect_lazy(&url).unwrap()).await;
 }
 
 #[tokio::test]
 async fn postgres_store() {
     let server = PgServer::start().expect("throwaway PostgreSQL");
-    exercise(SensorStore::connect_lazy(&server.url()).unwrap()).await;
+    exercise(Database::connect_lazy(&server.url()).unwrap()).await;
 }

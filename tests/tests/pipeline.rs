@@ -7,9 +7,9 @@ use tokio::process::Command;
 use ecars_e2e::{
     publish_v4, reading_json, test_vin, wait_for, PgServer, Pipeline, PipelineOptions,
 };
+use ecars_model::device_auth::DeviceSecret;
+use ecars_model::Vin;
 use ecars_persist::PersistConfig;
-use ecars_shared::device_auth::DeviceSecret;
-use ecars_shared::telemetry::Vin;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
 use serde_json::Value;
 
@@ -29,7 +29,7 @@ async fn get_json(url: &str) -> Value {
 }
 
 async fn count(pipeline: &Pipeline) -> i64 {
-    pipeline.store.count_readings().await.unwrap_or(-1)
+    pipeline.db.sensor_rows().count().await.unwrap_or(-1)
 }
 
 async fn mosquitto_pub(addr: std::net::SocketAddr, args: &[&str]) -> std::process::Output {
@@ -214,8 +214,9 @@ async fn mosquitto_pub_on_postgres_valid_malformed_and_legacy_topic() {
     .await
     .unwrap();
     let legacy_rows = pipeline
-        .store
-        .vehicle_readings(&Vin::parse("5YJ3E1EA7KF000001").unwrap(), 1)
+        .db
+        .sensor_rows()
+        .of_vehicle(&Vin::parse("5YJ3E1EA7KF000001").unwrap(), 1)
         .await
         .unwrap();
     assert_eq!(legacy_rows[0].battery, Some(77.5));
@@ -358,8 +359,9 @@ async fn device_authentication() {
 
     wait_for("two dead letters", WAIT, || async {
         pipeline
-            .store
-            .dead_letters(10)
+            .db
+            .dead_letter_rows()
+            .newest(10)
             .await
             .map(|d| d.len())
             .unwrap_or(0)
@@ -372,7 +374,7 @@ async fn device_authentication() {
     })
     .await
     .unwrap();
-    for letter in pipeline.store.dead_letters(10).await.unwrap() {
+    for letter in pipeline.db.dead_letter_rows().newest(10).await.unwrap() {
         assert!(
             letter
                 .reason
@@ -506,7 +508,8 @@ async fn shutdown_flushes_every_accepted_reading() {
     // Batches that would wait a minute: only the shutdown flush writes them.
     options.persist = PersistConfig {
         batch_rows: 50_000,
-        batch_ms: 60_000,
+        batch_delay: Duration::from_secs(60),
+        ..PersistConfig::default()
     };
     let pipeline = Pipeline::start(options).await.unwrap();
     let messages: Vec<_> = (0..500)
@@ -526,9 +529,8 @@ async fn shutdown_flushes_every_accepted_reading() {
         0,
         "nothing flushed before the batch is due"
     );
-    let store = pipeline.store.clone();
-    pipeline.shutdown().await.unwrap();
-    assert_eq!(store.count_readings().await.unwrap(), 500);
+    let db = pipeline.shutdown().await.unwrap();
+    assert_eq!(db.sensor_rows().count().await.unwrap(), 500);
 }
 
 /// MQTT 3.1.1 packets by hand, for what client libraries never do on purpose.

@@ -1,19 +1,22 @@
-//! The live relay over real WebSockets (tokio-tungstenite clients): routing by VIN, the backlog
-//! on connect, a slow client cut off, token checks and the Origin allow-list.
+//! The live relay over real WebSockets (tokio-tungstenite clients), in the composition `ecars
+//! up` runs: routing by VIN, the backlog on connect, a slow client cut off, token checks and
+//! minting, and the Origin allow-list.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
-use ecars_persist::SensorStore;
+use ecars_bus::Bus;
+use ecars_db::Database;
+use ecars_e2e::{Pipeline, PipelineOptions};
+use ecars_model::relay_token::{RelayClaims, TokenAuthority};
+use ecars_model::{TelemetryReading, Vin};
 use ecars_relay::{Relay, RelayConfig, CLOSE_POLICY, CLOSE_TOO_SLOW};
-use ecars_shared::bus::{Bus, BusRecord, InProcessBus};
-use ecars_shared::telemetry::{TelemetryReading, Vin};
+use ecars_runtime::settings::ConfigError;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_util::sync::CancellationToken;
 
 const SECRET: &str = "relay-secret-of-at-least-32-bytes!!";
 
@@ -42,48 +45,33 @@ fn vin(n: u32) -> Vin {
 
 struct Server {
     base: String,
-    bus: Arc<InProcessBus>,
-    store: SensorStore,
+    bus: Bus,
+    store: ecars_db::SensorRows,
     relay: Arc<Relay>,
-    stop: CancellationToken,
+    pipeline: Pipeline,
     _dir: tempfile::TempDir,
+}
+
+impl Server {
+    async fn stop(self) {
+        self.pipeline.shutdown().await.unwrap();
+    }
 }
 
 async fn server(config: RelayConfig) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let store =
-        SensorStore::connect_lazy(&format!("sqlite://{}", dir.path().join("r.db").display()))
-            .unwrap();
-    store.migrate().await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let relay = Relay::new(&config, addr, Some(store.clone())).unwrap();
-    let bus = Arc::new(InProcessBus::new(100_000));
-    let stop = CancellationToken::new();
-    // The feed subscribes before anything is published.
-    let feed = Arc::clone(&relay).feed(bus.clone() as Arc<dyn Bus>, stop.clone());
-    let subscribed = tokio::spawn(feed);
-    ecars_e2e::wait_for("the relay's tail", Duration::from_secs(5), || async {
-        bus.publish(BusRecord::Telemetry(reading(&vin(999), 0)))
-            .await
-            .is_ok()
-    })
-    .await
-    .unwrap();
-    drop(subscribed);
-    let router = ecars_relay::router(Arc::clone(&relay));
-    let token = stop.clone();
-    tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(token.cancelled_owned())
-            .await
-    });
+    let mut options =
+        PipelineOptions::new(format!("sqlite://{}", dir.path().join("r.db").display()));
+    options.bus_capacity = 100_000;
+    options.relay = config;
+    let pipeline = Pipeline::start(options).await.unwrap();
+    let db: &Database = &pipeline.db;
     Server {
-        base: format!("ws://{addr}"),
-        bus,
-        store,
-        relay,
-        stop,
+        base: format!("ws://{}", pipeline.http_addr),
+        bus: pipeline.bus.clone(),
+        store: db.sensor_rows(),
+        relay: Arc::clone(&pipeline.relay),
+        pipeline,
         _dir: dir,
     }
 }
@@ -136,7 +124,7 @@ async fn a_socket_gets_its_cars_backlog_then_its_live_readings_only() {
     let s = server(RelayConfig::default()).await;
     let (a, b) = (vin(1), vin(2));
     let history: Vec<_> = (-30..0).map(|i| reading(&a, i)).collect();
-    s.store.insert_readings(&history).await.unwrap();
+    s.store.insert(&history).await.unwrap();
     let mut socket = connect(&format!("{}/v1/vehicles/{a}/live", s.base), &[])
         .await
         .unwrap();
@@ -146,11 +134,8 @@ async fn a_socket_gets_its_cars_backlog_then_its_live_readings_only() {
     }
     let other = reading(&b, 1);
     let own = reading(&a, 2);
-    s.bus.publish(BusRecord::Telemetry(other)).await.unwrap();
-    s.bus
-        .publish(BusRecord::Telemetry(own.clone()))
-        .await
-        .unwrap();
+    s.bus.publish(other).await.unwrap();
+    s.bus.publish(own.clone()).await.unwrap();
     let live = next_reading(&mut socket).await;
     assert_eq!(
         live.event_id, own.event_id,
@@ -168,19 +153,13 @@ async fn a_socket_gets_its_cars_backlog_then_its_live_readings_only() {
     .await
     .unwrap();
     let (ra, rb) = (reading(&a, 3), reading(&b, 4));
-    s.bus
-        .publish(BusRecord::Telemetry(ra.clone()))
-        .await
-        .unwrap();
-    s.bus
-        .publish(BusRecord::Telemetry(rb.clone()))
-        .await
-        .unwrap();
+    s.bus.publish(ra.clone()).await.unwrap();
+    s.bus.publish(rb.clone()).await.unwrap();
     assert_eq!(next_reading(&mut only_b).await.vin, b);
     assert_eq!(next_reading(&mut fleet).await.event_id, ra.event_id);
     assert_eq!(next_reading(&mut fleet).await.event_id, rb.event_id);
     assert_eq!(next_reading(&mut socket).await.event_id, ra.event_id);
-    s.stop.cancel();
+    s.stop().await;
 }
 
 #[tokio::test]
@@ -229,10 +208,7 @@ async fn a_client_that_stops_reading_is_closed_as_too_slow_and_others_carry_on()
             .await
             .unwrap();
         }
-        s.bus
-            .publish(BusRecord::Telemetry(reading(&car, i64::from(i))))
-            .await
-            .unwrap();
+        s.bus.publish(reading(&car, i64::from(i))).await.unwrap();
     }
     reading_task.await.unwrap();
     assert_eq!(
@@ -249,7 +225,7 @@ async fn a_client_that_stops_reading_is_closed_as_too_slow_and_others_carry_on()
     })
     .await
     .unwrap();
-    s.stop.cancel();
+    s.stop().await;
 }
 
 #[tokio::test]
@@ -262,8 +238,8 @@ async fn tokens_are_checked_and_minted_for_the_api_key_only() {
     .await;
     let car = vin(4);
     let url = format!("{}/v1/vehicles/{car}/live", s.base);
-    let authority = ecars_relay::token::TokenAuthority::new(SECRET.as_bytes());
-    let other = ecars_relay::token::TokenAuthority::new(b"some-other-secret-of-32-bytes!!!!");
+    let authority = TokenAuthority::new(SECRET.as_bytes());
+    let other = TokenAuthority::new(b"some-other-secret-of-32-bytes!!!!");
     let good = authority
         .mint(car.as_str(), Duration::from_secs(60))
         .unwrap();
@@ -273,7 +249,7 @@ async fn tokens_are_checked_and_minted_for_the_api_key_only() {
     let wrong_secret = other.mint(car.as_str(), Duration::from_secs(60)).unwrap();
     let expired = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &ecars_relay::token::RelayClaims {
+        &RelayClaims {
             sub: car.to_string(),
             exp: Utc::now().timestamp() - 10,
         },
@@ -321,10 +297,7 @@ async fn tokens_are_checked_and_minted_for_the_api_key_only() {
     .await
     .unwrap();
     let live = reading(&car, 1);
-    s.bus
-        .publish(BusRecord::Telemetry(live.clone()))
-        .await
-        .unwrap();
+    s.bus.publish(live.clone()).await.unwrap();
     for socket in [&mut by_header, &mut by_query, &mut by_message] {
         assert_eq!(next_reading(socket).await.event_id, live.event_id);
     }
@@ -355,7 +328,7 @@ async fn tokens_are_checked_and_minted_for_the_api_key_only() {
         .check(token, Some(std::slice::from_ref(&car)))
         .is_ok());
     assert!(authority.check(token, Some(&[vin(5)])).is_err());
-    s.stop.cancel();
+    s.stop().await;
 }
 
 #[tokio::test]
@@ -378,7 +351,7 @@ async fn browsers_from_origins_off_the_allow_list_are_refused() {
             .await
             .is_ok()
     );
-    s.stop.cancel();
+    s.stop().await;
 }
 
 #[test]
@@ -390,7 +363,16 @@ fn without_a_secret_the_relay_refuses_a_public_address() {
     )
     .err()
     .unwrap();
-    assert_eq!(error.setting, "ECARS_RELAY_SECRET");
+    assert!(
+        matches!(
+            error,
+            ConfigError::Invalid {
+                setting: "ECARS_RELAY_SECRET",
+                ..
+            }
+        ),
+        "{error}"
+    );
     let short = RelayConfig {
         secret: Some("short".into()),
         ..RelayConfig::default()
@@ -412,5 +394,5 @@ async fn a_client_that_answers_no_pings_is_closed_as_idle() {
     // Not polling the socket means not answering pings: the observation window itself.
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(close_code(&mut quiet).await, Some(CloseCode::Away));
-    s.stop.cancel();
+    s.stop().await;
 }

@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use ecars_anomaly::outbox::{CaseDraft, CaseOutbox, CaseStatus};
 use ecars_anomaly::salesforce::{SalesforceClient, SalesforceConfig};
 use ecars_anomaly::sync::{CaseSync, SyncPolicy};
+use ecars_db::case_outbox::{CaseDraft, CaseOutbox, CaseStatus};
+use ecars_db::vehicle_states::StoredState;
+use ecars_db::{Database, DbError};
 use ecars_e2e::salesforce::{rsa_key_pair, EmulatorCredentials, SalesforceEmulator};
 use ecars_e2e::wait_for;
-use ecars_persist::SensorStore;
-use ecars_shared::telemetry::Vin;
+use ecars_model::Vin;
 use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -79,7 +80,7 @@ struct Harness {
     client: Arc<SalesforceClient>,
     ready: Arc<AtomicBool>,
     stop: CancellationToken,
-    sync: Option<tokio::task::JoinHandle<Result<(), ecars_persist::StoreError>>>,
+    sync: Option<tokio::task::JoinHandle<Result<(), DbError>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -95,12 +96,12 @@ impl Harness {
         let emulator = SalesforceEmulator::start(credentials).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("cases.db").display());
-        let store = SensorStore::connect_lazy(&url).unwrap();
-        store.migrate().await.unwrap();
+        let db = Database::connect_lazy(&url).unwrap();
+        db.migrate().await.unwrap();
         let client = Arc::new(SalesforceClient::new(&config(&emulator)).unwrap());
         Harness {
             emulator,
-            outbox: CaseOutbox::new(store),
+            outbox: db.case_outbox(),
             client,
             ready: Arc::new(AtomicBool::new(true)),
             stop: CancellationToken::new(),
@@ -110,14 +111,9 @@ impl Harness {
     }
 
     async fn add(&self, drafts: &[CaseDraft]) {
+        let no_states: &[StoredState<'_, ()>] = &[];
         self.outbox
-            .commit(
-                &Default::default(),
-                drafts,
-                CaseStatus::Pending,
-                200,
-                Utc::now(),
-            )
+            .commit(no_states, drafts, CaseStatus::Pending, 200, Utc::now())
             .await
             .unwrap();
     }
@@ -461,30 +457,27 @@ async fn cases_wait_out_two_minutes_of_503_and_arrive_once() {
 
 /// Waits for the next Case change on the cases stream (acknowledging it).
 async fn next_case_event(
-    cases: &mut Box<dyn ecars_shared::bus::Subscription>,
-) -> ecars_shared::anomaly::CaseEvent {
+    cases: &mut ecars_bus::Subscription<ecars_model::CaseEvent>,
+) -> ecars_model::CaseEvent {
     let delivery = tokio::time::timeout(Duration::from_secs(10), cases.next())
         .await
         .expect("a Case change is published")
         .expect("the bus is open")
         .unwrap();
     cases.ack(&[delivery.receipt]).await.unwrap();
-    match delivery.record {
-        ecars_shared::bus::BusRecord::Case(event) => event,
-        other => panic!("not a Case event: {other:?}"),
-    }
+    delivery.record
 }
 
 #[tokio::test]
 async fn case_changes_go_out_on_the_cases_stream_created_updated_and_failed() {
     use ecars_anomaly::events::EpisodeEventRelay;
-    use ecars_shared::anomaly::{CaseChange, CaseEvent};
-    use ecars_shared::bus::{Bus, InProcessBus, Stream};
+    use ecars_bus::Bus;
+    use ecars_model::{CaseChange, CaseEvent};
 
     let mut h = Harness::start(client_credentials).await;
-    let bus = Arc::new(InProcessBus::new(100));
-    let mut cases = bus.subscribe(Stream::Cases, "case-watcher").await.unwrap();
-    let relay = EpisodeEventRelay::new(h.outbox.clone(), bus.clone() as Arc<dyn Bus>);
+    let bus = Bus::in_process(100);
+    let mut cases = bus.subscribe::<CaseEvent>("case-watcher").await.unwrap();
+    let relay = EpisodeEventRelay::new(h.outbox.clone(), bus.clone());
     let relay = tokio::spawn(relay.run(h.stop.clone()));
 
     let good = draft(1, "High");

@@ -3,8 +3,10 @@
 use chrono::SecondsFormat;
 use serde_json::{Map, Value};
 
-use crate::detector::{ChangeKind, EpisodeChange};
-use crate::outbox::CaseDraft;
+use ecars_db::case_outbox::CaseDraft;
+use ecars_model::AnomalyChange;
+
+use crate::detector::EpisodeChange;
 use crate::rules::RuleSet;
 
 /// Case `Ecars_Anomaly_Key__c`: the external id every upsert goes by.
@@ -75,7 +77,7 @@ pub fn draft(change: &EpisodeChange, rules: &RuleSet, settings: &CaseSettings) -
             .to_rfc3339_opts(SecondsFormat::Millis, true)
             .into(),
     );
-    if change.kind == ChangeKind::Closed {
+    if change.kind == AnomalyChange::Closed {
         if let Some(closed) = episode.closed_at {
             fields.insert(
                 "Ecars_Episode_Ended_At__c".into(),
@@ -115,7 +117,7 @@ mod tests {
     use super::*;
     use crate::detector::{Episode, Evidence};
     use crate::rules::RuleKind;
-    use ecars_shared::telemetry::Vin;
+    use ecars_model::Vin;
 
     #[test]
     fn every_custom_field_written_is_in_the_salesforce_metadata() {
@@ -139,7 +141,7 @@ mod tests {
         let change = EpisodeChange {
             vin,
             name: None,
-            kind: ChangeKind::Closed,
+            kind: AnomalyChange::Closed,
             episode,
         };
         let settings = CaseSettings {

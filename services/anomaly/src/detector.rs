@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
-use ecars_shared::telemetry::{TelemetryReading, Vin};
+use ecars_model::{AnomalyChange, TelemetryReading, Vin};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -98,18 +98,6 @@ impl Episode {
     }
 }
 
-/// What happened to an episode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ChangeKind {
-    /// A rule fired outside any open episode.
-    Opened,
-    /// A rule fired again inside its open episode.
-    Updated,
-    /// The rule stayed quiet for the quiet period.
-    Closed,
-}
-
 /// A change of an episode, for the outbox and the anomalies stream.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EpisodeChange {
@@ -118,7 +106,7 @@ pub struct EpisodeChange {
     /// Its display name.
     pub name: Option<String>,
     /// What happened.
-    pub kind: ChangeKind,
+    pub kind: AnomalyChange,
     /// The episode after the change.
     pub episode: Episode,
 }
@@ -164,7 +152,7 @@ impl Detector {
             changes.push(change(
                 state,
                 reading.vin.clone(),
-                ChangeKind::Closed,
+                AnomalyChange::Closed,
                 episode,
             ));
         }
@@ -185,14 +173,19 @@ impl Detector {
                     changes.push(change(
                         state,
                         reading.vin.clone(),
-                        ChangeKind::Updated,
+                        AnomalyChange::Updated,
                         episode,
                     ));
                 }
                 (open, Some((_, evidence))) => {
                     if let Some(mut old) = open {
                         old.closed_at = Some(old.last_fired_at + quiet);
-                        changes.push(change(state, reading.vin.clone(), ChangeKind::Closed, old));
+                        changes.push(change(
+                            state,
+                            reading.vin.clone(),
+                            AnomalyChange::Closed,
+                            old,
+                        ));
                     }
                     let episode = Episode {
                         key: Episode::key_for(&reading.vin, rule, reading.date),
@@ -207,7 +200,7 @@ impl Detector {
                     changes.push(change(
                         state,
                         reading.vin.clone(),
-                        ChangeKind::Opened,
+                        AnomalyChange::Opened,
                         episode,
                     ));
                 }
@@ -217,7 +210,7 @@ impl Detector {
                         changes.push(change(
                             state,
                             reading.vin.clone(),
-                            ChangeKind::Closed,
+                            AnomalyChange::Closed,
                             episode,
                         ));
                     } else {
@@ -262,7 +255,7 @@ impl Detector {
         state
             .episodes
             .insert(RuleKind::TelemetrySilent, episode.clone());
-        vec![change(state, vin.clone(), ChangeKind::Opened, episode)]
+        vec![change(state, vin.clone(), AnomalyChange::Opened, episode)]
     }
 
     /// The rules that fire on this reading, with the evidence.
@@ -331,7 +324,7 @@ impl Detector {
     }
 }
 
-fn change(state: &VehicleState, vin: Vin, kind: ChangeKind, episode: Episode) -> EpisodeChange {
+fn change(state: &VehicleState, vin: Vin, kind: AnomalyChange, episode: Episode) -> EpisodeChange {
     EpisodeChange {
         vin,
         name: state.name.clone(),
@@ -424,7 +417,7 @@ mod tests {
     fn opened(changes: &[EpisodeChange]) -> Vec<RuleKind> {
         changes
             .iter()
-            .filter(|c| c.kind == ChangeKind::Opened)
+            .filter(|c| c.kind == AnomalyChange::Opened)
             .map(|c| c.episode.rule)
             .collect()
     }
@@ -452,7 +445,7 @@ mod tests {
         assert!(first.episode.evidence[0].detail.contains("%/min"));
         assert!(changes[1..]
             .iter()
-            .all(|c| c.kind == ChangeKind::Updated && c.episode.key == first.episode.key));
+            .all(|c| c.kind == AnomalyChange::Updated && c.episode.key == first.episode.key));
     }
 
     #[test]
@@ -489,7 +482,7 @@ mod tests {
             .is_empty());
         let closed = detector.observe(&mut state, &reading(1801, 80.0, false));
         assert_eq!(closed.len(), 1);
-        assert_eq!(closed[0].kind, ChangeKind::Closed);
+        assert_eq!(closed[0].kind, AnomalyChange::Closed);
         assert_eq!(closed[0].episode.closed_at, Some(at(1800)));
         let again = detector.observe(&mut state, &reading(1900, 80.0, true));
         assert_eq!(opened(&again), vec![RuleKind::MalfunctionReported]);
@@ -516,7 +509,7 @@ mod tests {
             serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
         let changes = detector.observe(&mut restored, &reading(10, 80.0, true));
         assert_eq!(changes.len(), 1);
-        assert_eq!(changes[0].kind, ChangeKind::Updated);
+        assert_eq!(changes[0].kind, AnomalyChange::Updated);
     }
 
     #[test]
@@ -532,7 +525,7 @@ mod tests {
         assert_eq!(opened[0].episode.started_at, at(600));
         assert!(detector.sweep(&vin(), &mut state, at(800)).is_empty());
         let closed = detector.observe(&mut state, &reading(900, 80.0, false));
-        assert_eq!(closed[0].kind, ChangeKind::Closed);
+        assert_eq!(closed[0].kind, AnomalyChange::Closed);
         assert_eq!(closed[0].episode.rule, RuleKind::TelemetrySilent);
     }
 }

@@ -13,24 +13,26 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ecars_persist::StoreError;
-use ecars_shared::anomaly::{AnomalyChange, AnomalyEvent, CaseChange, CaseEvent};
-use ecars_shared::bus::{Bus, BusError, BusRecord};
-use ecars_shared::telemetry::{Vin, VinError};
+use ecars_bus::{Bus, BusError, Record};
+use ecars_db::case_outbox::{CaseOutbox, CaseRecord};
+use ecars_db::DbError;
+use ecars_model::telemetry::VinError;
+use ecars_model::{AnomalyChange, AnomalyEvent, CaseChange, CaseEvent, Vin};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-
-use crate::outbox::{CaseOutbox, CaseRecord};
 
 /// Rows published per round.
 const BATCH: i64 = 500;
 /// Longest sleep when nothing changed (a change wakes the relay earlier).
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// Longest time the last round at a stop may take.
+pub const FINAL_ROUND: Duration = Duration::from_secs(10);
 
 /// Publishes outbox changes on the bus.
+#[derive(Debug)]
 pub struct EpisodeEventRelay {
     outbox: CaseOutbox,
-    bus: Arc<dyn Bus>,
+    bus: Bus,
     /// Woken when the detector or the sync wrote rows.
     pub wake: Arc<Notify>,
 }
@@ -47,7 +49,7 @@ enum Round {
 
 impl EpisodeEventRelay {
     /// A relay from this outbox to this bus.
-    pub fn new(outbox: CaseOutbox, bus: Arc<dyn Bus>) -> EpisodeEventRelay {
+    pub fn new(outbox: CaseOutbox, bus: Bus) -> EpisodeEventRelay {
         EpisodeEventRelay {
             outbox,
             bus,
@@ -55,8 +57,10 @@ impl EpisodeEventRelay {
         }
     }
 
-    /// Publishes until `shutdown` or the bus closes; what is left goes out after the next start.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), StoreError> {
+    /// Publishes until `shutdown` or the bus closes. At `shutdown` it makes one last round, so
+    /// what the sync wrote just before goes out now (within [`FINAL_ROUND`]); what is left goes
+    /// out after the next start.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), DbError> {
         let mut failures = 0u32;
         loop {
             let anomalies = self.anomaly_round().await?;
@@ -82,15 +86,39 @@ impl EpisodeEventRelay {
                 IDLE_POLL
             };
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => return self.final_round().await,
                 _ = self.wake.notified(), if !failed => {}
                 _ = tokio::time::sleep(wait) => {}
             }
         }
     }
 
+    /// The last publishing round before a stop, bounded in time: an unreachable bus must not
+    /// hold the process back (the outbox keeps what did not go out).
+    async fn final_round(&self) -> Result<(), DbError> {
+        let round = async {
+            loop {
+                let anomalies = self.anomaly_round().await?;
+                let cases = self.case_round().await?;
+                match (anomalies, cases) {
+                    (Round::Done { busy: true }, _) | (_, Round::Done { busy: true }) => continue,
+                    _ => return Ok(()),
+                }
+            }
+        };
+        match tokio::time::timeout(FINAL_ROUND, round).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(
+                    "outbox events not all published within {FINAL_ROUND:?} of the stop; they go out after the next start"
+                );
+                Ok(())
+            }
+        }
+    }
+
     /// Publishes the episode changes not yet on the anomalies stream.
-    async fn anomaly_round(&self) -> Result<Round, StoreError> {
+    async fn anomaly_round(&self) -> Result<Round, DbError> {
         let rows = match self.outbox.unpublished(BATCH).await {
             Ok(rows) => rows,
             Err(e) => {
@@ -99,9 +127,7 @@ impl EpisodeEventRelay {
             }
         };
         let busy = rows.len() as i64 == BATCH;
-        let records = rows
-            .iter()
-            .map(|row| (event_of(row).map(BusRecord::Anomaly), row, row.version));
+        let records = rows.iter().map(|row| (event_of(row), row, row.version));
         let (round, published) = self.publish(records).await;
         if !published.is_empty() {
             self.outbox.mark_published(&published).await?;
@@ -113,7 +139,7 @@ impl EpisodeEventRelay {
     }
 
     /// Publishes the Case sync changes not yet on the cases stream.
-    async fn case_round(&self) -> Result<Round, StoreError> {
+    async fn case_round(&self) -> Result<Round, DbError> {
         let rows = match self.outbox.unpublished_case_events(BATCH).await {
             Ok(rows) => rows,
             Err(e) => {
@@ -124,7 +150,7 @@ impl EpisodeEventRelay {
         let busy = rows.len() as i64 == BATCH;
         let records = rows.iter().filter_map(|row| {
             let event = case_event_of(row).transpose()?;
-            Some((event.map(BusRecord::Case), row, row.case_event_seq))
+            Some((event, row, row.case_event_seq))
         });
         let (round, published) = self.publish(records).await;
         if !published.is_empty() {
@@ -138,9 +164,9 @@ impl EpisodeEventRelay {
 
     /// Publishes records in order until the bus refuses; returns how it went and the (key,
     /// version) of every row done with.
-    async fn publish<'r>(
+    async fn publish<'r, T: Record>(
         &self,
-        records: impl Iterator<Item = (Result<BusRecord, VinError>, &'r CaseRecord, i64)>,
+        records: impl Iterator<Item = (Result<T, VinError>, &'r CaseRecord, i64)>,
     ) -> (Round, Vec<(String, i64)>) {
         let mut published = Vec::new();
         for (record, row, version) in records {
@@ -154,7 +180,7 @@ impl EpisodeEventRelay {
                 published.push((row.key.clone(), version));
                 continue;
             };
-            let stream = record.stream();
+            let stream = T::STREAM;
             match self.bus.publish(record).await {
                 // In process nobody may listen to these streams: nothing to deliver then.
                 Ok(()) | Err(BusError::NoSubscribers(_)) => {

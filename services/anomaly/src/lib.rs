@@ -3,13 +3,15 @@
 //! Service Cloud Case per episode through a durable outbox.
 //!
 //! Data flow: bus (consumer group `ecars-anomaly`) → [`detector::Detector`] → the car's state and
-//! the episode's [`outbox::CaseDraft`], committed together → acknowledgement; then, apart,
-//! [`sync::CaseSync`] → [`salesforce::SalesforceClient`] (Collections upsert by external id).
+//! the episode's [`CaseDraft`], committed together in the case outbox ([`ecars_db::case_outbox`])
+//! → acknowledgement; then, apart, [`sync::CaseSync`] → [`salesforce::SalesforceClient`]
+//! (Collections upsert by external id), and [`events::EpisodeEventRelay`] → the anomalies and
+//! cases streams.
 
 pub mod case;
 pub mod detector;
 pub mod events;
-pub mod outbox;
+pub mod metrics;
 pub mod rules;
 pub mod salesforce;
 pub mod sync;
@@ -19,37 +21,23 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
-use axum::routing::get;
-use axum::{Json, Router};
 use chrono::Utc;
 use clap::Args;
-use ecars_persist::writer::{run_writer, BatchPolicy, BatchSink, RetryPolicy, WriterError};
-use ecars_persist::{SensorStore, StoreError};
-use ecars_shared::bus::{Bus, BusError, BusRecord, Stream};
-use ecars_shared::config::parse_duration;
-use ecars_shared::telemetry::{TelemetryReading, Vin};
-use serde::Deserialize;
+use ecars_bus::{Bus, BusError, Subscription};
+use ecars_db::case_outbox::{CaseDraft, CaseOutbox, CaseStatus};
+use ecars_db::vehicle_states::StoredState;
+use ecars_db::{Database, DbError};
+use ecars_model::{TelemetryReading, Vin};
+use ecars_runtime::settings::parse_duration;
+use ecars_runtime::writer::{run_writer, BatchPolicy, BatchSink, RetryPolicy, WriterError};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::case::CaseSettings;
-use crate::detector::{ChangeKind, Detector, VehicleState};
-use crate::outbox::{CaseOutbox, CaseStatus};
+use crate::detector::{Detector, VehicleState};
 use crate::rules::{RuleSet, RulesError};
 use crate::salesforce::{SalesforceClient, SalesforceConfig, SalesforceConfigError};
 use crate::sync::{CaseSync, SyncPolicy};
-
-/// Metric names used here (described with the others in `ecars_shared::metrics`).
-pub(crate) mod metrics {
-    pub use ecars_shared::metrics::{
-        ANOMALY_EPISODES as EPISODES, ANOMALY_READINGS_SKIPPED as READINGS_SKIPPED, CASES_SYNCED,
-        CASE_SYNC_BUDGET_WAITS as SYNC_BUDGET_WAITS, CASE_SYNC_PAUSED as SYNC_PAUSED,
-        CASE_SYNC_PAUSES as SYNC_PAUSES, SALESFORCE_API_LIMIT, SALESFORCE_API_USED,
-        SALESFORCE_CALLS, SALESFORCE_ERRORS,
-    };
-}
 
 /// The consumer group of the anomaly worker.
 pub const CONSUMER_GROUP: &str = "ecars-anomaly";
@@ -90,20 +78,7 @@ pub struct AnomalyConfig {
 
 impl Default for AnomalyConfig {
     fn default() -> Self {
-        AnomalyConfig {
-            rules: None,
-            case_origin: "Web".into(),
-            public_url: "http://127.0.0.1:8080".into(),
-            case_update_interval: Duration::from_secs(300),
-            api_budget: 0.8,
-            retry_initial: Duration::from_secs(2),
-            auth_retry: Duration::from_secs(30),
-            salesforce: SalesforceConfig {
-                login_url: "https://login.salesforce.com".into(),
-                api_version: "62.0".into(),
-                ..Default::default()
-            },
-        }
+        ecars_runtime::settings::defaults()
     }
 }
 
@@ -131,7 +106,7 @@ pub enum AnomalyError {
     Writer(#[from] WriterError),
     /// The database failed.
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Db(#[from] DbError),
     /// A task panicked.
     #[error("anomaly task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -140,7 +115,7 @@ pub enum AnomalyError {
 /// The worker, checked and subscribed, ready to run.
 pub struct AnomalyWorker {
     detection: Arc<Detection>,
-    subscription: Box<dyn ecars_shared::bus::Subscription>,
+    subscription: Subscription<TelemetryReading>,
     sync: Option<CaseSync>,
     events: events::EpisodeEventRelay,
 }
@@ -150,17 +125,17 @@ impl AnomalyWorker {
     /// `readiness` hears false while the Case sync is paused.
     pub async fn subscribe(
         config: &AnomalyConfig,
-        store: SensorStore,
-        bus: Arc<dyn Bus>,
+        db: Database,
+        bus: Bus,
         readiness: impl Fn(bool) + Send + Sync + 'static,
     ) -> Result<AnomalyWorker, AnomalyError> {
         let rules = match &config.rules {
             Some(path) => RuleSet::load(path)?,
             None => RuleSet::default(),
         };
-        let outbox = CaseOutbox::new(store);
+        let outbox = db.case_outbox();
         let wake = Arc::new(Notify::new());
-        let events = events::EpisodeEventRelay::new(outbox.clone(), Arc::clone(&bus));
+        let events = events::EpisodeEventRelay::new(outbox.clone(), bus.clone());
         let sync = if config.salesforce.is_configured() {
             let client = Arc::new(SalesforceClient::new(&config.salesforce)?);
             let policy = SyncPolicy {
@@ -180,6 +155,7 @@ impl AnomalyWorker {
         };
         let detection = Arc::new(Detection {
             detector: Detector::new(rules),
+            db,
             outbox,
             settings: CaseSettings {
                 origin: config.case_origin.clone(),
@@ -198,7 +174,7 @@ impl AnomalyWorker {
         });
         Ok(AnomalyWorker {
             detection,
-            subscription: bus.subscribe(Stream::Telemetry, CONSUMER_GROUP).await?,
+            subscription: bus.subscribe(CONSUMER_GROUP).await?,
             sync,
             events,
         })
@@ -223,16 +199,20 @@ impl AnomalyWorker {
         let sync = self
             .sync
             .map(|sync| tokio::spawn(sync.run(sync_stop.clone())));
-        let events = tokio::spawn(self.events.run(sync_stop.clone()));
         let sweep = tokio::spawn(Arc::clone(&self.detection).sweep_until(sync_stop.clone()));
+        // Not a child of `shutdown`: the event relay stops after the sync, so it publishes the
+        // sync's last outcomes in its final round.
+        let events_stop = CancellationToken::new();
+        let events = tokio::spawn(self.events.run(events_stop.clone()));
         let detected = detector.await;
-        // The sync and the event relay stop with the detector (the bus closed) or with shutdown.
+        // The sync and the sweep stop with the detector (the bus closed) or with shutdown.
         sync_stop.cancel();
         if let Some(sync) = sync {
             sync.await??;
         }
-        events.await??;
         sweep.await?;
+        events_stop.cancel();
+        events.await??;
         detected??;
         Ok(())
     }
@@ -241,11 +221,11 @@ impl AnomalyWorker {
 /// Subscribes and runs the worker: the service's entry point.
 pub async fn run(
     config: AnomalyConfig,
-    store: SensorStore,
-    bus: Arc<dyn Bus>,
+    db: Database,
+    bus: Bus,
     shutdown: CancellationToken,
 ) -> Result<(), AnomalyError> {
-    AnomalyWorker::subscribe(&config, store, bus, |_| {})
+    AnomalyWorker::subscribe(&config, db, bus, |_| {})
         .await?
         .run(shutdown)
         .await
@@ -255,6 +235,7 @@ pub async fn run(
 /// which take turns on the cars' states.
 struct Detection {
     detector: Detector,
+    db: Database,
     outbox: CaseOutbox,
     settings: CaseSettings,
     new_status: CaseStatus,
@@ -269,7 +250,7 @@ struct Detection {
 /// The Cases of a run of changes, one per episode (the newest change wins).
 #[derive(Default)]
 struct Drafts {
-    drafts: Vec<outbox::CaseDraft>,
+    drafts: Vec<CaseDraft>,
     index: HashMap<String, usize>,
 }
 
@@ -278,14 +259,10 @@ impl Detection {
         ::metrics::counter!(
             metrics::EPISODES,
             "rule" => change.episode.rule.name(),
-            "change" => match change.kind {
-                ChangeKind::Opened => "opened",
-                ChangeKind::Updated => "updated",
-                ChangeKind::Closed => "closed",
-            }
+            "change" => change.kind.as_str()
         )
         .increment(1);
-        if change.kind == ChangeKind::Opened {
+        if change.kind == ecars_model::AnomalyChange::Opened {
             tracing::info!(vin = %change.vin, rule = %change.episode.rule, key = change.episode.key, "anomaly episode opened");
         }
         let draft = case::draft(change, self.detector.rules(), &self.settings);
@@ -302,10 +279,18 @@ impl Detection {
         &self,
         states: &HashMap<Vin, VehicleState>,
         drafts: &Drafts,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), DbError> {
+        let states: Vec<StoredState<'_, VehicleState>> = states
+            .iter()
+            .map(|(vin, state)| StoredState {
+                vin,
+                state,
+                last_date: state.last_date,
+            })
+            .collect();
         self.outbox
             .commit(
-                states,
+                &states,
                 &drafts.drafts,
                 self.new_status,
                 self.update_after_ms,
@@ -320,14 +305,14 @@ impl Detection {
     }
 
     /// Runs a batch of readings through the detector; returns the Cases changed.
-    async fn process(&self, batch: &[TelemetryReading]) -> Result<u64, StoreError> {
+    async fn process(&self, batch: &[TelemetryReading]) -> Result<u64, DbError> {
         let _turn = self.states.lock().await;
         // The states are read fresh for every batch: after a rebalance or restart, another
         // worker's progress on these cars is what counts.
         let mut vins: Vec<&Vin> = batch.iter().map(|r| &r.vin).collect();
         vins.sort();
         vins.dedup();
-        let mut states: HashMap<Vin, VehicleState> = self.outbox.load_states(&vins).await?;
+        let mut states: HashMap<Vin, VehicleState> = self.db.vehicle_states().load(&vins).await?;
         let mut drafts = Drafts::default();
         for reading in batch {
             let state = states.entry(reading.vin.clone()).or_default();
@@ -341,13 +326,15 @@ impl Detection {
 
     /// Opens `telemetry_silent` episodes for cars quiet for longer than the rule allows (wall
     /// clock). Every worker computes the same episode key, so two sweeping replicas agree.
-    async fn sweep(&self, now: chrono::DateTime<Utc>) -> Result<usize, StoreError> {
+    async fn sweep(&self, now: chrono::DateTime<Utc>) -> Result<usize, DbError> {
         let rule = &self.detector.rules().telemetry_silent;
         let quiet_since = now - chrono::TimeDelta::from_std(rule.after).unwrap_or_default();
         let _turn = self.states.lock().await;
         let mut states = HashMap::new();
         let mut drafts = Drafts::default();
-        for (vin, mut state) in self.outbox.quiet_states(quiet_since, 1000).await? {
+        let quiet: Vec<(Vin, VehicleState)> =
+            self.db.vehicle_states().quiet(quiet_since, 1000).await?;
+        for (vin, mut state) in quiet {
             let changes = self.detector.sweep(&vin, &mut state, now);
             if !changes.is_empty() {
                 for change in &changes {
@@ -387,95 +374,17 @@ struct DetectorSink(Arc<Detection>);
 
 impl BatchSink for DetectorSink {
     type Item = TelemetryReading;
+    type Error = DbError;
 
     fn table(&self) -> &'static str {
         "case_outbox"
     }
 
-    fn select(&self, record: BusRecord) -> Option<TelemetryReading> {
-        match record {
-            BusRecord::Telemetry(reading) => Some(reading),
-            BusRecord::DeadLetter(_) | BusRecord::Anomaly(_) | BusRecord::Case(_) => None,
-        }
-    }
-
-    async fn write(&self, batch: &[TelemetryReading]) -> Result<u64, StoreError> {
+    async fn write(&self, batch: &[TelemetryReading]) -> Result<u64, DbError> {
         self.0.process(batch).await
     }
-}
 
-/// `GET /v1/cases` query.
-#[derive(Debug, Deserialize)]
-struct CasesQuery {
-    status: Option<String>,
-    limit: Option<i64>,
-}
-
-/// The case routes: `GET /v1/cases[?status=failed&limit=100]` lists outbox rows;
-/// `POST /v1/cases/{key}/retry` re-queues a failed one.
-pub fn cases_router(outbox: CaseOutbox) -> Router {
-    Router::new()
-        .route("/v1/cases", get(list_cases))
-        .route("/v1/cases/{key}/retry", axum::routing::post(retry_case))
-        .with_state(outbox)
-}
-
-async fn list_cases(
-    State(outbox): State<CaseOutbox>,
-    Query(query): Query<CasesQuery>,
-) -> Result<Json<serde_json::Value>, (StatusCode, Json<serde_json::Value>)> {
-    let status = match query.status.as_deref() {
-        None => None,
-        Some(text) => Some(parse_status(text).map_err(|e| {
-            (
-                StatusCode::BAD_REQUEST,
-                Json(serde_json::json!({ "error": e })),
-            )
-        })?),
-    };
-    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
-    let rows = outbox.list(status, limit).await.map_err(store_error)?;
-    let counts = outbox.counts().await.map_err(store_error)?;
-    Ok(Json(serde_json::json!({
-        "counts": counts.iter().map(|(k, v)| (k.as_str(), *v)).collect::<HashMap<_, _>>(),
-        "cases": rows,
-    })))
-}
-
-async fn retry_case(
-    State(outbox): State<CaseOutbox>,
-    Path(key): Path<String>,
-) -> Result<Json<serde_json::Value>, (StatusCode, Json<serde_json::Value>)> {
-    if outbox.retry(&key, Utc::now()).await.map_err(store_error)? {
-        Ok(Json(serde_json::json!({ "key": key, "status": "pending" })))
-    } else {
-        Err((
-            StatusCode::NOT_FOUND,
-            Json(serde_json::json!({ "error": format!("no failed case with key {key:?}") })),
-        ))
+    fn is_transient(&self, error: &DbError) -> bool {
+        error.is_transient()
     }
-}
-
-/// Parses a status name as `GET /v1/cases?status=` and `ecars cases list --status` take it.
-pub fn parse_status(text: &str) -> Result<CaseStatus, String> {
-    [
-        CaseStatus::Pending,
-        CaseStatus::Synced,
-        CaseStatus::Failed,
-        CaseStatus::Paused,
-        CaseStatus::NotConfigured,
-    ]
-    .into_iter()
-    .find(|s| s.as_str() == text)
-    .ok_or_else(|| {
-        format!("unknown status {text:?}: pending, synced, failed, paused or not_configured")
-    })
-}
-
-fn store_error(e: StoreError) -> (StatusCode, Json<serde_json::Value>) {
-    tracing::warn!(error = %e, "case outbox query failed");
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        Json(serde_json::json!({ "error": format!("database: {e}") })),
-    )
 }

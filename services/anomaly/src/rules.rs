@@ -26,7 +26,7 @@ use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
-use ecars_shared::config::parse_duration;
+use ecars_runtime::settings::parse_duration;
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// A detection rule.

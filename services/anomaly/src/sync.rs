@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use ecars_persist::StoreError;
+use ecars_db::case_outbox::{CaseOutbox, CaseRecord, CaseStatus, SyncOutcome};
+use ecars_db::DbError;
 use rand::Rng;
 use serde_json::{Map, Value};
 use tokio::sync::Notify;
@@ -16,7 +17,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::case::{changed_fields, ANOMALY_KEY_FIELD, VEHICLE_FIELD};
 use crate::metrics as m;
-use crate::outbox::{CaseOutbox, CaseRecord, CaseStatus, SyncOutcome};
 use crate::salesforce::{
     ErrorClass, RecordResult, SalesforceClient, SalesforceError, MAX_COLLECTION_RECORDS,
 };
@@ -83,11 +83,11 @@ enum BatchError {
     /// Credentials refused: pause.
     Auth(SalesforceError),
     /// The database failed.
-    Store(StoreError),
+    Store(DbError),
 }
 
-impl From<StoreError> for BatchError {
-    fn from(e: StoreError) -> Self {
+impl From<DbError> for BatchError {
+    fn from(e: DbError) -> Self {
         BatchError::Store(e)
     }
 }
@@ -111,7 +111,7 @@ impl CaseSync {
 
     /// Writes back how leased rows' sync ended (with their Case changes), then wakes the event
     /// relay.
-    async fn finish(&self, outcomes: &[(CaseRecord, SyncOutcome)]) -> Result<(), StoreError> {
+    async fn finish(&self, outcomes: &[(CaseRecord, SyncOutcome)]) -> Result<(), DbError> {
         self.outbox
             .finish(outcomes, ms(self.policy.update_interval), Utc::now())
             .await?;
@@ -134,7 +134,7 @@ impl CaseSync {
 
     /// Runs until `shutdown`: rows written before are still sent if they are due (a batch in
     /// flight finishes; the rest stays in the outbox for the next start).
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), StoreError> {
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), DbError> {
         // Rows written while Salesforce was not configured, or left paused, go out now.
         let resumed = self
             .outbox
@@ -230,7 +230,7 @@ impl CaseSync {
         &self,
         error: SalesforceError,
         shutdown: &CancellationToken,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<bool, DbError> {
         tracing::error!(%error, "Salesforce refused the credentials: Case sync paused; fix the Connected App or its settings");
         metrics::counter!(m::SYNC_PAUSES).increment(1);
         self.set_ready(false);

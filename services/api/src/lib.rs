@@ -1,24 +1,34 @@
-//! The HTTP surface: `/healthz`, `/readyz`, `/metrics` and the telemetry query API
-//! (`/v1/vehicles`, `/v1/vehicles/{vin}/telemetry`, `/v1/dead-letters`). JSON everywhere; errors
-//! are JSON objects with a message.
+//! The HTTP surface, every route but the live WebSockets (which the relay serves):
+//!
+//! - operations: `/healthz`, `/readyz`, `/metrics`;
+//! - fleet data: `/v1/vehicles`, `/v1/vehicles/{vin}/telemetry`, `/v1/dead-letters`;
+//! - the case outbox: `/v1/cases`, `POST /v1/cases/{key}/retry`;
+//! - live-view tokens: `POST /v1/relay-tokens`;
+//! - the built-in dashboard at `/`.
+//!
+//! JSON everywhere; errors are JSON objects with a message.
 
-use std::collections::BTreeMap;
+pub mod metrics;
+
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use clap::Args;
-use ecars_persist::store::DeadLetterRow;
-use ecars_persist::{SensorStore, StoreError};
-use ecars_shared::bus::Bus;
-use ecars_shared::telemetry::{TelemetryReading, Vin};
+use ecars_bus::Bus;
+use ecars_db::case_outbox::CaseStatus;
+use ecars_db::dead_letter_rows::DeadLetterRow;
+use ecars_db::{Database, DbError};
+use ecars_model::relay_token::{MintError, TokenMinter};
+use ecars_model::{TelemetryReading, Vin};
+use ecars_runtime::Readiness;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -40,39 +50,32 @@ pub struct HttpConfig {
 /// Most rows one query returns.
 pub const MAX_LIMIT: i64 = 1000;
 
-/// Which parts of the process are ready; `/readyz` is 200 only when all are (and the database
-/// answers).
-#[derive(Clone, Debug, Default)]
-pub struct Readiness {
-    parts: Arc<Mutex<BTreeMap<&'static str, bool>>>,
-}
-
-impl Readiness {
-    /// Records whether a part (a worker, the broker, "draining") is ready.
-    pub fn set(&self, part: &'static str, ready: bool) {
-        self.parts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(part, ready);
-    }
-
-    fn snapshot(&self) -> BTreeMap<&'static str, bool> {
-        self.parts.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
 /// What the handlers share.
 #[derive(Clone)]
 pub struct ApiState {
     /// The database the query API reads; `None` in a service without one (`ecars ingest`),
     /// whose query routes then answer 404.
-    pub store: Option<SensorStore>,
+    pub db: Option<Database>,
     /// The bus, checked by `/readyz`.
-    pub bus: Option<Arc<dyn Bus>>,
+    pub bus: Option<Bus>,
     /// Prometheus recorder handle for `/metrics`.
     pub metrics: PrometheusHandle,
     /// Readiness of the process's parts.
     pub readiness: Readiness,
+    /// Mints live-view tokens at `POST /v1/relay-tokens`; `None`: minting is off.
+    pub minter: Option<TokenMinter>,
+    /// Whether `/` serves the dashboard (where the live relay runs too).
+    pub dashboard: bool,
+}
+
+impl std::fmt::Debug for ApiState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiState")
+            .field("db", &self.db.as_ref().map(Database::backend))
+            .field("minting", &self.minter.is_some())
+            .field("dashboard", &self.dashboard)
+            .finish_non_exhaustive()
+    }
 }
 
 /// An API error: a status and a message, rendered as `{"error": "..."}`.
@@ -91,8 +94,8 @@ impl ApiError {
     }
 }
 
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
         tracing::warn!(error = %e, "query failed");
         let status = if e.is_transient() {
             StatusCode::SERVICE_UNAVAILABLE
@@ -116,15 +119,19 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The routes of this crate; other services (the relay) merge theirs into the same router.
+/// The HTTP routes; the relay merges its WebSocket routes into the same router.
 pub fn router(state: ApiState) -> Router {
     Router::new()
+        .route("/", get(dashboard))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(render_metrics))
         .route("/v1/vehicles", get(vehicles))
         .route("/v1/vehicles/{vin}/telemetry", get(vehicle_telemetry))
         .route("/v1/dead-letters", get(dead_letters))
+        .route("/v1/cases", get(list_cases))
+        .route("/v1/cases/{key}/retry", post(retry_case))
+        .route("/v1/relay-tokens", post(mint_relay_token))
         .fallback(not_found)
         .with_state(state)
 }
@@ -158,8 +165,8 @@ async fn probe<E: std::fmt::Display>(
 
 async fn readyz(State(state): State<ApiState>) -> Response {
     let mut body = serde_json::Map::new();
-    if let Some(store) = &state.store {
-        body.insert("database".into(), probe(store.ping()).await.into());
+    if let Some(db) = &state.db {
+        body.insert("database".into(), probe(db.ping()).await.into());
     }
     if let Some(bus) = &state.bus {
         body.insert("bus".into(), probe(bus.check()).await.into());
@@ -176,14 +183,14 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     (status, Json(serde_json::Value::Object(body))).into_response()
 }
 
-fn store(state: &ApiState) -> Result<&SensorStore, ApiError> {
-    state.store.as_ref().ok_or(ApiError {
+fn db(state: &ApiState) -> Result<&Database, ApiError> {
+    state.db.as_ref().ok_or(ApiError {
         status: StatusCode::NOT_FOUND,
         message: "this service has no database; ask a service that runs persistence".into(),
     })
 }
 
-async fn metrics(State(state): State<ApiState>) -> Response {
+async fn render_metrics(State(state): State<ApiState>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
@@ -218,7 +225,7 @@ struct VehicleSummary {
 }
 
 async fn vehicles(State(state): State<ApiState>) -> Result<Json<Vec<VehicleSummary>>, ApiError> {
-    let latest = store(&state)?.latest_per_vehicle().await?;
+    let latest = db(&state)?.sensor_rows().latest_per_vehicle().await?;
     Ok(Json(
         latest
             .into_iter()
@@ -237,7 +244,9 @@ async fn vehicle_telemetry(
 ) -> Result<Json<Vec<TelemetryReading>>, ApiError> {
     let vin = Vin::parse(&vin).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let limit = limit(&query, 100)?;
-    Ok(Json(store(&state)?.vehicle_readings(&vin, limit).await?))
+    Ok(Json(
+        db(&state)?.sensor_rows().of_vehicle(&vin, limit).await?,
+    ))
 }
 
 #[derive(Serialize)]
@@ -273,13 +282,119 @@ async fn dead_letters(
 ) -> Result<Json<Vec<DeadLetterView>>, ApiError> {
     let limit = limit(&query, 100)?;
     Ok(Json(
-        store(&state)?
-            .dead_letters(limit)
+        db(&state)?
+            .dead_letter_rows()
+            .newest(limit)
             .await?
             .into_iter()
             .map(DeadLetterView::from)
             .collect(),
     ))
+}
+
+/// `GET /v1/cases` query.
+#[derive(Debug, Deserialize)]
+struct CasesQuery {
+    status: Option<String>,
+    limit: Option<String>,
+}
+
+/// `GET /v1/cases[?status=failed&limit=100]`: outbox rows, newest first, with the count of each
+/// status.
+async fn list_cases(
+    State(state): State<ApiState>,
+    Query(query): Query<CasesQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let status = match query.status.as_deref() {
+        None => None,
+        Some(text) => Some(
+            text.parse::<CaseStatus>()
+                .map_err(|e| ApiError::bad_request(e.to_string()))?,
+        ),
+    };
+    let limit = limit(&LimitQuery { limit: query.limit }, 100)?;
+    let outbox = db(&state)?.case_outbox();
+    let rows = outbox.list(status, limit).await?;
+    let counts = outbox.counts().await?;
+    Ok(Json(serde_json::json!({
+        "counts": counts.iter().map(|(k, v)| (k.as_str(), *v)).collect::<HashMap<_, _>>(),
+        "cases": rows,
+    })))
+}
+
+/// `POST /v1/cases/{key}/retry`: re-queues a failed Case.
+async fn retry_case(
+    State(state): State<ApiState>,
+    Path(key): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if db(&state)?.case_outbox().retry(&key, Utc::now()).await? {
+        Ok(Json(serde_json::json!({ "key": key, "status": "pending" })))
+    } else {
+        Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("no failed case with key {key:?}"),
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct MintRequest {
+    /// A VIN, or `*` for the fleet.
+    vin: String,
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// `POST /v1/relay-tokens {"vin": "..."}` with the API key as bearer: a live-view token.
+async fn mint_relay_token(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Json(request): Json<MintRequest>,
+) -> Result<Response, ApiError> {
+    let Some(minter) = &state.minter else {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: "token minting is off (no ECARS_RELAY_API_KEY)".into(),
+        });
+    };
+    match minter.mint(bearer(&headers), &request.vin) {
+        Ok(token) => Ok(Json(token).into_response()),
+        Err(MintError::Unauthorized) => {
+            ::metrics::counter!(metrics::REFUSED, "reason" => "api_key").increment(1);
+            Err(ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                message: MintError::Unauthorized.to_string(),
+            })
+        }
+        Err(e @ MintError::Subject(_)) => Err(ApiError::bad_request(e.to_string())),
+        Err(e @ MintError::Token(_)) => Err(ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// The built-in dashboard (embedded in the binary): the fleet with its latest readings and open
+/// anomalies, and a live chart of a chosen car, over the same HTTP and WebSocket API as any
+/// client. `?vin=` picks the car; `?access_token=` carries a relay token when one is needed.
+async fn dashboard(State(state): State<ApiState>) -> Response {
+    if !state.dashboard {
+        return not_found().await.into_response();
+    }
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("../assets/dashboard.html"),
+    )
+        .into_response()
 }
 
 async fn not_found() -> ApiError {

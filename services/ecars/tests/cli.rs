@@ -5,8 +5,8 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+use ecars_db::Database;
 use ecars_e2e::{free_port, wait_for};
-use ecars_persist::SensorStore;
 use tokio::process::Command;
 
 const ECARS: &str = env!("CARGO_BIN_EXE_ecars");
@@ -145,9 +145,9 @@ async fn up_stores_what_mosquitto_pub_sends_and_exits_zero_on_ctrl_c() {
     );
     assert!(stderr.contains("stopped cleanly"), "{stderr}");
 
-    let store = SensorStore::connect_lazy(&format!("sqlite://{}", db.display())).unwrap();
-    assert_eq!(store.count_readings().await.unwrap(), 2);
-    let letters = store.dead_letters(10).await.unwrap();
+    let store = Database::connect_lazy(&format!("sqlite://{}", db.display())).unwrap();
+    assert_eq!(store.sensor_rows().count().await.unwrap(), 2);
+    let letters = store.dead_letter_rows().newest(10).await.unwrap();
     assert_eq!(letters.len(), 1);
     assert_eq!(
         letters[0].reason,
@@ -245,8 +245,10 @@ async fn help_explains_every_setting_with_its_environment_variable() {
         "DATABASE_URL",
         "ECARS_DEVICE_SECRET",
         "ECARS_BATCH_ROWS",
+        "ECARS_BATCH_DELAY",
         "ECARS_BATCH_MS",
         "--simulate",
+        "ECARS_SIMULATE_INTERVAL",
         "--log-format",
         "ECARS_ANOMALY_RULES",
         "SALESFORCE_CLIENT_ID",
@@ -365,9 +367,9 @@ async fn ingest_and_two_persist_processes_over_kafka() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let store = SensorStore::connect_lazy(&pg.url()).unwrap();
+    let store = Database::connect_lazy(&pg.url()).unwrap();
     wait_for("20 rows through Kafka", Duration::from_secs(60), || async {
-        store.count_readings().await.unwrap_or(0) == 20
+        store.sensor_rows().count().await.unwrap_or(0) == 20
     })
     .await
     .unwrap();
@@ -382,7 +384,7 @@ async fn ingest_and_two_persist_processes_over_kafka() {
         let status = terminate(child).await;
         assert!(status.success(), "SIGTERM exits 0, got {status}");
     }
-    assert_eq!(store.count_readings().await.unwrap(), 20);
+    assert_eq!(store.sensor_rows().count().await.unwrap(), 20);
 }
 
 /// The acceptance run, as processes: `ecars ingest`, two `ecars persist` replicas and
@@ -425,9 +427,9 @@ async fn hundred_thousand_readings_from_1000_cars_with_a_replica_stopped_midway(
         .spawn()
         .unwrap();
 
-    let store = SensorStore::connect_lazy(&pg.url()).unwrap();
+    let store = Database::connect_lazy(&pg.url()).unwrap();
     wait_for("a third of the rows", Duration::from_secs(120), || async {
-        store.count_readings().await.unwrap_or(0) >= total as i64 / 3
+        store.sensor_rows().count().await.unwrap_or(0) >= total as i64 / 3
     })
     .await
     .unwrap();
@@ -451,7 +453,7 @@ async fn hundred_thousand_readings_from_1000_cars_with_a_replica_stopped_midway(
     wait_for(
         "every reading in PostgreSQL",
         Duration::from_secs(180),
-        || async { store.count_readings().await.unwrap_or(0) >= total as i64 },
+        || async { store.sensor_rows().count().await.unwrap_or(0) >= total as i64 },
     )
     .await
     .unwrap();
@@ -460,7 +462,7 @@ async fn hundred_thousand_readings_from_1000_cars_with_a_replica_stopped_midway(
         assert!(status.success(), "SIGTERM exits 0, got {status}");
     }
     // Unique event ids: the count is "every reading once".
-    assert_eq!(store.count_readings().await.unwrap(), total as i64);
+    assert_eq!(store.sensor_rows().count().await.unwrap(), total as i64);
     let readout = ecars_e2e::read_telemetry_topic(
         &cluster.bootstrap_servers(),
         "ecars.telemetry",
@@ -525,7 +527,7 @@ async fn malfunctioning_cars_open_one_case_per_episode_across_a_killed_anomaly_w
     let simulator = Command::new(ECARS)
         .args(["simulate", "--vehicles", &cars.to_string()])
         .args(["--malfunction", &malfunctioning.to_string()])
-        .args(["--readings-per-vehicle", "60", "--interval-ms", "100"])
+        .args(["--readings-per-vehicle", "60", "--interval", "100ms"])
         .args(["--time-scale", "30"])
         .args(["--broker", &format!("mqtt://127.0.0.1:{}", scale_out.mqtt)])
         .env_remove("ECARS_DEVICE_SECRET")
@@ -551,8 +553,8 @@ async fn malfunctioning_cars_open_one_case_per_episode_across_a_killed_anomaly_w
         .unwrap();
     assert!(out.status.success());
     // Every car's last reading processed, then every Case synced.
-    let store = SensorStore::connect_lazy(&pg.url()).unwrap();
-    let outbox = ecars_anomaly::outbox::CaseOutbox::new(store);
+    let store = Database::connect_lazy(&pg.url()).unwrap();
+    let outbox = store.case_outbox();
     wait_for(
         "two episodes per malfunctioning car, synced",
         Duration::from_secs(180),
@@ -561,7 +563,7 @@ async fn malfunctioning_cars_open_one_case_per_episode_across_a_killed_anomaly_w
             rows.len() == 2 * malfunctioning as usize
                 && rows
                     .iter()
-                    .all(|r| r.status == ecars_anomaly::outbox::CaseStatus::Synced)
+                    .all(|r| r.status == ecars_db::case_outbox::CaseStatus::Synced)
                 && emulator.with(|s| s.cases.len()) == rows.len()
         },
     )

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ecars_shared::telemetry::TelemetryTopic;
+use ecars_model::telemetry::TelemetryTopic;
 
 use rand::distr::{Alphanumeric, SampleString};
 use rumqttd::local::LinkTx;

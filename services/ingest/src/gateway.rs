@@ -20,9 +20,8 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use chrono::Utc;
-use ecars_shared::bus::{Bus, BusError, BusRecord};
-use ecars_shared::metrics as m;
-use ecars_shared::telemetry::{
+use ecars_bus::{Bus, BusError};
+use ecars_model::telemetry::{
     parse_reading, DeadLetter, RejectReason, Rejection, TelemetryReading, TelemetryTopic, Vin,
 };
 use futures_util::stream::FuturesOrdered;
@@ -37,7 +36,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::broker::{EmbeddedBroker, SubscriberSession, MAX_PACKET_BYTES};
-use ecars_shared::device_auth::{AuthError, DeviceSecret};
+use crate::metrics as m;
+use ecars_model::device_auth::{AuthError, DeviceSecret};
 
 /// How long a new connection may take to send CONNECT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,7 +45,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// What every connection of one gateway shares.
 pub struct Gateway {
     /// The bus readings are admitted to.
-    pub bus: Arc<dyn Bus>,
+    pub bus: Bus,
     /// The broker behind the gateway.
     pub broker: EmbeddedBroker,
     /// The device secret; `None` admits anonymous clients.
@@ -58,11 +58,7 @@ pub struct Gateway {
 
 impl Gateway {
     /// A gateway in front of `broker`, admitting readings to `bus`.
-    pub fn new(
-        bus: Arc<dyn Bus>,
-        broker: EmbeddedBroker,
-        device_secret: Option<DeviceSecret>,
-    ) -> Self {
+    pub fn new(bus: Bus, broker: EmbeddedBroker, device_secret: Option<DeviceSecret>) -> Self {
         Gateway {
             bus,
             broker,
@@ -715,10 +711,7 @@ impl<'a> Upstream<'a> {
             };
             if let Verdict::Accepted(reading, publish) = verdict {
                 in_flight.push_back(Box::pin(async move {
-                    (
-                        gateway.bus.publish(BusRecord::Telemetry(reading)).await,
-                        publish,
-                    )
+                    (gateway.bus.publish(reading).await, publish)
                 }));
                 continue;
             }
@@ -912,10 +905,7 @@ impl<'a> Upstream<'a> {
         } else {
             REASON_PAYLOAD_FORMAT_INVALID
         };
-        self.gateway
-            .bus
-            .publish(BusRecord::DeadLetter(letter))
-            .await?;
+        self.gateway.bus.publish(letter).await?;
         self.acknowledge(qos, pkid, code);
         self.send_acks().await;
         Ok(())

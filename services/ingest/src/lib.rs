@@ -9,6 +9,7 @@
 
 pub mod broker;
 pub mod gateway;
+pub mod metrics;
 pub mod websocket;
 
 use std::net::SocketAddr;
@@ -16,14 +17,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
-use ecars_shared::bus::Bus;
-use ecars_shared::config::is_loopback;
+use ecars_bus::Bus;
+use ecars_runtime::settings::{is_loopback, value_or_file, ConfigError};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use broker::{BrokerError, EmbeddedBroker};
-pub use ecars_shared::device_auth::DeviceSecret;
+pub use ecars_model::device_auth::DeviceSecret;
 use gateway::Gateway;
 
 /// Settings of MQTT ingest.
@@ -75,14 +76,7 @@ pub struct IngestConfig {
 
 impl Default for IngestConfig {
     fn default() -> Self {
-        IngestConfig {
-            mqtt_addr: ([127, 0, 0, 1], 1883).into(),
-            mqtt_ws_addr: ([127, 0, 0, 1], 8083).into(),
-            device_secret: None,
-            device_secret_file: None,
-            allow_anonymous: false,
-            max_connections: 20_000,
-        }
+        ecars_runtime::settings::defaults()
     }
 }
 
@@ -90,13 +84,8 @@ impl Default for IngestConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     /// A setting is unusable.
-    #[error("invalid setting {setting}: {reason}")]
-    Config {
-        /// The flag and environment variable.
-        setting: &'static str,
-        /// Why.
-        reason: String,
-    },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// A listener could not bind.
     #[error("cannot listen on {addr} ({setting}): {source}")]
     Bind {
@@ -120,24 +109,17 @@ impl IngestConfig {
 
     /// The device secret as text (the in-process simulator logs in with it).
     pub fn device_secret_text(&self) -> Result<Option<String>, IngestError> {
-        let secret = match (&self.device_secret, &self.device_secret_file) {
-            (Some(value), _) => Some(value.clone()),
-            (None, Some(path)) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|e| IngestError::Config {
-                        setting: "--device-secret-file / ECARS_DEVICE_SECRET_FILE",
-                        reason: format!("cannot read {}: {e}", path.display()),
-                    })?
-                    .trim_end_matches(['\n', '\r'])
-                    .to_owned(),
-            ),
-            (None, None) => None,
-        };
+        let secret = value_or_file(
+            self.device_secret.as_deref(),
+            self.device_secret_file.as_deref(),
+            "--device-secret / ECARS_DEVICE_SECRET (or --device-secret-file / ECARS_DEVICE_SECRET_FILE)",
+        )?;
         match secret {
-            Some(s) if s.len() < 16 => Err(IngestError::Config {
+            Some(s) if s.len() < 16 => Err(ConfigError::Invalid {
                 setting: "--device-secret / ECARS_DEVICE_SECRET",
                 reason: "the secret must be at least 16 characters".into(),
-            }),
+            }
+            .into()),
             other => Ok(other),
         }
     }
@@ -158,12 +140,13 @@ impl IngestConfig {
             tracing::warn!(?exposed, "no device secret and --allow-anonymous: anyone who reaches these addresses can publish telemetry");
             Ok(())
         } else {
-            Err(IngestError::Config {
+            Err(ConfigError::Invalid {
                 setting: "--device-secret / ECARS_DEVICE_SECRET",
                 reason: format!(
                     "MQTT listens beyond loopback ({exposed:?}) without a device secret; set ECARS_DEVICE_SECRET, or pass --allow-anonymous to accept unauthenticated cars"
                 ),
-            })
+            }
+            .into())
         }
     }
 }
@@ -194,10 +177,7 @@ pub struct BoundIngest {
 
 impl BoundIngest {
     /// Validates the settings, starts the embedded broker and binds both listeners.
-    pub async fn bind(
-        config: &IngestConfig,
-        bus: Arc<dyn Bus>,
-    ) -> Result<BoundIngest, IngestError> {
+    pub async fn bind(config: &IngestConfig, bus: Bus) -> Result<BoundIngest, IngestError> {
         let device_secret = config.device_secret()?;
         config.check_exposure(device_secret.as_ref())?;
         let bind = |setting: &'static str, addr: SocketAddr| async move {
@@ -278,7 +258,7 @@ impl BoundIngest {
 /// Binds and serves: the service's entry point.
 pub async fn run(
     config: IngestConfig,
-    bus: Arc<dyn Bus>,
+    bus: Bus,
     shutdown: CancellationToken,
 ) -> Result<(), IngestError> {
     BoundIngest::bind(&config, bus).await?.run(shutdown).await;

@@ -2,38 +2,21 @@
 //! to `sensor_data` and `dead_letters` in batches (PostgreSQL `UNNEST` arrays or SQLite multi-row
 //! inserts), idempotent by event id, acknowledging only what is committed.
 
-pub mod store;
-pub mod writer;
-
-use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use ecars_shared::bus::{Bus, BusError, BusRecord, Stream};
-use ecars_shared::telemetry::{DeadLetter, TelemetryReading};
+use ecars_bus::{Bus, BusError, Subscription};
+use ecars_db::{Database, DbError};
+use ecars_model::{DeadLetter, TelemetryReading};
+use ecars_runtime::settings::{parse_duration, parse_millis};
+use ecars_runtime::writer::{run_writer, BatchPolicy, BatchSink, RetryPolicy, WriterError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use store::{SensorStore, StoreError};
-use writer::{run_writer, BatchPolicy, BatchSink, RetryPolicy, WriterError};
-
-/// The consumer group of the persistence worker.
+/// The consumer group of the persistence worker on the telemetry stream.
 pub const CONSUMER_GROUP: &str = "ecars-persist";
-
-/// Where the data goes.
-#[derive(Clone, Debug, Args)]
-pub struct DatabaseConfig {
-    /// Database URL: `postgres://user:password@host/db` or `sqlite://path.db` (created when
-    /// missing). Prefer the environment variable: a password on the command line shows in `ps`.
-    #[arg(
-        long = "database-url",
-        env = "DATABASE_URL",
-        default_value = "sqlite://ecars.db",
-        hide_env_values = true
-    )]
-    pub url: String,
-}
+/// Its consumer group on the dead-letter stream (a group per stream: see [`Bus::subscribe`]).
+pub const DEAD_LETTER_GROUP: &str = "ecars-persist.dlq";
 
 /// Settings of the persistence worker.
 #[derive(Clone, Debug, Args)]
@@ -41,25 +24,42 @@ pub struct PersistConfig {
     /// Flush a batch once it holds this many rows.
     #[arg(long = "batch-rows", env = "ECARS_BATCH_ROWS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=50_000))]
     pub batch_rows: u32,
-    /// Flush a batch once its oldest row has waited this many milliseconds.
-    #[arg(long = "batch-ms", env = "ECARS_BATCH_MS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=60_000))]
-    pub batch_ms: u64,
+    /// Flush a batch once its oldest row has waited this long (`50ms`, `1s`).
+    #[arg(long = "batch-delay", env = "ECARS_BATCH_DELAY", default_value = "50ms", value_parser = parse_batch_delay)]
+    pub batch_delay: Duration,
+    /// The same in whole milliseconds, as earlier versions took it; wins over --batch-delay.
+    #[arg(long = "batch-ms", env = "ECARS_BATCH_MS", value_parser = parse_batch_ms)]
+    pub batch_ms: Option<Duration>,
+}
+
+fn parse_batch_delay(text: &str) -> Result<Duration, String> {
+    within_a_minute(parse_duration(text)?)
+}
+
+fn parse_batch_ms(text: &str) -> Result<Duration, String> {
+    within_a_minute(parse_millis(text)?)
+}
+
+fn within_a_minute(delay: Duration) -> Result<Duration, String> {
+    if (Duration::from_millis(1)..=Duration::from_secs(60)).contains(&delay) {
+        Ok(delay)
+    } else {
+        Err(format!("{delay:?} is not between 1ms and 60s"))
+    }
 }
 
 impl Default for PersistConfig {
     fn default() -> Self {
-        PersistConfig {
-            batch_rows: 1000,
-            batch_ms: 50,
-        }
+        ecars_runtime::settings::defaults()
     }
 }
 
 impl PersistConfig {
-    fn policy(&self) -> BatchPolicy {
+    /// When batches are flushed.
+    pub fn policy(&self) -> BatchPolicy {
         BatchPolicy {
             max_rows: self.batch_rows as usize,
-            max_delay: Duration::from_millis(self.batch_ms),
+            max_delay: self.batch_ms.unwrap_or(self.batch_delay),
         }
     }
 }
@@ -83,123 +83,142 @@ pub enum PersistError {
 pub type CommitObserver = mpsc::Sender<Vec<TelemetryReading>>;
 
 /// The persistence worker, subscribed and ready to run.
+#[derive(Debug)]
 pub struct PersistWorker {
-    telemetry: writer::Subscribed<ReadingSink>,
-    dead_letters: writer::Subscribed<DeadLetterSink>,
+    readings: (ReadingSink, Subscription<TelemetryReading>),
+    dead_letters: (DeadLetterSink, Subscription<DeadLetter>),
+    policy: BatchPolicy,
 }
 
 impl PersistWorker {
-    /// Joins the consumer group on both streams. Subscribe before ingest starts publishing.
+    /// Joins the consumer groups of both streams. Subscribe before ingest starts publishing.
     pub async fn subscribe(
         config: &PersistConfig,
-        store: SensorStore,
-        bus: &dyn Bus,
+        db: Database,
+        bus: &Bus,
         observer: Option<CommitObserver>,
     ) -> Result<PersistWorker, PersistError> {
-        let policy = config.policy();
         Ok(PersistWorker {
-            telemetry: writer::Subscribed {
-                sink: ReadingSink {
-                    store: store.clone(),
+            readings: (
+                ReadingSink {
+                    db: db.clone(),
                     observer,
                 },
-                subscription: bus.subscribe(Stream::Telemetry, CONSUMER_GROUP).await?,
-                policy,
-            },
-            dead_letters: writer::Subscribed {
-                sink: DeadLetterSink { store },
-                subscription: bus.subscribe(Stream::DeadLetters, CONSUMER_GROUP).await?,
-                policy,
-            },
+                bus.subscribe(CONSUMER_GROUP).await?,
+            ),
+            dead_letters: (
+                DeadLetterSink { db },
+                bus.subscribe(DEAD_LETTER_GROUP).await?,
+            ),
+            policy: config.policy(),
         })
     }
 
     /// Writes until the bus closes or `shutdown` fires, then flushes and returns.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), PersistError> {
         let retry = RetryPolicy::default();
-        let t = self.telemetry;
-        let d = self.dead_letters;
-        let telemetry = tokio::spawn(run_writer(
-            t.sink,
-            t.subscription,
-            t.policy,
+        let (sink, subscription) = self.readings;
+        let readings = tokio::spawn(run_writer(
+            sink,
+            subscription,
+            self.policy,
             retry,
             shutdown.clone(),
         ));
-        let dead_letters = tokio::spawn(run_writer(
-            d.sink,
-            d.subscription,
-            d.policy,
-            retry,
-            shutdown,
-        ));
-        let (a, b) = tokio::join!(telemetry, dead_letters);
+        let (sink, subscription) = self.dead_letters;
+        let dead_letters =
+            tokio::spawn(run_writer(sink, subscription, self.policy, retry, shutdown));
+        let (a, b) = tokio::join!(readings, dead_letters);
         a??;
         b??;
         Ok(())
     }
 }
 
-/// Subscribes and runs the worker: the service's entry point.
-pub async fn run(
-    config: PersistConfig,
-    store: SensorStore,
-    bus: Arc<dyn Bus>,
-    shutdown: CancellationToken,
-) -> Result<(), PersistError> {
-    PersistWorker::subscribe(&config, store, bus.as_ref(), None)
-        .await?
-        .run(shutdown)
-        .await
-}
-
+#[derive(Debug)]
 struct ReadingSink {
-    store: SensorStore,
+    db: Database,
     observer: Option<CommitObserver>,
 }
 
 impl BatchSink for ReadingSink {
     type Item = TelemetryReading;
+    type Error = DbError;
 
     fn table(&self) -> &'static str {
         "sensor_data"
     }
 
-    fn select(&self, record: BusRecord) -> Option<TelemetryReading> {
-        match record {
-            BusRecord::Telemetry(reading) => Some(reading),
-            BusRecord::DeadLetter(_) | BusRecord::Anomaly(_) | BusRecord::Case(_) => None,
-        }
-    }
-
-    async fn write(&self, batch: &[TelemetryReading]) -> Result<u64, StoreError> {
-        let added = self.store.insert_readings(batch).await?;
+    async fn write(&self, batch: &[TelemetryReading]) -> Result<u64, DbError> {
+        let added = self.db.sensor_rows().insert(batch).await?;
         if let Some(observer) = &self.observer {
             let _ = observer.send(batch.to_vec()).await;
         }
         Ok(added)
     }
+
+    fn is_transient(&self, error: &DbError) -> bool {
+        error.is_transient()
+    }
 }
 
+#[derive(Debug)]
 struct DeadLetterSink {
-    store: SensorStore,
+    db: Database,
 }
 
 impl BatchSink for DeadLetterSink {
     type Item = DeadLetter;
+    type Error = DbError;
 
     fn table(&self) -> &'static str {
         "dead_letters"
     }
 
-    fn select(&self, record: BusRecord) -> Option<DeadLetter> {
-        match record {
-            BusRecord::DeadLetter(letter) => Some(letter),
-            BusRecord::Telemetry(_) | BusRecord::Anomaly(_) | BusRecord::Case(_) => None,
-        }
+    async fn write(&self, batch: &[DeadLetter]) -> Result<u64, DbError> {
+        self.db.dead_letter_rows().insert(batch).await
     }
 
-    fn write(&self, batch: &[DeadLetter]) -> impl Future<Output = Result<u64, StoreError>> + Send {
-        self.store.insert_dead_letters(batch)
+    fn is_transient(&self, error: &DbError) -> bool {
+        error.is_transient()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        persist: PersistConfig,
+    }
+
+    #[test]
+    fn the_batch_delay_reads_as_a_duration_and_the_old_milliseconds_still_work() {
+        assert_eq!(
+            PersistConfig::default().policy().max_delay,
+            Duration::from_millis(50)
+        );
+        assert_eq!(PersistConfig::default().policy().max_rows, 1000);
+        let delay = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+                .map(|cli| cli.persist.policy().max_delay)
+        };
+        assert_eq!(
+            delay(&["--batch-delay", "250ms"]).unwrap(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            delay(&["--batch-delay", "2s"]).unwrap(),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            delay(&["--batch-ms", "20"]).unwrap(),
+            Duration::from_millis(20)
+        );
+        assert!(delay(&["--batch-ms", "20ms"]).is_err());
+        assert!(delay(&["--batch-delay", "2m"]).is_err(), "over a minute");
     }
 }

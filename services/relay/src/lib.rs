@@ -6,16 +6,16 @@
 //!   full), then live ones, each a JSON text frame of the reading with its `event_id`.
 //! - Routing by VIN and a bounded queue per client ([`hub`]); a client that falls behind is closed
 //!   with [`CLOSE_TOO_SLOW`]; pings keep sockets alive and an idle one is closed.
-//! - With `ECARS_RELAY_SECRET`, a client presents a relay token ([`token`]) as
-//!   `Authorization: Bearer`, `?access_token=` or its first message; otherwise the socket closes
-//!   with 1008 (policy violation). `POST /v1/relay-tokens` mints one for callers with
-//!   `ECARS_RELAY_API_KEY`. Without a secret the relay only runs on a loopback address.
-//! - `GET /` is the built-in dashboard (`assets/dashboard.html`, embedded).
+//! - With `ECARS_RELAY_SECRET`, a client presents a relay token
+//!   ([`ecars_model::relay_token`]) as `Authorization: Bearer`, `?access_token=` or its first
+//!   message; otherwise the socket closes with 1008 (policy violation). The HTTP API mints
+//!   tokens (`POST /v1/relay-tokens`) for callers with `ECARS_RELAY_API_KEY`
+//!   ([`Relay::minter`]). Without a secret the relay only runs on a loopback address.
 //! - Data flow: bus (a tail of the telemetry stream of its own: every instance sees every
 //!   reading) → [`hub::Hub`] → sockets.
 
 pub mod hub;
-pub mod token;
+pub mod metrics;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -27,18 +27,18 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use clap::Args;
-use ecars_persist::SensorStore;
-use ecars_shared::bus::{Bus, BusError, BusRecord, Stream};
-use ecars_shared::config::parse_duration;
-use ecars_shared::telemetry::Vin;
+use ecars_bus::{Bus, BusError, Subscription};
+use ecars_db::Database;
+use ecars_model::relay_token::{TokenAuthority, TokenError, TokenMinter};
+use ecars_model::{TelemetryReading, Vin};
+use ecars_runtime::settings::{parse_duration, value_or_file, ConfigError};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::{Frame, Hub};
-use crate::token::{TokenAuthority, TokenError, FLEET};
 
 /// Close code of a client that fell too far behind (private-use range of RFC 6455).
 pub const CLOSE_TOO_SLOW: u16 = 4001;
@@ -46,13 +46,6 @@ pub const CLOSE_TOO_SLOW: u16 = 4001;
 pub const CLOSE_POLICY: u16 = 1008;
 /// Close code of a socket idle for too long (RFC 6455 going away).
 pub const CLOSE_IDLE: u16 = 1001;
-
-/// Metric names of the relay (described with the others in `ecars_shared::metrics`).
-pub(crate) mod metrics {
-    pub use ecars_shared::metrics::{
-        RELAY_CLIENTS as CLIENTS, RELAY_REFUSED as REFUSED, RELAY_SLOW_CLIENTS as SLOW_CLIENTS,
-    };
-}
 
 /// Settings of the relay.
 #[derive(Clone, Debug, Args)]
@@ -111,81 +104,58 @@ pub struct RelayConfig {
 
 impl Default for RelayConfig {
     fn default() -> Self {
-        RelayConfig {
-            secret: None,
-            secret_file: None,
-            api_key: None,
-            api_key_file: None,
-            allow_anonymous_sockets: false,
-            allowed_origins: Vec::new(),
-            backlog: 20,
-            client_queue: 256,
-            ping_interval: Duration::from_secs(20),
-            idle_timeout: Duration::from_secs(60),
-            token_ttl: Duration::from_secs(300),
-        }
+        ecars_runtime::settings::defaults()
     }
 }
 
-/// A relay setting that cannot work.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid setting {setting}: {reason}")]
-pub struct RelayConfigError {
-    /// Which setting.
-    pub setting: &'static str,
-    /// Why.
-    pub reason: String,
-}
-
-fn secret_from(
-    value: &Option<String>,
-    file: &Option<PathBuf>,
-    setting: &'static str,
-) -> Result<Option<String>, RelayConfigError> {
-    match (value, file) {
-        (Some(_), Some(_)) => Err(RelayConfigError {
-            setting,
-            reason: "set either the value or the file, not both".into(),
-        }),
-        (Some(v), None) => Ok(Some(v.clone())),
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .map(|s| Some(s.trim().to_owned()))
-            .map_err(|e| RelayConfigError {
-                setting,
-                reason: format!("cannot read {}: {e}", path.display()),
-            }),
-        (None, None) => Ok(None),
-    }
-}
+/// The consumer name of the relay's tail of the telemetry stream.
+pub const TAIL_NAME: &str = "ecars-relay";
 
 /// The running relay's shared state.
 pub struct Relay {
     hub: Arc<Hub>,
-    store: Option<SensorStore>,
+    db: Option<Database>,
     auth: Option<TokenAuthority>,
-    api_key: Option<String>,
+    minter: Option<TokenMinter>,
     config: RelayConfig,
 }
 
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("tokens_required", &self.auth.is_some())
+            .field("minting", &self.minter.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Relay {
-    /// Checks the settings for a relay served on `http_addr`, reading backlogs from `store`.
+    /// Checks the settings for a relay served on `http_addr`, reading backlogs from `db`.
     pub fn new(
         config: &RelayConfig,
         http_addr: SocketAddr,
-        store: Option<SensorStore>,
-    ) -> Result<Arc<Relay>, RelayConfigError> {
-        let secret = secret_from(&config.secret, &config.secret_file, "ECARS_RELAY_SECRET")?;
-        let api_key = secret_from(&config.api_key, &config.api_key_file, "ECARS_RELAY_API_KEY")?;
+        db: Option<Database>,
+    ) -> Result<Arc<Relay>, ConfigError> {
+        let secret = value_or_file(
+            config.secret.as_deref(),
+            config.secret_file.as_deref(),
+            "ECARS_RELAY_SECRET",
+        )?;
+        let api_key = value_or_file(
+            config.api_key.as_deref(),
+            config.api_key_file.as_deref(),
+            "ECARS_RELAY_API_KEY",
+        )?;
         let auth = match &secret {
             Some(secret) if secret.len() < 32 => {
-                return Err(RelayConfigError {
+                return Err(ConfigError::Invalid {
                     setting: "ECARS_RELAY_SECRET",
                     reason: format!("{} bytes; at least 32 are needed for HS256", secret.len()),
                 })
             }
             Some(secret) => Some(TokenAuthority::new(secret.as_bytes())),
             None if !http_addr.ip().is_loopback() && !config.allow_anonymous_sockets => {
-                return Err(RelayConfigError {
+                return Err(ConfigError::Invalid {
                     setting: "ECARS_RELAY_SECRET",
                     reason: format!("missing, and the HTTP listener {http_addr} is not loopback: anyone could watch every car (set a secret, or ECARS_RELAY_ALLOW_ANONYMOUS for a private demo)"),
                 })
@@ -199,19 +169,29 @@ impl Relay {
                 None
             }
         };
-        if api_key.is_some() && auth.is_none() {
-            return Err(RelayConfigError {
-                setting: "ECARS_RELAY_API_KEY",
-                reason: "minting tokens needs ECARS_RELAY_SECRET to sign them".into(),
-            });
-        }
+        let minter = match (api_key, &auth) {
+            (Some(_), None) => {
+                return Err(ConfigError::Invalid {
+                    setting: "ECARS_RELAY_API_KEY",
+                    reason: "minting tokens needs ECARS_RELAY_SECRET to sign them".into(),
+                })
+            }
+            (Some(key), Some(auth)) => Some(TokenMinter::new(auth.clone(), key, config.token_ttl)),
+            (None, _) => None,
+        };
         Ok(Arc::new(Relay {
             hub: Hub::new(config.client_queue as usize),
-            store,
+            db,
             auth,
-            api_key,
+            minter,
             config: config.clone(),
         }))
+    }
+
+    /// What mints tokens for this relay's clients (for `POST /v1/relay-tokens`); `None` when
+    /// minting is off (no API key).
+    pub fn minter(&self) -> Option<&TokenMinter> {
+        self.minter.as_ref()
     }
 
     /// The fan-out.
@@ -220,13 +200,13 @@ impl Relay {
     }
 
     /// Follows the telemetry stream into the hub until `shutdown` or the bus closes. Each relay
-    /// has a tail of its own (in Kafka: its own group, from the newest offset).
+    /// has a tail of its own (in Kafka: its own group, from the newest offset); subscribe it
+    /// with [`Relay::tail`] before readings flow, so none is missed.
     pub async fn feed(
         self: Arc<Self>,
-        bus: Arc<dyn Bus>,
+        mut tail: Subscription<TelemetryReading>,
         shutdown: CancellationToken,
     ) -> Result<(), BusError> {
-        let mut tail = bus.tail(Stream::Telemetry, "ecars-relay").await?;
         loop {
             let delivery = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -234,38 +214,25 @@ impl Relay {
             };
             match delivery {
                 None => return Ok(()),
-                Some(delivery) => {
-                    if let BusRecord::Telemetry(reading) = delivery.record {
-                        self.hub.publish(&reading);
-                    }
-                }
+                Some(delivery) => self.hub.publish(&delivery.record),
             }
         }
     }
 }
 
-/// The relay's routes.
-pub fn router(relay: Arc<Relay>) -> Router {
-    Router::new()
-        .route("/", get(dashboard))
-        .route("/v1/vehicles/{vin}/live", get(vehicle_live))
-        .route("/v1/live", get(fleet_live))
-        .route("/v1/relay-tokens", post(mint_token))
-        .with_state(relay)
+impl Relay {
+    /// The relay's own tail of the telemetry stream, for [`Relay::feed`].
+    pub async fn tail(bus: &Bus) -> Result<Subscription<TelemetryReading>, BusError> {
+        bus.tail(TAIL_NAME).await
+    }
 }
 
-/// The built-in dashboard (embedded in the binary): the fleet with its latest readings and open
-/// anomalies, and a live chart of a chosen car, over the same HTTP and WebSocket API as any
-/// client. `?vin=` picks the car; `?access_token=` carries a relay token when one is needed.
-async fn dashboard() -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        include_str!("../assets/dashboard.html"),
-    )
-        .into_response()
+/// The relay's routes: the live WebSockets.
+pub fn router(relay: Arc<Relay>) -> Router {
+    Router::new()
+        .route("/v1/vehicles/{vin}/live", get(vehicle_live))
+        .route("/v1/live", get(fleet_live))
+        .with_state(relay)
 }
 
 #[derive(Debug, Deserialize)]
@@ -388,9 +355,9 @@ impl Relay {
         // Registered before the backlog is read, so nothing published meanwhile is missed;
         // a reading in both is sent once.
         let mut sent: HashSet<uuid::Uuid> = HashSet::new();
-        if let (Some(store), Some(vins)) = (&self.store, &vins) {
+        if let (Some(db), Some(vins)) = (&self.db, &vins) {
             for vin in vins {
-                let readings = match store.vehicle_readings(vin, self.config.backlog).await {
+                let readings = match db.sensor_rows().of_vehicle(vin, self.config.backlog).await {
                     Ok(readings) => readings,
                     Err(e) => {
                         tracing::warn!(error = %e, %vin, "backlog unavailable; live readings only");
@@ -473,53 +440,4 @@ async fn fleet_live(
         },
     };
     relay.upgrade(upgrade, &headers, query, vins)
-}
-
-#[derive(Debug, Deserialize)]
-struct MintRequest {
-    /// A VIN, or `*` for the fleet.
-    vin: String,
-}
-
-/// Equal-time comparison, so the key cannot be guessed byte by byte from response times.
-fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
-}
-
-async fn mint_token(
-    State(relay): State<Arc<Relay>>,
-    headers: HeaderMap,
-    Json(request): Json<MintRequest>,
-) -> Response {
-    let (Some(key), Some(auth)) = (&relay.api_key, &relay.auth) else {
-        return refuse(
-            StatusCode::NOT_FOUND,
-            "token minting is off (no ECARS_RELAY_API_KEY)",
-        );
-    };
-    if !bearer(&headers).is_some_and(|given| same_secret(&given, key)) {
-        ::metrics::counter!(metrics::REFUSED, "reason" => "api_key").increment(1);
-        return refuse(StatusCode::UNAUTHORIZED, "a valid API key is required");
-    }
-    let subject = if request.vin == FLEET {
-        FLEET.to_owned()
-    } else {
-        match Vin::parse(&request.vin) {
-            Ok(vin) => vin.to_string(),
-            Err(e) => return refuse(StatusCode::BAD_REQUEST, e.to_string()),
-        }
-    };
-    match auth.mint(&subject, relay.config.token_ttl) {
-        Ok(token) => Json(serde_json::json!({
-            "token": token,
-            "sub": subject,
-            "expires_in": relay.config.token_ttl.as_secs(),
-        }))
-        .into_response(),
-        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
 }

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use chrono::Utc;
 use clap::Args;
-use ecars_shared::device_auth::DeviceSecret;
-use ecars_shared::telemetry::{TelemetryTopic, Vin, LEGACY_TOPIC};
+use ecars_model::device_auth::DeviceSecret;
+use ecars_model::telemetry::{TelemetryTopic, Vin, LEGACY_TOPIC};
+use ecars_runtime::settings::parse_millis;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
@@ -25,13 +26,13 @@ pub struct SimulatorConfig {
     /// Number of simulated cars (one MQTT connection each).
     #[arg(long = "vehicles", env = "ECARS_SIM_VEHICLES", default_value_t = 20)]
     pub vehicles: u32,
-    /// Milliseconds between two readings of one car; 0 publishes as fast as the broker accepts.
-    #[arg(
-        long = "interval-ms",
-        env = "ECARS_SIM_INTERVAL_MS",
-        default_value_t = 1000
-    )]
-    pub interval_ms: u64,
+    /// Time between two readings of one car (`1s`, `200ms`); 0 publishes as fast as the broker
+    /// accepts.
+    #[arg(long = "interval", env = "ECARS_SIM_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// The same in whole milliseconds, as earlier versions took it; wins over --interval.
+    #[arg(long = "interval-ms", env = "ECARS_SIM_INTERVAL_MS", value_parser = parse_millis)]
+    pub interval_ms: Option<Duration>,
     /// Broker to publish to: `mqtt://host:port` or `ws://host:port/mqtt`.
     #[arg(
         long = "broker",
@@ -85,23 +86,18 @@ fn parse_time_scale(text: &str) -> Result<f64, String> {
 
 impl Default for SimulatorConfig {
     fn default() -> Self {
-        SimulatorConfig {
-            vehicles: 20,
-            interval_ms: 1000,
-            broker: "mqtt://127.0.0.1:1883".into(),
-            device_secret: None,
-            malfunction: 0,
-            duration: None,
-            readings_per_vehicle: None,
-            legacy_topic: false,
-            seed: 1,
-            ramp: None,
-            time_scale: 1.0,
-        }
+        ecars_runtime::settings::defaults()
     }
 }
 
-pub use ecars_shared::config::parse_duration;
+impl SimulatorConfig {
+    /// Time between two readings of one car.
+    pub fn interval(&self) -> Duration {
+        self.interval_ms.unwrap_or(self.interval)
+    }
+}
+
+pub use ecars_runtime::settings::parse_duration;
 
 /// Errors of the simulator.
 #[derive(Debug, thiserror::Error)]
@@ -356,7 +352,7 @@ pub async fn run(
     tracing::info!(
         vehicles = config.vehicles,
         malfunctioning = config.malfunction,
-        interval_ms = config.interval_ms,
+        interval_ms = config.interval().as_millis() as u64,
         broker = config.broker,
         "simulator starting"
     );
@@ -444,7 +440,7 @@ async fn drive(
         let stop = stop.clone();
         let client = client.clone();
         async move {
-            let interval = Duration::from_millis(config.interval_ms);
+            let interval = config.interval();
             let mut ticker = tokio::time::interval(interval.max(Duration::from_micros(1)));
             ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
             let mut sent = 0u64;
@@ -535,13 +531,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5y").is_err());
+    fn the_interval_reads_as_a_duration_and_the_old_milliseconds_still_work() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            simulator: SimulatorConfig,
+        }
+        let interval = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+                .map(|cli| cli.simulator.interval())
+        };
+        assert_eq!(
+            SimulatorConfig::default().interval(),
+            Duration::from_secs(1)
+        );
+        assert_eq!(interval(&[]).unwrap(), Duration::from_secs(1));
+        assert_eq!(
+            interval(&["--interval", "200ms"]).unwrap(),
+            Duration::from_millis(200)
+        );
+        assert_eq!(
+            interval(&["--interval-ms", "25"]).unwrap(),
+            Duration::from_millis(25)
+        );
+        assert!(interval(&["--interval", "soon"]).is_err());
     }
 
     #[test]
@@ -597,7 +611,7 @@ mod tests {
             } else {
                 TelemetryTopic::Vehicle(vehicle.vin.to_string())
             };
-            let parsed = ecars_shared::telemetry::parse_reading(
+            let parsed = ecars_model::telemetry::parse_reading(
                 &topic,
                 reading.to_string().as_bytes(),
                 uuid_nil(),

@@ -20,7 +20,7 @@ pub use error::{classify_code, ErrorClass, SalesforceError};
 pub const MAX_COLLECTION_RECORDS: usize = 200;
 
 /// Salesforce connection settings; all absent means "not configured".
-#[derive(Clone, Debug, Default, Args)]
+#[derive(Clone, Debug, Args)]
 pub struct SalesforceConfig {
     /// Connected App consumer key. Setting it turns the Case sync on.
     #[arg(long = "salesforce-client-id", env = "SALESFORCE_CLIENT_ID")]
@@ -57,6 +57,12 @@ pub struct SalesforceConfig {
         default_value = "62.0"
     )]
     pub api_version: String,
+}
+
+impl Default for SalesforceConfig {
+    fn default() -> Self {
+        ecars_runtime::settings::defaults()
+    }
 }
 
 /// A Salesforce setting that cannot work.
@@ -605,10 +611,10 @@ mod tests {
         assert!(!none.is_configured());
         let mut config = SalesforceConfig {
             client_id: Some("id".into()),
-            login_url: "https://login.salesforce.com".into(),
-            api_version: "62.0".into(),
             ..Default::default()
         };
+        assert_eq!(config.login_url, "https://login.salesforce.com");
+        assert_eq!(config.api_version, "62.0");
         let error = SalesforceClient::new(&config).err().unwrap();
         assert_eq!(error.setting, "SALESFORCE_USERNAME");
         config.username = Some("user@example.com".into());

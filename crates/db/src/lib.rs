@@ -1,0 +1,272 @@
+//! The ecars database: PostgreSQL (production, scale-out) or SQLite (the embedded default)
+//! behind one [`Database`], with every migration, and one module per table:
+//!
+//! - [`sensor_rows`]: `sensor_data`, the accepted readings, written in batches;
+//! - [`dead_letter_rows`]: `dead_letters`, the refused messages with their bytes and reason;
+//! - [`vehicle_states`]: `anomaly_vehicle_state`, what the anomaly detector remembers per car;
+//! - [`case_outbox`]: `case_outbox`, one row per anomaly episode and its Salesforce Case sync.
+//!
+//! Writes are idempotent (unique event ids, upserts by key), so redelivered records change
+//! nothing. The backend stays private: callers see tables, not pools.
+
+pub mod case_outbox;
+pub mod dead_letter_rows;
+pub mod sensor_rows;
+pub mod vehicle_states;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use clap::Args;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use uuid::Uuid;
+
+pub use case_outbox::CaseOutbox;
+pub use dead_letter_rows::DeadLetterRows;
+pub use sensor_rows::SensorRows;
+pub use vehicle_states::VehicleStates;
+
+/// Where the data goes.
+#[derive(Clone, Debug, Args)]
+pub struct DatabaseConfig {
+    /// Database URL: `postgres://user:password@host/db` or `sqlite://path.db` (created when
+    /// missing). Prefer the environment variable: a password on the command line shows in `ps`.
+    #[arg(
+        long = "database-url",
+        env = "DATABASE_URL",
+        default_value = "sqlite://ecars.db",
+        hide_env_values = true
+    )]
+    pub url: String,
+}
+
+/// Errors of the database.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// `DATABASE_URL` is neither `postgres://` nor `sqlite:`.
+    #[error("invalid setting --database-url / DATABASE_URL: {0}")]
+    InvalidUrl(String),
+    /// The database refused or could not be reached.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored value could not be read back.
+    #[error("stored value: {0}")]
+    Decode(String),
+}
+
+impl DbError {
+    /// Whether retrying later may succeed (the database is down or overloaded), as opposed to a
+    /// request that will fail every time.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DbError::Database(e) => match e {
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_) => true,
+                sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                    // 08: connection exception, 53: insufficient resources, 57: operator
+                    // intervention (shutdown), 40: serialization/deadlock; SQLite 5/6: busy/locked.
+                    code.starts_with("08")
+                        || code.starts_with("53")
+                        || code.starts_with("57")
+                        || code.starts_with("40")
+                        || code == "5"
+                        || code == "6"
+                }),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
+/// The pool of whichever backend `DATABASE_URL` names.
+#[derive(Clone, Debug)]
+enum Pool {
+    /// PostgreSQL: bulk writes through `UNNEST` arrays and JSON record sets.
+    Postgres(PgPool),
+    /// SQLite: multi-row `INSERT`s and `json_each`, in one transaction per batch.
+    Sqlite(SqlitePool),
+}
+
+/// Runs `$body` with `$pool` bound to whichever pool the database has: for SQL written once for
+/// both backends.
+macro_rules! on_pool {
+    ($db:expr, |$pool:ident| $body:expr) => {
+        match &$db.pool {
+            $crate::Pool::Postgres($pool) => $body,
+            $crate::Pool::Sqlite($pool) => $body,
+        }
+    };
+}
+pub(crate) use on_pool;
+
+/// The database behind `DATABASE_URL`: cheap to clone, shared by every part of a process.
+#[derive(Clone, Debug)]
+pub struct Database {
+    pool: Pool,
+}
+
+impl Database {
+    /// Connects lazily: no connection is made until first use, so a service can start while the
+    /// database is still down and report it on `/readyz`.
+    pub fn connect_lazy(url: &str) -> Result<Database, DbError> {
+        let pool = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let options =
+                PgConnectOptions::from_str(url).map_err(|e| DbError::InvalidUrl(e.to_string()))?;
+            Pool::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(8)
+                    .acquire_timeout(Duration::from_secs(3))
+                    .connect_lazy_with(options),
+            )
+        } else if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)
+                .map_err(|e| DbError::InvalidUrl(e.to_string()))?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(5));
+            Pool::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(4)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect_lazy_with(options),
+            )
+        } else {
+            return Err(DbError::InvalidUrl(format!(
+                "{:?} is neither postgres://... nor sqlite:...",
+                redact_url(url)
+            )));
+        };
+        Ok(Database { pool })
+    }
+
+    /// Which backend, for logs.
+    pub fn backend(&self) -> &'static str {
+        match self.pool {
+            Pool::Postgres(_) => "postgres",
+            Pool::Sqlite(_) => "sqlite",
+        }
+    }
+
+    /// Applies the embedded migrations of this backend.
+    pub async fn migrate(&self) -> Result<(), DbError> {
+        match &self.pool {
+            Pool::Postgres(pool) => sqlx::migrate!("./migrations/postgres").run(pool).await?,
+            Pool::Sqlite(pool) => sqlx::migrate!("./migrations/sqlite").run(pool).await?,
+        }
+        Ok(())
+    }
+
+    /// Answers whether the database is reachable.
+    pub async fn ping(&self) -> Result<(), DbError> {
+        on_pool!(self, |pool| {
+            sqlx::query("SELECT 1").execute(pool).await?;
+        });
+        Ok(())
+    }
+
+    /// Closes the pool, waiting for connections to be returned.
+    pub async fn close(&self) {
+        on_pool!(self, |pool| pool.close().await)
+    }
+
+    /// The accepted readings.
+    pub fn sensor_rows(&self) -> SensorRows {
+        SensorRows { db: self.clone() }
+    }
+
+    /// The refused messages.
+    pub fn dead_letter_rows(&self) -> DeadLetterRows {
+        DeadLetterRows { db: self.clone() }
+    }
+
+    /// The anomaly detector's state of each car.
+    pub fn vehicle_states(&self) -> VehicleStates {
+        VehicleStates { db: self.clone() }
+    }
+
+    /// The case outbox.
+    pub fn case_outbox(&self) -> CaseOutbox {
+        CaseOutbox { db: self.clone() }
+    }
+}
+
+/// Unix milliseconds, as the outbox tables store times (the same on both backends).
+pub(crate) fn ms(time: DateTime<Utc>) -> i64 {
+    time.timestamp_millis()
+}
+
+/// A time stored as Unix milliseconds.
+pub(crate) fn from_ms(ms: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
+}
+
+/// Formats a time the way SQLite's tables store it: fixed microsecond precision and a `Z`, so
+/// that text order is time order.
+pub(crate) fn sqlite_time(time: &DateTime<Utc>) -> String {
+    ecars_model::telemetry::format_timestamp(time)
+}
+
+/// A time SQLite stored as text.
+pub(crate) fn parse_time(text: String) -> Result<DateTime<Utc>, DbError> {
+    DateTime::parse_from_rfc3339(&text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| DbError::Decode(format!("time {text:?}: {e}")))
+}
+
+/// A UUID SQLite stored as text.
+pub(crate) fn parse_uuid(text: String) -> Result<Uuid, DbError> {
+    Uuid::parse_str(&text).map_err(|e| DbError::Decode(format!("uuid {text:?}: {e}")))
+}
+
+/// A stored VIN.
+pub(crate) fn parse_vin(text: String) -> Result<ecars_model::Vin, DbError> {
+    ecars_model::Vin::parse(&text).map_err(|e| DbError::Decode(e.to_string()))
+}
+
+/// A database URL with its password replaced, safe to log.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}://{user}:***{}", &url[..scheme_end], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("sqlite://ecars.db"), "sqlite://ecars.db");
+    }
+
+    #[test]
+    fn rejects_unknown_schemes_naming_the_setting() {
+        let err = Database::connect_lazy("mysql://x").unwrap_err();
+        assert!(err.to_string().contains("DATABASE_URL"), "{err}");
+    }
+}

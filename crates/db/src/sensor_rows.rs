@@ -1,0 +1,236 @@
+//! `sensor_data`: every accepted reading, one row each, unique by event id.
+
+use ecars_model::{TelemetryReading, Vin};
+use sqlx::query_builder::Separated;
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
+
+use crate::{on_pool, parse_time, parse_uuid, parse_vin, sqlite_time, Database, DbError, Pool};
+
+/// Rows per SQLite statement. A fixed size lets one prepared statement serve every full chunk
+/// (preparing a statement of thousands of parameters per batch cost more than the insert).
+const SQLITE_ROWS_PER_STATEMENT: usize = 100;
+
+/// The columns of a reading, in the order the queries here name them.
+const COLUMNS: &str = r#"event_id, received_at, vin, name, profile, "range", mpge, battery,
+                         malfunction, speed, latitude, longitude, date"#;
+
+/// The `sensor_data` table.
+#[derive(Clone, Debug)]
+pub struct SensorRows {
+    pub(crate) db: Database,
+}
+
+impl SensorRows {
+    /// Inserts readings in one transaction; a reading whose `event_id` is stored already adds
+    /// nothing. Returns the number of rows added.
+    pub async fn insert(&self, readings: &[TelemetryReading]) -> Result<u64, DbError> {
+        if readings.is_empty() {
+            return Ok(0);
+        }
+        match &self.db.pool {
+            Pool::Postgres(pool) => {
+                let n = readings.len();
+                let mut event_ids = Vec::with_capacity(n);
+                let mut received_ats = Vec::with_capacity(n);
+                let mut vins = Vec::with_capacity(n);
+                let mut names = Vec::with_capacity(n);
+                let mut profiles = Vec::with_capacity(n);
+                let mut ranges = Vec::with_capacity(n);
+                let mut mpges = Vec::with_capacity(n);
+                let mut batteries = Vec::with_capacity(n);
+                let mut malfunctions = Vec::with_capacity(n);
+                let mut speeds = Vec::with_capacity(n);
+                let mut latitudes = Vec::with_capacity(n);
+                let mut longitudes = Vec::with_capacity(n);
+                let mut dates = Vec::with_capacity(n);
+                for r in readings {
+                    event_ids.push(r.event_id);
+                    received_ats.push(r.received_at);
+                    vins.push(r.vin.as_str());
+                    names.push(r.name.as_deref());
+                    profiles.push(r.profile.as_deref());
+                    ranges.push(r.range);
+                    mpges.push(r.mpge);
+                    batteries.push(r.battery);
+                    malfunctions.push(r.malfunction);
+                    speeds.push(r.speed);
+                    latitudes.push(r.latitude);
+                    longitudes.push(r.longitude);
+                    dates.push(r.date);
+                }
+                let result = sqlx::query(
+                    r#"INSERT INTO sensor_data
+                         (event_id, received_at, vin, name, profile, "range", mpge, battery,
+                          malfunction, speed, latitude, longitude, date)
+                       SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::text[],
+                          $5::text[], $6::float8[], $7::float8[], $8::float8[], $9::bool[],
+                          $10::float8[], $11::float8[], $12::float8[], $13::timestamptz[])
+                       ON CONFLICT (event_id) DO NOTHING"#,
+                )
+                .bind(&event_ids)
+                .bind(&received_ats)
+                .bind(&vins)
+                .bind(&names)
+                .bind(&profiles)
+                .bind(&ranges)
+                .bind(&mpges)
+                .bind(&batteries)
+                .bind(&malfunctions)
+                .bind(&speeds)
+                .bind(&latitudes)
+                .bind(&longitudes)
+                .bind(&dates)
+                .execute(pool)
+                .await?;
+                Ok(result.rows_affected())
+            }
+            Pool::Sqlite(pool) => {
+                sqlite_insert(
+                    pool,
+                    r#"INSERT INTO sensor_data
+                         (event_id, received_at, vin, name, profile, "range", mpge, battery,
+                          malfunction, speed, latitude, longitude, date) "#,
+                    " ON CONFLICT (event_id) DO NOTHING",
+                    readings,
+                    |row, r| {
+                        row.push_bind(r.event_id.to_string())
+                            .push_bind(sqlite_time(&r.received_at))
+                            .push_bind(r.vin.as_str())
+                            .push_bind(r.name.as_deref())
+                            .push_bind(r.profile.as_deref())
+                            .push_bind(r.range)
+                            .push_bind(r.mpge)
+                            .push_bind(r.battery)
+                            .push_bind(r.malfunction)
+                            .push_bind(r.speed)
+                            .push_bind(r.latitude)
+                            .push_bind(r.longitude)
+                            .push_bind(sqlite_time(&r.date));
+                    },
+                )
+                .await
+            }
+        }
+    }
+
+    /// The newest `limit` readings of one car, newest first.
+    pub async fn of_vehicle(
+        &self,
+        vin: &Vin,
+        limit: i64,
+    ) -> Result<Vec<TelemetryReading>, DbError> {
+        match &self.db.pool {
+            Pool::Postgres(pool) => {
+                let sql = format!(
+                    "SELECT {COLUMNS} FROM sensor_data WHERE vin = $1 ORDER BY date DESC, event_id DESC LIMIT $2"
+                );
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(vin.as_str())
+                    .bind(limit)
+                    .fetch_all(pool)
+                    .await?;
+                rows.iter().map(pg_reading).collect()
+            }
+            Pool::Sqlite(pool) => {
+                let sql = format!(
+                    "SELECT {COLUMNS} FROM sensor_data WHERE vin = ?1 ORDER BY date DESC, event_id DESC LIMIT ?2"
+                );
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(vin.as_str())
+                    .bind(limit)
+                    .fetch_all(pool)
+                    .await?;
+                rows.iter().map(sqlite_reading).collect()
+            }
+        }
+    }
+
+    /// Each car with its newest reading, by VIN.
+    pub async fn latest_per_vehicle(&self) -> Result<Vec<TelemetryReading>, DbError> {
+        // A window over the (vin, date DESC) index; both backends support it.
+        const SQL: &str = r#"SELECT event_id, received_at, vin, name, profile, "range", mpge, battery,
+                                    malfunction, speed, latitude, longitude, date
+                             FROM (SELECT s.*, ROW_NUMBER() OVER (PARTITION BY vin ORDER BY date DESC, event_id DESC) AS rn
+                                   FROM sensor_data s) newest
+                             WHERE rn = 1 ORDER BY vin"#;
+        match &self.db.pool {
+            Pool::Postgres(pool) => sqlx::query(SQL)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(pg_reading)
+                .collect(),
+            Pool::Sqlite(pool) => sqlx::query(SQL)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(sqlite_reading)
+                .collect(),
+        }
+    }
+
+    /// Counts the rows (tests and benchmarks).
+    pub async fn count(&self) -> Result<i64, DbError> {
+        const SQL: &str = "SELECT COUNT(*) FROM sensor_data";
+        Ok(on_pool!(self.db, |pool| sqlx::query_scalar(SQL)
+            .fetch_one(pool)
+            .await?))
+    }
+}
+
+/// Inserts `items` in one SQLite transaction, [`SQLITE_ROWS_PER_STATEMENT`] rows per statement;
+/// returns the rows added.
+pub(crate) async fn sqlite_insert<'a, T>(
+    pool: &SqlitePool,
+    insert: &'static str,
+    on_conflict: &'static str,
+    items: &'a [T],
+    bind_row: impl Fn(&mut Separated<'_, Sqlite, &'static str>, &'a T),
+) -> Result<u64, DbError> {
+    let mut tx = pool.begin().await?;
+    let mut added = 0;
+    for chunk in items.chunks(SQLITE_ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::new(insert);
+        query.push_values(chunk, |mut row, item| bind_row(&mut row, item));
+        query.push(on_conflict);
+        added += query.build().execute(&mut *tx).await?.rows_affected();
+    }
+    tx.commit().await?;
+    Ok(added)
+}
+
+fn pg_reading(row: &sqlx::postgres::PgRow) -> Result<TelemetryReading, DbError> {
+    Ok(TelemetryReading {
+        event_id: row.try_get("event_id")?,
+        received_at: row.try_get("received_at")?,
+        vin: parse_vin(row.try_get("vin")?)?,
+        name: row.try_get("name")?,
+        profile: row.try_get("profile")?,
+        range: row.try_get("range")?,
+        mpge: row.try_get("mpge")?,
+        battery: row.try_get("battery")?,
+        malfunction: row.try_get("malfunction")?,
+        speed: row.try_get("speed")?,
+        latitude: row.try_get("latitude")?,
+        longitude: row.try_get("longitude")?,
+        date: row.try_get("date")?,
+    })
+}
+
+fn sqlite_reading(row: &sqlx::sqlite::SqliteRow) -> Result<TelemetryReading, DbError> {
+    Ok(TelemetryReading {
+        event_id: parse_uuid(row.try_get("event_id")?)?,
+        received_at: parse_time(row.try_get("received_at")?)?,
+        vin: parse_vin(row.try_get("vin")?)?,
+        name: row.try_get("name")?,
+        profile: row.try_get("profile")?,
+        range: row.try_get("range")?,
+        mpge: row.try_get("mpge")?,
+        battery: row.try_get("battery")?,
+        malfunction: row.try_get("malfunction")?,
+        speed: row.try_get("speed")?,
+        latitude: row.try_get("latitude")?,
+        longitude: row.try_get("longitude")?,
+        date: parse_time(row.try_get("date")?)?,
+    })
+}

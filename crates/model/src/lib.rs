@@ -1,0 +1,20 @@
+//! The ecars contract: what travels between cars, services and other teams.
+//!
+//! - [`telemetry`]: eCars' sensor reading ([`TelemetryReading`]), how a raw MQTT payload becomes
+//!   one, and why one is refused ([`DeadLetter`], [`RejectReason`]);
+//! - [`anomaly`]: the events of anomaly episodes and of their Salesforce Cases;
+//! - [`record`]: the [`Record`] trait every stream's type implements, and the catalog of the
+//!   streams other services can read;
+//! - [`schema`]: the JSON Schemas of those streams, as published in `docs/schemas`;
+//! - [`device_auth`] and [`relay_token`]: how cars and live-view clients prove who they are.
+
+pub mod anomaly;
+pub mod device_auth;
+pub mod record;
+pub mod relay_token;
+pub mod schema;
+pub mod telemetry;
+
+pub use anomaly::{AnomalyChange, AnomalyEvent, CaseChange, CaseEvent};
+pub use record::{Record, RecordInfo};
+pub use telemetry::{DeadLetter, RejectReason, TelemetryReading, TelemetryTopic, Vin};

@@ -1,0 +1,19 @@
+//! What every ecars service runs on:
+//!
+//! - [`writer`]: the batch writer (records from a bus subscription, committed in batches, then
+//!   acknowledged);
+//! - [`readiness`]: which parts of a process can serve;
+//! - [`metrics`]: the Prometheus recorder;
+//! - [`settings`]: logging, durations, secrets from a value or a file, defaults written once;
+//! - [`supervisor`]: a process's parts, started and stopped in a declared order;
+//! - [`signal`]: the shutdown signal.
+
+pub mod metrics;
+pub mod readiness;
+pub mod settings;
+pub mod signal;
+pub mod supervisor;
+pub mod writer;
+
+pub use readiness::Readiness;
+pub use supervisor::Supervisor;

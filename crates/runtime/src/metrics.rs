@@ -1,0 +1,62 @@
+//! Prometheus metrics: the recorder every service installs, and the metrics of the parts this
+//! crate runs (the batch writer). Each crate names and describes its own metrics in a `metrics`
+//! module; the composition describes them all at start.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Rows committed to the database, labelled by `table`.
+pub const ROWS_WRITTEN: &str = "ecars_rows_written_total";
+/// Rows in each committed batch, labelled by `table`.
+pub const BATCH_SIZE: &str = "ecars_batch_rows";
+/// Time to commit one batch, labelled by `table`.
+pub const BATCH_LATENCY: &str = "ecars_batch_write_seconds";
+/// Failed batch writes that will be retried, labelled by `table`.
+pub const BATCH_RETRIES: &str = "ecars_batch_write_retries_total";
+/// Whether the database answered the last write or health check (1) or not (0).
+pub const DATABASE_UP: &str = "ecars_database_up";
+
+/// Installs the process-wide Prometheus recorder and describes the metrics of this crate and of
+/// the bus (the service crates describe theirs; the composition calls them at start).
+///
+/// Safe to call more than once (tests start several services in one process): later calls
+/// return a handle to the recorder already installed.
+pub fn install_recorder() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ])
+                .map(|b| b.build_recorder())
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+            let handle = recorder.handle();
+            // Another recorder may already be installed (a test harness); ours still renders.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            ecars_bus::metrics::describe();
+            handle
+        })
+        .clone()
+}
+
+/// Describes this crate's metrics to the installed recorder.
+pub fn describe() {
+    describe_counter!(ROWS_WRITTEN, "Rows committed to the database, by table");
+    describe_histogram!(BATCH_SIZE, "Rows per committed batch, by table");
+    describe_histogram!(
+        BATCH_LATENCY,
+        Unit::Seconds,
+        "Time to commit one batch, by table"
+    );
+    describe_counter!(
+        BATCH_RETRIES,
+        "Failed batch writes that are retried, by table"
+    );
+    describe_gauge!(
+        DATABASE_UP,
+        "1 when the database answered the last write or check, else 0"
+    );
+}

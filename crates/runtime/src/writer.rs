@@ -1,0 +1,337 @@
+//! The batch writer: takes records from a bus subscription, commits them in batches, and only
+//! then acknowledges them.
+
+use std::future::Future;
+use std::time::Duration;
+
+use ecars_bus::{BusError, Receipt, Record, Subscription};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics as m;
+
+/// When a batch is flushed.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchPolicy {
+    /// Flush once this many rows are waiting.
+    pub max_rows: usize,
+    /// Flush once the oldest waiting row has waited this long.
+    pub max_delay: Duration,
+}
+
+/// How long to wait between retries of a failed write.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    /// First wait.
+    pub initial: Duration,
+    /// Longest wait.
+    pub max: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Errors that stop a writer.
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    /// The bus failed.
+    #[error("bus: {0}")]
+    Bus(#[from] BusError),
+}
+
+/// Something that commits a batch of records of one stream.
+pub trait BatchSink: Send {
+    /// The record type (a reading or a dead letter).
+    type Item: Record;
+    /// Why a write failed.
+    type Error: std::error::Error + Send;
+    /// The table written, for logs and metric labels.
+    fn table(&self) -> &'static str;
+    /// Commits the batch, returning rows added (duplicates add none).
+    fn write(&self, batch: &[Self::Item]) -> impl Future<Output = Result<u64, Self::Error>> + Send;
+    /// Whether the database is unavailable (rather than refusing this batch), for the log line:
+    /// the batch is retried either way, since dropping it would lose accepted readings.
+    fn is_transient(&self, _error: &Self::Error) -> bool {
+        true
+    }
+}
+
+/// Runs a writer until the subscription ends (bus closed) or `shutdown` fires; flushes what was
+/// received before returning, so an accepted record is never dropped on shutdown.
+pub async fn run_writer<S: BatchSink>(
+    sink: S,
+    mut subscription: Subscription<S::Item>,
+    policy: BatchPolicy,
+    retry: RetryPolicy,
+    shutdown: CancellationToken,
+) -> Result<(), WriterError> {
+    let table = sink.table();
+    let mut batch: Vec<S::Item> = Vec::with_capacity(policy.max_rows);
+    let mut receipts: Vec<Receipt> = Vec::with_capacity(policy.max_rows);
+    let mut deadline: Option<Instant> = None;
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => None,
+            _ = sleep_until(deadline) => Some(None),
+            delivery = subscription.next() => delivery?.map(Some),
+        };
+        match next {
+            // Stream ended or shutdown: flush and stop.
+            None => {
+                flush(&sink, &mut batch, &mut receipts, &mut subscription, retry).await?;
+                tracing::info!(table, "writer stopped after flushing");
+                return Ok(());
+            }
+            // The oldest row waited long enough.
+            Some(None) => {
+                flush(&sink, &mut batch, &mut receipts, &mut subscription, retry).await?;
+                deadline = None;
+            }
+            Some(Some(delivery)) => {
+                receipts.push(delivery.receipt);
+                batch.push(delivery.record);
+                deadline.get_or_insert_with(|| Instant::now() + policy.max_delay);
+                if batch.len() >= policy.max_rows {
+                    flush(&sink, &mut batch, &mut receipts, &mut subscription, retry).await?;
+                    deadline = None;
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Commits the batch, retrying with backoff while the database is unavailable (holding back the
+/// subscription, which is the backpressure), then acknowledges.
+async fn flush<S: BatchSink>(
+    sink: &S,
+    batch: &mut Vec<S::Item>,
+    receipts: &mut Vec<Receipt>,
+    subscription: &mut Subscription<S::Item>,
+    retry: RetryPolicy,
+) -> Result<(), WriterError> {
+    let table = sink.table();
+    if !batch.is_empty() {
+        let mut wait = retry.initial;
+        let mut attempt = 0u32;
+        loop {
+            let started = Instant::now();
+            match sink.write(batch).await {
+                Ok(added) => {
+                    let elapsed = started.elapsed();
+                    metrics::gauge!(m::DATABASE_UP).set(1.0);
+                    metrics::counter!(m::ROWS_WRITTEN, "table" => table).increment(added);
+                    metrics::histogram!(m::BATCH_SIZE, "table" => table).record(batch.len() as f64);
+                    metrics::histogram!(m::BATCH_LATENCY, "table" => table)
+                        .record(elapsed.as_secs_f64());
+                    if attempt > 0 {
+                        tracing::info!(
+                            table,
+                            rows = batch.len(),
+                            attempts = attempt + 1,
+                            "database is back; batch committed"
+                        );
+                    }
+                    tracing::debug!(
+                        table,
+                        rows = batch.len(),
+                        added,
+                        ?elapsed,
+                        "batch committed"
+                    );
+                    break;
+                }
+                Err(error) => {
+                    attempt += 1;
+                    metrics::gauge!(m::DATABASE_UP).set(0.0);
+                    metrics::counter!(m::BATCH_RETRIES, "table" => table).increment(1);
+                    let kind = if sink.is_transient(&error) {
+                        "database unavailable"
+                    } else {
+                        "batch refused"
+                    };
+                    tracing::warn!(
+                        table,
+                        rows = batch.len(),
+                        attempt,
+                        retry_in_ms = wait.as_millis() as u64,
+                        %error,
+                        "{kind}: holding the batch and intake back, waiting for the database to accept the write"
+                    );
+                    // Shutdown is no reason to drop accepted rows: keep trying until the database
+                    // returns (an operator can still kill the process).
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(retry.max);
+                }
+            }
+        }
+        batch.clear();
+    }
+    if !receipts.is_empty() {
+        subscription.ack(receipts).await?;
+        receipts.clear();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+    use ecars_bus::Bus;
+    use ecars_model::{TelemetryReading, Vin};
+    use std::sync::{Arc, Mutex};
+
+    /// The database refused (as an outage would).
+    #[derive(Debug, thiserror::Error)]
+    #[error("database unavailable")]
+    struct Unavailable;
+
+    /// Records batch sizes; fails the first `failures` writes as a database outage would.
+    struct RecordingSink {
+        batches: Arc<Mutex<Vec<usize>>>,
+        failures: Arc<Mutex<u32>>,
+        committed: Arc<tokio::sync::Notify>,
+    }
+
+    impl BatchSink for RecordingSink {
+        type Item = TelemetryReading;
+        type Error = Unavailable;
+        fn table(&self) -> &'static str {
+            "test"
+        }
+        fn write(
+            &self,
+            batch: &[TelemetryReading],
+        ) -> impl Future<Output = Result<u64, Unavailable>> + Send {
+            let result = {
+                let mut failures = self.failures.lock().unwrap();
+                if *failures > 0 {
+                    *failures -= 1;
+                    Err(Unavailable)
+                } else {
+                    self.batches.lock().unwrap().push(batch.len());
+                    self.committed.notify_one();
+                    Ok(batch.len() as u64)
+                }
+            };
+            async move { result }
+        }
+    }
+
+    fn reading() -> TelemetryReading {
+        let now = Utc::now();
+        TelemetryReading {
+            event_id: uuid::Uuid::now_v7(),
+            received_at: now,
+            vin: Vin::parse("1HGCM82633A004352").unwrap(),
+            name: None,
+            profile: None,
+            range: None,
+            mpge: None,
+            battery: Some(50.0),
+            malfunction: None,
+            speed: None,
+            latitude: None,
+            longitude: None,
+            date: now,
+        }
+    }
+
+    async fn start(
+        policy: BatchPolicy,
+        failures: u32,
+    ) -> (
+        Bus,
+        Arc<Mutex<Vec<usize>>>,
+        Arc<tokio::sync::Notify>,
+        tokio::task::JoinHandle<Result<(), WriterError>>,
+    ) {
+        let bus = Bus::in_process(10_000);
+        let subscription = bus.subscribe::<TelemetryReading>("test").await.unwrap();
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let committed = Arc::new(tokio::sync::Notify::new());
+        let sink = RecordingSink {
+            batches: Arc::clone(&batches),
+            failures: Arc::new(Mutex::new(failures)),
+            committed: Arc::clone(&committed),
+        };
+        let retry = RetryPolicy {
+            initial: Duration::from_millis(1),
+            max: Duration::from_millis(5),
+        };
+        let task = tokio::spawn(run_writer(
+            sink,
+            subscription,
+            policy,
+            retry,
+            CancellationToken::new(),
+        ));
+        (bus, batches, committed, task)
+    }
+
+    #[tokio::test]
+    async fn flushes_at_the_row_limit_and_at_close() {
+        let policy = BatchPolicy {
+            max_rows: 1000,
+            max_delay: Duration::from_secs(3600),
+        };
+        let (bus, batches, _, task) = start(policy, 0).await;
+        for _ in 0..2500 {
+            bus.publish(reading()).await.unwrap();
+        }
+        bus.close().await;
+        task.await.unwrap().unwrap();
+        assert_eq!(*batches.lock().unwrap(), vec![1000, 1000, 500]);
+    }
+
+    #[tokio::test]
+    async fn flushes_a_small_batch_once_it_waited_long_enough() {
+        let policy = BatchPolicy {
+            max_rows: 1000,
+            max_delay: Duration::from_millis(30),
+        };
+        let (bus, batches, committed, task) = start(policy, 0).await;
+        for _ in 0..3 {
+            bus.publish(reading()).await.unwrap();
+        }
+        tokio::time::timeout(Duration::from_secs(5), committed.notified())
+            .await
+            .expect("a commit within 5 s");
+        assert_eq!(
+            *batches.lock().unwrap(),
+            vec![3],
+            "a timed flush, before any close"
+        );
+        bus.close().await;
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn retries_a_failed_batch_without_losing_or_splitting_it() {
+        let policy = BatchPolicy {
+            max_rows: 10,
+            max_delay: Duration::from_secs(3600),
+        };
+        let (bus, batches, _, task) = start(policy, 3).await;
+        for _ in 0..25 {
+            bus.publish(reading()).await.unwrap();
+        }
+        bus.close().await;
+        task.await.unwrap().unwrap();
+        assert_eq!(*batches.lock().unwrap(), vec![10, 10, 5]);
+    }
+}
