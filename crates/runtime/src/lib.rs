@@ -3,11 +3,13 @@
 //! - [`writer`]: the batch writer (records from a bus subscription, committed in batches, then
 //!   acknowledged);
 //! - [`readiness`]: which parts of a process can serve;
+//! - [`logging`]: log lines a peer can cause, kept to a budget;
 //! - [`metrics`]: the Prometheus recorder;
 //! - [`settings`]: logging, durations, secrets from a value or a file, defaults written once;
 //! - [`supervisor`]: a process's parts, started and stopped in a declared order;
 //! - [`signal`]: the shutdown signal.
 
+pub mod logging;
 pub mod metrics;
 pub mod readiness;
 pub mod settings;

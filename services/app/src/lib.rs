@@ -521,7 +521,15 @@ mod tests {
         let _: DatabaseConfig = ecars_runtime::settings::defaults();
         let in_process: InProcessBusConfig = ecars_runtime::settings::defaults();
         assert_eq!(in_process.capacity, 10_000);
-        assert_eq!(IngestConfig::default().max_connections, 20_000);
+        assert_eq!(
+            IngestConfig::default().max_connections,
+            None,
+            "derived from descriptors"
+        );
+        assert_eq!(
+            IngestConfig::default().max_keep_alive,
+            Duration::from_secs(600)
+        );
         assert_eq!(PersistConfig::default().batch_rows, 1000);
         assert_eq!(
             AnomalyConfig::default().case_update_interval,

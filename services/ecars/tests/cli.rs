@@ -260,6 +260,100 @@ async fn help_explains_every_setting_with_its_environment_variable() {
     }
 }
 
+/// When the process runs out of descriptors, MQTT accepts fail; they must pause and be logged
+/// once per interval, never in a tight loop (a run at 10,000 cars once wrote gigabytes of log),
+/// and ingest serves again once descriptors are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn descriptor_exhaustion_costs_a_bounded_log_and_ingest_recovers() {
+    use std::io::BufRead;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (mqtt, ws, http) = (free_port(), free_port(), free_port());
+    let log = dir.path().join("stderr.log");
+    let mut child = Command::new("prlimit")
+        .arg("--nofile=1400:1400")
+        .arg(ECARS)
+        .args(["up", "--mqtt-addr", &format!("127.0.0.1:{mqtt}")])
+        .args(["--mqtt-ws-addr", &format!("127.0.0.1:{ws}")])
+        .args(["--http-addr", &format!("127.0.0.1:{http}")])
+        .env(
+            "DATABASE_URL",
+            format!("sqlite://{}", dir.path().join("x.db").display()),
+        )
+        .env_remove("ECARS_DEVICE_SECRET")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_ready(http).await;
+
+    // Idle HTTP connections until the server can accept no more (axum holds each one open).
+    // (Past the limit the kernel's backlog fills and a connect hangs: the timeout ends the loop.)
+    let mut held = Vec::new();
+    for _ in 0..3000 {
+        let connect = tokio::net::TcpStream::connect(("127.0.0.1", http));
+        match tokio::time::timeout(Duration::from_secs(1), connect).await {
+            Ok(Ok(socket)) => held.push(socket),
+            _ => break,
+        }
+    }
+    let lines_before = std::fs::read_to_string(&log).unwrap().lines().count();
+    // Cars keep arriving while there are no descriptors, for six seconds.
+    let mut waiting = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(6);
+    while tokio::time::Instant::now() < until {
+        let connect = tokio::net::TcpStream::connect(("127.0.0.1", mqtt));
+        if let Ok(Ok(socket)) = tokio::time::timeout(Duration::from_millis(200), connect).await {
+            waiting.push(socket);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let exhausted: Vec<String> = std::io::BufReader::new(std::fs::File::open(&log).unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .skip(lines_before)
+        .collect();
+    let accept_lines = exhausted
+        .iter()
+        .filter(|l| l.contains("MQTT accept failing"))
+        .count();
+    assert!(
+        (1..=2).contains(&accept_lines),
+        "one line per 10 s about failing accepts, got {accept_lines}:\n{}",
+        exhausted.join("\n")
+    );
+    assert!(
+        exhausted.len() <= 40,
+        "a bounded log while exhausted, got {} lines:\n{}",
+        exhausted.len(),
+        exhausted.join("\n")
+    );
+
+    // Descriptors free again: a car connects and is answered.
+    drop(held);
+    drop(waiting);
+    let mut car = None;
+    for _ in 0..50 {
+        let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", mqtt))
+            .await
+            .unwrap();
+        let mut connect = vec![0x10, 0x10, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 4];
+        connect.extend_from_slice(b"back");
+        socket.write_all(&connect).await.unwrap();
+        let mut connack = [0u8; 4];
+        if let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_secs(3), socket.read_exact(&mut connack)).await
+        {
+            car = Some(connack);
+            break;
+        }
+    }
+    assert_eq!(car, Some([0x20, 2, 0, 0]), "ingest accepts cars again");
+    let status = terminate(&mut child).await;
+    assert!(status.success(), "{status}");
+}
+
 /// Where the scale-out processes find Kafka, PostgreSQL and each other.
 struct ScaleOut {
     brokers: String,

@@ -1,13 +1,14 @@
-//! The embedded rumqttd broker. It listens on loopback ports of its own (one for MQTT 3.1.1, one
-//! for MQTT 5) that only the gateway uses, with an internal credential, so nothing reaches it
+//! The embedded rumqttd broker. It listens on loopback ports of its own (for MQTT 3.1.1 and for
+//! MQTT 5) that only the gateway uses, with an internal credential, so nothing reaches it
 //! without passing the gateway's checks.
 //!
-//! Accepted telemetry does not take the cars' own broker connections: the gateway acknowledges
-//! it once the bus has it and hands it to the broker's router through one in-process link, the
-//! [`TelemetryFanout`], so MQTT subscribers of telemetry topics still see every reading. That
-//! saves two loopback hops and the broker's network work per reading, and while no subscription
-//! can match a telemetry topic (the usual case: services read the bus), the router's work too
-//! (see the README's benchmarks).
+//! A car that only sends telemetry never reaches it: the gateway answers such a car itself. A
+//! client that subscribes, publishes on other topics or leaves a will gets a link of its own
+//! ([`EmbeddedBroker`] as a [`Broker`]), opened when it first needs one.
+//!
+//! Accepted telemetry reaches the broker's MQTT subscribers through one in-process link into its
+//! router, the [`TelemetryFanout`], and only while some subscription could match a telemetry
+//! topic (the usual case, where services read the bus, costs the router nothing).
 
 use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, TcpListener};
@@ -16,16 +17,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ecars_model::telemetry::TelemetryTopic;
-
 use rand::distr::{Alphanumeric, SampleString};
 use rumqttd::local::LinkTx;
 use rumqttd::protocol::{Packet, Publish, PublishProperties};
-use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 
-/// Largest MQTT packet the gateway and broker carry, in bytes (telemetry itself is capped lower,
-/// at 64 KiB, and larger telemetry is dead-lettered rather than refused).
-pub const MAX_PACKET_BYTES: usize = 1024 * 1024;
+use crate::codec::{packet_type, FrameReader, PacketType, Version};
+use crate::connection::{Broker, BrokerLink, ConnectRequest, LinkError};
+
+pub use crate::codec::MAX_PACKET_BYTES;
 
 /// Errors starting the broker.
 #[derive(Debug, thiserror::Error)]
@@ -54,11 +57,9 @@ pub struct EmbeddedBroker {
     /// Spreads connections over the listeners.
     next_listener: Arc<AtomicUsize>,
     /// Internal username the gateway presents.
-    pub username: String,
+    username: String,
     /// Internal password the gateway presents (random per process).
-    pub password: String,
-    /// Where accepted telemetry goes for the broker's MQTT subscribers.
-    pub fanout: TelemetryFanout,
+    password: String,
 }
 
 /// Readings waiting for the broker's router, at most. A full queue makes the gateway wait (and
@@ -162,6 +163,15 @@ impl Drop for SubscriberSession {
 pub struct FanoutClosed;
 
 impl TelemetryFanout {
+    /// A fan-out into no router (tests of the gateway without a broker).
+    #[cfg(test)]
+    pub(crate) fn disconnected() -> TelemetryFanout {
+        TelemetryFanout {
+            queue: mpsc::channel(1).0,
+            subscriptions: Arc::default(),
+        }
+    }
+
     /// Registers a client connection. A clean session starts without the subscriptions a
     /// previous session of the same client id held.
     pub fn session(&self, client_id: &str, clean_session: bool) -> SubscriberSession {
@@ -227,8 +237,11 @@ impl TelemetryFanout {
 }
 
 impl EmbeddedBroker {
-    /// Starts rumqttd on free loopback ports and waits until they accept connections.
-    pub async fn start(max_connections: usize) -> Result<EmbeddedBroker, BrokerError> {
+    /// Starts rumqttd on free loopback ports and waits until they accept connections; returns
+    /// the broker and the fan-out into its router.
+    pub async fn start(
+        max_connections: usize,
+    ) -> Result<(EmbeddedBroker, TelemetryFanout), BrokerError> {
         let ports = || {
             (0..LISTENERS_PER_VERSION)
                 .map(|_| free_loopback_port())
@@ -245,7 +258,7 @@ impl EmbeddedBroker {
             &password,
             max_connections + 1,
         );
-        let mut broker = Broker::new(config);
+        let mut broker = rumqttd::Broker::new(config);
         // The link never subscribes, so nothing arrives on its receiving half; it is kept open
         // (moved into the fan-out thread) so the router never sees it disconnect.
         let (link, link_rx) = broker
@@ -271,17 +284,19 @@ impl EmbeddedBroker {
         for addr in v4_addrs.iter().chain(&v5_addrs) {
             wait_until_listening(*addr).await?;
         }
-        Ok(EmbeddedBroker {
-            v4_addrs,
-            v5_addrs,
-            next_listener: Arc::default(),
-            username,
-            password,
-            fanout: TelemetryFanout {
+        Ok((
+            EmbeddedBroker {
+                v4_addrs,
+                v5_addrs,
+                next_listener: Arc::default(),
+                username,
+                password,
+            },
+            TelemetryFanout {
                 queue,
                 subscriptions: Arc::default(),
             },
-        })
+        ))
     }
 
     /// The listener for the next connection of this MQTT version (3.1.1 or 5).
@@ -292,6 +307,68 @@ impl EmbeddedBroker {
             &self.v4_addrs
         };
         addrs[self.next_listener.fetch_add(1, Ordering::Relaxed) % addrs.len()]
+    }
+}
+
+/// A client's link into the embedded broker: a loopback connection of its own.
+#[derive(Debug)]
+pub struct TcpLink {
+    reader: FrameReader<OwnedReadHalf>,
+    writer: BufWriter<OwnedWriteHalf>,
+}
+
+impl BrokerLink for TcpLink {
+    async fn send(&mut self, frame: &[u8]) -> Result<(), LinkError> {
+        Ok(self.writer.write_all(frame).await?)
+    }
+
+    async fn flush(&mut self) -> Result<(), LinkError> {
+        Ok(self.writer.flush().await?)
+    }
+
+    async fn next(&mut self) -> Result<Option<crate::codec::Frame>, LinkError> {
+        Ok(self.reader.next().await?)
+    }
+}
+
+impl Broker for EmbeddedBroker {
+    type Link = TcpLink;
+
+    async fn open(&self, request: &ConnectRequest) -> Result<(TcpLink, bool), LinkError> {
+        let stream =
+            tokio::net::TcpStream::connect(self.listener(request.version == Version::V5)).await?;
+        stream.set_nodelay(true)?;
+        let (read, write) = stream.into_split();
+        let mut link = TcpLink {
+            reader: FrameReader::new(read),
+            writer: BufWriter::with_capacity(4096, write),
+        };
+        let login = rumqttd::protocol::Login {
+            username: self.username.clone(),
+            password: self.password.clone(),
+        };
+        let connect = request
+            .encode(login)
+            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        link.send(&connect).await?;
+        link.flush().await?;
+        let Some((header, frame)) = link.next().await? else {
+            return Err(LinkError::Protocol(
+                "the broker closed before CONNACK".into(),
+            ));
+        };
+        if packet_type(&header).ok() != Some(PacketType::ConnAck) {
+            return Err(LinkError::Protocol(
+                "the broker's first packet is not CONNACK".into(),
+            ));
+        }
+        let body = frame.slice(header.fixed_header_len..);
+        match (body.first(), body.get(1)) {
+            (Some(flags), Some(0)) => Ok((link, flags & 1 == 1)),
+            (_, code) => Err(LinkError::Protocol(format!(
+                "the broker refused the session (code {code:?})"
+            ))),
+        }
     }
 }
 

@@ -1,31 +1,45 @@
-//! MQTT ingest: an embedded rumqttd broker behind a gateway that authenticates cars and admits
-//! their telemetry to the bus.
+//! MQTT ingest: a gateway that authenticates cars and admits their telemetry to the bus, with
+//! an embedded rumqttd broker behind it for the clients that need one.
 //!
 //! ```text
 //! car ──MQTT/TCP or WS──▶ gateway ──(valid reading)──▶ bus ──▶ workers
 //!                           │  └─(rejected)──▶ bus (dead letters)
-//!                           └──forward──▶ rumqttd ──▶ other MQTT subscribers
+//!                           └──(SUBSCRIBE, other topics, wills)──▶ rumqttd ──▶ MQTT subscribers
 //! ```
+//!
+//! The gateway in layers: [`codec`] (MQTT on the wire), [`session`] (the protocol state of a
+//! connection: keep-alive, answers in order, QoS 2), [`admission`] (the verdict on a PUBLISH) —
+//! all pure — and [`connection`] (the I/O of one connection, generic over the stream and the
+//! broker), sharing a [`gateway::Gateway`]; [`limits`] says how many cars fit.
 
+pub mod admission;
 pub mod broker;
+pub mod codec;
+pub mod connection;
 pub mod gateway;
+pub mod limits;
 pub mod metrics;
+pub mod session;
 pub mod websocket;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Args;
 use ecars_bus::Bus;
-use ecars_runtime::settings::{is_loopback, value_or_file, ConfigError};
+use ecars_runtime::settings::{is_loopback, parse_duration, value_or_file, ConfigError};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use broker::{BrokerError, EmbeddedBroker};
+use connection::Ended;
 pub use ecars_model::device_auth::DeviceSecret;
 use gateway::Gateway;
+use limits::AcceptFailures;
 
 /// Settings of MQTT ingest.
 #[derive(Clone, Debug, Args)]
@@ -65,13 +79,24 @@ pub struct IngestConfig {
     /// Without this, binding beyond loopback with no secret refuses to start.
     #[arg(long = "allow-anonymous", env = "ECARS_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,
-    /// Most MQTT connections served at once.
-    #[arg(
-        long = "mqtt-max-connections",
-        env = "ECARS_MQTT_MAX_CONNECTIONS",
-        default_value_t = 20_000
-    )]
-    pub max_connections: usize,
+    /// Most MQTT connections served at once; beyond it a client's CONNECT is refused ("server
+    /// unavailable", MQTT 5 "quota exceeded"). Without it: as many as the process's descriptor
+    /// limit allows (raised to the hard limit at start), less a reserve of 1024.
+    #[arg(long = "mqtt-max-connections", env = "ECARS_MQTT_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Longest keep-alive a client gets (`10m`): a longer one, or none (0), is cut to it, so an
+    /// idle socket cannot stay forever. MQTT 5 clients are told (Server Keep Alive).
+    #[arg(long = "mqtt-max-keep-alive", env = "ECARS_MQTT_MAX_KEEP_ALIVE", default_value = "10m", value_parser = parse_keep_alive)]
+    pub max_keep_alive: Duration,
+}
+
+fn parse_keep_alive(text: &str) -> Result<Duration, String> {
+    let duration = parse_duration(text)?;
+    if (Duration::from_secs(1)..=Duration::from_secs(u64::from(u16::MAX))).contains(&duration) {
+        Ok(duration)
+    } else {
+        Err(format!("{duration:?} is not between 1s and 65535s"))
+    }
 }
 
 impl Default for IngestConfig {
@@ -156,6 +181,10 @@ impl IngestConfig {
 /// second for its SYN to be sent again.
 const ACCEPT_BACKLOG: u32 = 4096;
 
+/// Connections told "at capacity" at once, at most: past these, new sockets are closed at once
+/// (each one waits up to the CONNECT timeout for the CONNECT it refuses).
+const REFUSING_AT_ONCE: usize = 256;
+
 /// Binds a listener with room for a whole fleet reconnecting at once.
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
@@ -169,10 +198,16 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Ingest with its listeners bound, ready to run.
+#[derive(Debug)]
 pub struct BoundIngest {
-    gateway: Arc<Gateway>,
+    gateway: Arc<Gateway<EmbeddedBroker>>,
     tcp: TcpListener,
     ws: TcpListener,
+    /// One permit per connection allowed.
+    admitted: Arc<Semaphore>,
+    /// Connections being told the gateway is at capacity.
+    refusing: Arc<Semaphore>,
+    max_connections: usize,
 }
 
 impl BoundIngest {
@@ -187,14 +222,31 @@ impl BoundIngest {
                 source,
             })
         };
+        let descriptors = limits::raise_descriptor_limit();
+        let max_connections = limits::connection_limit(config.max_connections, descriptors)?;
         let tcp = bind("--mqtt-addr / ECARS_MQTT_ADDR", config.mqtt_addr).await?;
         let ws = bind("--mqtt-ws-addr / ECARS_MQTT_WS_ADDR", config.mqtt_ws_addr).await?;
-        let broker = EmbeddedBroker::start(config.max_connections).await?;
+        let (broker, fanout) = EmbeddedBroker::start(max_connections).await?;
         Ok(BoundIngest {
-            gateway: Arc::new(Gateway::new(bus, broker, device_secret)),
+            gateway: Arc::new(Gateway::new(
+                bus,
+                broker,
+                fanout,
+                device_secret,
+                Some(config.max_keep_alive),
+                max_connections,
+            )),
             tcp,
             ws,
+            admitted: Arc::new(Semaphore::new(max_connections)),
+            refusing: Arc::new(Semaphore::new(REFUSING_AT_ONCE)),
+            max_connections,
         })
+    }
+
+    /// The connection limit in force.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
     }
 
     /// The MQTT listener's address (useful with port 0).
@@ -208,45 +260,77 @@ impl BoundIngest {
     }
 
     /// Serves until `shutdown` fires, then stops accepting, lets every connection finish the
-    /// packet it is admitting, and returns once all are closed.
+    /// packets it is admitting, and returns once all are closed.
     pub async fn run(self, shutdown: CancellationToken) {
         tracing::info!(
             mqtt = %self.tcp.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             websocket = %self.ws.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             device_auth = self.gateway.device_secret.is_some(),
+            max_connections = self.max_connections,
             "MQTT ingest listening"
         );
         let tracker = TaskTracker::new();
+        let mut failures = AcceptFailures::default();
         loop {
-            let (stream, peer, websocket) = tokio::select! {
+            let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                accepted = self.tcp.accept() => match accepted {
-                    Ok((s, p)) => (s, p, false),
-                    Err(e) => { tracing::warn!(error = %e, "MQTT accept failed"); continue }
-                },
-                accepted = self.ws.accept() => match accepted {
-                    Ok((s, p)) => (s, p, true),
-                    Err(e) => { tracing::warn!(error = %e, "MQTT WebSocket accept failed"); continue }
-                },
+                accepted = self.tcp.accept() => accepted.map(|(s, _)| (s, false)),
+                accepted = self.ws.accept() => accepted.map(|(s, _)| (s, true)),
+            };
+            let (stream, websocket) = match accepted {
+                Ok(accepted) => {
+                    failures.succeeded();
+                    accepted
+                }
+                Err(error) => {
+                    let exhaustion = limits::is_exhaustion(&error);
+                    let reason = if exhaustion {
+                        "descriptors_or_memory"
+                    } else {
+                        "other"
+                    };
+                    ::metrics::counter!(metrics::ACCEPT_FAILURES, "reason" => reason).increment(1);
+                    let after = failures.failed(exhaustion, tokio::time::Instant::now());
+                    if let Some(count) = after.log {
+                        tracing::warn!(%error, failures = count, pause = ?after.pause, "MQTT accept failing; pausing before the next");
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(after.pause) => continue,
+                    }
+                }
             };
             let _ = stream.set_nodelay(true);
+            let permit = match Arc::clone(&self.admitted).try_acquire_owned() {
+                Ok(permit) => Ok(permit),
+                Err(_) => match Arc::clone(&self.refusing).try_acquire_owned() {
+                    Ok(refusing) => Err(refusing),
+                    // Too many waiting to be refused already: close at once.
+                    Err(_) => {
+                        ::metrics::counter!(metrics::MQTT_CONNECTIONS_REFUSED, "reason" => "connection_limit").increment(1);
+                        continue;
+                    }
+                },
+            };
             let gateway = Arc::clone(&self.gateway);
             let shutdown = shutdown.clone();
             tracker.spawn(async move {
-                let result = if websocket {
+                let admitted = permit.is_ok();
+                let ended = if websocket {
                     match websocket::accept(stream).await {
-                        Ok(pipe) => gateway::serve_connection(gateway, pipe, peer, shutdown).await,
+                        Ok(pipe) => {
+                            connection::serve_connection(gateway, pipe, admitted, shutdown).await
+                        }
                         Err(e) => {
-                            tracing::debug!(%peer, error = %e, "WebSocket handshake failed");
-                            Ok(())
+                            tracing::debug!(error = %e, "WebSocket handshake failed");
+                            return;
                         }
                     }
                 } else {
-                    gateway::serve_connection(gateway, stream, peer, shutdown).await
+                    connection::serve_connection(gateway, stream, admitted, shutdown).await
                 };
-                if let Err(e) = result {
-                    tracing::debug!(%peer, error = %e, "MQTT connection ended");
-                }
+                drop(permit);
+                note_end(&ended);
             });
         }
         tracker.close();
@@ -254,6 +338,25 @@ impl BoundIngest {
         tracing::info!("MQTT ingest stopped; every admitted reading is on the bus");
     }
 }
+
+/// Counts how a connection ended; protocol violations are logged, at a bounded rate (a peer can
+/// send them as fast as it likes).
+fn note_end(ended: &Ended) {
+    ::metrics::counter!(metrics::CONNECTIONS_ENDED, "reason" => ended.code()).increment(1);
+    if let Ended::Violation(violation) = ended {
+        ::metrics::counter!(metrics::PROTOCOL_VIOLATIONS, "reason" => violation.kind.code())
+            .increment(1);
+        if VIOLATION_LOG.allow() {
+            tracing::info!(reason = violation.kind.code(), detail = %violation.detail, "MQTT connection closed for a protocol violation");
+        }
+    } else {
+        tracing::debug!(reason = ended.code(), detail = %ended, "MQTT connection ended");
+    }
+}
+
+/// Log lines about protocol violations: at most a few per second, whatever the peers send.
+static VIOLATION_LOG: ecars_runtime::logging::LogBudget =
+    ecars_runtime::logging::LogBudget::per_second(5);
 
 /// Binds and serves: the service's entry point.
 pub async fn run(

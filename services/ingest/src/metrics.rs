@@ -13,6 +13,16 @@ pub const MQTT_CONNECTIONS_REFUSED: &str = "ecars_mqtt_connections_refused_total
 /// MQTT connections currently open through the gateway.
 pub const MQTT_CONNECTIONS_OPEN: &str = "ecars_mqtt_connections_open";
 
+/// MQTT connections ended, labelled by `reason` (client_disconnect, keep_alive_timeout,
+/// taken_over, server_shutdown, protocol_violation, refused, connect_timeout, connection_error,
+/// broker, bus).
+pub const CONNECTIONS_ENDED: &str = "ecars_mqtt_connections_ended_total";
+/// MQTT connections closed for breaking the protocol, labelled by `reason` (malformed_packet,
+/// protocol_error, packet_too_large).
+pub const PROTOCOL_VIOLATIONS: &str = "ecars_mqtt_protocol_violations_total";
+/// MQTT accepts that failed, labelled by `reason` (descriptors_or_memory, other).
+pub const ACCEPT_FAILURES: &str = "ecars_mqtt_accept_failures_total";
+
 /// Describes ingest's metrics to the installed recorder.
 pub fn describe() {
     describe_counter!(
@@ -34,5 +44,14 @@ pub fn describe() {
     describe_gauge!(
         MQTT_CONNECTIONS_OPEN,
         "MQTT connections open through the gateway"
+    );
+    describe_counter!(CONNECTIONS_ENDED, "MQTT connections ended, by reason");
+    describe_counter!(
+        PROTOCOL_VIOLATIONS,
+        "MQTT connections closed for breaking the protocol, by reason"
+    );
+    describe_counter!(
+        ACCEPT_FAILURES,
+        "MQTT accepts that failed (descriptors or memory exhausted, or other), by reason"
     );
 }
