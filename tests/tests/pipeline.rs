@@ -9,7 +9,6 @@ use ecars_e2e::{
 };
 use ecars_model::device_auth::DeviceSecret;
 use ecars_model::Vin;
-use ecars_persist::PersistConfig;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
 use serde_json::Value;
 
@@ -499,38 +498,6 @@ async fn subscribers_see_valid_telemetry_and_other_topics_pass_through() {
     assert!(publish.retain, "delivered as a retained message");
     assert!(String::from_utf8_lossy(&publish.payload).contains("63"));
     pipeline.shutdown().await.unwrap();
-}
-
-#[tokio::test]
-async fn shutdown_flushes_every_accepted_reading() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut options = PipelineOptions::new(sqlite_url(&dir));
-    // Batches that would wait a minute: only the shutdown flush writes them.
-    options.persist = PersistConfig {
-        batch_rows: 50_000,
-        batch_delay: Duration::from_secs(60),
-        ..PersistConfig::default()
-    };
-    let pipeline = Pipeline::start(options).await.unwrap();
-    let messages: Vec<_> = (0..500)
-        .map(|i| {
-            let vin = test_vin(i % 10);
-            (
-                format!("vehicles/{vin}/telemetry"),
-                reading_json(&vin, 50.0),
-            )
-        })
-        .collect();
-    publish_v4(pipeline.mqtt_addr, "burst", None, messages)
-        .await
-        .unwrap();
-    assert_eq!(
-        count(&pipeline).await,
-        0,
-        "nothing flushed before the batch is due"
-    );
-    let db = pipeline.shutdown().await.unwrap();
-    assert_eq!(db.sensor_rows().count().await.unwrap(), 500);
 }
 
 /// MQTT 3.1.1 packets by hand, for what client libraries never do on purpose.

@@ -1,20 +1,51 @@
-//! The embedded bus: bounded queues in memory.
+//! The embedded bus: bounded queues in memory, whose publish returns once every consumer group
+//! has acknowledged the record, that is once it is committed where the group keeps it.
+//!
+//! The queues are memory, so a record only survives a crash of the process (`kill -9`) once a
+//! consumer has committed it to the database. A publish therefore waits for the
+//! acknowledgements of every consumer group (the persistence worker's after its commit, the
+//! anomaly worker's after its outbox commit); live tails (the relay) are not waited for. A car's
+//! PUBACK follows the publish, so it means the reading is stored.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
-use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::{BUS_BACKPRESSURE, BUS_QUEUE_DEPTH};
 use crate::{
     AnyRecord, Backend, BusError, Envelope, RawDelivery, RawSubscription, Receipt, Stream,
 };
 
-/// A queued record: its offset and the record, shared by every group's queue.
-type Queued = (i64, Arc<dyn AnyRecord>);
+/// A queued record: its offset, the record (shared by every group's queue), and what its
+/// publisher waits on (`None` for a tail).
+type Queued = (i64, Arc<dyn AnyRecord>, Option<Arc<Acknowledgements>>);
+
+/// The acknowledgements a published record still waits for.
+#[derive(Debug)]
+struct Acknowledgements {
+    remaining: AtomicUsize,
+    publisher: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+impl Acknowledgements {
+    /// One group acknowledged; the last one tells the publisher.
+    fn acknowledge(&self) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Some(publisher) = self
+                .publisher
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+            {
+                let _ = publisher.send(());
+            }
+        }
+    }
+}
 
 /// Queue of one consumer group in process.
 type GroupQueue = Arc<tokio::sync::Mutex<mpsc::Receiver<Queued>>>;
@@ -23,6 +54,8 @@ type GroupQueue = Arc<tokio::sync::Mutex<mpsc::Receiver<Queued>>>;
 struct GroupSender {
     group: String,
     sender: mpsc::Sender<Queued>,
+    /// A consumer group whose acknowledgement the publisher waits for; false for a live tail.
+    durable: bool,
 }
 
 #[derive(Default)]
@@ -31,10 +64,8 @@ struct StreamState {
     queues: HashMap<String, GroupQueue>,
 }
 
-/// The embedded bus: one bounded queue per (stream, consumer group), in memory.
-///
-/// Records are lost if the process dies before a worker has handled them; this is the embedded
-/// trade-off. Kafka is the durable bus.
+/// The embedded bus: one bounded queue per (stream, consumer group), in memory; a publish
+/// returns once every consumer group acknowledged the record (see the module's documentation).
 #[derive(Clone)]
 pub struct InProcessBus {
     capacity: usize,
@@ -100,12 +131,39 @@ impl Backend for InProcessBus {
             return Err(BusError::Closed);
         }
         let offset = self.offsets.fetch_add(1, Ordering::Relaxed) + 1;
+        let groups = senders.iter().filter(|s| s.durable).count();
+        let (acknowledgements, acknowledged) = if groups == 0 {
+            (None, None)
+        } else {
+            let (tx, rx) = oneshot::channel();
+            let acks = Arc::new(Acknowledgements {
+                remaining: AtomicUsize::new(groups),
+                publisher: Mutex::new(Some(tx)),
+            });
+            (Some(acks), Some(rx))
+        };
         // Every group gets the same record: a reference, not a copy.
         for target in senders.iter() {
-            self.send_to(stream, target, (offset, Arc::clone(&envelope.record)))
+            let acks = if target.durable {
+                acknowledgements.clone()
+            } else {
+                None
+            };
+            self.send_to(stream, target, (offset, Arc::clone(&envelope.record), acks))
                 .await?;
         }
-        Ok(())
+        // The senders must not outlive the sending: a closed bus ends its subscriptions once
+        // no sender is left, and the last batch is only flushed (and acknowledged) then.
+        drop(senders);
+        // Only the queued records hold the acknowledgements now: if every holder drops the
+        // record unacknowledged, the publisher hears it.
+        drop(acknowledgements);
+        match acknowledged {
+            // A group dropping the record unacknowledged (stopped before its commit) drops the
+            // sender: the record is not known to be kept, and the publisher must not say it is.
+            Some(acknowledged) => acknowledged.await.map_err(|_| BusError::Closed),
+            None => Ok(()),
+        }
     }
 
     async fn subscribe(
@@ -113,6 +171,24 @@ impl Backend for InProcessBus {
         stream: Stream,
         group: &str,
     ) -> Result<Box<dyn RawSubscription>, BusError> {
+        Ok(self.join(stream, group, true))
+    }
+
+    /// A tail is a group of its own whose acknowledgement no publisher waits for.
+    async fn tail(&self, stream: Stream, name: &str) -> Result<Box<dyn RawSubscription>, BusError> {
+        Ok(self.join(stream, name, false))
+    }
+
+    async fn close(&self) {
+        let mut streams = self.streams.write().unwrap_or_else(|p| p.into_inner());
+        for state in streams.values_mut() {
+            state.senders = Arc::new(Vec::new());
+        }
+    }
+}
+
+impl InProcessBus {
+    fn join(&self, stream: Stream, group: &str, durable: bool) -> Box<dyn RawSubscription> {
         let mut streams = self.streams.write().unwrap_or_else(|p| p.into_inner());
         let state = streams.entry(stream).or_default();
         let queue = match state.queues.get(group) {
@@ -124,42 +200,58 @@ impl Backend for InProcessBus {
                 senders.push(GroupSender {
                     group: group.to_owned(),
                     sender,
+                    durable,
                 });
                 state.senders = Arc::new(senders);
                 state.queues.insert(group.to_owned(), Arc::clone(&queue));
                 queue
             }
         };
-        Ok(Box::new(InProcessSubscription { queue }))
-    }
-
-    async fn close(&self) {
-        let mut streams = self.streams.write().unwrap_or_else(|p| p.into_inner());
-        for state in streams.values_mut() {
-            state.senders = Arc::new(Vec::new());
-        }
+        Box::new(InProcessSubscription {
+            queue,
+            unacknowledged: VecDeque::new(),
+        })
     }
 }
 
 struct InProcessSubscription {
     queue: GroupQueue,
+    /// Records handed out whose publishers wait for this group's acknowledgement, by offset.
+    unacknowledged: VecDeque<(i64, Arc<Acknowledgements>)>,
 }
 
 #[async_trait]
 impl RawSubscription for InProcessSubscription {
     async fn next(&mut self) -> Result<Option<RawDelivery>, BusError> {
         let mut queue = self.queue.lock().await;
-        Ok(queue.recv().await.map(|(offset, record)| RawDelivery {
-            record,
-            receipt: Receipt {
-                partition: 0,
-                offset,
-            },
+        Ok(queue.recv().await.map(|(offset, record, acks)| {
+            if let Some(acks) = acks {
+                self.unacknowledged.push_back((offset, acks));
+            }
+            RawDelivery {
+                record,
+                receipt: Receipt {
+                    partition: 0,
+                    offset,
+                },
+            }
         }))
     }
 
-    async fn ack(&mut self, _receipts: &[Receipt]) -> Result<(), BusError> {
-        // In process, a record handed out is gone from the queue: there is nothing to commit.
+    async fn ack(&mut self, receipts: &[Receipt]) -> Result<(), BusError> {
+        // Consumers acknowledge in the order they received (a batch at a time), so the records
+        // are found at the front.
+        for receipt in receipts {
+            if let Some(index) = self
+                .unacknowledged
+                .iter()
+                .position(|(offset, _)| *offset == receipt.offset)
+            {
+                if let Some((_, acks)) = self.unacknowledged.remove(index) {
+                    acks.acknowledge();
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -232,30 +324,80 @@ mod tests {
         Ping { n, at: Utc::now() }
     }
 
+    /// Takes and acknowledges every record of `sub` until the bus closes; returns them.
+    async fn consume<T: Record>(mut sub: crate::Subscription<T>) -> Vec<T> {
+        let mut seen = Vec::new();
+        while let Some(d) = sub.next().await.unwrap() {
+            sub.ack(&[d.receipt]).await.unwrap();
+            seen.push(d.record);
+        }
+        seen
+    }
+
     #[tokio::test]
     async fn each_group_gets_every_record_of_its_type_in_order_and_close_drains() {
         let bus = Bus::in_process(16);
-        let mut a = bus.subscribe::<Ping>("a").await.unwrap();
-        let mut b = bus.subscribe::<Ping>("b").await.unwrap();
-        let mut pongs = bus.subscribe::<Pong>("a").await.unwrap();
+        let a = tokio::spawn(consume(bus.subscribe::<Ping>("a").await.unwrap()));
+        let b = tokio::spawn(consume(bus.subscribe::<Ping>("b").await.unwrap()));
+        let pongs = tokio::spawn(consume(bus.subscribe::<Pong>("a").await.unwrap()));
         for n in 0..10 {
             bus.publish(ping(n)).await.unwrap();
             bus.publish(Pong { n: 100 + n }).await.unwrap();
         }
         bus.close().await;
         assert!(matches!(bus.publish(ping(99)).await, Err(BusError::Closed)));
-        for sub in [&mut a, &mut b] {
-            let mut seen = Vec::new();
-            while let Some(d) = sub.next().await.unwrap() {
-                seen.push(d.record.n);
-            }
+        for sub in [a, b] {
+            let seen: Vec<u32> = sub.await.unwrap().iter().map(|p| p.n).collect();
             assert_eq!(seen, (0..10).collect::<Vec<_>>());
         }
-        let mut seen = Vec::new();
-        while let Some(d) = pongs.next().await.unwrap() {
-            seen.push(d.record.n);
-        }
+        let seen: Vec<u32> = pongs.await.unwrap().iter().map(|p| p.n).collect();
         assert_eq!(seen, (100..110).collect::<Vec<_>>());
+    }
+
+    /// A publish returns once every consumer group acknowledged the record (after its commit),
+    /// not when it was queued; a tail is not waited for.
+    #[tokio::test]
+    async fn a_publish_returns_once_every_group_acknowledged_and_tails_are_not_waited_for() {
+        let bus = Bus::in_process(16);
+        let mut persist = bus.subscribe::<Ping>("persist").await.unwrap();
+        let mut anomaly = bus.subscribe::<Ping>("anomaly").await.unwrap();
+        let _tail = bus.tail::<Ping>("relay").await.unwrap();
+        let publishing = {
+            let bus = bus.clone();
+            tokio::spawn(async move { bus.publish(ping(1)).await })
+        };
+        let first = persist.next().await.unwrap().unwrap();
+        let second = anomaly.next().await.unwrap().unwrap();
+        persist.ack(&[first.receipt]).await.unwrap();
+        tokio::task::yield_now().await;
+        assert!(!publishing.is_finished(), "one group of two has it");
+        anomaly.ack(&[second.receipt]).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), publishing)
+            .await
+            .expect("the publish returns")
+            .unwrap()
+            .unwrap();
+    }
+
+    /// A group that stops without acknowledging (it never committed the record) fails the
+    /// publish: the publisher must not tell the car it was kept.
+    #[tokio::test]
+    async fn a_record_dropped_unacknowledged_fails_its_publish() {
+        let bus = Bus::in_process(16);
+        let mut persist = bus.subscribe::<Ping>("persist").await.unwrap();
+        let publishing = {
+            let bus = bus.clone();
+            tokio::spawn(async move { bus.publish(ping(1)).await })
+        };
+        let _taken = persist.next().await.unwrap().unwrap();
+        drop(persist);
+        bus.close().await;
+        // The queue still holds the group's receiver: closing the bus drops the record.
+        let result = tokio::time::timeout(Duration::from_secs(5), publishing)
+            .await
+            .expect("the publish returns")
+            .unwrap();
+        assert!(matches!(result, Err(BusError::Closed)), "{result:?}");
     }
 
     #[tokio::test]
@@ -270,7 +412,8 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_makes_the_publisher_wait() {
         let bus = Bus::in_process(2);
-        let mut sub = bus.subscribe::<Ping>("slow").await.unwrap();
+        // A tail: the publisher waits only for room in its queue.
+        let mut sub = bus.tail::<Ping>("slow").await.unwrap();
         bus.publish(ping(1)).await.unwrap();
         bus.publish(ping(2)).await.unwrap();
         let blocked = {

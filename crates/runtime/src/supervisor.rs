@@ -51,7 +51,11 @@ enum Step {
         task: Option<JoinHandle<Result<(), PartError>>>,
         /// Whether its end stops the process.
         essential: bool,
+        /// Whether the stop waits for it here; `false`: at its [`Step::Join`] later.
+        joined_here: bool,
     },
+    /// Waits for a part asked to stop earlier ([`Supervisor::spawn_joined_later`]).
+    Join { part: &'static str },
     /// Something done at this point of the stop sequence (closing the bus once the parts
     /// that publish have stopped).
     Action {
@@ -73,6 +77,7 @@ impl std::fmt::Debug for Supervisor {
             .iter()
             .map(|s| match s {
                 Step::Part { name, .. } | Step::Action { name, .. } => *name,
+                Step::Join { part } => part,
             })
             .collect();
         f.debug_struct("Supervisor").field("steps", &names).finish()
@@ -112,7 +117,25 @@ impl Supervisor {
         Fut: Future<Output = Result<(), E>> + Send + 'static,
         E: Into<PartError>,
     {
-        self.start(name, run, true);
+        self.start(name, run, true, true);
+    }
+
+    /// Starts an essential part that is asked to stop at this point of the stop sequence but
+    /// waited for only at [`Supervisor::join`]: the steps between let it finish (MQTT ingest
+    /// drains its last readings while the bus is closed and the workers commit them).
+    pub fn spawn_joined_later<F, Fut, E>(&mut self, name: &'static str, run: F)
+    where
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<PartError>,
+    {
+        self.start(name, run, true, false);
+    }
+
+    /// Waits here, in the stop sequence, for the part `name` started with
+    /// [`Supervisor::spawn_joined_later`].
+    pub fn join(&mut self, name: &'static str) {
+        self.steps.push(Step::Join { part: name });
     }
 
     /// Starts a part whose end does not stop the process (the demo simulator: it may finish).
@@ -122,10 +145,10 @@ impl Supervisor {
         Fut: Future<Output = Result<(), E>> + Send + 'static,
         E: Into<PartError>,
     {
-        self.start(name, run, false);
+        self.start(name, run, false, true);
     }
 
-    fn start<F, Fut, E>(&mut self, name: &'static str, run: F, essential: bool)
+    fn start<F, Fut, E>(&mut self, name: &'static str, run: F, essential: bool, joined_here: bool)
     where
         F: FnOnce(CancellationToken) -> Fut,
         Fut: Future<Output = Result<(), E>> + Send + 'static,
@@ -139,6 +162,7 @@ impl Supervisor {
             stop,
             task: Some(task),
             essential,
+            joined_here,
         });
     }
 
@@ -239,31 +263,64 @@ impl Supervisor {
     /// stop).
     async fn stop_all(self) -> Result<(), SupervisorError> {
         let mut first_error = None;
+        let mut deferred: Vec<(&'static str, JoinHandle<Result<(), PartError>>)> = Vec::new();
         for step in self.steps {
-            match step {
+            let (name, task) = match step {
                 Step::Part {
-                    name, stop, task, ..
+                    name,
+                    stop,
+                    task,
+                    joined_here,
+                    ..
                 } => {
                     stop.cancel();
                     let Some(task) = task else { continue };
-                    let reason = match task.await {
-                        Ok(Ok(())) => {
-                            tracing::debug!(part = name, "stopped");
-                            continue;
-                        }
-                        Ok(Err(e)) => report(e.as_ref()),
-                        Err(e) => e.to_string(),
+                    if !joined_here {
+                        deferred.push((name, task));
+                        continue;
+                    }
+                    (name, task)
+                }
+                Step::Join { part } => {
+                    let Some(index) = deferred.iter().position(|(name, _)| *name == part) else {
+                        continue;
                     };
-                    tracing::error!(part = name, reason, "failed while stopping");
-                    first_error.get_or_insert(SupervisorError::Stopping { part: name, reason });
+                    deferred.swap_remove(index)
                 }
                 Step::Action { name, action } => {
                     tracing::debug!(step = name, "stop step");
                     action.await;
+                    continue;
                 }
+            };
+            if let Some(error) = Self::stopped(name, task).await {
+                first_error.get_or_insert(error);
+            }
+        }
+        // Parts asked to stop whose join step was never declared are waited for last.
+        for (name, task) in deferred {
+            if let Some(error) = Self::stopped(name, task).await {
+                first_error.get_or_insert(error);
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Waits for a part asked to stop; its failure, if it failed.
+    async fn stopped(
+        name: &'static str,
+        task: JoinHandle<Result<(), PartError>>,
+    ) -> Option<SupervisorError> {
+        let reason = match task.await {
+            Ok(Ok(())) => {
+                tracing::debug!(part = name, "stopped");
+                return None;
+            }
+            Ok(Err(e)) => report(e.as_ref()),
+            Err(e) => e.to_string(),
+        };
+        tracing::error!(part = name, reason, "failed while stopping");
+        Some(SupervisorError::Stopping { part: name, reason })
     }
 }
 
@@ -307,6 +364,38 @@ mod tests {
             ["stop ingest", "close bus", "stop persist", "stop http"]
         );
         assert!(!readiness.all_ready(), "draining makes the process unready");
+    }
+
+    #[tokio::test]
+    async fn a_part_joined_later_is_asked_to_stop_first_and_waited_for_after_the_steps_between() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut supervisor = Supervisor::new(Readiness::default());
+        // Ingest stops reading at once but finishes only once the bus is closed.
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+        let ingest_log = Arc::clone(&log);
+        supervisor.spawn_joined_later("ingest", move |stop| async move {
+            stop.cancelled().await;
+            ingest_log
+                .lock()
+                .unwrap()
+                .push("ingest asked to stop".to_owned());
+            let _ = closed_rx.await;
+            ingest_log.lock().unwrap().push("ingest drained".to_owned());
+            Ok::<(), PartError>(())
+        });
+        let close_log = Arc::clone(&log);
+        supervisor.then("close the bus", async move {
+            close_log.lock().unwrap().push("close bus".into());
+            let _ = closed_tx.send(());
+        });
+        supervisor.join("ingest");
+        supervisor.spawn("persist", recording(&log, "persist"));
+        supervisor.run_until(async {}).await.unwrap();
+        let log = log.lock().unwrap();
+        let at = |entry: &str| log.iter().position(|e| e == entry).unwrap();
+        assert!(at("ingest asked to stop") < at("ingest drained"));
+        assert!(at("close bus") < at("ingest drained"), "{log:?}");
+        assert!(at("ingest drained") < at("stop persist"), "{log:?}");
     }
 
     #[tokio::test]

@@ -251,6 +251,23 @@ mod tests {
         }
     }
 
+    /// Starts `n` publishes; returns once every one of them is queued.
+    async fn publish_all(
+        bus: &Bus,
+        n: usize,
+    ) -> Vec<tokio::task::JoinHandle<Result<(), BusError>>> {
+        let mut publishes = Vec::new();
+        for _ in 0..n {
+            let (bus, reading) = (bus.clone(), reading());
+            publishes.push(tokio::spawn(async move { bus.publish(reading).await }));
+        }
+        // Each task queues its record at its first poll; let them all run that far.
+        for _ in 0..n {
+            tokio::task::yield_now().await;
+        }
+        publishes
+    }
+
     async fn start(
         policy: BatchPolicy,
         failures: u32,
@@ -290,12 +307,14 @@ mod tests {
             max_delay: Duration::from_secs(3600),
         };
         let (bus, batches, _, task) = start(policy, 0).await;
-        for _ in 0..2500 {
-            bus.publish(reading()).await.unwrap();
-        }
+        // A publish returns once the writer acknowledged it: publish them all at once.
+        let publishes = publish_all(&bus, 2500).await;
         bus.close().await;
         task.await.unwrap().unwrap();
         assert_eq!(*batches.lock().unwrap(), vec![1000, 1000, 500]);
+        for publish in publishes {
+            publish.await.unwrap().unwrap();
+        }
     }
 
     #[tokio::test]
@@ -305,9 +324,7 @@ mod tests {
             max_delay: Duration::from_millis(30),
         };
         let (bus, batches, committed, task) = start(policy, 0).await;
-        for _ in 0..3 {
-            bus.publish(reading()).await.unwrap();
-        }
+        let publishes = publish_all(&bus, 3).await;
         tokio::time::timeout(Duration::from_secs(5), committed.notified())
             .await
             .expect("a commit within 5 s");
@@ -316,6 +333,9 @@ mod tests {
             vec![3],
             "a timed flush, before any close"
         );
+        for publish in publishes {
+            publish.await.unwrap().unwrap();
+        }
         bus.close().await;
         task.await.unwrap().unwrap();
     }
@@ -327,11 +347,12 @@ mod tests {
             max_delay: Duration::from_secs(3600),
         };
         let (bus, batches, _, task) = start(policy, 3).await;
-        for _ in 0..25 {
-            bus.publish(reading()).await.unwrap();
-        }
+        let publishes = publish_all(&bus, 25).await;
         bus.close().await;
         task.await.unwrap().unwrap();
         assert_eq!(*batches.lock().unwrap(), vec![10, 10, 5]);
+        for publish in publishes {
+            publish.await.unwrap().unwrap();
+        }
     }
 }

@@ -187,10 +187,11 @@ impl AnomalyWorker {
             DetectorSink(Arc::clone(&self.detection)),
             self.subscription,
             // Each batch reads and writes the state of every car in it: larger batches carry
-            // more readings per state round trip (detection may lag by up to 250 ms).
+            // more readings per state round trip. In process, a car's PUBACK waits for this
+            // commit too, so a batch waits at most 100 ms.
             BatchPolicy {
                 max_rows: 5000,
-                max_delay: Duration::from_millis(250),
+                max_delay: Duration::from_millis(100),
             },
             RetryPolicy::default(),
             shutdown.clone(),

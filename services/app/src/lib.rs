@@ -366,12 +366,21 @@ impl App {
                 ecars_simulator::run(config, stop).await.map(|_| ())
             });
         }
+        let ingest_runs = ingest.is_some();
         if let Some(ingest) = ingest {
             readiness.set("ingest", true);
-            supervisor.spawn("MQTT ingest", |stop| async move {
+            let run = |stop| async move {
                 ingest.run(stop).await;
                 Ok::<(), std::convert::Infallible>(())
-            });
+            };
+            if in_process {
+                // In process a car's PUBACK waits for the workers' commits: ingest stops
+                // reading, and its last readings are committed by the workers while the bus
+                // closes; then it is done.
+                supervisor.spawn_joined_later("MQTT ingest", run);
+            } else {
+                supervisor.spawn("MQTT ingest", run);
+            }
         }
         let close_bus = {
             let bus = bus.clone();
@@ -384,6 +393,9 @@ impl App {
         if in_process {
             if let Some(close) = close_bus.take() {
                 supervisor.then("close the bus", close);
+            }
+            if ingest_runs {
+                supervisor.join("MQTT ingest");
             }
         }
         if let Some(persist) = persist {

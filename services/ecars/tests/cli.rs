@@ -260,6 +260,143 @@ async fn help_explains_every_setting_with_its_environment_variable() {
     }
 }
 
+/// A PUBACK means the reading survives `kill -9` of `ecars up`: every reading acknowledged to a
+/// car before the kill is in the database afterwards, and none is there twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_up_loses_no_acknowledged_reading() {
+    use std::collections::HashSet;
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("k.db").display());
+    let (mqtt, ws, http) = (free_port(), free_port(), free_port());
+    let mut up = Command::new(ECARS)
+        .args(["up", "--mqtt-addr", &format!("127.0.0.1:{mqtt}")])
+        .args(["--mqtt-ws-addr", &format!("127.0.0.1:{ws}")])
+        .args(["--http-addr", &format!("127.0.0.1:{http}")])
+        .env("DATABASE_URL", &url)
+        .env_remove("ECARS_DEVICE_SECRET")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_ready(http).await;
+
+    // 20 cars, each pipelining QoS 1 readings (32 in flight), each reading dated uniquely;
+    // what a PUBACK came back for is noted.
+    let acknowledged: Arc<Mutex<HashSet<(String, String)>>> = Arc::default();
+    let mut cars = Vec::new();
+    for car in 0..20u32 {
+        let acknowledged = Arc::clone(&acknowledged);
+        cars.push(tokio::spawn(async move {
+            let vin = ecars_e2e::test_vin(500 + car);
+            let Ok(mut socket) = tokio::net::TcpStream::connect(("127.0.0.1", mqtt)).await else {
+                return;
+            };
+            let client_id = format!("k-{car}");
+            let mut connect = vec![0x10, (12 + client_id.len()) as u8, 0, 4];
+            connect.extend_from_slice(b"MQTT");
+            connect.extend_from_slice(&[4, 2, 0, 60]);
+            connect.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+            connect.extend_from_slice(client_id.as_bytes());
+            if socket.write_all(&connect).await.is_err() {
+                return;
+            }
+            let mut connack = [0u8; 4];
+            if socket.read_exact(&mut connack).await.is_err() {
+                return;
+            }
+            let (mut read, mut write) = socket.into_split();
+            let sent: Arc<Mutex<std::collections::HashMap<u16, String>>> = Arc::default();
+            let window = Arc::new(tokio::sync::Semaphore::new(32));
+            let reader = {
+                let (sent, window, acknowledged, vin) = (
+                    Arc::clone(&sent),
+                    Arc::clone(&window),
+                    Arc::clone(&acknowledged),
+                    vin.clone(),
+                );
+                tokio::spawn(async move {
+                    let mut ack = [0u8; 4];
+                    while read.read_exact(&mut ack).await.is_ok() {
+                        let pkid = u16::from_be_bytes([ack[2], ack[3]]);
+                        if let Some(date) = sent.lock().unwrap().remove(&pkid) {
+                            acknowledged.lock().unwrap().insert((vin.clone(), date));
+                        }
+                        window.add_permits(1);
+                    }
+                    // The server is gone: the writer stops waiting for room.
+                    window.close();
+                })
+            };
+            let start = chrono::Utc::now();
+            for n in 1..=60_000u32 {
+                let Ok(permit) = window.acquire().await else {
+                    break;
+                };
+                permit.forget();
+                let pkid = (n % 60_000 + 1) as u16;
+                let date = (start + chrono::TimeDelta::milliseconds(i64::from(n)))
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                let payload = format!(r#"{{"vin":"{vin}","battery":50,"date":"{date}"}}"#);
+                let topic = format!("vehicles/{vin}/telemetry");
+                let mut publish = vec![0x32];
+                let mut len = 2 + topic.len() + 2 + payload.len();
+                while len >= 128 {
+                    publish.push((len % 128) as u8 | 0x80);
+                    len /= 128;
+                }
+                publish.push(len as u8);
+                publish.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+                publish.extend_from_slice(topic.as_bytes());
+                publish.extend_from_slice(&pkid.to_be_bytes());
+                publish.extend_from_slice(payload.as_bytes());
+                sent.lock().unwrap().insert(pkid, date);
+                if write.write_all(&publish).await.is_err() {
+                    break;
+                }
+            }
+            let _ = reader.await;
+        }));
+    }
+    wait_for(
+        "5,000 acknowledged readings",
+        Duration::from_secs(60),
+        || async { acknowledged.lock().unwrap().len() >= 5_000 },
+    )
+    .await
+    .unwrap();
+    up.start_kill().unwrap();
+    up.wait().await.unwrap();
+    for car in cars {
+        let _ = car.await;
+    }
+
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    let db = Database::connect_lazy(&url).unwrap();
+    let mut stored = HashSet::new();
+    for car in 0..20u32 {
+        let vin = ecars_model::Vin::parse(&ecars_e2e::test_vin(500 + car)).unwrap();
+        for reading in db.sensor_rows().of_vehicle(&vin, 100_000).await.unwrap() {
+            stored.insert((
+                reading.vin.to_string(),
+                reading
+                    .date
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            ));
+        }
+    }
+    let lost: Vec<_> = acknowledged.difference(&stored).take(5).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged readings lost, e.g. {lost:?}",
+        acknowledged.difference(&stored).count(),
+        acknowledged.len()
+    );
+    let rows = db.sensor_rows().count().await.unwrap();
+    assert_eq!(rows as usize, stored.len(), "no reading stored twice");
+}
+
 /// When the process runs out of descriptors, MQTT accepts fail; they must pause and be logged
 /// once per interval, never in a tight loop (a run at 10,000 cars once wrote gigabytes of log),
 /// and ingest serves again once descriptors are free.
@@ -288,6 +425,26 @@ async fn descriptor_exhaustion_costs_a_bounded_log_and_ingest_recovers() {
         .unwrap();
     wait_ready(http).await;
 
+    let lines_before = std::fs::read_to_string(&log).unwrap().lines().count();
+    let logged_since_start = || -> Vec<String> {
+        std::io::BufReader::new(std::fs::File::open(&log).unwrap())
+            .lines()
+            .map_while(Result::ok)
+            .skip(lines_before)
+            .collect()
+    };
+    let accept_lines = |lines: &[String]| {
+        lines
+            .iter()
+            .filter(|l| l.contains("MQTT accept failing"))
+            .count()
+    };
+    let descriptors = || {
+        std::fs::read_dir(format!("/proc/{}/fd", child.id().unwrap_or(0)))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+
     // Idle HTTP connections until the server can accept no more (axum holds each one open).
     // (Past the limit the kernel's backlog fills and a connect hangs: the timeout ends the loop.)
     let mut held = Vec::new();
@@ -298,29 +455,34 @@ async fn descriptor_exhaustion_costs_a_bounded_log_and_ingest_recovers() {
             _ => break,
         }
     }
-    let lines_before = std::fs::read_to_string(&log).unwrap().lines().count();
-    // Cars keep arriving while there are no descriptors, for six seconds.
+    // Cars keep arriving while there are no descriptors: until ingest says its accepts fail
+    // (at most 30 s; the HTTP server may still be taking the last descriptors), then for six
+    // seconds more, in which a tight loop would log thousands of lines.
     let mut waiting = Vec::new();
+    let car_arrives = || {
+        let connect = tokio::net::TcpStream::connect(("127.0.0.1", mqtt));
+        async move {
+            let socket = tokio::time::timeout(Duration::from_millis(200), connect).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            socket.ok().and_then(Result::ok)
+        }
+    };
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+    while accept_lines(&logged_since_start()) == 0 && tokio::time::Instant::now() < give_up {
+        waiting.extend(car_arrives().await);
+    }
     let until = tokio::time::Instant::now() + Duration::from_secs(6);
     while tokio::time::Instant::now() < until {
-        let connect = tokio::net::TcpStream::connect(("127.0.0.1", mqtt));
-        if let Ok(Ok(socket)) = tokio::time::timeout(Duration::from_millis(200), connect).await {
-            waiting.push(socket);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        waiting.extend(car_arrives().await);
     }
-    let exhausted: Vec<String> = std::io::BufReader::new(std::fs::File::open(&log).unwrap())
-        .lines()
-        .map_while(Result::ok)
-        .skip(lines_before)
-        .collect();
-    let accept_lines = exhausted
-        .iter()
-        .filter(|l| l.contains("MQTT accept failing"))
-        .count();
+    let exhausted = logged_since_start();
+    let accept_lines = accept_lines(&exhausted);
     assert!(
-        (1..=2).contains(&accept_lines),
-        "one line per 10 s about failing accepts, got {accept_lines}:\n{}",
+        (1..=3).contains(&accept_lines),
+        "one line per 10 s about failing accepts, got {accept_lines} ({} descriptors open, {} \
+         HTTP connections held):\n{}",
+        descriptors(),
+        held.len(),
         exhausted.join("\n")
     );
     assert!(
@@ -513,6 +675,9 @@ async fn hundred_thousand_readings_from_1000_cars_with_a_replica_stopped_midway(
         // A fleet comes online over time; cars that time out on CONNECT under this load
         // reconnect with their persistent session and send their unacknowledged readings again.
         .args(["--ramp", "5s"])
+        // The load is many times what debug builds on two cores carry: acknowledgements wait
+        // behind the backlog (backpressure) for longer than a car's default patience.
+        .args(["--ack-timeout", "120s"])
         .args(["--broker", &format!("mqtt://127.0.0.1:{}", scale_out.mqtt)])
         .env_remove("ECARS_DEVICE_SECRET")
         .stdout(Stdio::piped())

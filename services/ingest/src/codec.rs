@@ -25,6 +25,9 @@ const INITIAL_READ_BUFFER: usize = 512;
 /// A read buffer grown past this by a large packet is given back once it is empty again.
 const KEPT_READ_BUFFER: usize = 16 * 1024;
 
+/// The most a single read asks for: a busy car's pipelined packets come in large reads.
+const LARGEST_READ: usize = 64 * 1024;
+
 /// MQTT protocol generation of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Version {
@@ -122,6 +125,10 @@ pub type Frame = (FixedHeader, Bytes);
 pub struct FrameReader<R> {
     reader: R,
     buffer: BytesMut,
+    /// How much the next read asks for: doubled while reads come back full (a busy car),
+    /// halved while they come back short (an idle one), so an idle car keeps a small buffer and
+    /// a busy one is read in few system calls.
+    read_size: usize,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -130,6 +137,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         FrameReader {
             reader,
             buffer: BytesMut::new(),
+            read_size: INITIAL_READ_BUFFER,
         }
     }
 
@@ -155,6 +163,23 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         check(self.buffer.iter(), MAX_PACKET_BYTES).is_ok()
     }
 
+    /// Whether the peer has already closed its end with nothing more to read, judged without
+    /// waiting. Bytes that did arrive stay for [`FrameReader::next`].
+    ///
+    /// A car whose CONNECT timed out closes its socket and connects again; under load the
+    /// abandoned CONNECT may still wait in the listen queue and be read after the new one.
+    pub fn peer_closed(&mut self) -> bool {
+        use futures_util::FutureExt;
+        if !self.buffer.is_empty() {
+            return false;
+        }
+        self.buffer.reserve(INITIAL_READ_BUFFER);
+        matches!(
+            self.reader.read_buf(&mut self.buffer).now_or_never(),
+            Some(Ok(0))
+        )
+    }
+
     /// The next packet; `None` at a clean end of stream. Cancel-safe: bytes read before a
     /// cancellation stay in the buffer.
     pub async fn next(&mut self) -> Result<Option<Frame>, ReadError> {
@@ -163,11 +188,20 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 return Ok(Some(frame));
             }
             let want = match check(self.buffer.iter(), MAX_PACKET_BYTES) {
-                Err(rumqttd::protocol::Error::InsufficientBytes(n)) => n.max(INITIAL_READ_BUFFER),
-                _ => INITIAL_READ_BUFFER,
+                Err(rumqttd::protocol::Error::InsufficientBytes(n)) => n.max(self.read_size),
+                _ => self.read_size,
             };
             self.buffer.reserve(want);
-            if self.reader.read_buf(&mut self.buffer).await? == 0 {
+            let room = self.buffer.capacity() - self.buffer.len();
+            let read = self.reader.read_buf(&mut self.buffer).await?;
+            self.read_size = if read == room {
+                (self.read_size * 2).min(LARGEST_READ)
+            } else if read < room / 2 {
+                (self.read_size / 2).max(INITIAL_READ_BUFFER)
+            } else {
+                self.read_size
+            };
+            if read == 0 {
                 return if self.buffer.is_empty() {
                     Ok(None)
                 } else {

@@ -51,6 +51,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// reading per round trip, while the bound keeps memory flat.
 const MAX_IN_FLIGHT: usize = 128;
 
+/// Packets (and answers) a connection handles before it lets the other tasks run.
+const PACKETS_PER_TURN: usize = 32;
+
 /// The client's CONNECT, kept to open its broker session when it first needs one.
 #[derive(Clone, Debug)]
 pub struct ConnectRequest {
@@ -158,6 +161,10 @@ pub enum Ended {
     /// The client's credentials were refused, or the gateway is full.
     #[error("refused at CONNECT")]
     Refused,
+    /// The client closed its socket right after its CONNECT, before the gateway read it: it
+    /// gave up waiting and connects again, so this CONNECT must not take its session over.
+    #[error("client gone before CONNACK")]
+    Abandoned,
     /// The client sent no CONNECT in time.
     #[error("no CONNECT within {0:?}")]
     ConnectTimeout(Duration),
@@ -183,6 +190,7 @@ impl Ended {
             Ended::ServerShutdown => "server_shutdown",
             Ended::Violation(_) => "protocol_violation",
             Ended::Refused => "refused",
+            Ended::Abandoned => "abandoned",
             Ended::ConnectTimeout(_) => "connect_timeout",
             Ended::ConnectionError(_) => "connection_error",
             Ended::Broker(_) => "broker",
@@ -248,6 +256,11 @@ where
         },
         _ = shutdown.cancelled() => return Ended::ServerShutdown,
     };
+    // Acting on an abandoned CONNECT would disconnect the car's newer connection (a takeover)
+    // for nothing: nobody is there to read the CONNACK.
+    if client.peer_closed() {
+        return Ended::Abandoned;
+    }
     let mut connection = match Connection::start(&gateway, connected, admitted, &mut out).await {
         Ok(connection) => connection,
         Err(ended) => {
@@ -400,7 +413,7 @@ impl<'g, B: Broker> Connection<'g, B> {
         ));
         out.flush().await?;
         metrics::gauge!(m::MQTT_CONNECTIONS_OPEN).increment(1.0);
-        tracing::debug!(client_id, ?version, vin = ?connection.device_vin, "MQTT client connected");
+        tracing::debug!(client_id, ?version, session_present, vin = ?connection.device_vin, "MQTT client connected");
         Ok(connection)
     }
 
@@ -444,6 +457,7 @@ impl<'g, B: Broker> Connection<'g, B> {
         // The broker sees no packet of a car the gateway answers itself: it is pinged instead.
         let broker_ping = Duration::from_secs(u64::from(self.request.connect.keep_alive)) / 2;
         let mut next_broker_ping = Instant::now() + broker_ping;
+        let mut turn = 0;
         let ended = loop {
             let reading = in_flight.len() < MAX_IN_FLIGHT;
             // Silence counts only while the gateway listens: when the bus holds it back, the
@@ -505,8 +519,13 @@ impl<'g, B: Broker> Connection<'g, B> {
                 }
             }
             self.answers.take_ready(&mut out.buffer);
+            // A busy car's buffer can hold hundreds of packets that need no I/O to read: after a
+            // turn's worth the task yields, so a thousand busy cars cannot keep a new car's
+            // CONNECT (or the accept loop) waiting for seconds behind them.
+            turn += 1;
+            let turn_over = turn >= PACKETS_PER_TURN;
             // Write out once nothing more is waiting: one syscall for a burst of answers.
-            if !client.has_whole_packet() {
+            if turn_over || !client.has_whole_packet() {
                 if let Err(e) = out.flush().await {
                     break e.into();
                 }
@@ -515,6 +534,10 @@ impl<'g, B: Broker> Connection<'g, B> {
                         break e.into();
                     }
                 }
+            }
+            if turn_over {
+                turn = 0;
+                tokio::task::yield_now().await;
             }
         };
         // Whatever reached the bus is acknowledged before the connection ends.
@@ -762,6 +785,7 @@ impl<'g, B: Broker> Connection<'g, B> {
         let _ = out.write.shutdown().await;
         metrics::gauge!(m::MQTT_CONNECTIONS_OPEN).decrement(1.0);
         let client_id = self.request.connect.client_id.clone();
+        tracing::debug!(client_id, reason = ended.code(), "MQTT connection finished");
         if !self.request.connect.clean_session {
             self.gateway
                 .keep_session(&client_id, self.releases.into_held());
@@ -899,19 +923,31 @@ mod tests {
 
     struct Harness {
         gateway: Arc<Gateway<PipeBroker>>,
-        readings: ecars_bus::Subscription<TelemetryReading>,
+        readings: tokio::sync::mpsc::UnboundedReceiver<TelemetryReading>,
         shutdown: CancellationToken,
+    }
+
+    /// Takes and acknowledges every record of `T`, as a worker would after its commit.
+    async fn committing<T: ecars_model::Record>(
+        bus: &ecars_bus::Bus,
+        group: &str,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<T> {
+        let mut subscription = bus.subscribe::<T>(group).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(delivery)) = subscription.next().await {
+                subscription.ack(&[delivery.receipt]).await.unwrap();
+                let _ = tx.send(delivery.record);
+            }
+        });
+        rx
     }
 
     async fn harness(max_keep_alive: Option<Duration>) -> Harness {
         let bus = ecars_bus::Bus::in_process(1000);
-        let readings = bus.subscribe::<TelemetryReading>("test").await.unwrap();
+        let readings = committing::<TelemetryReading>(&bus, "test").await;
         // Dead letters need a consumer too, or the in-process bus refuses them.
-        let mut letters = bus
-            .subscribe::<ecars_model::DeadLetter>("test.dlq")
-            .await
-            .unwrap();
-        tokio::spawn(async move { while let Ok(Some(_)) = letters.next().await {} });
+        let _letters = committing::<ecars_model::DeadLetter>(&bus, "test.dlq").await;
         let gateway = Arc::new(Gateway::new(
             bus,
             PipeBroker::default(),
@@ -1052,7 +1088,7 @@ mod tests {
             .await
             .unwrap();
             assert_eq!(read_exactly(&mut car, 4).await, [0x40, 2, 0, n as u8]);
-            h.readings.next().await.unwrap().unwrap();
+            h.readings.recv().await.unwrap();
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         assert!(!task.is_finished(), "still connected after 10 s");
@@ -1122,7 +1158,7 @@ mod tests {
             &reading(1),
         ));
         car.write_all(&burst).await.unwrap();
-        h.readings.next().await.unwrap().unwrap();
+        h.readings.recv().await.unwrap();
         // The broker answers the SUBSCRIBE late: nothing may overtake its SUBACK.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let mut link = h.take_link();
@@ -1192,6 +1228,38 @@ mod tests {
         assert_eq!(read_to_close(&mut first).await, [0xE0, 2, 0x8E, 0]);
         assert!(matches!(first_task.await.unwrap(), Ended::TakenOver));
         assert!(!second_task.is_finished(), "the new connection stays");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connect_its_client_abandoned_takes_nothing_over() {
+        let mut h = harness(None).await;
+        let (mut live, live_task) = h.connect(true);
+        live.write_all(&connect_packet(Version::V4, "car-1", 60))
+            .await
+            .unwrap();
+        assert_eq!(read_exactly(&mut live, 4).await, [0x20, 2, 0, 0]);
+        // An earlier attempt of the same car that gave up before the gateway read it.
+        let (mut stale, stale_task) = h.connect(true);
+        stale
+            .write_all(&connect_packet(Version::V4, "car-1", 60))
+            .await
+            .unwrap();
+        stale.shutdown().await.unwrap();
+        assert!(matches!(stale_task.await.unwrap(), Ended::Abandoned));
+        assert!(!live_task.is_finished(), "the live connection stays");
+        // A client that sends its packets and closes without waiting is served all the same.
+        let (mut hasty, hasty_task) = h.connect(true);
+        let mut burst = connect_packet(Version::V4, "car-2", 60);
+        burst.extend(publish_packet(
+            Version::V4,
+            &format!("vehicles/{VIN}/telemetry"),
+            1,
+            &reading(1),
+        ));
+        hasty.write_all(&burst).await.unwrap();
+        hasty.shutdown().await.unwrap();
+        assert!(matches!(hasty_task.await.unwrap(), Ended::ClientDisconnect));
+        assert_eq!(h.readings.recv().await.unwrap().battery, Some(51.0));
     }
 
     #[tokio::test(start_paused = true)]

@@ -71,6 +71,11 @@ pub struct SimulatorConfig {
     /// online, instead of connecting them all at once.
     #[arg(long = "ramp", env = "ECARS_SIM_RAMP", value_parser = parse_duration)]
     pub ramp: Option<Duration>,
+    /// How long a car that has sent all its readings waits without hearing from the broker
+    /// before it gives up on the acknowledgements still missing (a loaded pipeline holds them
+    /// back: backpressure, not loss).
+    #[arg(long = "ack-timeout", env = "ECARS_SIM_ACK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub ack_timeout: Duration,
     /// Run the cars' clocks this many times faster than real time (`60`: a minute of driving
     /// per second), for demos and tests of time-based detection; readings carry the cars' time.
     #[arg(long = "time-scale", env = "ECARS_SIM_TIME_SCALE", default_value_t = 1.0, value_parser = parse_time_scale)]
@@ -435,6 +440,7 @@ async fn drive(
     };
 
     let vin = vehicle.vin.clone();
+    let ack_timeout = config.ack_timeout;
     let publisher = {
         let counters = Arc::clone(&counters);
         let stop = stop.clone();
@@ -508,15 +514,15 @@ async fn drive(
                     if stop.is_cancelled() && sent.is_some() {
                         break;
                     }
-                    tracing::debug!(error = %e, "car lost its connection; reconnecting");
+                    tracing::debug!(%vin, error = %e, "car lost its connection; reconnecting");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                         _ = stop.cancelled(), if sent.is_some() => break,
                     }
                 }
             },
-            _ = tokio::time::sleep(Duration::from_secs(10)), if sent.is_some() => {
-                tracing::warn!(outstanding = sent.unwrap_or(0) - acked, "acknowledgements still missing after 10s; giving up");
+            _ = tokio::time::sleep(ack_timeout), if sent.is_some() => {
+                tracing::warn!(%vin, outstanding = sent.unwrap_or(0) - acked, timeout = ?ack_timeout, "acknowledgements still missing; giving up");
                 break;
             }
         }

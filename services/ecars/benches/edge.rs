@@ -1,0 +1,663 @@
+//! Benchmark of the MQTT edge, `ecars up` (release build, SQLite) side by side with Debian's
+//! mosquitto in the same run, driven by the same raw-MQTT load generator in processes of its own
+//! (this benchmark's binary, re-executed with `--generator`), so that neither the client library
+//! nor the measuring process is what is measured.
+//!
+//! - idle: as many connected, idle cars as the descriptor limit allows (15,000; keep-alive 300 s):
+//!   the broker's resident memory and descriptors per car;
+//! - rate: 100 cars publishing a fixed 40,000 QoS 1 readings/s for 60 s with one `#` subscriber
+//!   on each broker: what was acknowledged, delivered and (for ecars) stored; PUBACK latency
+//!   (for ecars, publish to committed row) and publish-to-subscriber latency; the broker's CPU per
+//!   1,000 readings/s;
+//! - overload: 100 cars publishing as fast as they are acknowledged (256 in flight each) for 20 s
+//!   to a subscriber that reads slowly: what was acknowledged, delivered and stored, and the
+//!   broker's peak memory.
+//!
+//! Run: `cargo bench -p ecars --bench edge` (`-- --quick` for shorter runs, `-- --only
+//! idle|rate|overload`). Needs Debian's `mosquitto` (`apt-get install mosquitto`; installing it
+//! starts no daemon) and `prlimit` (util-linux).
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ECARS: &str = env!("CARGO_BIN_EXE_ecars");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A broker under test, in its own process.
+struct Broker {
+    name: &'static str,
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+    database_url: Option<String>,
+}
+
+impl Broker {
+    fn mosquitto() -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_type none\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new("prlimit")
+            .args(["--nofile=20000:20000", "mosquitto", "-c"])
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto (apt-get install mosquitto) and prlimit");
+        let broker = Broker {
+            name: "mosquitto 2.0",
+            child,
+            port,
+            _dir: dir,
+            database_url: None,
+        };
+        broker.wait_listening();
+        broker
+    }
+
+    fn ecars() -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let url = format!("sqlite://{}", dir.path().join("edge.db").display());
+        let child = Command::new(ECARS)
+            .args(["up", "--mqtt-addr", &format!("127.0.0.1:{port}")])
+            .args(["--mqtt-ws-addr", &format!("127.0.0.1:{}", free_port())])
+            .args(["--http-addr", &format!("127.0.0.1:{}", free_port())])
+            .env("DATABASE_URL", &url)
+            .env("ECARS_LOG", "warn,rumqttd=off")
+            .env_remove("ECARS_DEVICE_SECRET")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the ecars binary");
+        let broker = Broker {
+            name: "ecars up (SQLite)",
+            child,
+            port,
+            _dir: dir,
+            database_url: Some(url),
+        };
+        broker.wait_listening();
+        broker
+    }
+
+    fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "{} does not listen", self.name);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Let the process settle (ecars: migrations, workers, the embedded broker).
+        std::thread::sleep(Duration::from_secs(1));
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory, KiB.
+    fn rss_kib(&self) -> u64 {
+        status_field(self.pid(), "VmRSS:")
+    }
+
+    /// Peak resident memory, KiB.
+    fn peak_kib(&self) -> u64 {
+        status_field(self.pid(), "VmHWM:")
+    }
+
+    fn descriptors(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// CPU time used so far (user + system), seconds.
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        ticks as f64 / 100.0
+    }
+
+    /// Rows in `sensor_data` (ecars only), after the broker stopped.
+    fn stored(&self) -> Option<i64> {
+        let url = self.database_url.as_ref()?;
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let db = ecars_db::Database::connect_lazy(url).unwrap();
+            db.sensor_rows().count().await.ok()
+        })
+    }
+
+    /// Stops the broker (SIGTERM, so ecars commits what it acknowledged) and waits.
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn status_field(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Starts a generator process of this binary.
+fn generator(args: &[String]) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .arg("--generator")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+/// The first line a generator prints.
+fn first_line(child: &mut Child) -> String {
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    line.trim().to_owned()
+}
+
+fn idle(quick: bool) {
+    let cars: usize = if quick { 5_000 } else { 15_000 };
+    println!("\n## idle: {cars} connected cars, keep-alive 300 s, sending nothing\n");
+    println!("| broker | memory before | memory with the cars | per car | descriptors per car |");
+    println!("|---|---|---|---|---|");
+    for make in [Broker::mosquitto as fn() -> Broker, Broker::ecars] {
+        let mut broker = make();
+        let (rss0, fds0) = (broker.rss_kib(), broker.descriptors());
+        let mut cars_process = generator(&[
+            "idle".into(),
+            broker.port.to_string(),
+            cars.to_string(),
+            "300".into(),
+        ]);
+        let connected = first_line(&mut cars_process);
+        assert_eq!(connected, format!("connected {cars}"), "{}", broker.name);
+        std::thread::sleep(Duration::from_secs(3));
+        let (rss, fds) = (broker.rss_kib(), broker.descriptors());
+        println!(
+            "| {} | {:.1} MiB | {:.1} MiB | {:.2} KiB | {:.2} |",
+            broker.name,
+            rss0 as f64 / 1024.0,
+            rss as f64 / 1024.0,
+            (rss.saturating_sub(rss0)) as f64 / cars as f64,
+            (fds.saturating_sub(fds0)) as f64 / cars as f64,
+        );
+        drop(cars_process.stdin.take());
+        let _ = cars_process.kill();
+        let _ = cars_process.wait();
+        broker.stop();
+    }
+}
+
+fn rate(quick: bool) {
+    let (cars, rate, seconds) = (100u32, 40_000u32, if quick { 20 } else { 60 });
+    println!(
+        "\n## rate: {cars} cars, {rate} QoS 1 readings/s for {seconds} s, one `#` subscriber\n"
+    );
+    println!("| broker | acknowledged | delivered to `#` | stored | PUBACK p50 / p99 | to subscriber p50 / p99 | CPU | CPU per 1,000/s |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for make in [Broker::mosquitto as fn() -> Broker, Broker::ecars] {
+        run_load(make(), cars, rate, seconds, 64, false);
+    }
+}
+
+fn overload(quick: bool) {
+    let seconds = if quick { 10 } else { 20 };
+    println!("\n## overload: 100 cars as fast as acknowledged (256 in flight each) for {seconds} s, a slow `#` subscriber\n");
+    println!("| broker | acknowledged | delivered to `#` | stored | PUBACK p50 / p99 | to subscriber p50 / p99 | CPU | peak memory |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for make in [Broker::mosquitto as fn() -> Broker, Broker::ecars] {
+        run_load(make(), 100, 0, seconds, 256, true);
+    }
+}
+
+fn run_load(mut broker: Broker, cars: u32, rate: u32, seconds: u64, window: u32, slow: bool) {
+    let mut subscriber = generator(&[
+        "subscribe".into(),
+        broker.port.to_string(),
+        (seconds + 15).to_string(),
+        slow.to_string(),
+    ]);
+    assert_eq!(first_line(&mut subscriber), "subscribed");
+    let cpu0 = broker.cpu_seconds();
+    let started = Instant::now();
+    let mut load = generator(&[
+        "rate".into(),
+        broker.port.to_string(),
+        cars.to_string(),
+        rate.to_string(),
+        seconds.to_string(),
+        window.to_string(),
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&first_line(&mut load)).unwrap();
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = broker.cpu_seconds() - cpu0;
+    let peak = broker.peak_kib();
+    let _ = load.wait();
+    let delivered: serde_json::Value = serde_json::from_str(&first_line(&mut subscriber)).unwrap();
+    let _ = subscriber.kill();
+    let _ = subscriber.wait();
+    broker.stop();
+    let stored = broker.stored().map_or("-".to_owned(), |n| n.to_string());
+    let acked = report["acked"].as_f64().unwrap_or(0.0);
+    let cores = cpu / wall;
+    let last = if slow {
+        format!("{:.0} MiB", peak as f64 / 1024.0)
+    } else {
+        format!("{:.2} % of a core", cores * 100.0 / (acked / wall / 1000.0))
+    };
+    println!(
+        "| {} | {} | {} | {} | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.0} % of a core | {} |",
+        broker.name,
+        report["acked"],
+        delivered["received"],
+        stored,
+        report["ack_p50_ms"].as_f64().unwrap_or(0.0),
+        report["ack_p99_ms"].as_f64().unwrap_or(0.0),
+        delivered["p50_ms"].as_f64().unwrap_or(0.0),
+        delivered["p99_ms"].as_f64().unwrap_or(0.0),
+        cores * 100.0,
+        last,
+    );
+    std::io::stdout().flush().unwrap();
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--generator") {
+        return load::main(&args[at + 1..]);
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    println!("# MQTT edge: ecars up and mosquitto, same load generator, same machine");
+    if wanted("idle") {
+        idle(quick);
+    }
+    if wanted("rate") {
+        rate(quick);
+    }
+    if wanted("overload") {
+        overload(quick);
+    }
+}
+
+/// The load generator: raw MQTT 3.1.1 over TCP, pre-encoded packets, little CPU per message.
+mod load {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    pub(super) fn main(args: &[String]) {
+        // One descriptor per car: take what the hard limit allows.
+        let _ = rlimit::increase_nofile_limit(u64::MAX);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let port: u16 = args[1].parse().unwrap();
+        match args[0].as_str() {
+            "idle" => runtime.block_on(idle(
+                port,
+                args[2].parse().unwrap(),
+                args[3].parse().unwrap(),
+            )),
+            "rate" => runtime.block_on(rate(
+                port,
+                args[2].parse().unwrap(),
+                args[3].parse().unwrap(),
+                args[4].parse().unwrap(),
+                args[5].parse().unwrap(),
+            )),
+            "subscribe" => {
+                runtime.block_on(subscribe(port, args[2].parse().unwrap(), args[3] == "true"))
+            }
+            other => panic!("unknown generator {other}"),
+        }
+    }
+
+    fn varint(out: &mut Vec<u8>, mut value: usize) {
+        loop {
+            let mut byte = (value % 128) as u8;
+            value /= 128;
+            if value > 0 {
+                byte |= 0x80;
+            }
+            out.push(byte);
+            if value == 0 {
+                break;
+            }
+        }
+    }
+
+    fn connect_packet(client_id: &str, keep_alive: u16) -> Vec<u8> {
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02];
+        body.extend_from_slice(&keep_alive.to_be_bytes());
+        body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+        body.extend_from_slice(client_id.as_bytes());
+        let mut out = vec![0x10];
+        varint(&mut out, body.len());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    async fn connected(port: u16, client_id: &str, keep_alive: u16) -> TcpStream {
+        loop {
+            if let Ok(mut socket) = TcpStream::connect(("127.0.0.1", port)).await {
+                let _ = socket.set_nodelay(true);
+                if socket
+                    .write_all(&connect_packet(client_id, keep_alive))
+                    .await
+                    .is_ok()
+                {
+                    let mut connack = [0u8; 4];
+                    if socket.read_exact(&mut connack).await.is_ok() && connack[3] == 0 {
+                        return socket;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn idle(port: u16, cars: usize, keep_alive: u16) {
+        let limit = Arc::new(tokio::sync::Semaphore::new(200));
+        let mut tasks = Vec::new();
+        for n in 0..cars {
+            let limit = Arc::clone(&limit);
+            tasks.push(tokio::spawn(async move {
+                let permit = limit.acquire_owned().await.unwrap();
+                let socket = connected(port, &format!("idle-{n}"), keep_alive).await;
+                drop(permit);
+                socket
+            }));
+        }
+        let mut sockets = Vec::with_capacity(cars);
+        for task in tasks {
+            sockets.push(task.await.unwrap());
+        }
+        println!("connected {}", sockets.len());
+        // Hold them until the orchestrator closes our stdin.
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 1];
+        let _ = stdin.read(&mut buf).await;
+        drop(sockets);
+    }
+
+    fn publish_packet(topic: &str, pkid: u16, payload: &str) -> Vec<u8> {
+        let mut out = vec![0x32];
+        varint(&mut out, 2 + topic.len() + 2 + payload.len());
+        out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+        out.extend_from_slice(topic.as_bytes());
+        out.extend_from_slice(&pkid.to_be_bytes());
+        out.extend_from_slice(payload.as_bytes());
+        out
+    }
+
+    fn percentile(sorted: &[f64], p: f64) -> f64 {
+        if sorted.is_empty() {
+            return 0.0;
+        }
+        sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+    }
+
+    /// `cars` cars publishing `rate` readings/s in all (0: as fast as acknowledged) for
+    /// `seconds`, each with at most `window` unacknowledged.
+    async fn rate(port: u16, cars: u32, rate: u32, seconds: u64, window: u32) {
+        let latencies: Arc<Mutex<Vec<f64>>> = Arc::default();
+        let acked = Arc::new(AtomicU64::new(0));
+        let sent = Arc::new(AtomicU64::new(0));
+        let until = Instant::now() + Duration::from_secs(seconds);
+        let mut tasks = Vec::new();
+        for car in 0..cars {
+            let (latencies, acked, sent) = (
+                Arc::clone(&latencies),
+                Arc::clone(&acked),
+                Arc::clone(&sent),
+            );
+            tasks.push(tokio::spawn(async move {
+                let vin = format!("1LOAD0000{car:08}");
+                let topic = format!("vehicles/{vin}/telemetry");
+                let socket = connected(port, &format!("load-{car}"), 60).await;
+                let (mut read, mut write) = socket.into_split();
+                let in_flight: Arc<Mutex<std::collections::HashMap<u16, Instant>>> =
+                    Arc::default();
+                let room = Arc::new(tokio::sync::Semaphore::new(window as usize));
+                let reader = {
+                    let (in_flight, room, latencies, acked) = (
+                        Arc::clone(&in_flight),
+                        Arc::clone(&room),
+                        Arc::clone(&latencies),
+                        Arc::clone(&acked),
+                    );
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        let mut partial = 0usize;
+                        let mut mine = Vec::new();
+                        loop {
+                            let n = match read.read(&mut buf[partial..]).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            let available = partial + n;
+                            let whole = available / 4 * 4;
+                            let now = Instant::now();
+                            {
+                                let mut in_flight = in_flight.lock().unwrap();
+                                for ack in buf[..whole].chunks_exact(4) {
+                                    let pkid = u16::from_be_bytes([ack[2], ack[3]]);
+                                    if let Some(at) = in_flight.remove(&pkid) {
+                                        mine.push(now.duration_since(at).as_secs_f64() * 1000.0);
+                                        acked.fetch_add(1, Ordering::Relaxed);
+                                        room.add_permits(1);
+                                    }
+                                }
+                                if in_flight.is_empty() && Instant::now() > until {
+                                    break;
+                                }
+                            }
+                            buf.copy_within(whole..available, 0);
+                            partial = available - whole;
+                        }
+                        room.close();
+                        latencies.lock().unwrap().extend(mine);
+                    })
+                };
+                // Paced in ticks of 10 ms: `per_tick` readings per car per tick.
+                let per_tick = (f64::from(rate) / f64::from(cars) / 100.0).max(0.0);
+                let mut owed = 0.0;
+                let mut tick = tokio::time::interval(Duration::from_millis(10));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                let mut n: u64 = 0;
+                let mut out = Vec::with_capacity(64 * 1024);
+                'send: while Instant::now() < until {
+                    let burst = if rate == 0 {
+                        window as usize
+                    } else {
+                        tick.tick().await;
+                        owed += per_tick;
+                        let whole = owed.floor();
+                        owed -= whole;
+                        whole as usize
+                    };
+                    out.clear();
+                    for _ in 0..burst {
+                        let permit = if rate == 0 {
+                            match room.clone().acquire_owned().await {
+                                Ok(p) => p,
+                                Err(_) => break 'send,
+                            }
+                        } else {
+                            match room.clone().try_acquire_owned() {
+                                Ok(p) => p,
+                                // The window is full: the broker holds us back.
+                                Err(_) => break,
+                            }
+                        };
+                        permit.forget();
+                        n += 1;
+                        let pkid = (n % 65_535 + 1) as u16;
+                        let date = chrono::Utc::now()
+                            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+                        let payload = format!(
+                            r#"{{"vin":"{vin}","battery":{:.2},"speed":42,"latitude":37.77,"longitude":-122.42,"date":"{date}"}}"#,
+                            80.0 - (n % 5000) as f64 / 100.0
+                        );
+                        in_flight.lock().unwrap().insert(pkid, Instant::now());
+                        out.extend_from_slice(&publish_packet(&topic, pkid, &payload));
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        if rate == 0 {
+                            break;
+                        }
+                    }
+                    if !out.is_empty() && write.write_all(&out).await.is_err() {
+                        break;
+                    }
+                }
+                // The last acknowledgements, for at most 30 s.
+                let _ = tokio::time::timeout(Duration::from_secs(30), reader).await;
+                let _ = write.write_all(&[0xE0, 0]).await;
+            }));
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+        let mut latencies = std::mem::take(&mut *latencies.lock().unwrap());
+        latencies.sort_by(f64::total_cmp);
+        println!(
+            "{}",
+            serde_json::json!({
+                "sent": sent.load(Ordering::Relaxed),
+                "acked": acked.load(Ordering::Relaxed),
+                "ack_p50_ms": percentile(&latencies, 0.50),
+                "ack_p99_ms": percentile(&latencies, 0.99),
+            })
+        );
+    }
+
+    /// Subscribes to `#` and reads for `seconds`; each reading's `date` is when it was sent.
+    async fn subscribe(port: u16, seconds: u64, slow: bool) {
+        let mut socket = connected(port, "watcher", 60).await;
+        let mut body = vec![0, 1, 0, 1, b'#', 0];
+        let mut subscribe = vec![0x82];
+        varint(&mut subscribe, body.len());
+        subscribe.append(&mut body);
+        socket.write_all(&subscribe).await.unwrap();
+        let mut suback = [0u8; 5];
+        socket.read_exact(&mut suback).await.unwrap();
+        println!("subscribed");
+        let until = Instant::now() + Duration::from_secs(seconds);
+        let mut latencies = Vec::new();
+        let mut buf: Vec<u8> = Vec::with_capacity(256 * 1024);
+        let mut chunk = vec![0u8; 64 * 1024];
+        while Instant::now() < until {
+            let read = tokio::time::timeout(Duration::from_secs(1), socket.read(&mut chunk)).await;
+            let n = match read {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => n,
+                Err(_) => continue,
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            let now = chrono::Utc::now();
+            let mut at = 0;
+            // Fixed header: type byte, remaining length (variable).
+            while let Some(&first) = buf.get(at) {
+                let mut len = 0usize;
+                let mut shift = 0;
+                let mut i = at + 1;
+                let mut complete = false;
+                while let Some(&b) = buf.get(i) {
+                    len |= usize::from(b & 0x7f) << shift;
+                    shift += 7;
+                    i += 1;
+                    if b & 0x80 == 0 {
+                        complete = true;
+                        break;
+                    }
+                }
+                if !complete || buf.len() < i + len {
+                    break;
+                }
+                if first >> 4 == 3 {
+                    let packet = &buf[i..i + len];
+                    let topic_len = usize::from(u16::from_be_bytes([packet[0], packet[1]]));
+                    let qos = (first >> 1) & 3;
+                    let start = 2 + topic_len + if qos > 0 { 2 } else { 0 };
+                    if let Some(payload) = packet.get(start..) {
+                        if let Some(date) = std::str::from_utf8(payload)
+                            .ok()
+                            .and_then(|p| p.split("\"date\":\"").nth(1))
+                            .and_then(|d| d.split('"').next())
+                            .and_then(|d| chrono::DateTime::parse_from_rfc3339(d).ok())
+                        {
+                            let ms = (now - date.with_timezone(&chrono::Utc))
+                                .num_microseconds()
+                                .unwrap_or(0) as f64
+                                / 1000.0;
+                            latencies.push(ms);
+                        }
+                    }
+                    if slow {
+                        tokio::time::sleep(Duration::from_micros(200)).await;
+                    }
+                }
+                at = i + len;
+            }
+            buf.drain(..at);
+        }
+        latencies.sort_by(f64::total_cmp);
+        println!(
+            "{}",
+            serde_json::json!({
+                "received": latencies.len(),
+                "p50_ms": percentile(&latencies, 0.50),
+                "p99_ms": percentile(&latencies, 0.99),
+            })
+        );
+    }
+}
