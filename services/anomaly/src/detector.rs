@@ -274,10 +274,20 @@ impl Detector {
         let mut fired = Vec::new();
         let drain = &self.rules.battery_drain;
         if let Some(percent) = reading.battery {
-            state.battery.push_back(BatteryPoint {
-                date: reading.date,
-                percent,
-            });
+            // A car that reports many times a second would otherwise fill the window with
+            // thousands of points, each reading refitting all of them and each batch storing them:
+            // points closer than the window's resolution add nothing to a drain over minutes.
+            let resolution = delta(drain.window / window_points(drain.min_readings));
+            let spaced = state
+                .battery
+                .back()
+                .is_none_or(|last| reading.date - last.date >= resolution);
+            if spaced {
+                state.battery.push_back(BatteryPoint {
+                    date: reading.date,
+                    percent,
+                });
+            }
             let oldest = reading.date - delta(drain.window);
             while state.battery.front().is_some_and(|p| p.date < oldest) {
                 state.battery.pop_front();
@@ -331,6 +341,14 @@ fn change(state: &VehicleState, vin: Vin, kind: AnomalyChange, episode: Episode)
         kind,
         episode,
     }
+}
+
+/// Battery points a drain window holds at most (and at least twice the readings a rule asks
+/// for, so the rule can always be met).
+fn window_points(min_readings: usize) -> u32 {
+    u32::try_from(min_readings.saturating_mul(2))
+        .unwrap_or(u32::MAX)
+        .max(120)
 }
 
 fn delta(duration: Duration) -> TimeDelta {
@@ -446,6 +464,22 @@ mod tests {
         assert!(changes[1..]
             .iter()
             .all(|c| c.kind == AnomalyChange::Updated && c.episode.key == first.episode.key));
+    }
+
+    #[test]
+    fn a_car_reporting_a_hundred_times_a_second_keeps_a_small_window_and_is_still_watched() {
+        let detector = Detector::new(RuleSet::default());
+        let mut state = VehicleState::default();
+        let mut changes = Vec::new();
+        for n in 0..12_000i64 {
+            // 120 s of readings 10 ms apart, draining 5 %/min.
+            let date = at(0) + TimeDelta::milliseconds(n * 10);
+            let mut r = reading(0, 90.0 - 5.0 * (n as f64 * 0.01) / 60.0, false);
+            r.date = date;
+            changes.extend(detector.observe(&mut state, &r));
+            assert!(state.battery.len() <= 121, "{} points", state.battery.len());
+        }
+        assert_eq!(opened(&changes), vec![RuleKind::BatteryDrain]);
     }
 
     #[test]

@@ -16,7 +16,9 @@ use ecars_app::simulator::SimulatorConfig;
 use ecars_app::{commands, App, InProcessBusConfig, Settings, SimulationConfig};
 
 /// mimalloc: glibc's allocator spent a fifth of ingest's CPU on fragmentation and page faults
-/// (MQTT → Kafka went from 46,600 to 58,000 readings/s in the benchmark).
+/// (MQTT → Kafka went from 46,600 to 58,000 readings/s in the benchmark). The
+/// `system-allocator` feature keeps glibc's, which heap profilers (heaptrack, dhat) can see.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -261,15 +261,18 @@ where
     if client.peer_closed() {
         return Ended::Abandoned;
     }
-    let mut connection = match Connection::start(&gateway, connected, admitted, &mut out).await {
-        Ok(connection) => connection,
-        Err(ended) => {
-            let _ = out.flush().await;
-            return ended;
-        }
-    };
+    // The CONNECT's handling and the goodbye are boxed: each runs once, and held inline their
+    // futures would widen every idle car's task for its whole life.
+    let mut connection =
+        match Box::pin(Connection::start(&gateway, connected, admitted, &mut out)).await {
+            Ok(connection) => connection,
+            Err(ended) => {
+                let _ = out.flush().await;
+                return ended;
+            }
+        };
     let ended = connection.run(&mut client, &mut out, &shutdown).await;
-    connection.finish(&mut out, &ended).await;
+    Box::pin(connection.finish(&mut out, &ended)).await;
     ended
 }
 
@@ -419,7 +422,9 @@ impl<'g, B: Broker> Connection<'g, B> {
 
     /// Opens the client's link into the broker; returns whether the broker had its session.
     async fn open_link(&mut self) -> Result<bool, Ended> {
-        let (link, session_present) = self.gateway.broker.open(&self.request).await?;
+        // Boxed: opening a link is rare and its future is large; held inline it would sit in
+        // every idle car's task.
+        let (link, session_present) = Box::pin(self.gateway.broker.open(&self.request)).await?;
         self.link = Some(link);
         if !self.request.connect.clean_session {
             self.gateway
@@ -704,15 +709,16 @@ impl<'g, B: Broker> Connection<'g, B> {
             return Ok(());
         }
         let properties = publish.properties()?;
-        fanout
-            .publish(
-                publish.topic_bytes,
-                publish.payload,
-                publish.retain,
-                properties,
-            )
-            .await
-            .map_err(|e| Ended::Broker(LinkError::Protocol(e.to_string())))
+        // Boxed: only readings someone subscribed to take this path, and its future (a whole
+        // broker packet on its way into a channel) would otherwise sit in every car's task.
+        Box::pin(fanout.publish(
+            publish.topic_bytes,
+            publish.payload,
+            publish.retain,
+            properties,
+        ))
+        .await
+        .map_err(|e| Ended::Broker(LinkError::Protocol(e.to_string())))
     }
 
     /// One packet from the broker: an answer takes its slot; anything else goes to the client.
