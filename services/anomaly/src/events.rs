@@ -130,7 +130,12 @@ impl EpisodeEventRelay {
         let records = rows.iter().map(|row| (event_of(row), row, row.version));
         let (round, published) = self.publish(records).await;
         if !published.is_empty() {
-            self.outbox.mark_published(&published).await?;
+            if let Err(e) = self.outbox.mark_published(&published).await {
+                // Published but not marked: they go out again next round, and consumers drop
+                // the repeat by event id. A database blip must not stop the worker.
+                tracing::warn!(error = %e, "cannot mark anomaly events published; retrying");
+                return Ok(Round::Failed);
+            }
         }
         Ok(match round {
             Round::Done { .. } => Round::Done { busy },
@@ -154,7 +159,10 @@ impl EpisodeEventRelay {
         });
         let (round, published) = self.publish(records).await;
         if !published.is_empty() {
-            self.outbox.mark_case_events_published(&published).await?;
+            if let Err(e) = self.outbox.mark_case_events_published(&published).await {
+                tracing::warn!(error = %e, "cannot mark Case events published; retrying");
+                return Ok(Round::Failed);
+            }
         }
         Ok(match round {
             Round::Done { .. } => Round::Done { busy },
