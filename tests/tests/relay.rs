@@ -196,19 +196,22 @@ async fn a_client_that_stops_reading_is_closed_as_too_slow_and_others_carry_on()
         })
     };
     // Far more than the socket buffers hold, paced by the reading client (never more than 128
-    // ahead of it), so only the stalled client's queue fills.
-    for i in 0..total {
-        if i % 128 == 0 {
-            let received = &received;
-            ecars_e2e::wait_for(
-                "the reader to catch up",
-                Duration::from_secs(10),
-                || async move { received.load(std::sync::atomic::Ordering::SeqCst) + 128 >= i },
-            )
-            .await
-            .unwrap();
+    // ahead of it), so only the stalled client's queue fills. A publish returns once the
+    // database committed it (a batch window): 128 go at once, not one per window.
+    for start in (0..total).step_by(128) {
+        let received = &received;
+        ecars_e2e::wait_for(
+            "the reader to catch up",
+            Duration::from_secs(10),
+            || async move { received.load(std::sync::atomic::Ordering::SeqCst) + 128 >= start },
+        )
+        .await
+        .unwrap();
+        let chunk =
+            (start..(start + 128).min(total)).map(|i| s.bus.publish(reading(&car, i64::from(i))));
+        for published in futures_util::future::join_all(chunk).await {
+            published.unwrap();
         }
-        s.bus.publish(reading(&car, i64::from(i))).await.unwrap();
     }
     reading_task.await.unwrap();
     assert_eq!(
