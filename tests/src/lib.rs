@@ -661,21 +661,8 @@ pub async fn raw_mqtt_load(
     per_car: u64,
     window: u64,
 ) -> anyhow::Result<f64> {
+    use mqtt_wire::put_varint;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    fn put_varint(out: &mut Vec<u8>, mut value: usize) {
-        loop {
-            let mut byte = (value % 128) as u8;
-            value /= 128;
-            if value > 0 {
-                byte |= 0x80;
-            }
-            out.push(byte);
-            if value == 0 {
-                break;
-            }
-        }
-    }
 
     async fn car(addr: SocketAddr, n: u32, per_car: u64, window: u64) -> anyhow::Result<()> {
         let vin = test_vin(900_000 + n);
@@ -745,4 +732,37 @@ pub async fn raw_mqtt_load(
         result??;
     }
     Ok((u64::from(cars) * per_car) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Raw MQTT encoding, for tests and load generators that speak the protocol without a client
+/// library (to send what no library sends, or to spend almost no CPU per message).
+pub mod mqtt_wire {
+    /// Appends MQTT's variable-length integer (a packet's remaining length).
+    pub fn put_varint(out: &mut Vec<u8>, mut value: usize) {
+        loop {
+            let mut byte = (value % 128) as u8;
+            value /= 128;
+            if value > 0 {
+                byte |= 0x80;
+            }
+            out.push(byte);
+            if value == 0 {
+                break;
+            }
+        }
+    }
+
+    /// A whole packet: its first byte, the remaining length, the body.
+    pub fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![first];
+        put_varint(&mut out, body.len());
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// Appends a length-prefixed UTF-8 string.
+    pub fn put_string(out: &mut Vec<u8>, text: &str) {
+        out.extend_from_slice(&(text.len() as u16).to_be_bytes());
+        out.extend_from_slice(text.as_bytes());
+    }
 }

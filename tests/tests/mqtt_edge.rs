@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use ecars_e2e::mqtt_wire::{packet, put_string as string};
 use ecars_e2e::{test_vin, wait_for, Pipeline, PipelineOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -76,29 +77,6 @@ async fn a_paho_car_with_keep_alive_0_is_accepted() {
     assert_eq!(report["disconnects"], 0, "{report}");
     assert_eq!(report["acked"], report["published"], "{report}");
     pipeline.shutdown().await.unwrap();
-}
-
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    let mut len = body.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
-}
-
-fn string(out: &mut Vec<u8>, text: &str) {
-    out.extend_from_slice(&(text.len() as u16).to_be_bytes());
-    out.extend_from_slice(text.as_bytes());
 }
 
 fn connect(level: u8, client_id: &str, keep_alive: u16) -> Vec<u8> {

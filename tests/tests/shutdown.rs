@@ -4,32 +4,10 @@
 
 use std::time::{Duration, Instant};
 
+use ecars_e2e::mqtt_wire::{packet, put_string as string};
 use ecars_e2e::{reading_json, test_vin, wait_for, Pipeline, PipelineOptions};
 use ecars_persist::PersistConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    let mut len = body.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
-}
-
-fn string(out: &mut Vec<u8>, text: &str) {
-    out.extend_from_slice(&(text.len() as u16).to_be_bytes());
-    out.extend_from_slice(text.as_bytes());
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_commits_and_acknowledges_every_reading_in_flight() {

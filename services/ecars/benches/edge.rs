@@ -329,6 +329,7 @@ mod load {
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
+    use ecars_e2e::mqtt_wire::put_varint as varint;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
@@ -358,20 +359,6 @@ mod load {
                 runtime.block_on(subscribe(port, args[2].parse().unwrap(), args[3] == "true"))
             }
             other => panic!("unknown generator {other}"),
-        }
-    }
-
-    fn varint(out: &mut Vec<u8>, mut value: usize) {
-        loop {
-            let mut byte = (value % 128) as u8;
-            value /= 128;
-            if value > 0 {
-                byte |= 0x80;
-            }
-            out.push(byte);
-            if value == 0 {
-                break;
-            }
         }
     }
 
