@@ -315,6 +315,14 @@ impl Pipeline {
         format!("http://{}", self.http_addr)
     }
 
+    /// The Prometheus metrics, as `/metrics` serves them.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        Ok(reqwest::get(format!("{}/metrics", self.http_base()))
+            .await?
+            .text()
+            .await?)
+    }
+
     /// Graceful shutdown, as on Ctrl-C: stop ingest, drain the bus into the database, stop HTTP.
     /// Returns a new connection to the database (the application closed its own), to check
     /// what was stored.

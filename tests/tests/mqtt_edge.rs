@@ -225,12 +225,7 @@ async fn packet_id_0_is_refused() {
     })
     .await
     .unwrap();
-    let metrics = reqwest::get(format!("{}/metrics", pipeline.http_base()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = pipeline.metrics().await.unwrap();
     assert!(
         metrics.contains("ecars_mqtt_protocol_violations_total{reason=\"protocol_error\"}"),
         "{metrics}"

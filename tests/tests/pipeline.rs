@@ -316,9 +316,10 @@ async fn device_authentication() {
 
     // Right credentials: its own reading is stored; a reading for another car is dead-lettered.
     let creds = Some((vin.to_string(), password.clone()));
+    let client_id = format!("{vin}-1");
     publish_v4(
         pipeline.mqtt_addr,
-        "car-1",
+        &client_id,
         creds,
         vec![
             (
@@ -337,6 +338,8 @@ async fn device_authentication() {
     let out = mosquitto_pub(
         pipeline.mqtt_addr,
         &[
+            "-i",
+            vin.as_str(),
             "-u",
             vin.as_str(),
             "-P",
@@ -381,14 +384,9 @@ async fn device_authentication() {
             "{}",
             letter.reason
         );
-        assert_eq!(letter.client_id, "car-1");
+        assert_eq!(letter.client_id, client_id);
     }
-    let metrics = reqwest::get(format!("{}/metrics", pipeline.http_base()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = pipeline.metrics().await.unwrap();
     assert!(
         metrics.contains(r#"ecars_readings_rejected_total{reason="unauthorized_vin"}"#),
         "{metrics}"

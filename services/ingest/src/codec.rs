@@ -57,6 +57,9 @@ pub enum Violation {
     ProtocolError,
     /// A packet longer than [`MAX_PACKET_BYTES`].
     PacketTooLarge,
+    /// Something the client's identity may not do where the protocol has no other answer (a
+    /// car's PUBLISH to a topic not its own, in MQTT 3.1.1 or at QoS 0).
+    NotAuthorized,
 }
 
 impl Violation {
@@ -66,6 +69,7 @@ impl Violation {
             Violation::Malformed => "malformed_packet",
             Violation::ProtocolError => "protocol_error",
             Violation::PacketTooLarge => "packet_too_large",
+            Violation::NotAuthorized => "not_authorized",
         }
     }
 
@@ -75,6 +79,7 @@ impl Violation {
             Violation::Malformed => 0x81,
             Violation::ProtocolError => 0x82,
             Violation::PacketTooLarge => 0x95,
+            Violation::NotAuthorized => 0x87,
         }
     }
 }

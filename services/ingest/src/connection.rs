@@ -26,18 +26,20 @@ use futures_util::StreamExt;
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{
-    Connect, ConnectProperties, LastWill, LastWillProperties, Login, Packet, Protocol,
+    Connect, ConnectProperties, LastWill, LastWillProperties, Login, Packet, Protocol, SubAck,
+    Subscribe, SubscribeProperties, SubscribeReasonCode,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::{judge, Verdict};
+use crate::authorization::{self, NotAuthorized};
 use crate::codec::{
     accepted_connack, ack_packet, connect_version, disconnect, is_broker_private, packet_id,
     packet_type, parse_publish, protocol_error, refused_connack, Accepted, Frame, FrameReader,
-    Malformed, PacketType, PublishView, ReadError, Refusal, Version, MAX_PACKET_BYTES, PINGRESP,
-    REASON_KEEP_ALIVE_TIMEOUT, REASON_SERVER_SHUTTING_DOWN, REASON_SESSION_TAKEN_OVER,
+    Malformed, PacketType, PublishView, ReadError, Refusal, Version, Violation, MAX_PACKET_BYTES,
+    PINGRESP, REASON_KEEP_ALIVE_TIMEOUT, REASON_SERVER_SHUTTING_DOWN, REASON_SESSION_TAKEN_OVER,
 };
 use crate::gateway::{Gateway, Registration};
 use crate::metrics as m;
@@ -309,6 +311,9 @@ struct Connection<'g, B: Broker> {
     releases: Releases,
     /// This connection in the fan-out's registry of telemetry subscriptions, once it subscribes.
     subscriber: Option<crate::broker::SubscriberSession>,
+    /// SUBSCRIBEs the broker got without their refused filters: packet id and the refused
+    /// filters' places, to put back into the broker's SUBACK.
+    refused_filters: Vec<(u16, Vec<usize>)>,
     last_activity: Instant,
 }
 
@@ -370,8 +375,21 @@ impl<'g, B: Broker> Connection<'g, B> {
             if version == Version::V4 && !connect.clean_session {
                 return Err(refuse(out, Refusal::ClientIdRejected, "empty_client_id"));
             }
-            connect.client_id = format!("ecars-{}", uuid::Uuid::now_v7().simple());
+            connect.client_id = match &device_vin {
+                Some(vin) => authorization::assigned_client_id(vin),
+                None => format!("ecars-{}", uuid::Uuid::now_v7().simple()),
+            };
             assigned_client_id = (version == Version::V5).then(|| connect.client_id.clone());
+        } else if let Some(vin) = &device_vin {
+            // Another car's client id would take its session over: refused, never taken.
+            if !authorization::owns_client_id(vin, &connect.client_id) {
+                gateway.log_refusal(&connect.client_id, "client_id_not_owned");
+                return Err(refuse(
+                    out,
+                    Refusal::ClientIdRejected,
+                    "client_id_not_owned",
+                ));
+            }
         }
         let negotiated = KeepAlive::negotiate(connect.keep_alive, gateway.max_keep_alive);
         connect.keep_alive = broker_keep_alive(negotiated.keep_alive);
@@ -394,6 +412,7 @@ impl<'g, B: Broker> Connection<'g, B> {
             answers: Answers::default(),
             releases: Releases::restored(state.releases),
             subscriber: None,
+            refused_filters: Vec::new(),
             last_activity: Instant::now(),
             registration,
             request,
@@ -606,6 +625,11 @@ impl<'g, B: Broker> Connection<'g, B> {
                             .push_back(Box::pin(async move { (bus.publish(letter).await, owed) }));
                     }
                     Verdict::Forward => {
+                        if let Some(vin) = &self.device_vin {
+                            if !authorization::may_publish_other(vin, &publish.topic) {
+                                return self.refuse_publish(&publish);
+                            }
+                        }
                         match publish.qos {
                             1 => self.answers.await_broker(PacketType::PubAck, publish.pkid),
                             2 => self.answers.await_broker(PacketType::PubRec, publish.pkid),
@@ -629,7 +653,18 @@ impl<'g, B: Broker> Connection<'g, B> {
             }
             kind @ (PacketType::Subscribe | PacketType::Unsubscribe) => {
                 let pkid = packet_id(&header, &frame)?;
-                self.note_subscriptions(&frame)?;
+                let packet = self.decode(&frame)?;
+                let (packet, frame) = match (packet, &self.device_vin) {
+                    (Packet::Subscribe(subscribe, properties), Some(vin)) => {
+                        match self.authorize_subscribe(vin.clone(), subscribe, properties, frame)? {
+                            Some(allowed) => allowed,
+                            // Nothing left to subscribe: the gateway answered.
+                            None => return Ok(Continue::Yes),
+                        }
+                    }
+                    (packet, _) => (packet, frame),
+                };
+                self.note_subscriptions(&packet);
                 let answer = if kind == PacketType::Subscribe {
                     PacketType::SubAck
                 } else {
@@ -738,7 +773,12 @@ impl<'g, B: Broker> Connection<'g, B> {
                 | PacketType::PubComp
         ) {
             if let Ok(pkid) = crate::codec::read_u16(&mut frame.slice(header.fixed_header_len..)) {
-                if self.answers.broker_answered(kind, pkid, frame.clone()) {
+                let frame = if kind == PacketType::SubAck && !self.refused_filters.is_empty() {
+                    self.with_refused_filters(pkid, frame.clone())
+                } else {
+                    frame.clone()
+                };
+                if self.answers.broker_answered(kind, pkid, frame) {
                     return;
                 }
             }
@@ -746,14 +786,146 @@ impl<'g, B: Broker> Connection<'g, B> {
         out.buffer.extend_from_slice(&frame);
     }
 
-    /// Tells the fan-out which telemetry filters this client (un)subscribes, before the broker
-    /// sees the packet: a reading admitted after it reaches the new subscriber.
-    fn note_subscriptions(&mut self, frame: &Bytes) -> Result<(), Malformed> {
+    /// A packet of this connection's protocol version, parsed by rumqttd's parser.
+    fn decode(&self, frame: &Bytes) -> Result<Packet, Malformed> {
         let mut buffer = BytesMut::from(frame.as_ref());
-        let packet = match self.request.version {
+        Ok(match self.request.version {
             Version::V4 => V4.read_mut(&mut buffer, MAX_PACKET_BYTES)?,
             Version::V5 => V5.read_mut(&mut buffer, MAX_PACKET_BYTES)?,
+        })
+    }
+
+    /// A packet of this connection's protocol version, on the wire.
+    fn encode(&self, packet: Packet) -> Result<Bytes, Malformed> {
+        let mut buffer = BytesMut::new();
+        match self.request.version {
+            Version::V4 => V4.write(packet, &mut buffer)?,
+            Version::V5 => V5.write(packet, &mut buffer)?,
         };
+        Ok(buffer.freeze())
+    }
+
+    /// Keeps the filters of a car's SUBSCRIBE that are its own. Returns the SUBSCRIBE to pass to
+    /// the broker, or `None` when every filter was refused and the gateway answered itself. When
+    /// only some were, the broker's SUBACK gets the refusals put back in their places.
+    fn authorize_subscribe(
+        &mut self,
+        vin: Vin,
+        mut subscribe: Subscribe,
+        properties: Option<SubscribeProperties>,
+        frame: Bytes,
+    ) -> Result<Option<(Packet, Bytes)>, Malformed> {
+        let refused: Vec<usize> = subscribe
+            .filters
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| !authorization::may_subscribe(&vin, &f.path))
+            .map(|(at, _)| at)
+            .collect();
+        if refused.is_empty() {
+            return Ok(Some((Packet::Subscribe(subscribe, properties), frame)));
+        }
+        metrics::counter!(m::MQTT_NOT_AUTHORIZED, "action" => NotAuthorized::Subscribe.code())
+            .increment(refused.len() as u64);
+        if REJECTION_LOG.allow() {
+            let filters: Vec<&str> = refused
+                .iter()
+                .map(|&at| subscribe.filters[at].path.as_str())
+                .collect();
+            tracing::warn!(
+                client_id = self.request.connect.client_id,
+                %vin,
+                ?filters,
+                "a car subscribed outside its own topics: refused"
+            );
+        }
+        let pkid = subscribe.pkid;
+        if refused.len() == subscribe.filters.len() {
+            let suback = SubAck {
+                pkid,
+                return_codes: vec![self.refused_code(); refused.len()],
+            };
+            let answer = self.encode(Packet::SubAck(suback, None))?;
+            self.answers.ready(answer);
+            return Ok(None);
+        }
+        for &at in refused.iter().rev() {
+            subscribe.filters.remove(at);
+        }
+        self.refused_filters.push((pkid, refused));
+        let packet = Packet::Subscribe(subscribe, properties);
+        let frame = self.encode(packet.clone())?;
+        Ok(Some((packet, frame)))
+    }
+
+    /// The SUBACK code of a refused filter: 3.1.1 has one failure code, 5 says why.
+    fn refused_code(&self) -> SubscribeReasonCode {
+        match self.request.version {
+            Version::V4 => SubscribeReasonCode::Failure,
+            Version::V5 => SubscribeReasonCode::NotAuthorized,
+        }
+    }
+
+    /// The broker's SUBACK for a SUBSCRIBE whose refused filters the gateway took out, with their
+    /// refusals back in place; any other frame as it is.
+    fn with_refused_filters(&mut self, pkid: u16, frame: Bytes) -> Bytes {
+        let Some(at) = self.refused_filters.iter().position(|(p, _)| *p == pkid) else {
+            return frame;
+        };
+        let (_, refused) = self.refused_filters.swap_remove(at);
+        let Ok(Packet::SubAck(mut suback, properties)) = self.decode(&frame) else {
+            return frame;
+        };
+        for at in refused {
+            let at = at.min(suback.return_codes.len());
+            suback.return_codes.insert(at, self.refused_code());
+        }
+        self.encode(Packet::SubAck(suback, properties))
+            .unwrap_or(frame)
+    }
+
+    /// Refuses a car's PUBLISH to a topic that is not its own: MQTT 5 says so in the
+    /// acknowledgement; MQTT 3.1.1 (and QoS 0, which has none) has no way but closing the
+    /// connection.
+    fn refuse_publish(&mut self, publish: &PublishView) -> Result<Continue, Ended> {
+        metrics::counter!(m::MQTT_NOT_AUTHORIZED, "action" => NotAuthorized::Publish.code())
+            .increment(1);
+        if REJECTION_LOG.allow() {
+            tracing::warn!(
+                client_id = self.request.connect.client_id,
+                topic = publish.topic,
+                "a car published outside its own topics: refused"
+            );
+        }
+        let version = self.request.version;
+        let kind = match publish.qos {
+            1 => PacketType::PubAck,
+            2 => PacketType::PubRec,
+            _ => PacketType::Disconnect,
+        };
+        if version == Version::V5 && kind != PacketType::Disconnect {
+            // A failing PUBREC ends a QoS 2 exchange in MQTT 5: no PUBREL follows.
+            self.answers.ready(ack_packet(
+                kind,
+                publish.pkid,
+                version,
+                Violation::NotAuthorized.reason_code(),
+            ));
+            return Ok(Continue::Yes);
+        }
+        Err(Malformed {
+            kind: Violation::NotAuthorized,
+            detail: format!(
+                "PUBLISH to {:?}, not one of the car's topics",
+                publish.topic
+            ),
+        }
+        .into())
+    }
+
+    /// Tells the fan-out which telemetry filters this client (un)subscribes, before the broker
+    /// sees the packet: a reading admitted after it reaches the new subscriber.
+    fn note_subscriptions(&mut self, packet: &Packet) {
         let subscriber = self.subscriber.get_or_insert_with(|| {
             self.gateway.fanout.session(
                 &self.request.connect.client_id,
@@ -769,7 +941,6 @@ impl<'g, B: Broker> Connection<'g, B> {
             }
             _ => {}
         }
-        Ok(())
     }
 
     /// Writes what is owed, tells an MQTT 5 client why the server ends the connection, keeps a
@@ -887,6 +1058,7 @@ mod tests {
 
     use super::*;
     use crate::broker::TelemetryFanout;
+    use crate::DeviceSecret;
 
     /// A broker played by the test: opening a link hands the test the other end of a pipe.
     #[derive(Default)]
@@ -950,6 +1122,13 @@ mod tests {
     }
 
     async fn harness(max_keep_alive: Option<Duration>) -> Harness {
+        harness_with(max_keep_alive, None).await
+    }
+
+    async fn harness_with(
+        max_keep_alive: Option<Duration>,
+        device_secret: Option<DeviceSecret>,
+    ) -> Harness {
         let bus = ecars_bus::Bus::in_process(1000);
         let readings = committing::<TelemetryReading>(&bus, "test").await;
         // Dead letters need a consumer too, or the in-process bus refuses them.
@@ -958,7 +1137,7 @@ mod tests {
             bus,
             PipeBroker::default(),
             TelemetryFanout::disconnected(),
-            None,
+            device_secret,
             max_keep_alive,
             100,
         ));
@@ -1025,6 +1204,20 @@ mod tests {
             body.put_u8(0); // no properties
         }
         string(&mut body, client_id);
+        packet(0x10, &body)
+    }
+
+    /// An MQTT 5 CONNECT with a user name and password.
+    fn v5_login_packet(client_id: &str, user: &str, password: &str) -> Vec<u8> {
+        let mut body = BytesMut::new();
+        string(&mut body, "MQTT");
+        body.put_u8(5);
+        body.put_u8(0x80 | 0x40 | 0x02); // user name, password, clean start
+        body.put_u16(60);
+        body.put_u8(0); // no properties
+        string(&mut body, client_id);
+        string(&mut body, user);
+        string(&mut body, password);
         packet(0x10, &body)
     }
 
@@ -1213,6 +1406,61 @@ mod tests {
             .unwrap();
         assert_eq!(read_to_close(&mut car).await, [0xE0, 2, 0x82, 0]);
         assert!(matches!(task.await.unwrap(), Ended::Violation(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_mqtt_5_car_is_told_not_authorized_outside_its_topics_and_the_broker_never_sees_it()
+    {
+        let secret = DeviceSecret::new("a-fleet-secret-of-some-length");
+        let vin = Vin::parse(VIN).unwrap();
+        let password = secret.password_for(&vin);
+        let h = harness_with(None, Some(secret)).await;
+        let other = "1HGCM82633A004353";
+
+        // Another car's client id: refused at CONNECT (0x85, client identifier not valid).
+        let (mut thief, task) = h.connect(true);
+        thief
+            .write_all(&v5_login_packet(other, VIN, &password))
+            .await
+            .unwrap();
+        assert_eq!(read_to_close(&mut thief).await, [0x20, 3, 0, 0x85, 0]);
+        assert!(matches!(task.await.unwrap(), Ended::Refused));
+
+        let (mut car, task) = h.connect(true);
+        car.write_all(&v5_login_packet(&format!("{VIN}-1"), VIN, &password))
+            .await
+            .unwrap();
+        let connack = read_exactly(&mut car, 2).await;
+        assert_eq!(read_exactly(&mut car, usize::from(connack[1])).await[1], 0);
+        // QoS 1 PUBLISH to another car's topic: PUBACK 0x87; a SUBSCRIBE to it: SUBACK 0x87.
+        let publish = publish_packet(Version::V5, &format!("vehicles/{other}/commands"), 7, "x");
+        let mut subscribe = BytesMut::new();
+        subscribe.put_u16(8);
+        subscribe.put_u8(0); // no properties
+        string(&mut subscribe, &format!("vehicles/{other}/#"));
+        subscribe.put_u8(1);
+        car.write_all(&[publish, packet(0x82, &subscribe)].concat())
+            .await
+            .unwrap();
+        assert_eq!(
+            read_exactly(&mut car, 5 + 6).await,
+            [0x40, 3, 0, 7, 0x87, 0x90, 4, 0, 8, 0, 0x87]
+        );
+        assert_eq!(h.links_opened(), 0, "the broker saw none of it");
+        // QoS 0 has no acknowledgement to say it in: DISCONNECT 0x87.
+        let qos0 = {
+            // A QoS 0 PUBLISH has no packet id: topic, properties, payload.
+            let mut body = BytesMut::new();
+            string(&mut body, &format!("vehicles/{other}/commands"));
+            body.put_u8(0);
+            body.put_slice(b"x");
+            packet(0x30, &body)
+        };
+        car.write_all(&qos0).await.unwrap();
+        assert_eq!(read_to_close(&mut car).await, [0xE0, 2, 0x87, 0]);
+        assert!(
+            matches!(task.await.unwrap(), Ended::Violation(v) if v.kind == Violation::NotAuthorized)
+        );
     }
 
     #[tokio::test(start_paused = true)]

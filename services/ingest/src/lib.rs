@@ -13,6 +13,7 @@
 //! broker), sharing a [`gateway::Gateway`]; [`limits`] says how many cars fit.
 
 pub mod admission;
+pub mod authorization;
 pub mod broker;
 pub mod codec;
 pub mod connection;

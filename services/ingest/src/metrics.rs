@@ -18,8 +18,11 @@ pub const MQTT_CONNECTIONS_OPEN: &str = "ecars_mqtt_connections_open";
 /// broker, bus).
 pub const CONNECTIONS_ENDED: &str = "ecars_mqtt_connections_ended_total";
 /// MQTT connections closed for breaking the protocol, labelled by `reason` (malformed_packet,
-/// protocol_error, packet_too_large).
+/// protocol_error, packet_too_large, not_authorized).
 pub const PROTOCOL_VIOLATIONS: &str = "ecars_mqtt_protocol_violations_total";
+/// Operations of a car refused by its authorization, labelled by `action` (subscribe: per topic
+/// filter; publish).
+pub const MQTT_NOT_AUTHORIZED: &str = "ecars_mqtt_not_authorized_total";
 /// MQTT accepts that failed, labelled by `reason` (descriptors_or_memory, other).
 pub const ACCEPT_FAILURES: &str = "ecars_mqtt_accept_failures_total";
 
@@ -49,6 +52,10 @@ pub fn describe() {
     describe_counter!(
         PROTOCOL_VIOLATIONS,
         "MQTT connections closed for breaking the protocol, by reason"
+    );
+    describe_counter!(
+        MQTT_NOT_AUTHORIZED,
+        "Operations of a car outside its own topics, refused, by action"
     );
     describe_counter!(
         ACCEPT_FAILURES,

@@ -412,7 +412,9 @@ async fn drive(
     counters: Arc<Counters>,
     stop: CancellationToken,
 ) {
-    let client_id = format!("ecars-sim-{}", vehicle.vin);
+    // A car's client ids start with its VIN: with device credentials on, the gateway refuses
+    // any other (so no car can take over another's session).
+    let client_id = format!("{}-sim", vehicle.vin);
     let mut options = match &broker {
         BrokerUrl::Tcp { host, port } => MqttOptions::new(client_id, host.clone(), *port),
         BrokerUrl::WebSocket { url, port } => {
