@@ -23,7 +23,7 @@ use ecars_bus::BusError;
 use ecars_model::telemetry::Vin;
 use futures_util::stream::FuturesOrdered;
 use futures_util::StreamExt;
-use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::v4::{FixedHeader, V4};
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{
     Connect, ConnectProperties, LastWill, LastWillProperties, Login, Packet, Protocol, SubAck,
@@ -652,26 +652,9 @@ impl<'g, B: Broker> Connection<'g, B> {
                 }
             }
             kind @ (PacketType::Subscribe | PacketType::Unsubscribe) => {
-                let pkid = packet_id(&header, &frame)?;
-                let packet = self.decode(&frame)?;
-                let (packet, frame) = match (packet, &self.device_vin) {
-                    (Packet::Subscribe(subscribe, properties), Some(vin)) => {
-                        match self.authorize_subscribe(vin.clone(), subscribe, properties, frame)? {
-                            Some(allowed) => allowed,
-                            // Nothing left to subscribe: the gateway answered.
-                            None => return Ok(Continue::Yes),
-                        }
-                    }
-                    (packet, _) => (packet, frame),
-                };
-                self.note_subscriptions(&packet);
-                let answer = if kind == PacketType::Subscribe {
-                    PacketType::SubAck
-                } else {
-                    PacketType::UnsubAck
-                };
-                self.answers.await_broker(answer, pkid);
-                self.link().await?.send(&frame).await?;
+                // Boxed: rare, and its state (a parsed packet) would otherwise sit in every
+                // car's task.
+                return Box::pin(self.on_subscription(kind, &header, frame)).await;
             }
             PacketType::PingReq => self.answers.ready(Bytes::from_static(&PINGRESP)),
             // The client's acknowledgements of what the broker delivered to it.
@@ -701,6 +684,40 @@ impl<'g, B: Broker> Connection<'g, B> {
                 return Err(protocol_error(format!("{other:?} from a client")).into());
             }
         }
+        Ok(Continue::Yes)
+    }
+
+    /// A SUBSCRIBE or UNSUBSCRIBE: a car's filters outside its own topics are refused; the rest
+    /// goes to the broker, whose answer takes its place in the client's order.
+    async fn on_subscription(
+        &mut self,
+        kind: PacketType,
+        header: &FixedHeader,
+        frame: Bytes,
+    ) -> Result<Continue, Ended> {
+        let pkid = packet_id(header, &frame)?;
+        let packet = self.decode(&frame)?;
+        let frame = {
+            let (packet, frame) = match (packet, &self.device_vin) {
+                (Packet::Subscribe(subscribe, properties), Some(vin)) => {
+                    match self.authorize_subscribe(vin.clone(), subscribe, properties, frame)? {
+                        Some(allowed) => allowed,
+                        // Nothing left to subscribe: the gateway answered.
+                        None => return Ok(Continue::Yes),
+                    }
+                }
+                (packet, _) => (packet, frame),
+            };
+            self.note_subscriptions(&packet);
+            frame
+        };
+        let answer = if kind == PacketType::Subscribe {
+            PacketType::SubAck
+        } else {
+            PacketType::UnsubAck
+        };
+        self.answers.await_broker(answer, pkid);
+        self.link().await?.send(&frame).await?;
         Ok(Continue::Yes)
     }
 
