@@ -7,7 +7,7 @@
 //! framed here and parsed by rumqttd's own codec where a field is needed.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use rumqttd::protocol::v4::{check, FixedHeader};
+use rumqttd::protocol::v4::{check, FixedHeader, V4};
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{Packet, Protocol, PublishProperties};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -35,6 +35,26 @@ pub enum Version {
     V4,
     /// MQTT 5.
     V5,
+}
+
+/// A whole packet of this protocol version, parsed by rumqttd's parser (for the rare packets the
+/// gateway needs whole: CONNECT, SUBSCRIBE, the broker's SUBACK).
+pub fn decode(version: Version, frame: &[u8]) -> Result<Packet, Malformed> {
+    let mut buffer = BytesMut::from(frame);
+    Ok(match version {
+        Version::V4 => V4.read_mut(&mut buffer, MAX_PACKET_BYTES)?,
+        Version::V5 => V5.read_mut(&mut buffer, MAX_PACKET_BYTES)?,
+    })
+}
+
+/// A packet of this protocol version, on the wire.
+pub fn encode(version: Version, packet: Packet) -> Result<Bytes, Malformed> {
+    let mut buffer = BytesMut::new();
+    match version {
+        Version::V4 => V4.write(packet, &mut buffer)?,
+        Version::V5 => V5.write(packet, &mut buffer)?,
+    };
+    Ok(buffer.freeze())
 }
 
 /// A packet that breaks the protocol, with the reason it is refused for.
@@ -248,7 +268,7 @@ impl PublishView {
         let Some(frame) = &self.with_properties else {
             return Ok(None);
         };
-        match V5.read_mut(&mut BytesMut::from(frame.as_ref()), MAX_PACKET_BYTES)? {
+        match decode(Version::V5, frame)? {
             Packet::Publish(_, properties) => Ok(properties),
             _ => Err(malformed("PUBLISH frame read as another packet")),
         }

@@ -23,11 +23,10 @@ use ecars_bus::BusError;
 use ecars_model::telemetry::Vin;
 use futures_util::stream::FuturesOrdered;
 use futures_util::StreamExt;
-use rumqttd::protocol::v4::{FixedHeader, V4};
-use rumqttd::protocol::v5::V5;
+use rumqttd::protocol::v4::FixedHeader;
 use rumqttd::protocol::{
-    Connect, ConnectProperties, LastWill, LastWillProperties, Login, Packet, Protocol, SubAck,
-    Subscribe, SubscribeProperties, SubscribeReasonCode,
+    Connect, ConnectProperties, LastWill, LastWillProperties, Login, Packet, SubAck, Subscribe,
+    SubscribeProperties, SubscribeReasonCode,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
@@ -36,9 +35,9 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::{judge, Verdict};
 use crate::authorization::{self, NotAuthorized};
 use crate::codec::{
-    accepted_connack, ack_packet, connect_version, disconnect, is_broker_private, packet_id,
-    packet_type, parse_publish, protocol_error, refused_connack, Accepted, Frame, FrameReader,
-    Malformed, PacketType, PublishView, ReadError, Refusal, Version, Violation, MAX_PACKET_BYTES,
+    accepted_connack, ack_packet, connect_version, decode, disconnect, encode, is_broker_private,
+    packet_id, packet_type, parse_publish, protocol_error, refused_connack, Accepted, Frame,
+    FrameReader, Malformed, PacketType, PublishView, ReadError, Refusal, Version, Violation,
     PINGRESP, REASON_KEEP_ALIVE_TIMEOUT, REASON_SERVER_SHUTTING_DOWN, REASON_SESSION_TAKEN_OVER,
 };
 use crate::gateway::{Gateway, Registration};
@@ -77,24 +76,17 @@ impl ConnectRequest {
     /// credential).
     pub fn encode(&self, login: Login) -> Result<Bytes, Malformed> {
         let connect = self.connect.clone();
-        let mut out = BytesMut::new();
-        match self.version {
-            Version::V4 => V4.write(
-                Packet::Connect(connect, None, self.will.clone(), None, Some(login)),
-                &mut out,
-            )?,
-            Version::V5 => V5.write(
-                Packet::Connect(
-                    connect,
-                    self.properties.clone(),
-                    self.will.clone(),
-                    self.will_properties.clone(),
-                    Some(login),
-                ),
-                &mut out,
-            )?,
+        let packet = match self.version {
+            Version::V4 => Packet::Connect(connect, None, self.will.clone(), None, Some(login)),
+            Version::V5 => Packet::Connect(
+                connect,
+                self.properties.clone(),
+                self.will.clone(),
+                self.will_properties.clone(),
+                Some(login),
+            ),
         };
-        Ok(out.freeze())
+        encode(self.version, packet)
     }
 }
 
@@ -329,12 +321,7 @@ impl<'g, B: Broker> Connection<'g, B> {
             return Err(protocol_error("first packet is not CONNECT").into());
         }
         let version = connect_version(&header, &frame)?;
-        let mut connect_buf = BytesMut::from(frame.as_ref());
-        let packet = match version {
-            Version::V4 => V4.read_mut(&mut connect_buf, MAX_PACKET_BYTES),
-            Version::V5 => V5.read_mut(&mut connect_buf, MAX_PACKET_BYTES),
-        }
-        .map_err(Malformed::from)?;
+        let packet = decode(version, &frame)?;
         let Packet::Connect(mut connect, properties, will, will_properties, login) = packet else {
             return Err(protocol_error("first packet is not CONNECT").into());
         };
@@ -696,7 +683,7 @@ impl<'g, B: Broker> Connection<'g, B> {
         frame: Bytes,
     ) -> Result<Continue, Ended> {
         let pkid = packet_id(header, &frame)?;
-        let packet = self.decode(&frame)?;
+        let packet = decode(self.request.version, &frame)?;
         let frame = {
             let (packet, frame) = match (packet, &self.device_vin) {
                 (Packet::Subscribe(subscribe, properties), Some(vin)) => {
@@ -803,25 +790,6 @@ impl<'g, B: Broker> Connection<'g, B> {
         out.buffer.extend_from_slice(&frame);
     }
 
-    /// A packet of this connection's protocol version, parsed by rumqttd's parser.
-    fn decode(&self, frame: &Bytes) -> Result<Packet, Malformed> {
-        let mut buffer = BytesMut::from(frame.as_ref());
-        Ok(match self.request.version {
-            Version::V4 => V4.read_mut(&mut buffer, MAX_PACKET_BYTES)?,
-            Version::V5 => V5.read_mut(&mut buffer, MAX_PACKET_BYTES)?,
-        })
-    }
-
-    /// A packet of this connection's protocol version, on the wire.
-    fn encode(&self, packet: Packet) -> Result<Bytes, Malformed> {
-        let mut buffer = BytesMut::new();
-        match self.request.version {
-            Version::V4 => V4.write(packet, &mut buffer)?,
-            Version::V5 => V5.write(packet, &mut buffer)?,
-        };
-        Ok(buffer.freeze())
-    }
-
     /// Keeps the filters of a car's SUBSCRIBE that are its own. Returns the SUBSCRIBE to pass to
     /// the broker, or `None` when every filter was refused and the gateway answered itself. When
     /// only some were, the broker's SUBACK gets the refusals put back in their places.
@@ -862,7 +830,7 @@ impl<'g, B: Broker> Connection<'g, B> {
                 pkid,
                 return_codes: vec![self.refused_code(); refused.len()],
             };
-            let answer = self.encode(Packet::SubAck(suback, None))?;
+            let answer = encode(self.request.version, Packet::SubAck(suback, None))?;
             self.answers.ready(answer);
             return Ok(None);
         }
@@ -871,7 +839,7 @@ impl<'g, B: Broker> Connection<'g, B> {
         }
         self.refused_filters.push((pkid, refused));
         let packet = Packet::Subscribe(subscribe, properties);
-        let frame = self.encode(packet.clone())?;
+        let frame = encode(self.request.version, packet.clone())?;
         Ok(Some((packet, frame)))
     }
 
@@ -890,15 +858,15 @@ impl<'g, B: Broker> Connection<'g, B> {
             return frame;
         };
         let (_, refused) = self.refused_filters.swap_remove(at);
-        let Ok(Packet::SubAck(mut suback, properties)) = self.decode(&frame) else {
+        let Ok(Packet::SubAck(mut suback, properties)) = decode(self.request.version, &frame)
+        else {
             return frame;
         };
         for at in refused {
             let at = at.min(suback.return_codes.len());
             suback.return_codes.insert(at, self.refused_code());
         }
-        self.encode(Packet::SubAck(suback, properties))
-            .unwrap_or(frame)
+        encode(self.request.version, Packet::SubAck(suback, properties)).unwrap_or(frame)
     }
 
     /// Refuses a car's PUBLISH to a topic that is not its own: MQTT 5 says so in the
