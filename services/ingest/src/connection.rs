@@ -883,12 +883,12 @@ impl<'g, B: Broker> Connection<'g, B> {
             );
         }
         let version = self.request.version;
-        let kind = match publish.qos {
-            1 => PacketType::PubAck,
-            2 => PacketType::PubRec,
-            _ => PacketType::Disconnect,
+        let acknowledgement = match publish.qos {
+            1 => Some(PacketType::PubAck),
+            2 => Some(PacketType::PubRec),
+            _ => None,
         };
-        if version == Version::V5 && kind != PacketType::Disconnect {
+        if let (Version::V5, Some(kind)) = (version, acknowledgement) {
             // A failing PUBREC ends a QoS 2 exchange in MQTT 5: no PUBREL follows.
             self.answers.ready(ack_packet(
                 kind,
