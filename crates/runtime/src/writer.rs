@@ -82,7 +82,7 @@ pub async fn run_writer<S: BatchSink>(
     let mut receipts: Vec<Receipt> = Vec::with_capacity(policy.max_rows);
     let mut deadline: Option<Instant> = None;
     // The batch being committed, and the receipts to acknowledge once it is.
-    let mut committing: Option<Commit<'_, S::Item>> = None;
+    let mut committing: Option<Commit<'_>> = None;
     let mut committing_receipts: Vec<Receipt> = Vec::with_capacity(policy.max_rows);
     loop {
         let due = !batch.is_empty()
@@ -97,10 +97,9 @@ pub async fn run_writer<S: BatchSink>(
             biased;
             _ = shutdown.cancelled() => None,
             // The commit in flight finished: acknowledge its records.
-            done = async { committing.as_mut().expect("guarded by the condition").await },
+            () = async { committing.as_mut().expect("guarded by the condition").await },
                 if committing.is_some() => {
                 committing = None;
-                drop(done);
                 acknowledge(&mut subscription, &mut committing_receipts).await?;
                 continue;
             }
@@ -116,8 +115,7 @@ pub async fn run_writer<S: BatchSink>(
                     in_flight.await;
                     acknowledge(&mut subscription, &mut committing_receipts).await?;
                 }
-                let rest = commit(&sink, batch, retry).await;
-                drop(rest);
+                commit(&sink, batch, retry).await;
                 acknowledge(&mut subscription, &mut receipts).await?;
                 tracing::info!(table, "writer stopped after flushing");
                 return Ok(());
@@ -131,8 +129,8 @@ pub async fn run_writer<S: BatchSink>(
     }
 }
 
-/// A batch's commit in flight; it hands the emptied batch back.
-type Commit<'a, T> = Pin<Box<dyn Future<Output = Vec<T>> + Send + 'a>>;
+/// A batch's commit in flight (it owns the batch).
+type Commit<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
@@ -154,15 +152,11 @@ async fn acknowledge<T: Record>(
 }
 
 /// Commits the batch, retrying with backoff while the database is unavailable (holding back the
-/// subscription, which is the backpressure); returns the emptied batch.
-async fn commit<S: BatchSink>(
-    sink: &S,
-    mut batch: Vec<S::Item>,
-    retry: RetryPolicy,
-) -> Vec<S::Item> {
+/// subscription, which is the backpressure).
+async fn commit<S: BatchSink>(sink: &S, batch: Vec<S::Item>, retry: RetryPolicy) {
     let table = sink.table();
     if batch.is_empty() {
-        return batch;
+        return;
     }
     let mut wait = retry.initial;
     let mut attempt = 0u32;
@@ -217,8 +211,6 @@ async fn commit<S: BatchSink>(
             }
         }
     }
-    batch.clear();
-    batch
 }
 
 #[cfg(test)]
