@@ -45,12 +45,9 @@ async fn shutdown_commits_and_acknowledges_every_reading_in_flight() {
     socket.write_all(&burst).await.unwrap();
 
     // The gateway has read them all: they wait for the batch's commit (a minute away).
-    let metrics = format!("{}/metrics", pipeline.http_base());
     wait_for("100 readings received", Duration::from_secs(10), || async {
-        reqwest::get(&metrics)
-            .await
-            .unwrap()
-            .text()
+        pipeline
+            .metrics()
             .await
             .unwrap()
             .lines()
