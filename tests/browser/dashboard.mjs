@@ -1,9 +1,10 @@
-// Loads the built-in dashboard in headless Chromium (Debian's /usr/bin/chromium), waits for live
-// points of a chosen car, checks a second tab on another car sees only that car, and saves a
-// screenshot. Usage: node dashboard.mjs BASE_URL VIN_A VIN_B SCREENSHOT.png
+// Loads the built-in dashboard in headless Chromium (Debian's /usr/bin/chromium), enters the API
+// key when it asks for one, waits for live points of a chosen car, checks a second tab on another
+// car sees only that car, and saves a screenshot.
+// Usage: node dashboard.mjs BASE_URL VIN_A VIN_B SCREENSHOT.png [API_KEY]
 import { chromium } from 'playwright-core';
 
-const [base, vinA, vinB, screenshot] = process.argv.slice(2);
+const [base, vinA, vinB, screenshot, apiKey] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
   args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage'],
@@ -17,22 +18,33 @@ try {
   const page = await browser.newPage({ viewport: { width: 1400, height: 800 } });
   const errors = [];
   page.on('pageerror', (e) => errors.push(String(e)));
+  // With a key, the dashboard must ask for it (and the key must never be in the URL).
+  const enterKey = async (tab) => {
+    if (!apiKey) return;
+    await tab.waitForFunction(() => document.body.dataset.needsKey === '1', null, { timeout: 20000 });
+    await tab.fill('#api-key', apiKey);
+    await tab.click('#key-form button');
+  };
   await page.goto(`${base}/?vin=${vinA}`);
+  await enterKey(page);
   // The fleet table fills from /v1/vehicles, the chart from the WebSocket.
   await page.waitForFunction(() => Number(document.body.dataset.cars || 0) >= 2, null, { timeout: 20000 });
   await page.waitForFunction(() => Number(document.body.dataset.points || 0) >= 3, null, { timeout: 20000 });
+  if (apiKey && await page.locator('#key-form').isVisible()) await fail('the key form stays after a good key');
   const first = await page.evaluate(() => ({ vin: document.body.dataset.vin, points: Number(document.body.dataset.points) }));
   if (first.vin !== vinA) await fail(`first tab watches ${first.vin}, not ${vinA}`);
   const rows = await page.locator('tr.car').count();
 
   const second = await browser.newPage();
   await second.goto(`${base}/?vin=${vinB}`);
+  await enterKey(second);
   await second.waitForFunction(() => Number(document.body.dataset.points || 0) >= 3, null, { timeout: 20000 });
   const other = await second.evaluate(() => ({ vin: document.body.dataset.vin, foreign: Number(document.body.dataset.foreign || 0) }));
   if (other.vin !== vinB) await fail(`second tab watches ${other.vin}, not ${vinB}`);
   if (other.foreign !== 0) await fail(`second tab got ${other.foreign} readings of other cars`);
 
   await page.screenshot({ path: screenshot });
+  if (apiKey && page.url().includes(apiKey)) await fail('the API key is in the URL');
   if (errors.length) await fail(`page errors: ${errors.join('; ')}`);
   console.log(JSON.stringify({ rows, points: first.points, second: other }));
 } catch (e) {

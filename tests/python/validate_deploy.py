@@ -65,6 +65,8 @@ for name in ["ingest", "persist", "anomaly", "relay", "migrate", "simulator"]:
     if name != "ingest":
         check(env.get("DATABASE_URL", "").startswith("postgres://"), f"compose {name}: database URL")
     check(env.get("ECARS_HTTP_ADDR", "").endswith(":8080"), f"compose {name}: HTTP on 8080")
+    check(env.get("ECARS_ADMIN_ADDR", "").endswith(":9090"), f"compose {name}: internal listener on 9090")
+    check(all(p["target"] != 9090 for p in service.get("ports", [])), f"compose {name}: 9090 is not published")
     help_text = help_of(command)
     for key in env:
         if key.startswith("ECARS_") or key.startswith("SALESFORCE_"):
@@ -80,7 +82,7 @@ for name in ["ingest", "persist", "anomaly", "relay", "migrate", "simulator"]:
         check(depends.get("kafka", {}).get("condition") == "service_healthy", f"compose {name}: waits for Kafka")
     if name not in ("migrate", "simulator"):
         test = " ".join(service.get("healthcheck", {}).get("test", []))
-        check("/healthz" in test and ":8080" in test, f"compose {name}: healthcheck on /healthz:8080")
+        check("/healthz" in test and ":9090" in test, f"compose {name}: healthcheck on the internal /healthz:9090")
 ports = {(p["target"], p.get("host_ip")) for p in services["ingest"].get("ports", [])}
 check({(1883, "127.0.0.1"), (8083, "127.0.0.1")} <= ports, f"compose ingest ports {ports}")
 check(any(p["target"] == 8080 for p in services["relay"].get("ports", [])), "compose relay publishes 8080")
@@ -91,8 +93,9 @@ check(services["kafka"]["healthcheck"]["test"], "kafka has a healthcheck")
 dockerfile = open(os.path.join(ROOT, "Dockerfile")).read()
 check('ENTRYPOINT ["ecars"]' in dockerfile, "Dockerfile: ENTRYPOINT ecars")
 check(re.search(r"^USER 10001", dockerfile, re.M), "Dockerfile: non-root user")
-check("HEALTHCHECK" in dockerfile and "127.0.0.1:8080/healthz" in dockerfile, "Dockerfile: HEALTHCHECK on /healthz")
-check("ECARS_HTTP_ADDR=0.0.0.0:8080" in dockerfile, "Dockerfile: HTTP on 8080, as the HEALTHCHECK expects")
+check("HEALTHCHECK" in dockerfile and "127.0.0.1:9090/healthz" in dockerfile, "Dockerfile: HEALTHCHECK on the internal /healthz")
+check("ECARS_HTTP_ADDR=0.0.0.0:8080" in dockerfile, "Dockerfile: HTTP on 8080")
+check("ECARS_ADMIN_ADDR=0.0.0.0:9090" in dockerfile, "Dockerfile: the internal listener on 9090, as the HEALTHCHECK expects")
 
 # --- Helm chart ---------------------------------------------------------------------------------
 chart_dir = os.path.join(ROOT, "helm", "ecars")
@@ -127,6 +130,7 @@ for label, values in value_sets.items():
         check(any(known_setting(name, h) for h in helps.values()), f"{label}: ConfigMap {name} is no setting")
     check(configmap.get("ECARS_KAFKA_BROKERS"), f"{label}: the ConfigMap carries the Kafka brokers")
     check(configmap.get("ECARS_HTTP_ADDR", "").endswith(":8080"), f"{label}: HTTP on 8080")
+    check(configmap.get("ECARS_ADMIN_ADDR", "").endswith(":9090"), f"{label}: the internal listener on 9090")
     for key in configmap:
         check(not SECRET_NAMES.search(key) or key == "SALESFORCE_PRIVATE_KEY_FILE",
               f"{label}: ConfigMap inlines the secret {key}")
@@ -142,7 +146,9 @@ for label, values in value_sets.items():
         check(container["args"] == [component], f"{label}: {component} runs `ecars {component}`")
         env = {e["name"]: e for e in container.get("env", [])}
         for name, entry in env.items():
-            check("value" not in entry or not SECRET_NAMES.search(name), f"{label}: {component} inlines {name}")
+            # A `*_FILE` setting names where a secret is mounted, not the secret.
+            check("value" not in entry or not SECRET_NAMES.search(name) or name.endswith("_FILE"),
+                  f"{label}: {component} inlines {name}")
             check(known_setting(name, helps[component]), f"{label}: {name} is not a setting of `ecars {component}`")
         if component != "ingest":
             ref = env.get("DATABASE_URL", {}).get("valueFrom", {}).get("secretKeyRef", {})
@@ -151,9 +157,12 @@ for label, values in value_sets.items():
               f"{label}: {component} reads the ConfigMap (Kafka brokers)")
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         check(ports.get("http") == 8080, f"{label}: {component} http port 8080")
+        check(ports.get("admin") == 9090, f"{label}: {component} admin port 9090")
         check(container["livenessProbe"]["httpGet"]["path"] == "/healthz", f"{label}: {component} liveness /healthz")
         check(container["readinessProbe"]["httpGet"]["path"] == "/readyz", f"{label}: {component} readiness /readyz")
-        check(container["readinessProbe"]["httpGet"]["port"] in ("http", 8080), f"{label}: {component} probe port")
+        for probe in ["livenessProbe", "readinessProbe", "startupProbe"]:
+            check(container[probe]["httpGet"]["port"] in ("admin", 9090),
+                  f"{label}: {component} {probe} on the internal listener")
         security = container["securityContext"]
         check(security.get("readOnlyRootFilesystem") is True, f"{label}: {component} read-only root")
         check(pod["securityContext"].get("runAsNonRoot") is True, f"{label}: {component} non-root")
@@ -166,10 +175,32 @@ for label, values in value_sets.items():
         if component == "relay":
             check(env["ECARS_RELAY_SECRET"]["valueFrom"]["secretKeyRef"]["key"] == "relay-secret",
                   f"{label}: relay secret from the Secret")
+            keys_file = env.get("ECARS_API_KEYS_FILE", {}).get("value", "")
+            mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+            volumes = {v["name"]: v for v in pod.get("volumes", [])}
+            check(keys_file.startswith(mounts.get("api-keys", "?") + "/"),
+                  f"{label}: relay reads ECARS_API_KEYS_FILE from the mounted Secret")
+            check(not any(m.get("subPath") for m in container.get("volumeMounts", []) if m["name"] == "api-keys"),
+                  f"{label}: the API keys mount has no subPath (updates must reach the pod)")
+            check(volumes.get("api-keys", {}).get("secret", {}).get("items", [{}])[0].get("key") == "api-keys",
+                  f"{label}: the API keys come from the Secret's api-keys")
     services_k8s = {s["metadata"]["name"]: s for s in kinds["Service"]}
     ingest_service = next(s for n, s in services_k8s.items() if n.endswith("-ingest"))
     check(ingest_service["spec"]["type"] == "LoadBalancer", f"{label}: ingest behind a LoadBalancer")
     check({p["port"] for p in ingest_service["spec"]["ports"]} == {1883, 8083}, f"{label}: ingest service ports")
+    # What an Ingress or a LoadBalancer reaches never carries the internal port.
+    for name, service in services_k8s.items():
+        if service["spec"]["type"] == "LoadBalancer" or name.endswith("-relay"):
+            check(all(p.get("targetPort") not in ("admin", 9090) for p in service["spec"]["ports"]),
+                  f"{label}: {name} exposes the internal listener")
+    for ingress in kinds.get("Ingress", []):
+        for rule in ingress["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                backend = path["backend"]["service"]
+                check(backend["port"].get("name") == "http", f"{label}: the Ingress routes to the public port only")
+                check(backend["name"].endswith("-relay"), f"{label}: the Ingress routes to the relay")
+    for monitor in kinds.get("ServiceMonitor", []):
+        check(all(e["port"] == "admin" for e in monitor["spec"]["endpoints"]), f"{label}: Prometheus scrapes the internal port")
     hpas = {h["spec"]["scaleTargetRef"]["name"].rsplit("-", 1)[-1] for h in kinds["HorizontalPodAutoscaler"]}
     check(hpas == {"persist", "relay"}, f"{label}: HPAs for persist and relay, got {hpas}")
     if label == "values-production.yaml":

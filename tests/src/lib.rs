@@ -4,6 +4,7 @@
 
 pub mod salesforce;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -26,6 +27,21 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free loopback port")
+}
+
+/// The address for `ECARS_ADMIN_ADDR` of a process whose HTTP listener is on port `http`: a free
+/// loopback port, the same for the same `http` (so a test that knows a service's HTTP port finds
+/// its `/readyz`).
+pub fn admin_addr_for(http: u16) -> String {
+    static PORTS: std::sync::Mutex<Option<HashMap<u16, u16>>> = std::sync::Mutex::new(None);
+    let mut ports = PORTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let port = *ports
+        .get_or_insert_with(HashMap::new)
+        .entry(http)
+        .or_insert_with(free_port);
+    format!("127.0.0.1:{port}")
 }
 
 /// Polls `condition` until it holds or `timeout` passes; fails with `what` on timeout.
@@ -224,6 +240,8 @@ pub struct PipelineOptions {
     pub observer: Option<CommitObserver>,
     /// The live relay.
     pub relay: ecars_relay::RelayConfig,
+    /// The HTTP API's keys file.
+    pub api_keys_file: Option<std::path::PathBuf>,
 }
 
 impl PipelineOptions {
@@ -236,12 +254,16 @@ impl PipelineOptions {
             persist: PersistConfig::default(),
             observer: None,
             relay: defaults(),
+            api_keys_file: None,
         }
     }
 
     /// The settings of `ecars up` with these options, every listener on a free loopback port.
     pub fn settings(&self) -> anyhow::Result<Settings> {
-        let http = loopback_http();
+        let http = ecars_api::HttpConfig {
+            api_keys_file: self.api_keys_file.clone(),
+            ..loopback_http()
+        };
         let mut bus: ecars_app::InProcessBusConfig = defaults();
         bus.capacity = u32::try_from(self.bus_capacity)?;
         Ok(Settings::everything(
@@ -272,8 +294,10 @@ pub struct Pipeline {
     pub mqtt_addr: SocketAddr,
     /// The MQTT-over-WebSocket listener.
     pub ws_addr: SocketAddr,
-    /// The HTTP listener.
+    /// The public HTTP listener.
     pub http_addr: SocketAddr,
+    /// The internal listener (`/healthz`, `/readyz`, `/metrics`).
+    pub admin_addr: SocketAddr,
     /// The bus (tests publish on it directly).
     pub bus: ecars_bus::Bus,
     /// The live relay.
@@ -295,6 +319,7 @@ impl Pipeline {
         let mqtt_addr = app.mqtt_addr().context("ecars up runs ingest")?;
         let ws_addr = app.mqtt_ws_addr().context("ecars up runs ingest")?;
         let http_addr = app.http_addr();
+        let admin_addr = app.admin_addr();
         let bus = app.bus().clone();
         let relay = app.relay().context("ecars up runs the relay")?.clone();
         let app = RunningApp::start(app);
@@ -303,6 +328,7 @@ impl Pipeline {
             mqtt_addr,
             ws_addr,
             http_addr,
+            admin_addr,
             bus,
             relay,
             database_url,
@@ -310,14 +336,19 @@ impl Pipeline {
         })
     }
 
-    /// `http://addr` of the HTTP listener.
+    /// `http://addr` of the public HTTP listener.
     pub fn http_base(&self) -> String {
         format!("http://{}", self.http_addr)
     }
 
+    /// `http://addr` of the internal listener.
+    pub fn admin_base(&self) -> String {
+        format!("http://{}", self.admin_addr)
+    }
+
     /// The Prometheus metrics, as `/metrics` serves them.
     pub async fn metrics(&self) -> anyhow::Result<String> {
-        Ok(reqwest::get(format!("{}/metrics", self.http_base()))
+        Ok(reqwest::get(format!("{}/metrics", self.admin_base()))
             .await?
             .text()
             .await?)
@@ -340,10 +371,12 @@ pub fn kafka_config(brokers: impl Into<String>) -> ecars_bus::kafka::KafkaConfig
     }
 }
 
-/// HTTP settings on a free loopback port.
+/// HTTP settings on free loopback ports (public and internal), no API keys.
 pub fn loopback_http() -> ecars_api::HttpConfig {
     ecars_api::HttpConfig {
         http_addr: ([127, 0, 0, 1], 0).into(),
+        admin_addr: ([127, 0, 0, 1], 0).into(),
+        ..defaults()
     }
 }
 

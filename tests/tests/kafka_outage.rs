@@ -38,7 +38,7 @@ async fn kafka_down_for_60s_loses_and_duplicates_nothing() {
     // `ecars ingest` and `ecars persist`, each as its own application.
     let ingest = ingest_service(&kafka).await.unwrap();
     let mqtt_addr = ingest.mqtt_addr().unwrap();
-    let readyz = format!("http://{}/readyz", ingest.http_addr());
+    let readyz = format!("http://{}/readyz", ingest.admin_addr());
     let ingest = RunningApp::start(ingest);
     let persist = persist_service(&kafka, &pg.url(), 500).await.unwrap();
     let store = persist.database().unwrap().sensor_rows();

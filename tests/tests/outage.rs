@@ -20,7 +20,6 @@ async fn database_outage_mid_run_loses_nothing() {
         ..PersistConfig::default()
     };
     let pipeline = Pipeline::start(options).await.unwrap();
-    let base = pipeline.http_base();
 
     let cars = 20;
     let per_car = 250;
@@ -46,7 +45,9 @@ async fn database_outage_mid_run_loses_nothing() {
     assert!(during.is_err(), "the database is down");
     // The outage itself: cars keep publishing into a pipeline that cannot write.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
+    let ready = reqwest::get(format!("{}/readyz", pipeline.admin_base()))
+        .await
+        .unwrap();
     assert_eq!(ready.status(), 503, "/readyz reports the database outage");
     pg.start_server().unwrap();
 

@@ -6,9 +6,11 @@
 //! - [`record`]: the [`Record`] trait every stream's type implements, and the catalog of the
 //!   streams other services can read;
 //! - [`schema`]: the JSON Schemas of those streams, as published in `docs/schemas`;
-//! - [`device_auth`] and [`relay_token`]: how cars and live-view clients prove who they are.
+//! - [`device_auth`], [`relay_token`] and [`api_key`]: how cars, live-view clients and callers of
+//!   the HTTP API prove who they are.
 
 pub mod anomaly;
+pub mod api_key;
 pub mod device_auth;
 pub mod record;
 pub mod relay_token;

@@ -113,29 +113,16 @@ impl TokenAuthority {
     }
 }
 
-/// Mints relay tokens for callers that present the API key (`POST /v1/relay-tokens`).
-#[derive(Clone)]
+/// Mints relay tokens (`POST /v1/relay-tokens`); who may ask is the HTTP API's decision.
+#[derive(Clone, Debug)]
 pub struct TokenMinter {
     authority: TokenAuthority,
-    api_key: String,
     ttl: Duration,
-}
-
-impl std::fmt::Debug for TokenMinter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never the key.
-        f.debug_struct("TokenMinter")
-            .field("ttl", &self.ttl)
-            .finish_non_exhaustive()
-    }
 }
 
 /// Why a token was not minted.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum MintError {
-    /// The caller's key is missing or wrong.
-    #[error("a valid API key is required")]
-    Unauthorized,
     /// The subject is neither a VIN nor `*`.
     #[error(transparent)]
     Subject(#[from] crate::telemetry::VinError),
@@ -156,21 +143,18 @@ pub struct MintedToken {
 }
 
 impl TokenMinter {
-    /// A minter that signs with `authority` tokens valid for `ttl`, for callers presenting
-    /// `api_key`.
-    pub fn new(authority: TokenAuthority, api_key: String, ttl: Duration) -> TokenMinter {
-        TokenMinter {
-            authority,
-            api_key,
-            ttl,
-        }
+    /// A minter that signs with `authority` tokens valid for `ttl`.
+    pub fn new(authority: TokenAuthority, ttl: Duration) -> TokenMinter {
+        TokenMinter { authority, ttl }
     }
 
-    /// A token for `subject` (a VIN, or `*` for the fleet), if `presented` is the API key.
-    pub fn mint(&self, presented: Option<&str>, subject: &str) -> Result<MintedToken, MintError> {
-        if !presented.is_some_and(|given| same_secret(given, &self.api_key)) {
-            return Err(MintError::Unauthorized);
-        }
+    /// The authority that signs (and checks) the tokens.
+    pub fn authority(&self) -> &TokenAuthority {
+        &self.authority
+    }
+
+    /// A token for `subject`: a VIN, or `*` for the fleet.
+    pub fn mint(&self, subject: &str) -> Result<MintedToken, MintError> {
         let sub = if subject == FLEET {
             FLEET.to_owned()
         } else {
@@ -182,15 +166,6 @@ impl TokenMinter {
             expires_in: self.ttl.as_secs(),
         })
     }
-}
-
-/// Equal-time comparison, so the key cannot be guessed byte by byte from response times.
-fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
 }
 
 #[cfg(test)]
@@ -222,29 +197,15 @@ mod tests {
     }
 
     #[test]
-    fn tokens_are_minted_for_the_api_key_only() {
+    fn tokens_are_minted_for_a_vin_or_the_fleet() {
         let authority = TokenAuthority::new(b"0123456789abcdef0123456789abcdef");
-        let minter = TokenMinter::new(
-            authority.clone(),
-            "the-api-key".into(),
-            Duration::from_secs(60),
-        );
-        let minted = minter
-            .mint(Some("the-api-key"), "5yj3e1ea000000001")
-            .unwrap();
+        let minter = TokenMinter::new(authority.clone(), Duration::from_secs(60));
+        let minted = minter.mint("5yj3e1ea000000001").unwrap();
         assert_eq!(minted.sub, vin(1).as_str());
         assert_eq!(minted.expires_in, 60);
         assert!(authority.check(&minted.token, Some(&[vin(1)])).is_ok());
-        assert_eq!(
-            minter.mint(Some("the-api-kez"), FLEET),
-            Err(MintError::Unauthorized)
-        );
-        assert_eq!(minter.mint(None, FLEET), Err(MintError::Unauthorized));
-        assert!(matches!(
-            minter.mint(Some("the-api-key"), "bob"),
-            Err(MintError::Subject(_))
-        ));
-        assert_eq!(minter.mint(Some("the-api-key"), FLEET).unwrap().sub, FLEET);
+        assert!(matches!(minter.mint("bob"), Err(MintError::Subject(_))));
+        assert_eq!(minter.mint(FLEET).unwrap().sub, FLEET);
     }
 
     #[test]

@@ -6,12 +6,14 @@
 //! - [`logging`]: log lines a peer can cause, kept to a budget;
 //! - [`metrics`]: the Prometheus recorder;
 //! - [`settings`]: logging, durations, secrets from a value or a file, defaults written once;
+//! - [`reloading`]: settings files re-read while the process runs (API keys);
 //! - [`supervisor`]: a process's parts, started and stopped in a declared order;
 //! - [`signal`]: the shutdown signal.
 
 pub mod logging;
 pub mod metrics;
 pub mod readiness;
+pub mod reloading;
 pub mod settings;
 pub mod signal;
 pub mod supervisor;

@@ -59,4 +59,8 @@ pub fn describe() {
         DATABASE_UP,
         "1 when the database answered the last write or check, else 0"
     );
+    describe_counter!(
+        crate::reloading::RELOADS,
+        "Changes of settings files seen while running, by file and result (applied, refused)"
+    );
 }

@@ -1,13 +1,17 @@
-//! The HTTP surface, every route but the live WebSockets (which the relay serves):
+//! The HTTP surface, every route but the live WebSockets (which the relay serves), on two
+//! listeners:
 //!
-//! - operations: `/healthz`, `/readyz`, `/metrics`;
-//! - fleet data: `/v1/vehicles`, `/v1/vehicles/{vin}/telemetry`, `/v1/dead-letters`;
-//! - the case outbox: `/v1/cases`, `POST /v1/cases/{key}/retry`;
-//! - live-view tokens: `POST /v1/relay-tokens`;
-//! - the built-in dashboard at `/`.
+//! - the public one ([`router`], `--http-addr`): fleet data (`/v1/vehicles`,
+//!   `/v1/vehicles/{vin}/telemetry`, `/v1/dead-letters`), the case outbox (`/v1/cases`,
+//!   `POST /v1/cases/{key}/retry`), live-view tokens (`POST /v1/relay-tokens`) and the built-in
+//!   dashboard at `/`; every `/v1` route checks the caller's credential ([`access`]);
+//! - the internal one ([`admin_router`], `--admin-addr`, loopback by default): `/healthz`,
+//!   `/readyz` and `/metrics`, for the kubelet and Prometheus, never behind an Ingress.
 //!
-//! JSON everywhere; errors are JSON objects with a message.
+//! JSON everywhere; errors are JSON objects with a message (and a `reason` code when a
+//! credential is refused).
 
+pub mod access;
 pub mod metrics;
 
 use std::collections::HashMap;
@@ -26,6 +30,7 @@ use ecars_bus::Bus;
 use ecars_db::case_outbox::CaseStatus;
 use ecars_db::dead_letter_rows::DeadLetterRow;
 use ecars_db::{Database, DbError};
+use ecars_model::api_key::Scope;
 use ecars_model::relay_token::{MintError, TokenMinter};
 use ecars_model::{TelemetryReading, Vin};
 use ecars_runtime::Readiness;
@@ -35,16 +40,38 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::access::{HttpAccess, Need, Refusal};
+
 /// Settings of the HTTP surface.
 #[derive(Clone, Debug, Args)]
 pub struct HttpConfig {
-    /// Address of the HTTP listener (health, metrics, query API).
+    /// Address of the public HTTP listener (query API, live sockets, dashboard).
     #[arg(
         long = "http-addr",
         env = "ECARS_HTTP_ADDR",
         default_value = "127.0.0.1:8080"
     )]
     pub http_addr: SocketAddr,
+    /// Address of the internal listener for `/healthz`, `/readyz` and `/metrics` (the kubelet,
+    /// Prometheus); keep it off the Internet.
+    #[arg(
+        long = "admin-addr",
+        env = "ECARS_ADMIN_ADDR",
+        default_value = "127.0.0.1:9090"
+    )]
+    pub admin_addr: SocketAddr,
+    /// File of API keys: `name sha256:HEX scope[,scope]` per line (`ecars api-key create`
+    /// prints one), re-read while running. With it, or with any relay secret, or off
+    /// loopback, every `/v1` route needs a credential.
+    #[arg(long = "api-keys-file", env = "ECARS_API_KEYS_FILE")]
+    pub api_keys_file: Option<std::path::PathBuf>,
+    /// Serve `/v1` without credentials on a non-loopback address: anyone who reaches the port
+    /// reads every car. Only for demos behind a private network.
+    #[arg(long = "api-allow-anonymous", env = "ECARS_API_ALLOW_ANONYMOUS")]
+    pub allow_anonymous_api: bool,
+    /// How often settings files that may change while running (the API keys) are re-read.
+    #[arg(long = "settings-reload-interval", env = "ECARS_SETTINGS_RELOAD_INTERVAL", default_value = "2s", value_parser = ecars_runtime::settings::parse_duration)]
+    pub reload_interval: Duration,
 }
 
 /// Most rows one query returns.
@@ -64,6 +91,8 @@ pub struct ApiState {
     pub readiness: Readiness,
     /// Mints live-view tokens at `POST /v1/relay-tokens`; `None`: minting is off.
     pub minter: Option<TokenMinter>,
+    /// Who may call which `/v1` route.
+    pub access: HttpAccess,
     /// Whether `/` serves the dashboard (where the live relay runs too).
     pub dashboard: bool,
 }
@@ -73,6 +102,7 @@ impl std::fmt::Debug for ApiState {
         f.debug_struct("ApiState")
             .field("db", &self.db.as_ref().map(Database::backend))
             .field("minting", &self.minter.is_some())
+            .field("credentials_required", &self.access.required())
             .field("dashboard", &self.dashboard)
             .finish_non_exhaustive()
     }
@@ -83,6 +113,8 @@ impl std::fmt::Debug for ApiState {
 pub struct ApiError {
     status: StatusCode,
     message: String,
+    /// A code for programs, where the status alone is ambiguous (refused credentials).
+    reason: Option<&'static str>,
 }
 
 impl ApiError {
@@ -90,6 +122,30 @@ impl ApiError {
         ApiError {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
+            reason: None,
+        }
+    }
+
+    fn status(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            reason: None,
+        }
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        ::metrics::counter!(metrics::REFUSED, "reason" => refusal.code()).increment(1);
+        let status = match refusal {
+            Refusal::Missing | Refusal::Invalid => StatusCode::UNAUTHORIZED,
+            Refusal::NotGranted(_) => StatusCode::FORBIDDEN,
+        };
+        ApiError {
+            status,
+            message: refusal.to_string(),
+            reason: Some(refusal.code()),
         }
     }
 }
@@ -102,36 +158,48 @@ impl From<DbError> for ApiError {
         } else {
             StatusCode::INTERNAL_SERVER_ERROR
         };
-        ApiError {
-            status,
-            message: format!("database: {e}"),
-        }
+        ApiError::status(status, format!("database: {e}"))
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(serde_json::json!({ "error": self.message })),
-        )
-            .into_response()
+        let mut body = serde_json::json!({ "error": self.message });
+        if let Some(reason) = self.reason {
+            body["reason"] = reason.into();
+        }
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            // RFC 6750 §3: a 401 names the scheme the caller should use.
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"ecars\""),
+            );
+        }
+        response
     }
 }
 
-/// The HTTP routes; the relay merges its WebSocket routes into the same router.
+/// The public routes; the relay merges its WebSocket routes into the same router.
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/", get(dashboard))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(render_metrics))
         .route("/v1/vehicles", get(vehicles))
         .route("/v1/vehicles/{vin}/telemetry", get(vehicle_telemetry))
         .route("/v1/dead-letters", get(dead_letters))
         .route("/v1/cases", get(list_cases))
         .route("/v1/cases/{key}/retry", post(retry_case))
         .route("/v1/relay-tokens", post(mint_relay_token))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// The internal routes: `/healthz`, `/readyz`, `/metrics`.
+pub fn admin_router(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
         .fallback(not_found)
         .with_state(state)
 }
@@ -184,10 +252,16 @@ async fn readyz(State(state): State<ApiState>) -> Response {
 }
 
 fn db(state: &ApiState) -> Result<&Database, ApiError> {
-    state.db.as_ref().ok_or(ApiError {
-        status: StatusCode::NOT_FOUND,
-        message: "this service has no database; ask a service that runs persistence".into(),
-    })
+    state.db.as_ref().ok_or(ApiError::status(
+        StatusCode::NOT_FOUND,
+        "this service has no database; ask a service that runs persistence",
+    ))
+}
+
+/// Checks the request's bearer credential for `need`.
+fn authorize(state: &ApiState, headers: &HeaderMap, need: Need<'_>) -> Result<(), ApiError> {
+    state.access.check(bearer(headers), need)?;
+    Ok(())
 }
 
 async fn render_metrics(State(state): State<ApiState>) -> Response {
@@ -224,7 +298,11 @@ struct VehicleSummary {
     latest: TelemetryReading,
 }
 
-async fn vehicles(State(state): State<ApiState>) -> Result<Json<Vec<VehicleSummary>>, ApiError> {
+async fn vehicles(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<VehicleSummary>>, ApiError> {
+    authorize(&state, &headers, Need::Scope(Scope::FleetRead))?;
     let latest = db(&state)?.sensor_rows().latest_per_vehicle().await?;
     Ok(Json(
         latest
@@ -239,10 +317,17 @@ async fn vehicles(State(state): State<ApiState>) -> Result<Json<Vec<VehicleSumma
 
 async fn vehicle_telemetry(
     State(state): State<ApiState>,
+    headers: HeaderMap,
     Path(vin): Path<String>,
     Query(query): Query<LimitQuery>,
 ) -> Result<Json<Vec<TelemetryReading>>, ApiError> {
-    let vin = Vin::parse(&vin).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let vin = Vin::parse(&vin).map_err(|e| ApiError::bad_request(e.to_string()));
+    // The credential first: a caller without one learns nothing, not even what a VIN looks like.
+    match &vin {
+        Ok(vin) => authorize(&state, &headers, Need::Vehicle(vin))?,
+        Err(_) => authorize(&state, &headers, Need::Scope(Scope::FleetRead))?,
+    }
+    let vin = vin?;
     let limit = limit(&query, 100)?;
     Ok(Json(
         db(&state)?.sensor_rows().of_vehicle(&vin, limit).await?,
@@ -278,8 +363,10 @@ impl From<DeadLetterRow> for DeadLetterView {
 
 async fn dead_letters(
     State(state): State<ApiState>,
+    headers: HeaderMap,
     Query(query): Query<LimitQuery>,
 ) -> Result<Json<Vec<DeadLetterView>>, ApiError> {
+    authorize(&state, &headers, Need::Scope(Scope::DeadLettersRead))?;
     let limit = limit(&query, 100)?;
     Ok(Json(
         db(&state)?
@@ -303,8 +390,10 @@ struct CasesQuery {
 /// status.
 async fn list_cases(
     State(state): State<ApiState>,
+    headers: HeaderMap,
     Query(query): Query<CasesQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&state, &headers, Need::Scope(Scope::CasesRead))?;
     let status = match query.status.as_deref() {
         None => None,
         Some(text) => Some(
@@ -325,15 +414,17 @@ async fn list_cases(
 /// `POST /v1/cases/{key}/retry`: re-queues a failed Case.
 async fn retry_case(
     State(state): State<ApiState>,
+    headers: HeaderMap,
     Path(key): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&state, &headers, Need::Scope(Scope::CasesWrite))?;
     if db(&state)?.case_outbox().retry(&key, Utc::now()).await? {
         Ok(Json(serde_json::json!({ "key": key, "status": "pending" })))
     } else {
-        Err(ApiError {
-            status: StatusCode::NOT_FOUND,
-            message: format!("no failed case with key {key:?}"),
-        })
+        Err(ApiError::status(
+            StatusCode::NOT_FOUND,
+            format!("no failed case with key {key:?}"),
+        ))
     }
 }
 
@@ -351,38 +442,35 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-/// `POST /v1/relay-tokens {"vin": "..."}` with the API key as bearer: a live-view token.
+/// `POST /v1/relay-tokens {"vin": "..."}` with an API key as bearer: a live-view token.
 async fn mint_relay_token(
     State(state): State<ApiState>,
     headers: HeaderMap,
-    Json(request): Json<MintRequest>,
+    request: Result<Json<MintRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
+    // The credential before the body: a caller without one learns nothing about the API.
+    authorize(&state, &headers, Need::Mint)?;
+    let Json(request) = request.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let Some(minter) = &state.minter else {
-        return Err(ApiError {
-            status: StatusCode::NOT_FOUND,
-            message: "token minting is off (no ECARS_RELAY_API_KEY)".into(),
-        });
+        return Err(ApiError::status(
+            StatusCode::NOT_FOUND,
+            "token minting is off: live sockets need no token here (no ECARS_RELAY_SECRET)",
+        ));
     };
-    match minter.mint(bearer(&headers), &request.vin) {
+    match minter.mint(&request.vin) {
         Ok(token) => Ok(Json(token).into_response()),
-        Err(MintError::Unauthorized) => {
-            ::metrics::counter!(metrics::REFUSED, "reason" => "api_key").increment(1);
-            Err(ApiError {
-                status: StatusCode::UNAUTHORIZED,
-                message: MintError::Unauthorized.to_string(),
-            })
-        }
         Err(e @ MintError::Subject(_)) => Err(ApiError::bad_request(e.to_string())),
-        Err(e @ MintError::Token(_)) => Err(ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            message: e.to_string(),
-        }),
+        Err(e @ MintError::Token(_)) => Err(ApiError::status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+        )),
     }
 }
 
 /// The built-in dashboard (embedded in the binary): the fleet with its latest readings and open
 /// anomalies, and a live chart of a chosen car, over the same HTTP and WebSocket API as any
-/// client. `?vin=` picks the car; `?access_token=` carries a relay token when one is needed.
+/// client. `?vin=` picks the car; where credentials are required it asks for an API key once
+/// and keeps it in the browser session.
 async fn dashboard(State(state): State<ApiState>) -> Response {
     if !state.dashboard {
         return not_found().await.into_response();
@@ -398,10 +486,7 @@ async fn dashboard(State(state): State<ApiState>) -> Response {
 }
 
 async fn not_found() -> ApiError {
-    ApiError {
-        status: StatusCode::NOT_FOUND,
-        message: "no such resource".into(),
-    }
+    ApiError::status(StatusCode::NOT_FOUND, "no such resource")
 }
 
 #[cfg(test)]

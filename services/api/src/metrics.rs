@@ -2,7 +2,8 @@
 
 use metrics::describe_counter;
 
-/// Requests refused for their credentials, labelled by `reason` (`api_key`).
+/// Requests refused for their credentials, labelled by `reason` (`missing_credential`,
+/// `invalid_credential`, `missing_scope`).
 pub const REFUSED: &str = "ecars_api_refused_total";
 
 /// Describes the API's metrics to the installed recorder.

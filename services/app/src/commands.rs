@@ -2,11 +2,14 @@
 
 use std::future::Future;
 
+use base64::Engine as _;
 use ecars_bus::kafka::{KafkaBus, KafkaConfig, TopicDescription};
 use ecars_db::case_outbox::{CaseRecord, CaseStatus};
 use ecars_db::{DatabaseConfig, DbError};
+use ecars_model::api_key::{key_line, Scopes};
 use ecars_model::record::published;
 use ecars_simulator::{SimulatorConfig, SimulatorError, SimulatorReport};
+use rand::RngCore as _;
 
 use crate::{open_database, AppError};
 
@@ -106,4 +109,59 @@ pub async fn simulate(
         cancel.cancel();
     });
     ecars_simulator::run(config, stop).await
+}
+
+/// A new API key (`ecars api-key create`): the key for its holder, and the line for the keys
+/// file, which holds only its hash.
+#[derive(Debug)]
+pub struct NewApiKey {
+    /// The key: `ecars_` and 256 random bits, base64url. Shown once.
+    pub key: String,
+    /// `name sha256:HEX scopes`, to append to `ECARS_API_KEYS_FILE`.
+    pub line: String,
+}
+
+/// Mints a new API key for `name` with `scopes`.
+pub fn create_api_key(name: &str, scopes: Scopes) -> Result<NewApiKey, AppError> {
+    let valid = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+    if !valid {
+        return Err(ecars_runtime::settings::ConfigError::Invalid {
+            setting: "--name",
+            reason: format!("{name:?}: use letters, digits, - _ . @ (no spaces)"),
+        }
+        .into());
+    }
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let key = format!(
+        "ecars_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    );
+    let line = key_line(name, &key, scopes);
+    Ok(NewApiKey { key, line })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ecars_model::api_key::{ApiKeys, Scope};
+
+    #[test]
+    fn a_created_key_is_found_in_a_file_of_its_line() {
+        let scopes: Scopes = [Scope::FleetRead, Scope::CasesWrite].into_iter().collect();
+        let created = create_api_key("ops", scopes).unwrap();
+        assert!(created.key.starts_with("ecars_") && created.key.len() == 6 + 43);
+        assert!(
+            !created.line.contains(&created.key),
+            "the file never holds the key"
+        );
+        let keys = ApiKeys::parse(&created.line).unwrap();
+        let holder = keys.holder(&created.key).unwrap();
+        assert_eq!((holder.name.as_str(), holder.scopes), ("ops", scopes));
+        assert_ne!(create_api_key("ops", scopes).unwrap().key, created.key);
+        assert!(create_api_key("two words", scopes).is_err());
+    }
 }

@@ -31,19 +31,24 @@ pub use ecars_simulator as simulator;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
 use ecars_anomaly::{AnomalyConfig, AnomalyError, AnomalyWorker};
+use ecars_api::access::HttpAccess;
 use ecars_api::{ApiState, HttpConfig};
 use ecars_bus::kafka::{KafkaBus, KafkaConfig};
-use ecars_bus::{Bus, BusError};
+use ecars_bus::{Bus, BusError, Subscription};
 use ecars_db::{Database, DatabaseConfig, DbError};
 use ecars_ingest::{BoundIngest, IngestConfig, IngestError};
+use ecars_model::api_key::{ApiKeyHolder, ApiKeys, Scope, Scopes};
 use ecars_model::record::published;
+use ecars_model::TelemetryReading;
 use ecars_persist::{CommitObserver, PersistConfig, PersistError, PersistWorker};
 use ecars_relay::{Relay, RelayConfig};
+use ecars_runtime::reloading::Reloading;
 use ecars_runtime::settings::{parse_duration, parse_millis, ConfigError};
 use ecars_runtime::supervisor::SupervisorError;
 use ecars_runtime::{Readiness, Supervisor};
@@ -200,9 +205,11 @@ pub enum AppError {
     /// The anomaly worker could not start.
     #[error(transparent)]
     Anomaly(#[from] AnomalyError),
-    /// The HTTP listener could not bind.
-    #[error("cannot listen on {addr} (--http-addr / ECARS_HTTP_ADDR): {source}")]
+    /// An HTTP listener could not bind.
+    #[error("cannot listen on {addr} ({setting}): {source}")]
     HttpBind {
+        /// The setting naming it.
+        setting: &'static str,
         /// The address.
         addr: SocketAddr,
         /// The OS error.
@@ -224,6 +231,7 @@ pub struct App {
     mqtt_addr: Option<SocketAddr>,
     mqtt_ws_addr: Option<SocketAddr>,
     http_addr: SocketAddr,
+    admin_addr: SocketAddr,
 }
 
 /// Connects and migrates, waiting up to a minute for a database that is still starting.
@@ -336,16 +344,12 @@ impl App {
             }
             _ => (None, None),
         };
-        let http = TcpListener::bind(settings.http.http_addr)
-            .await
-            .map_err(|source| AppError::HttpBind {
-                addr: settings.http.http_addr,
-                source,
-            })?;
-        let http_addr = http.local_addr().map_err(|source| AppError::HttpBind {
-            addr: settings.http.http_addr,
-            source,
-        })?;
+        let (access, api_keys) =
+            http_access(&settings.http, settings.http.http_addr, relay.as_ref())?;
+        let (http, http_addr) =
+            bind_http(settings.http.http_addr, "--http-addr / ECARS_HTTP_ADDR").await?;
+        let (admin, admin_addr) =
+            bind_http(settings.http.admin_addr, "--admin-addr / ECARS_ADMIN_ADDR").await?;
 
         // Parts in the order they stop: sources first, sinks last.
         let in_process = settings.kafka.brokers.is_none();
@@ -417,14 +421,17 @@ impl App {
         if let Some(close) = close_bus.take() {
             supervisor.then("close the bus", close);
         }
-        let mut routes = ecars_api::router(ApiState {
+        let state = ApiState {
             db: db.clone(),
             bus: Some(bus.clone()),
             metrics,
             readiness: readiness.clone(),
             minter: relay.as_ref().and_then(|(r, _)| r.minter().cloned()),
+            access,
             dashboard: relay.is_some(),
-        });
+        };
+        let admin_routes = ecars_api::admin_router(state.clone());
+        let mut routes = ecars_api::router(state);
         let relay = match relay {
             Some((relay, tail)) => {
                 readiness.set("relay", true);
@@ -438,14 +445,26 @@ impl App {
         supervisor.spawn("the HTTP server", move |stop| {
             ecars_api::serve(http, routes, stop)
         });
+        if let Some((keys, path)) = api_keys {
+            let interval = settings.http.reload_interval;
+            supervisor.spawn_auxiliary("the API keys reloader", move |stop| {
+                keys.watch(interval, parse_api_keys, stop)
+            });
+            tracing::info!(file = %path.display(), "API keys from the file, re-read as it changes");
+        }
         if let Some(db) = db.clone() {
             supervisor.then("close the database", async move { db.close().await });
         }
+        // Last: `/readyz` and `/metrics` answer until the rest has stopped.
+        supervisor.spawn("the admin HTTP server", move |stop| {
+            ecars_api::serve(admin, admin_routes, stop)
+        });
         tracing::info!(
             database = db.as_ref().map_or("none", Database::backend),
             bus = if in_process { "in-process" } else { "kafka" },
             mqtt = ?mqtt_addr,
             http = %http_addr,
+            admin = %admin_addr,
             "ecars is up; Ctrl-C or SIGTERM stops it after storing what was accepted"
         );
         Ok(App {
@@ -456,6 +475,7 @@ impl App {
             mqtt_addr,
             mqtt_ws_addr,
             http_addr,
+            admin_addr,
         })
     }
 
@@ -469,9 +489,14 @@ impl App {
         self.mqtt_ws_addr
     }
 
-    /// The HTTP listener.
+    /// The public HTTP listener.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// The internal listener (`/healthz`, `/readyz`, `/metrics`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
     }
 
     /// The database, when a part uses one.
@@ -496,6 +521,70 @@ impl App {
         tracing::info!("stopped cleanly");
         Ok(())
     }
+}
+
+async fn bind_http(
+    addr: SocketAddr,
+    setting: &'static str,
+) -> Result<(TcpListener, SocketAddr), AppError> {
+    let failed = |source| AppError::HttpBind {
+        setting,
+        addr,
+        source,
+    };
+    let listener = TcpListener::bind(addr).await.map_err(failed)?;
+    let local = listener.local_addr().map_err(failed)?;
+    Ok((listener, local))
+}
+
+fn parse_api_keys(text: &str) -> Result<ApiKeys, ecars_model::api_key::ApiKeysError> {
+    ApiKeys::parse(text)
+}
+
+/// Who may call the `/v1` routes of the listener on `http_addr`, and the keys file to watch.
+#[allow(clippy::type_complexity)]
+fn http_access(
+    http: &HttpConfig,
+    http_addr: SocketAddr,
+    relay: Option<&(Arc<Relay>, Subscription<TelemetryReading>)>,
+) -> Result<(HttpAccess, Option<(Reloading<ApiKeys>, PathBuf)>), AppError> {
+    let keys = match &http.api_keys_file {
+        Some(path) => Some(
+            Reloading::load(path, "api_keys", parse_api_keys).map_err(|e| {
+                ConfigError::Invalid {
+                    setting: "ECARS_API_KEYS_FILE",
+                    reason: e.to_string(),
+                }
+            })?,
+        ),
+        None => None,
+    };
+    let relay = relay.map(|(relay, _)| relay);
+    let mut fixed = ApiKeys::default();
+    if let Some(key) = relay.and_then(|r| r.api_key()) {
+        fixed.insert(
+            key,
+            ApiKeyHolder {
+                name: "ECARS_RELAY_API_KEY".into(),
+                scopes: Scopes::default().with(Scope::RelayTokensMint),
+            },
+        );
+    }
+    let tokens = relay
+        .and_then(|r| r.minter())
+        .map(|m| m.authority().clone());
+    let loopback = http_addr.ip().is_loopback();
+    let required = keys.is_some()
+        || !fixed.is_empty()
+        || tokens.is_some()
+        || !(loopback || http.allow_anonymous_api);
+    if !required && !loopback {
+        tracing::warn!(%http_addr, "ECARS_API_ALLOW_ANONYMOUS: /v1 is open to anyone who reaches this address");
+    } else if required && keys.is_none() {
+        tracing::warn!(%http_addr, "credentials are required but there is no ECARS_API_KEYS_FILE: /v1 accepts only relay tokens and ECARS_RELAY_API_KEY");
+    }
+    let watched = keys.clone().zip(http.api_keys_file.clone());
+    Ok((HttpAccess::new(keys, fixed, tokens, required), watched))
 }
 
 /// The in-process bus where ingest and the workers share the process and no brokers are set;

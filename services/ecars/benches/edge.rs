@@ -77,6 +77,7 @@ impl Broker {
             .args(["up", "--mqtt-addr", &format!("127.0.0.1:{port}")])
             .args(["--mqtt-ws-addr", &format!("127.0.0.1:{}", free_port())])
             .args(["--http-addr", &format!("127.0.0.1:{}", free_port())])
+            .args(["--admin-addr", &format!("127.0.0.1:{}", free_port())])
             .env("DATABASE_URL", &url)
             .env("ECARS_LOG", "warn,rumqttd=off")
             .env_remove("ECARS_DEVICE_SECRET")

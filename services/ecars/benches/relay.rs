@@ -62,6 +62,7 @@ async fn main() {
         .env("ECARS_MQTT_ADDR", format!("127.0.0.1:{mqtt}"))
         .env("ECARS_MQTT_WS_ADDR", format!("127.0.0.1:{ws}"))
         .env("ECARS_HTTP_ADDR", format!("127.0.0.1:{http}"))
+        .env("ECARS_ADMIN_ADDR", ecars_e2e::admin_addr_for(http))
         .env("ECARS_LOG", "warn,rumqttd=off")
         .env_remove("ECARS_DEVICE_SECRET")
         .stdout(Stdio::null())
@@ -71,7 +72,7 @@ async fn main() {
         .unwrap();
     let pid = child.id().unwrap();
     ecars_e2e::wait_for("/readyz", Duration::from_secs(30), || async {
-        reqwest::get(format!("http://127.0.0.1:{http}/readyz"))
+        reqwest::get(format!("http://{}/readyz", ecars_e2e::admin_addr_for(http)))
             .await
             .is_ok_and(|r| r.status() == 200)
     })

@@ -8,6 +8,7 @@ use ecars_app::bus::kafka::KafkaConfig;
 use ecars_app::db::case_outbox::CaseStatus;
 use ecars_app::db::DatabaseConfig;
 use ecars_app::ingest::IngestConfig;
+use ecars_app::model::api_key::Scope;
 use ecars_app::persist::PersistConfig;
 use ecars_app::relay::RelayConfig;
 use ecars_app::runtime::settings::LogConfig;
@@ -53,6 +54,8 @@ enum Command {
     Topics(TopicsArgs),
     /// Apply the database migrations and exit.
     Migrate(MigrateArgs),
+    /// Create API keys for the HTTP API.
+    ApiKey(ApiKeyArgs),
     /// Drive simulated cars against a broker.
     Simulate(SimulatorConfig),
 }
@@ -166,6 +169,27 @@ struct TopicsArgs {
 }
 
 #[derive(Debug, Args)]
+struct ApiKeyArgs {
+    #[command(subcommand)]
+    action: ApiKeyAction,
+}
+
+#[derive(Debug, Subcommand)]
+enum ApiKeyAction {
+    /// Print a new key (give it to its holder) and its line for ECARS_API_KEYS_FILE (which keeps
+    /// only its hash; the running services pick the line up within seconds).
+    Create {
+        /// Who holds the key (logs and metrics name it): letters, digits, - _ . @.
+        #[arg(long = "name")]
+        name: String,
+        /// What it may do, repeated or comma-separated: fleet:read, dead-letters:read,
+        /// cases:read, cases:write, relay-tokens:mint.
+        #[arg(long = "scope", value_delimiter = ',', required = true)]
+        scopes: Vec<Scope>,
+    },
+}
+
+#[derive(Debug, Args)]
 struct MigrateArgs {
     #[command(flatten)]
     database: DatabaseConfig,
@@ -245,6 +269,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Migrate(args) => return Ok(commands::migrate(&args.database).await?),
+        Command::ApiKey(ApiKeyArgs {
+            action: ApiKeyAction::Create { name, scopes },
+        }) => {
+            let created = commands::create_api_key(&name, scopes.into_iter().collect())?;
+            // The key on stdout alone, for scripts; the line for the file on stderr.
+            eprintln!("# append to ECARS_API_KEYS_FILE:\n{}", created.line);
+            println!("{}", created.key);
+            return Ok(());
+        }
         Command::Simulate(config) => {
             let report = commands::simulate(config, shutdown()).await?;
             // The report on stdout, for scripts; the logs go to stderr.

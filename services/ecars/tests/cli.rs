@@ -35,6 +35,7 @@ async fn up_stores_what_mosquitto_pub_sends_and_exits_zero_on_ctrl_c() {
         .env("ECARS_MQTT_ADDR", format!("127.0.0.1:{mqtt}"))
         .env("ECARS_MQTT_WS_ADDR", format!("127.0.0.1:{ws}"))
         .env("ECARS_HTTP_ADDR", format!("127.0.0.1:{http}"))
+        .env("ECARS_ADMIN_ADDR", ecars_e2e::admin_addr_for(http))
         .env("ECARS_LOG_FORMAT", "json")
         .env_remove("ECARS_DEVICE_SECRET")
         .stdout(Stdio::null())
@@ -44,7 +45,7 @@ async fn up_stores_what_mosquitto_pub_sends_and_exits_zero_on_ctrl_c() {
         .unwrap();
     let base = format!("http://127.0.0.1:{http}");
     wait_for("/readyz", Duration::from_secs(20), || async {
-        reqwest::get(format!("{base}/readyz"))
+        reqwest::get(format!("http://{}/readyz", ecars_e2e::admin_addr_for(http)))
             .await
             .is_ok_and(|r| r.status() == 200)
     })
@@ -203,6 +204,27 @@ async fn bad_settings_fail_at_start_naming_the_setting() {
             &["up", "--database-url", &db, "--http-addr", "0.0.0.0:0"],
             "ECARS_RELAY_SECRET",
         ),
+        (
+            &[
+                "up",
+                "--database-url",
+                &db,
+                "--api-keys-file",
+                "/nonexistent/keys",
+            ],
+            "ECARS_API_KEYS_FILE",
+        ),
+        (
+            &[
+                "api-key",
+                "create",
+                "--name",
+                "ops",
+                "--scope",
+                "fleet:write",
+            ],
+            "unknown scope",
+        ),
     ];
     for (args, needle) in cases {
         let out = run_to_end(args).await;
@@ -255,6 +277,10 @@ async fn help_explains_every_setting_with_its_environment_variable() {
         "SALESFORCE_PRIVATE_KEY_FILE",
         "ECARS_RELAY_SECRET",
         "ECARS_RELAY_ALLOWED_ORIGINS",
+        "ECARS_ADMIN_ADDR",
+        "ECARS_API_KEYS_FILE",
+        "ECARS_API_ALLOW_ANONYMOUS",
+        "ECARS_SETTINGS_RELOAD_INTERVAL",
     ] {
         assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
     }
@@ -275,6 +301,7 @@ async fn kill_9_of_up_loses_no_acknowledged_reading() {
         .args(["up", "--mqtt-addr", &format!("127.0.0.1:{mqtt}")])
         .args(["--mqtt-ws-addr", &format!("127.0.0.1:{ws}")])
         .args(["--http-addr", &format!("127.0.0.1:{http}")])
+        .env("ECARS_ADMIN_ADDR", ecars_e2e::admin_addr_for(http))
         .env("DATABASE_URL", &url)
         .env_remove("ECARS_DEVICE_SECRET")
         .kill_on_drop(true)
@@ -414,6 +441,7 @@ async fn descriptor_exhaustion_costs_a_bounded_log_and_ingest_recovers() {
         .args(["up", "--mqtt-addr", &format!("127.0.0.1:{mqtt}")])
         .args(["--mqtt-ws-addr", &format!("127.0.0.1:{ws}")])
         .args(["--http-addr", &format!("127.0.0.1:{http}")])
+        .env("ECARS_ADMIN_ADDR", ecars_e2e::admin_addr_for(http))
         .env(
             "DATABASE_URL",
             format!("sqlite://{}", dir.path().join("x.db").display()),
@@ -549,6 +577,7 @@ impl ScaleOut {
             .env("ECARS_MQTT_ADDR", format!("127.0.0.1:{}", self.mqtt))
             .env("ECARS_MQTT_WS_ADDR", format!("127.0.0.1:{}", self.ws))
             .env("ECARS_HTTP_ADDR", format!("127.0.0.1:{http}"))
+            .env("ECARS_ADMIN_ADDR", ecars_e2e::admin_addr_for(http))
             .envs(self.extra_env.iter().map(|(k, v)| (*k, v.as_str())))
             .env_remove("ECARS_DEVICE_SECRET")
             .stdout(Stdio::null())
@@ -561,7 +590,7 @@ impl ScaleOut {
 
 async fn wait_ready(http: u16) {
     wait_for("/readyz", Duration::from_secs(30), || async move {
-        reqwest::get(format!("http://127.0.0.1:{http}/readyz"))
+        reqwest::get(format!("http://{}/readyz", ecars_e2e::admin_addr_for(http)))
             .await
             .is_ok_and(|r| r.status() == 200)
     })
@@ -951,12 +980,26 @@ async fn read_first_events(
 }
 
 /// The built-in dashboard in a real browser (Debian's chromium, driven by playwright-core from
-/// `tests/browser`): `ecars up --simulate 20` shows the fleet and a live chart of the chosen car;
-/// a second tab on another car sees only that car. The screenshot is kept in
-/// `target/screenshots/dashboard.png`.
+/// `tests/browser`): `ecars up --simulate 20` with API keys and a relay secret asks for a key,
+/// then shows the fleet and a live chart of the chosen car (through a token it mints with the
+/// key); a second tab on another car sees only that car. The key comes from `ecars api-key
+/// create`. The screenshot is kept in `target/screenshots/dashboard.png`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_the_fleet_and_a_live_chart_in_chromium() {
     let dir = tempfile::tempdir().unwrap();
+    let created = run_to_end(&[
+        "api-key",
+        "create",
+        "--name",
+        "dashboard",
+        "--scope",
+        "fleet:read",
+    ])
+    .await;
+    assert!(created.status.success(), "{created:?}");
+    let key = String::from_utf8(created.stdout).unwrap().trim().to_owned();
+    let keys_file = dir.path().join("api-keys");
+    std::fs::write(&keys_file, &created.stderr).unwrap();
     let (mqtt, ws, http) = (free_port(), free_port(), free_port());
     let mut child = Command::new(ECARS)
         .args(["up", "--simulate", "20", "--simulate-interval-ms", "200"])
@@ -967,6 +1010,9 @@ async fn the_dashboard_shows_the_fleet_and_a_live_chart_in_chromium() {
         .env("ECARS_MQTT_ADDR", format!("127.0.0.1:{mqtt}"))
         .env("ECARS_MQTT_WS_ADDR", format!("127.0.0.1:{ws}"))
         .env("ECARS_HTTP_ADDR", format!("127.0.0.1:{http}"))
+        .env("ECARS_ADMIN_ADDR", ecars_e2e::admin_addr_for(http))
+        .env("ECARS_API_KEYS_FILE", &keys_file)
+        .env("ECARS_RELAY_SECRET", "relay-secret-of-at-least-32-bytes!!")
         .env_remove("ECARS_DEVICE_SECRET")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -975,11 +1021,17 @@ async fn the_dashboard_shows_the_fleet_and_a_live_chart_in_chromium() {
         .unwrap();
     wait_ready(http).await;
     let base = format!("http://127.0.0.1:{http}");
+    let vehicles = || {
+        reqwest::Client::new()
+            .get(format!("{base}/v1/vehicles"))
+            .bearer_auth(&key)
+            .send()
+    };
     wait_for(
         "twenty cars in the API",
         Duration::from_secs(30),
         || async {
-            match reqwest::get(format!("{base}/v1/vehicles")).await {
+            match vehicles().await {
                 Ok(r) => r
                     .json::<serde_json::Value>()
                     .await
@@ -1005,6 +1057,7 @@ async fn the_dashboard_shows_the_fleet_and_a_live_chart_in_chromium() {
         .arg("dashboard.mjs")
         .args([&base, &vin(0), &vin(19)])
         .arg(&shot)
+        .arg(&key)
         .output()
         .await
         .unwrap();

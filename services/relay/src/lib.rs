@@ -9,8 +9,8 @@
 //! - With `ECARS_RELAY_SECRET`, a client presents a relay token
 //!   ([`ecars_model::relay_token`]) as `Authorization: Bearer`, `?access_token=` or its first
 //!   message; otherwise the socket closes with 1008 (policy violation). The HTTP API mints
-//!   tokens (`POST /v1/relay-tokens`) for callers with `ECARS_RELAY_API_KEY`
-//!   ([`Relay::minter`]). Without a secret the relay only runs on a loopback address.
+//!   tokens (`POST /v1/relay-tokens`, [`Relay::minter`]) for callers whose API key may.
+//!   Without a secret the relay only runs on a loopback address.
 //! - Data flow: bus (a tail of the telemetry stream of its own: every instance sees every
 //!   reading) → [`hub::Hub`] → sockets.
 
@@ -61,8 +61,9 @@ pub struct RelayConfig {
     /// File holding the relay secret.
     #[arg(long = "relay-secret-file", env = "ECARS_RELAY_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
-    /// API key that may mint relay tokens at `POST /v1/relay-tokens` (for a Salesforce Named
-    /// Credential); minting is off without it.
+    /// A single API key that may mint relay tokens at `POST /v1/relay-tokens` (for a Salesforce
+    /// Named Credential); the older form of a key with the scope `relay-tokens:mint` in
+    /// `ECARS_API_KEYS_FILE`.
     #[arg(
         long = "relay-api-key",
         env = "ECARS_RELAY_API_KEY",
@@ -117,6 +118,7 @@ pub struct Relay {
     db: Option<Database>,
     auth: Option<TokenAuthority>,
     minter: Option<TokenMinter>,
+    api_key: Option<String>,
     config: RelayConfig,
 }
 
@@ -169,29 +171,35 @@ impl Relay {
                 None
             }
         };
-        let minter = match (api_key, &auth) {
-            (Some(_), None) => {
-                return Err(ConfigError::Invalid {
-                    setting: "ECARS_RELAY_API_KEY",
-                    reason: "minting tokens needs ECARS_RELAY_SECRET to sign them".into(),
-                })
-            }
-            (Some(key), Some(auth)) => Some(TokenMinter::new(auth.clone(), key, config.token_ttl)),
-            (None, _) => None,
-        };
+        if api_key.is_some() && auth.is_none() {
+            return Err(ConfigError::Invalid {
+                setting: "ECARS_RELAY_API_KEY",
+                reason: "minting tokens needs ECARS_RELAY_SECRET to sign them".into(),
+            });
+        }
+        let minter = auth
+            .as_ref()
+            .map(|auth| TokenMinter::new(auth.clone(), config.token_ttl));
         Ok(Arc::new(Relay {
             hub: Hub::new(config.client_queue as usize),
             db,
             auth,
             minter,
+            api_key,
             config: config.clone(),
         }))
     }
 
     /// What mints tokens for this relay's clients (for `POST /v1/relay-tokens`); `None` when
-    /// minting is off (no API key).
+    /// sockets need no token (no relay secret).
     pub fn minter(&self) -> Option<&TokenMinter> {
         self.minter.as_ref()
+    }
+
+    /// The older single API key (`ECARS_RELAY_API_KEY`), which the HTTP API accepts with the
+    /// scope `relay-tokens:mint`.
+    pub fn api_key(&self) -> Option<&str> {
+        self.api_key.as_deref()
     }
 
     /// The fan-out.
