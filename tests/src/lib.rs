@@ -240,8 +240,8 @@ pub struct PipelineOptions {
     pub observer: Option<CommitObserver>,
     /// The live relay.
     pub relay: ecars_relay::RelayConfig,
-    /// The HTTP API's keys file.
-    pub api_keys_file: Option<std::path::PathBuf>,
+    /// The HTTP listeners (free loopback ports by default).
+    pub http: ecars_api::HttpConfig,
 }
 
 impl PipelineOptions {
@@ -254,16 +254,13 @@ impl PipelineOptions {
             persist: PersistConfig::default(),
             observer: None,
             relay: defaults(),
-            api_keys_file: None,
+            http: loopback_http(),
         }
     }
 
     /// The settings of `ecars up` with these options, every listener on a free loopback port.
     pub fn settings(&self) -> anyhow::Result<Settings> {
-        let http = ecars_api::HttpConfig {
-            api_keys_file: self.api_keys_file.clone(),
-            ..loopback_http()
-        };
+        let http = self.http.clone();
         let mut bus: ecars_app::InProcessBusConfig = defaults();
         bus.capacity = u32::try_from(self.bus_capacity)?;
         Ok(Settings::everything(

@@ -39,7 +39,7 @@ async fn every_v1_route_needs_a_key_with_its_scope() {
 
     let mut options =
         PipelineOptions::new(format!("sqlite://{}", dir.path().join("h.db").display()));
-    options.api_keys_file = Some(keys_file.clone());
+    options.http.api_keys_file = Some(keys_file.clone());
     options.relay = RelayConfig {
         secret: Some(SECRET.into()),
         ..RelayConfig::default()

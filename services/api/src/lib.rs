@@ -13,6 +13,7 @@
 
 pub mod access;
 pub mod metrics;
+pub mod serve;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -36,8 +37,6 @@ use ecars_model::{TelemetryReading, Vin};
 use ecars_runtime::Readiness;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::access::{HttpAccess, Need, Refusal};
@@ -69,6 +68,17 @@ pub struct HttpConfig {
     /// reads every car. Only for demos behind a private network.
     #[arg(long = "api-allow-anonymous", env = "ECARS_API_ALLOW_ANONYMOUS")]
     pub allow_anonymous_api: bool,
+    /// Time a connection has to send a request's headers, from its opening or its last
+    /// response: silent and idle sockets close after it.
+    #[arg(long = "http-header-timeout", env = "ECARS_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = ecars_runtime::settings::parse_duration)]
+    pub header_timeout: Duration,
+    /// Time a request has to be answered, reading its body included (not the life of a live
+    /// socket, which ends the request at its upgrade).
+    #[arg(long = "http-request-timeout", env = "ECARS_HTTP_REQUEST_TIMEOUT", default_value = "30s", value_parser = ecars_runtime::settings::parse_duration)]
+    pub request_timeout: Duration,
+    /// Largest request head (request line and headers) in bytes; larger ones get 431.
+    #[arg(long = "http-max-header-bytes", env = "ECARS_HTTP_MAX_HEADER_BYTES", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(1024..=1024 * 1024))]
+    pub max_header_bytes: u32,
     /// How often settings files that may change while running (the API keys) are re-read.
     #[arg(long = "settings-reload-interval", env = "ECARS_SETTINGS_RELOAD_INTERVAL", default_value = "2s", value_parser = ecars_runtime::settings::parse_duration)]
     pub reload_interval: Duration,
@@ -204,16 +214,15 @@ pub fn admin_router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// Serves `router` on a bound listener until `shutdown` fires.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    tracing::info!(addr = %listener.local_addr()?, "HTTP listening");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+impl HttpConfig {
+    /// The limits every HTTP listener of the process applies.
+    pub fn limits(&self) -> serve::HttpLimits {
+        serve::HttpLimits {
+            header_timeout: self.header_timeout,
+            request_timeout: self.request_timeout,
+            max_header_bytes: self.max_header_bytes as usize,
+        }
+    }
 }
 
 async fn healthz() -> Json<serde_json::Value> {

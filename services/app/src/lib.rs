@@ -442,8 +442,9 @@ impl App {
             }
             None => None,
         };
+        let limits = settings.http.limits();
         supervisor.spawn("the HTTP server", move |stop| {
-            ecars_api::serve(http, routes, stop)
+            ecars_api::serve::serve(http, routes, limits, stop)
         });
         if let Some((keys, path)) = api_keys {
             let interval = settings.http.reload_interval;
@@ -457,7 +458,7 @@ impl App {
         }
         // Last: `/readyz` and `/metrics` answer until the rest has stopped.
         supervisor.spawn("the admin HTTP server", move |stop| {
-            ecars_api::serve(admin, admin_routes, stop)
+            ecars_api::serve::serve(admin, admin_routes, limits, stop)
         });
         tracing::info!(
             database = db.as_ref().map_or("none", Database::backend),

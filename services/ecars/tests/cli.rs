@@ -281,6 +281,9 @@ async fn help_explains_every_setting_with_its_environment_variable() {
         "ECARS_API_KEYS_FILE",
         "ECARS_API_ALLOW_ANONYMOUS",
         "ECARS_SETTINGS_RELOAD_INTERVAL",
+        "ECARS_HTTP_HEADER_TIMEOUT",
+        "ECARS_HTTP_REQUEST_TIMEOUT",
+        "ECARS_HTTP_MAX_HEADER_BYTES",
     ] {
         assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
     }

@@ -323,6 +323,16 @@ impl BoundIngest {
                             connection::serve_connection(gateway, pipe, admitted, shutdown).await
                         }
                         Err(e) => {
+                            let reason = match e {
+                                websocket::HandshakeError::Timeout(_) => {
+                                    "websocket_handshake_timeout"
+                                }
+                                websocket::HandshakeError::WebSocket(_) => {
+                                    "websocket_handshake_failed"
+                                }
+                            };
+                            ::metrics::counter!(metrics::CONNECTIONS_ENDED, "reason" => reason)
+                                .increment(1);
                             tracing::debug!(error = %e, "WebSocket handshake failed");
                             return;
                         }

@@ -15,7 +15,7 @@ pub const MQTT_CONNECTIONS_OPEN: &str = "ecars_mqtt_connections_open";
 
 /// MQTT connections ended, labelled by `reason` (client_disconnect, keep_alive_timeout,
 /// taken_over, server_shutdown, protocol_violation, refused, connect_timeout, connection_error,
-/// broker, bus).
+/// broker, bus; over WebSocket also websocket_handshake_timeout, websocket_handshake_failed).
 pub const CONNECTIONS_ENDED: &str = "ecars_mqtt_connections_ended_total";
 /// MQTT connections closed for breaking the protocol, labelled by `reason` (malformed_packet,
 /// protocol_error, packet_too_large, not_authorized).

@@ -300,6 +300,8 @@ impl Relay {
             .write_buffer_size(16 * 1024)
             .max_write_buffer_size(1024 * 1024)
             .max_message_size(64 * 1024)
+            // Checked at the frame header: a frame announcing more is refused unread.
+            .max_frame_size(64 * 1024)
             .on_upgrade(move |socket| self.serve(socket, vins, token, registration))
     }
 
