@@ -172,6 +172,12 @@ for label, values in value_sets.items():
             check(configmap.get("ECARS_MQTT_ADDR", "").endswith(":1883"), f"{label}: MQTT on 1883")
             check(env["ECARS_DEVICE_SECRET"]["valueFrom"]["secretKeyRef"]["key"] == "device-secret",
                   f"{label}: ingest device secret from the Secret")
+            if "ECARS_MQTT_ACCOUNTS_FILE" in env:
+                mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+                check(env["ECARS_MQTT_ACCOUNTS_FILE"]["value"].startswith(mounts.get("mqtt-accounts", "?") + "/"),
+                      f"{label}: ingest reads the MQTT accounts from the mounted Secret")
+            elif label == "values-production.yaml":
+                check(False, f"{label}: production values mount the MQTT accounts")
         if component == "relay":
             check(env["ECARS_RELAY_SECRET"]["valueFrom"]["secretKeyRef"]["key"] == "relay-secret",
                   f"{label}: relay secret from the Secret")

@@ -232,6 +232,8 @@ pub struct PipelineOptions {
     pub database_url: String,
     /// Fleet device secret.
     pub device_secret: Option<String>,
+    /// MQTT service accounts file (needs the device secret).
+    pub mqtt_accounts_file: Option<std::path::PathBuf>,
     /// In-process bus capacity.
     pub bus_capacity: usize,
     /// Persistence batching.
@@ -250,6 +252,7 @@ impl PipelineOptions {
         PipelineOptions {
             database_url: database_url.into(),
             device_secret: None,
+            mqtt_accounts_file: None,
             bus_capacity: 10_000,
             persist: PersistConfig::default(),
             observer: None,
@@ -272,6 +275,7 @@ impl PipelineOptions {
             },
             IngestConfig {
                 device_secret: self.device_secret.clone(),
+                accounts_file: self.mqtt_accounts_file.clone(),
                 ..loopback_ingest()
             },
             self.persist.clone(),

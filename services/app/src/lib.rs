@@ -371,6 +371,12 @@ impl App {
             });
         }
         let ingest_runs = ingest.is_some();
+        if let Some(accounts) = ingest.as_ref().and_then(|i| i.accounts()).cloned() {
+            let interval = settings.http.reload_interval;
+            supervisor.spawn_auxiliary("the MQTT accounts reloader", move |stop| {
+                accounts.watch(interval, ecars_ingest::accounts::MqttAccounts::parse, stop)
+            });
+        }
         if let Some(ingest) = ingest {
             readiness.set("ingest", true);
             let run = |stop| async move {

@@ -56,6 +56,8 @@ enum Command {
     Migrate(MigrateArgs),
     /// Create API keys for the HTTP API.
     ApiKey(ApiKeyArgs),
+    /// Create MQTT service accounts (subscribers that are not cars).
+    MqttAccount(MqttAccountArgs),
     /// Drive simulated cars against a broker.
     Simulate(SimulatorConfig),
 }
@@ -190,6 +192,29 @@ enum ApiKeyAction {
 }
 
 #[derive(Debug, Args)]
+struct MqttAccountArgs {
+    #[command(subcommand)]
+    action: MqttAccountAction,
+}
+
+#[derive(Debug, Subcommand)]
+enum MqttAccountAction {
+    /// Print a new account's password (give it to the subscriber) and its line for
+    /// ECARS_MQTT_ACCOUNTS_FILE (which keeps only an argon2 hash; running brokers pick it up
+    /// within seconds). The subscriber logs in with username = the name and a client id that is
+    /// the name or starts with `name-`.
+    Create {
+        /// The account's name (its MQTT username): letters, digits, - _ . (not a VIN).
+        #[arg(long = "name")]
+        name: String,
+        /// Topic filters it may subscribe to (or narrower ones), repeated or comma-separated,
+        /// for example `vehicles/+/telemetry`.
+        #[arg(long = "filter", value_delimiter = ',', required = true)]
+        filters: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
 struct MigrateArgs {
     #[command(flatten)]
     database: DatabaseConfig,
@@ -276,6 +301,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             // The key on stdout alone, for scripts; the line for the file on stderr.
             eprintln!("# append to ECARS_API_KEYS_FILE:\n{}", created.line);
             println!("{}", created.key);
+            return Ok(());
+        }
+        Command::MqttAccount(MqttAccountArgs {
+            action: MqttAccountAction::Create { name, filters },
+        }) => {
+            let created = commands::create_mqtt_account(&name, &filters)?;
+            eprintln!("# append to ECARS_MQTT_ACCOUNTS_FILE:\n{}", created.line);
+            println!("{}", created.password);
             return Ok(());
         }
         Command::Simulate(config) => {

@@ -284,6 +284,7 @@ async fn help_explains_every_setting_with_its_environment_variable() {
         "ECARS_HTTP_HEADER_TIMEOUT",
         "ECARS_HTTP_REQUEST_TIMEOUT",
         "ECARS_HTTP_MAX_HEADER_BYTES",
+        "ECARS_MQTT_ACCOUNTS_FILE",
     ] {
         assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
     }

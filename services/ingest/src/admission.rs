@@ -3,10 +3,11 @@
 
 use chrono::{DateTime, Utc};
 use ecars_model::telemetry::{
-    parse_reading, DeadLetter, RejectReason, Rejection, TelemetryReading, TelemetryTopic, Vin,
+    parse_reading, DeadLetter, RejectReason, Rejection, TelemetryReading, TelemetryTopic,
 };
 use uuid::Uuid;
 
+use crate::authorization::Identity;
 use crate::codec::{PublishView, REASON_NOT_AUTHORIZED, REASON_PAYLOAD_FORMAT_INVALID};
 
 /// What the gateway does with a PUBLISH.
@@ -29,12 +30,12 @@ pub enum Verdict {
     },
 }
 
-/// Judges a PUBLISH of `client_id`, authenticated as `device_vin` (when cars log in), received
-/// at `received_at`.
+/// Judges a PUBLISH of `client_id`, authenticated as `identity` (when clients log in),
+/// received at `received_at`. Only a car may publish telemetry, and only its own.
 pub fn judge(
     publish: &PublishView,
     client_id: &str,
-    device_vin: Option<&Vin>,
+    identity: Option<&Identity>,
     received_at: DateTime<Utc>,
 ) -> Verdict {
     let Some(topic) = TelemetryTopic::classify(&publish.topic) else {
@@ -42,12 +43,19 @@ pub fn judge(
     };
     let verdict =
         parse_reading(&topic, &publish.payload, Uuid::now_v7(), received_at).and_then(|reading| {
-            match device_vin {
-                Some(own) if *own != reading.vin => Err(Rejection {
+            match identity {
+                Some(Identity::Car(own)) if *own != reading.vin => Err(Rejection {
                     reason: RejectReason::UnauthorizedVin,
                     detail: format!(
                         "client authenticated as {own} published for {}",
                         reading.vin
+                    ),
+                }),
+                Some(Identity::Account(account)) => Err(Rejection {
+                    reason: RejectReason::UnauthorizedVin,
+                    detail: format!(
+                        "service account {} published for {}: only cars publish telemetry",
+                        account.name, reading.vin
                     ),
                 }),
                 _ => Ok(reading),
@@ -97,24 +105,25 @@ mod tests {
 
     #[test]
     fn telemetry_is_admitted_refused_or_left_to_the_broker() {
-        let vin = Vin::parse("1HGCM82633A004352").unwrap();
+        let vin = ecars_model::Vin::parse("1HGCM82633A004352").unwrap();
+        let car = Identity::Car(vin.clone());
         let now = Utc::now();
         let topic = format!("vehicles/{vin}/telemetry");
         assert!(matches!(
-            judge(&publish(&topic, r#"{"battery":50}"#), "car", Some(&vin), now),
+            judge(&publish(&topic, r#"{"battery":50}"#), "car", Some(&car), now),
             Verdict::Accepted(r) if r.vin == vin && r.battery == Some(50.0)
         ));
         assert!(matches!(
-            judge(&publish(&topic, r#"{"battery":150}"#), "car", Some(&vin), now),
+            judge(&publish(&topic, r#"{"battery":150}"#), "car", Some(&car), now),
             Verdict::Rejected { reason_code: 0x99, letter } if letter.reason == RejectReason::BatteryOutOfRange
         ));
         let other = "vehicles/2HGCM82633A004352/telemetry";
         assert!(matches!(
-            judge(&publish(other, "{}"), "car", Some(&vin), now),
+            judge(&publish(other, "{}"), "car", Some(&car), now),
             Verdict::Rejected { reason_code: 0x87, letter } if letter.reason == RejectReason::UnauthorizedVin
         ));
         assert!(matches!(
-            judge(&publish("fleet/notices", "hello"), "car", Some(&vin), now),
+            judge(&publish("fleet/notices", "hello"), "car", Some(&car), now),
             Verdict::Forward
         ));
     }

@@ -1,11 +1,79 @@
-//! What a car that logged in may do over MQTT, without I/O: use client ids of its own and its
-//! own topics, nothing of another car's.
+//! What a client that logged in may do over MQTT, without I/O: use client ids of its own and its
+//! own topics, nothing of another's.
 //!
-//! With device credentials on (`ECARS_DEVICE_SECRET`), every MQTT client is a car whose identity
-//! is the VIN it logged in as. Telemetry is judged by the admission rules (a reading for another
-//! VIN is dead-lettered); this module rules on the rest.
+//! With device credentials on (`ECARS_DEVICE_SECRET`), every MQTT client is either a car, whose
+//! identity is the VIN it logged in as, or a service account ([`crate::accounts`]) that reads
+//! the topics its filters allow. Telemetry is judged by the admission rules (a reading for
+//! another VIN is dead-lettered); this module rules on the rest.
+
+use std::sync::Arc;
 
 use ecars_model::Vin;
+
+use crate::accounts::MqttAccount;
+
+/// Who a client logged in as.
+#[derive(Clone, Debug)]
+pub enum Identity {
+    /// A car, by the VIN its credentials are for.
+    Car(Vin),
+    /// A service account (a subscriber that is not a car).
+    Account(Arc<MqttAccount>),
+}
+
+impl Identity {
+    /// The car's VIN; `None` for a service account.
+    pub fn vin(&self) -> Option<&Vin> {
+        match self {
+            Identity::Car(vin) => Some(vin),
+            Identity::Account(_) => None,
+        }
+    }
+
+    /// The VIN or the account's name, for logs.
+    pub fn name(&self) -> &str {
+        match self {
+            Identity::Car(vin) => vin.as_str(),
+            Identity::Account(account) => &account.name,
+        }
+    }
+
+    /// Whether `client_id` belongs to this identity (see [`owns_client_id`] for cars,
+    /// [`MqttAccount::owns_client_id`] for accounts).
+    pub fn owns_client_id(&self, client_id: &str) -> bool {
+        match self {
+            Identity::Car(vin) => owns_client_id(vin, client_id),
+            Identity::Account(account) => account.owns_client_id(client_id),
+        }
+    }
+
+    /// A client id for a client that sent none: its own, with a unique suffix.
+    pub fn assigned_client_id(&self) -> String {
+        match self {
+            Identity::Car(vin) => assigned_client_id(vin),
+            Identity::Account(account) => {
+                format!("{}-{}", account.name, uuid::Uuid::now_v7().simple())
+            }
+        }
+    }
+
+    /// Whether the client may subscribe to `filter`.
+    pub fn may_subscribe(&self, filter: &str) -> bool {
+        match self {
+            Identity::Car(vin) => may_subscribe(vin, filter),
+            Identity::Account(account) => account.may_subscribe(filter),
+        }
+    }
+
+    /// Whether the client may publish to `topic`, a topic that is not telemetry: nobody yet
+    /// (service accounts read; see [`may_publish_other`] for cars).
+    pub fn may_publish_other(&self, topic: &str) -> bool {
+        match self {
+            Identity::Car(vin) => may_publish_other(vin, topic),
+            Identity::Account(_) => false,
+        }
+    }
+}
 
 /// Why an operation of a car was refused, as counted and logged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

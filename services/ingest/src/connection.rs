@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use chrono::Utc;
 use ecars_bus::BusError;
-use ecars_model::telemetry::Vin;
+use ecars_model::device_auth::DeviceSecret;
 use futures_util::stream::FuturesOrdered;
 use futures_util::StreamExt;
 use rumqttd::protocol::v4::FixedHeader;
@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::{judge, Verdict};
-use crate::authorization::{self, NotAuthorized};
+use crate::authorization::{Identity, NotAuthorized};
 use crate::codec::{
     accepted_connack, ack_packet, connect_version, decode, disconnect, encode, is_broker_private,
     packet_id, packet_type, parse_publish, protocol_error, refused_connack, Accepted, Frame,
@@ -296,7 +296,8 @@ struct Connection<'g, B: Broker> {
     gateway: &'g Gateway<B>,
     request: ConnectRequest,
     registration: Registration,
-    device_vin: Option<Vin>,
+    /// Who the client logged in as (`None` where clients are anonymous).
+    identity: Option<Identity>,
     keep_alive: KeepAlive,
     link: Option<B::Link>,
     answers: Answers,
@@ -307,6 +308,46 @@ struct Connection<'g, B: Broker> {
     /// filters' places, to put back into the broker's SUBACK.
     refused_filters: Vec<(u16, Vec<usize>)>,
     last_activity: Instant,
+}
+
+/// Who the CONNECT's credentials belong to: a service account when the username is an
+/// account's name, else a car (username = VIN, password from the device secret). The error is
+/// the refusal's code.
+async fn authenticate<B>(
+    gateway: &Gateway<B>,
+    secret: &DeviceSecret,
+    login: Option<&Login>,
+) -> Result<Identity, &'static str> {
+    let account = login.and_then(|l| {
+        let accounts = gateway.accounts.as_ref()?.current();
+        accounts.get(&l.username).cloned()
+    });
+    if let (Some(account), Some(login)) = (account, login) {
+        // argon2 costs ~20 MiB and tens of milliseconds: one check at a time, off the runtime's
+        // threads, so a flood of bad passwords costs one core at most.
+        let Ok(_turn) = gateway.password_checks.acquire().await else {
+            return Err("server_shutdown");
+        };
+        let password = login.password.clone();
+        let checked = Arc::clone(&account);
+        let good =
+            tokio::task::spawn_blocking(move || checked.verify_password(password.as_bytes()))
+                .await
+                .unwrap_or(false);
+        return if good {
+            Ok(Identity::Account(account))
+        } else {
+            Err("wrong_password")
+        };
+    }
+    let (user, pass) = match login {
+        Some(l) => (Some(l.username.as_str()), Some(l.password.as_str())),
+        None => (None, None),
+    };
+    secret
+        .verify(user, pass)
+        .map(Identity::Car)
+        .map_err(|error| error.code())
 }
 
 impl<'g, B: Broker> Connection<'g, B> {
@@ -334,26 +375,16 @@ impl<'g, B: Broker> Connection<'g, B> {
         if !admitted {
             return Err(refuse(out, Refusal::AtCapacity, "connection_limit"));
         }
-        let device_vin = match &gateway.device_secret {
+        let identity = match &gateway.device_secret {
             None => None,
-            Some(secret) => {
-                let (user, pass) = match &login {
-                    Some(l) => (Some(l.username.as_str()), Some(l.password.as_str())),
-                    None => (None, None),
-                };
-                match secret.verify(user, pass) {
-                    Ok(vin) => Some(vin),
-                    Err(error) => {
-                        gateway.log_refusal(&connect.client_id, error.code());
-                        let missing = login.is_none();
-                        return Err(refuse(
-                            out,
-                            Refusal::BadCredentials { missing },
-                            error.code(),
-                        ));
-                    }
+            Some(secret) => match Box::pin(authenticate(gateway, secret, login.as_ref())).await {
+                Ok(identity) => Some(identity),
+                Err(code) => {
+                    gateway.log_refusal(&connect.client_id, code);
+                    let missing = login.is_none();
+                    return Err(refuse(out, Refusal::BadCredentials { missing }, code));
                 }
-            }
+            },
         };
         // An empty client id gets one of the gateway's (MQTT 5 tells the client which); MQTT
         // 3.1.1 allows it only with a clean session.
@@ -362,14 +393,14 @@ impl<'g, B: Broker> Connection<'g, B> {
             if version == Version::V4 && !connect.clean_session {
                 return Err(refuse(out, Refusal::ClientIdRejected, "empty_client_id"));
             }
-            connect.client_id = match &device_vin {
-                Some(vin) => authorization::assigned_client_id(vin),
+            connect.client_id = match &identity {
+                Some(identity) => identity.assigned_client_id(),
                 None => format!("ecars-{}", uuid::Uuid::now_v7().simple()),
             };
             assigned_client_id = (version == Version::V5).then(|| connect.client_id.clone());
-        } else if let Some(vin) = &device_vin {
-            // Another car's client id would take its session over: refused, never taken.
-            if !authorization::owns_client_id(vin, &connect.client_id) {
+        } else if let Some(identity) = &identity {
+            // Another client's id would take its session over: refused, never taken.
+            if !identity.owns_client_id(&connect.client_id) {
                 gateway.log_refusal(&connect.client_id, "client_id_not_owned");
                 return Err(refuse(
                     out,
@@ -393,7 +424,7 @@ impl<'g, B: Broker> Connection<'g, B> {
         let state = gateway.session_state(&client_id, request.connect.clean_session);
         let mut connection = Connection {
             gateway,
-            device_vin,
+            identity,
             keep_alive: negotiated.keep_alive,
             link: None,
             answers: Answers::default(),
@@ -422,7 +453,13 @@ impl<'g, B: Broker> Connection<'g, B> {
         ));
         out.flush().await?;
         metrics::gauge!(m::MQTT_CONNECTIONS_OPEN).increment(1.0);
-        tracing::debug!(client_id, ?version, session_present, vin = ?connection.device_vin, "MQTT client connected");
+        tracing::debug!(
+            client_id,
+            ?version,
+            session_present,
+            identity = connection.identity.as_ref().map(Identity::name),
+            "MQTT client connected"
+        );
         Ok(connection)
     }
 
@@ -576,7 +613,7 @@ impl<'g, B: Broker> Connection<'g, B> {
                 let verdict = judge(
                     &publish,
                     &self.request.connect.client_id,
-                    self.device_vin.as_ref(),
+                    self.identity.as_ref(),
                     Utc::now(),
                 );
                 let bus = &self.gateway.bus;
@@ -612,8 +649,8 @@ impl<'g, B: Broker> Connection<'g, B> {
                             .push_back(Box::pin(async move { (bus.publish(letter).await, owed) }));
                     }
                     Verdict::Forward => {
-                        if let Some(vin) = &self.device_vin {
-                            if !authorization::may_publish_other(vin, &publish.topic) {
+                        if let Some(identity) = &self.identity {
+                            if !identity.may_publish_other(&publish.topic) {
                                 return self.refuse_publish(&publish);
                             }
                         }
@@ -685,9 +722,14 @@ impl<'g, B: Broker> Connection<'g, B> {
         let pkid = packet_id(header, &frame)?;
         let packet = decode(self.request.version, &frame)?;
         let frame = {
-            let (packet, frame) = match (packet, &self.device_vin) {
-                (Packet::Subscribe(subscribe, properties), Some(vin)) => {
-                    match self.authorize_subscribe(vin.clone(), subscribe, properties, frame)? {
+            let (packet, frame) = match (packet, &self.identity) {
+                (Packet::Subscribe(subscribe, properties), Some(identity)) => {
+                    match self.authorize_subscribe(
+                        identity.clone(),
+                        subscribe,
+                        properties,
+                        frame,
+                    )? {
                         Some(allowed) => allowed,
                         // Nothing left to subscribe: the gateway answered.
                         None => return Ok(Continue::Yes),
@@ -795,7 +837,7 @@ impl<'g, B: Broker> Connection<'g, B> {
     /// only some were, the broker's SUBACK gets the refusals put back in their places.
     fn authorize_subscribe(
         &mut self,
-        vin: Vin,
+        identity: Identity,
         mut subscribe: Subscribe,
         properties: Option<SubscribeProperties>,
         frame: Bytes,
@@ -804,7 +846,7 @@ impl<'g, B: Broker> Connection<'g, B> {
             .filters
             .iter()
             .enumerate()
-            .filter(|(_, f)| !authorization::may_subscribe(&vin, &f.path))
+            .filter(|(_, f)| !identity.may_subscribe(&f.path))
             .map(|(at, _)| at)
             .collect();
         if refused.is_empty() {
@@ -819,9 +861,9 @@ impl<'g, B: Broker> Connection<'g, B> {
                 .collect();
             tracing::warn!(
                 client_id = self.request.connect.client_id,
-                %vin,
+                identity = identity.name(),
                 ?filters,
-                "a car subscribed outside its own topics: refused"
+                "a client subscribed outside its own topics: refused"
             );
         }
         let pkid = subscribe.pkid;
@@ -1397,7 +1439,7 @@ mod tests {
     async fn an_mqtt_5_car_is_told_not_authorized_outside_its_topics_and_the_broker_never_sees_it()
     {
         let secret = DeviceSecret::new("a-fleet-secret-of-some-length");
-        let vin = Vin::parse(VIN).unwrap();
+        let vin = ecars_model::Vin::parse(VIN).unwrap();
         let password = secret.password_for(&vin);
         let h = harness_with(None, Some(secret)).await;
         let other = "1HGCM82633A004353";

@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use ecars_bus::Bus;
 use ecars_model::device_auth::DeviceSecret;
+use ecars_runtime::reloading::Reloading;
 use tokio_util::sync::CancellationToken;
+
+use crate::accounts::MqttAccounts;
 
 use crate::broker::TelemetryFanout;
 use crate::connection::Broker;
@@ -31,6 +34,10 @@ pub struct Gateway<B> {
     pub device_secret: Option<DeviceSecret>,
     /// The longest keep-alive a client gets (a longer one, or none, is cut to it).
     pub max_keep_alive: Option<Duration>,
+    /// Service accounts (subscribers that are not cars), where device credentials are on.
+    pub accounts: Option<Reloading<MqttAccounts>>,
+    /// Turns to check an account's password (argon2): one at a time.
+    pub password_checks: tokio::sync::Semaphore,
     connected: Mutex<HashMap<String, Registration>>,
     sessions: Mutex<Sessions>,
     registrations: AtomicU64,
@@ -100,6 +107,8 @@ impl<B: Broker> Gateway<B> {
             fanout,
             device_secret,
             max_keep_alive,
+            accounts: None,
+            password_checks: tokio::sync::Semaphore::new(1),
             connected: Mutex::default(),
             sessions: Mutex::new(Sessions {
                 cap: max_connections
@@ -109,6 +118,12 @@ impl<B: Broker> Gateway<B> {
             }),
             registrations: AtomicU64::new(1),
         }
+    }
+
+    /// The gateway with these service accounts.
+    pub fn with_accounts(mut self, accounts: Option<Reloading<MqttAccounts>>) -> Gateway<B> {
+        self.accounts = accounts;
+        self
     }
 
     /// Registers a connection of `client_id`; an earlier connection with that client id is told

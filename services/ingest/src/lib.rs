@@ -12,6 +12,7 @@
 //! all pure — and [`connection`] (the I/O of one connection, generic over the stream and the
 //! broker), sharing a [`gateway::Gateway`]; [`limits`] says how many cars fit.
 
+pub mod accounts;
 pub mod admission;
 pub mod authorization;
 pub mod broker;
@@ -30,6 +31,7 @@ use std::time::Duration;
 
 use clap::Args;
 use ecars_bus::Bus;
+use ecars_runtime::reloading::Reloading;
 use ecars_runtime::settings::{is_loopback, parse_duration, value_or_file, ConfigError};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -80,6 +82,11 @@ pub struct IngestConfig {
     /// Without this, binding beyond loopback with no secret refuses to start.
     #[arg(long = "allow-anonymous", env = "ECARS_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,
+    /// File of MQTT service accounts (subscribers that are not cars): `name argon2-hash
+    /// filter[,filter]` per line (`ecars mqtt-account create` prints one), re-read while
+    /// running. Needs device credentials (ECARS_DEVICE_SECRET).
+    #[arg(long = "mqtt-accounts-file", env = "ECARS_MQTT_ACCOUNTS_FILE")]
+    pub accounts_file: Option<PathBuf>,
     /// Most MQTT connections served at once; beyond it a client's CONNECT is refused ("server
     /// unavailable", MQTT 5 "quota exceeded"). Without it: as many as the process's descriptor
     /// limit allows (raised to the hard limit at start), less a reserve of 1024.
@@ -150,6 +157,32 @@ impl IngestConfig {
         }
     }
 
+    /// The service accounts of the accounts file, loaded (and then watched by the composition).
+    fn accounts(
+        &self,
+        device_auth: bool,
+    ) -> Result<Option<Reloading<accounts::MqttAccounts>>, IngestError> {
+        let Some(path) = &self.accounts_file else {
+            return Ok(None);
+        };
+        if !device_auth {
+            return Err(ConfigError::Invalid {
+                setting: "--mqtt-accounts-file / ECARS_MQTT_ACCOUNTS_FILE",
+                reason: "service accounts need device credentials (ECARS_DEVICE_SECRET); without them every client is anonymous".into(),
+            }
+            .into());
+        }
+        Reloading::load(path, "mqtt_accounts", accounts::MqttAccounts::parse)
+            .map(Some)
+            .map_err(|e| {
+                ConfigError::Invalid {
+                    setting: "--mqtt-accounts-file / ECARS_MQTT_ACCOUNTS_FILE",
+                    reason: e.to_string(),
+                }
+                .into()
+            })
+    }
+
     /// Checks the security rules: anonymous access is only for loopback unless allowed.
     fn check_exposure(&self, secret: Option<&DeviceSecret>) -> Result<(), IngestError> {
         if secret.is_some() {
@@ -216,6 +249,7 @@ impl BoundIngest {
     pub async fn bind(config: &IngestConfig, bus: Bus) -> Result<BoundIngest, IngestError> {
         let device_secret = config.device_secret()?;
         config.check_exposure(device_secret.as_ref())?;
+        let accounts = config.accounts(device_secret.is_some())?;
         let bind = |setting: &'static str, addr: SocketAddr| async move {
             listen(addr).map_err(|source| IngestError::Bind {
                 setting,
@@ -229,14 +263,17 @@ impl BoundIngest {
         let ws = bind("--mqtt-ws-addr / ECARS_MQTT_WS_ADDR", config.mqtt_ws_addr).await?;
         let (broker, fanout) = EmbeddedBroker::start(max_connections).await?;
         Ok(BoundIngest {
-            gateway: Arc::new(Gateway::new(
-                bus,
-                broker,
-                fanout,
-                device_secret,
-                Some(config.max_keep_alive),
-                max_connections,
-            )),
+            gateway: Arc::new(
+                Gateway::new(
+                    bus,
+                    broker,
+                    fanout,
+                    device_secret,
+                    Some(config.max_keep_alive),
+                    max_connections,
+                )
+                .with_accounts(accounts),
+            ),
             tcp,
             ws,
             admitted: Arc::new(Semaphore::new(max_connections)),
@@ -248,6 +285,11 @@ impl BoundIngest {
     /// The connection limit in force.
     pub fn max_connections(&self) -> usize {
         self.max_connections
+    }
+
+    /// The service accounts, to be watched for changes ([`Reloading::watch`]).
+    pub fn accounts(&self) -> Option<&Reloading<accounts::MqttAccounts>> {
+        self.gateway.accounts.as_ref()
     }
 
     /// The MQTT listener's address (useful with port 0).
