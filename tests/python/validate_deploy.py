@@ -112,7 +112,7 @@ for label, values in value_sets.items():
     documents = []
     for path, text in rendered.items():
         if path.endswith("NOTES.txt"):
-            check("1883" in text, "NOTES.txt tells where cars connect")
+            check("1883" in text or "8883" in text, "NOTES.txt tells where cars connect")
             continue
         documents += [d for d in yaml.safe_load_all(text) if d]
     kinds = {}
@@ -193,7 +193,20 @@ for label, values in value_sets.items():
     services_k8s = {s["metadata"]["name"]: s for s in kinds["Service"]}
     ingest_service = next(s for n, s in services_k8s.items() if n.endswith("-ingest"))
     check(ingest_service["spec"]["type"] == "LoadBalancer", f"{label}: ingest behind a LoadBalancer")
-    check({p["port"] for p in ingest_service["spec"]["ports"]} == {1883, 8083}, f"{label}: ingest service ports")
+    lb_ports = {p["port"] for p in ingest_service["spec"]["ports"]}
+    if label == "values-production.yaml":
+        check(lb_ports == {8883}, f"{label}: cars reach only MQTT over TLS, got {lb_ports}")
+        ingest = deployments["ingest"]["spec"]["template"]["spec"]
+        ingest_env = {e["name"]: e for e in ingest["containers"][0].get("env", [])}
+        tls_mount = {m["name"]: m for m in ingest["containers"][0].get("volumeMounts", [])}.get("tls", {})
+        check(ingest_env.get("ECARS_TLS_CERT_FILE", {}).get("value", "").startswith(tls_mount.get("mountPath", "?") + "/")
+              and not tls_mount.get("subPath"),
+              f"{label}: the TLS certificate comes from the mounted Secret, renewals included")
+        check("ECARS_MQTT_CLIENT_CA_FILE" in ingest_env and "ECARS_REVOKED_FILE" in ingest_env,
+              f"{label}: car certificates and revocations on")
+        check(configmap.get("ECARS_MQTT_TLS_ADDR", "").endswith(":8883"), f"{label}: MQTT over TLS on 8883")
+    else:
+        check(lb_ports == {1883, 8083}, f"{label}: ingest service ports {lb_ports}")
     # What an Ingress or a LoadBalancer reaches never carries the internal port.
     for name, service in services_k8s.items():
         if service["spec"]["type"] == "LoadBalancer" or name.endswith("-relay"):

@@ -234,6 +234,10 @@ pub struct PipelineOptions {
     pub device_secret: Option<String>,
     /// MQTT service accounts file (needs the device secret).
     pub mqtt_accounts_file: Option<std::path::PathBuf>,
+    /// Revoked cars and certificates.
+    pub revoked_file: Option<std::path::PathBuf>,
+    /// TLS of the MQTT-over-TLS listener.
+    pub tls: ecars_runtime::tls::TlsConfig,
     /// In-process bus capacity.
     pub bus_capacity: usize,
     /// Persistence batching.
@@ -253,6 +257,8 @@ impl PipelineOptions {
             database_url: database_url.into(),
             device_secret: None,
             mqtt_accounts_file: None,
+            revoked_file: None,
+            tls: Default::default(),
             bus_capacity: 10_000,
             persist: PersistConfig::default(),
             observer: None,
@@ -266,7 +272,7 @@ impl PipelineOptions {
         let http = self.http.clone();
         let mut bus: ecars_app::InProcessBusConfig = defaults();
         bus.capacity = u32::try_from(self.bus_capacity)?;
-        Ok(Settings::everything(
+        let settings = Settings::everything(
             http,
             defaults(),
             bus,
@@ -276,13 +282,18 @@ impl PipelineOptions {
             IngestConfig {
                 device_secret: self.device_secret.clone(),
                 accounts_file: self.mqtt_accounts_file.clone(),
+                revoked_file: self.revoked_file.clone(),
                 ..loopback_ingest()
             },
             self.persist.clone(),
             defaults(),
             self.relay.clone(),
             defaults(),
-        ))
+        );
+        Ok(Settings {
+            tls: self.tls.clone(),
+            ..settings
+        })
     }
 }
 
@@ -295,6 +306,8 @@ pub struct Pipeline {
     pub mqtt_addr: SocketAddr,
     /// The MQTT-over-WebSocket listener.
     pub ws_addr: SocketAddr,
+    /// The MQTT-over-TLS listener, with a certificate set.
+    pub tls_addr: Option<SocketAddr>,
     /// The public HTTP listener.
     pub http_addr: SocketAddr,
     /// The internal listener (`/healthz`, `/readyz`, `/metrics`).
@@ -319,6 +332,7 @@ impl Pipeline {
         let db = app.database().context("ecars up has a database")?.clone();
         let mqtt_addr = app.mqtt_addr().context("ecars up runs ingest")?;
         let ws_addr = app.mqtt_ws_addr().context("ecars up runs ingest")?;
+        let tls_addr = app.mqtt_tls_addr();
         let http_addr = app.http_addr();
         let admin_addr = app.admin_addr();
         let bus = app.bus().clone();
@@ -328,6 +342,7 @@ impl Pipeline {
             db,
             mqtt_addr,
             ws_addr,
+            tls_addr,
             http_addr,
             admin_addr,
             bus,
@@ -386,6 +401,7 @@ pub fn loopback_ingest() -> IngestConfig {
     IngestConfig {
         mqtt_addr: ([127, 0, 0, 1], 0).into(),
         mqtt_ws_addr: ([127, 0, 0, 1], 0).into(),
+        mqtt_tls_addr: ([127, 0, 0, 1], 0).into(),
         ..IngestConfig::default()
     }
 }

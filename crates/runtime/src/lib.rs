@@ -7,6 +7,7 @@
 //! - [`metrics`]: the Prometheus recorder;
 //! - [`settings`]: logging, durations, secrets from a value or a file, defaults written once;
 //! - [`reloading`]: settings files re-read while the process runs (API keys);
+//! - [`tls`]: TLS for the listeners, certificates reloaded, client certificates read;
 //! - [`supervisor`]: a process's parts, started and stopped in a declared order;
 //! - [`signal`]: the shutdown signal.
 
@@ -17,6 +18,7 @@ pub mod reloading;
 pub mod settings;
 pub mod signal;
 pub mod supervisor;
+pub mod tls;
 pub mod writer;
 
 pub use readiness::Readiness;

@@ -43,17 +43,18 @@ pub enum ReloadError {
 /// The current contents of a watched file, parsed; cheap to clone and to read.
 pub struct Reloading<T> {
     current: Arc<RwLock<Arc<T>>>,
-    path: PathBuf,
+    /// The files, read together (a certificate and its key).
+    paths: Arc<[PathBuf]>,
     what: &'static str,
-    /// The text the first contents were parsed from, where watching starts.
-    loaded: Arc<str>,
+    /// The texts the first contents were parsed from, where watching starts.
+    loaded: Arc<[String]>,
 }
 
 impl<T> Clone for Reloading<T> {
     fn clone(&self) -> Self {
         Reloading {
             current: Arc::clone(&self.current),
-            path: self.path.clone(),
+            paths: Arc::clone(&self.paths),
             what: self.what,
             loaded: Arc::clone(&self.loaded),
         }
@@ -63,17 +64,22 @@ impl<T> Clone for Reloading<T> {
 impl<T> std::fmt::Debug for Reloading<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reloading")
-            .field("path", &self.path)
+            .field("paths", &self.paths)
             .field("what", &self.what)
             .finish_non_exhaustive()
     }
 }
 
-fn read(path: &Path) -> Result<String, ReloadError> {
-    std::fs::read_to_string(path).map_err(|source| ReloadError::Read {
-        path: path.to_owned(),
-        source,
-    })
+fn read(paths: &[PathBuf]) -> Result<Vec<String>, ReloadError> {
+    paths
+        .iter()
+        .map(|path| {
+            std::fs::read_to_string(path).map_err(|source| ReloadError::Read {
+                path: path.to_owned(),
+                source,
+            })
+        })
+        .collect()
 }
 
 impl<T: Send + Sync + 'static> Reloading<T> {
@@ -83,16 +89,25 @@ impl<T: Send + Sync + 'static> Reloading<T> {
         what: &'static str,
         parse: impl Fn(&str) -> Result<T, E>,
     ) -> Result<Reloading<T>, ReloadError> {
-        let text = read(path)?;
-        let value = parse(&text).map_err(|e| ReloadError::Invalid {
-            path: path.to_owned(),
+        Reloading::load_all(&[path.to_owned()], what, |texts| parse(&texts[0]))
+    }
+
+    /// Reads `paths` and parses their texts together (a certificate chain and its key).
+    pub fn load_all<E: std::fmt::Display>(
+        paths: &[PathBuf],
+        what: &'static str,
+        parse: impl Fn(&[String]) -> Result<T, E>,
+    ) -> Result<Reloading<T>, ReloadError> {
+        let texts = read(paths)?;
+        let value = parse(&texts).map_err(|e| ReloadError::Invalid {
+            path: paths.first().cloned().unwrap_or_default(),
             reason: e.to_string(),
         })?;
         Ok(Reloading {
             current: Arc::new(RwLock::new(Arc::new(value))),
-            path: path.to_owned(),
+            paths: paths.into(),
             what,
-            loaded: text.into(),
+            loaded: texts.into(),
         })
     }
 
@@ -121,8 +136,20 @@ impl<T: Send + Sync + 'static> Reloading<T> {
         parse: impl Fn(&str) -> Result<T, E>,
         stop: CancellationToken,
     ) -> Result<(), std::convert::Infallible> {
-        // The text last seen, applied or not: an invalid file is reported once, not every tick.
-        let mut seen = Some(self.loaded.to_string());
+        self.watch_all(interval, |texts| parse(&texts[0]), stop)
+            .await
+    }
+
+    /// [`Reloading::watch`] for contents read from several files: a change of any is applied
+    /// once they parse together.
+    pub async fn watch_all<E: std::fmt::Display>(
+        self,
+        interval: Duration,
+        parse: impl Fn(&[String]) -> Result<T, E>,
+        stop: CancellationToken,
+    ) -> Result<(), std::convert::Infallible> {
+        // The texts last seen, applied or not: an invalid file is reported once, not every tick.
+        let mut seen = Some(self.loaded.to_vec());
         let mut ticks = tokio::time::interval(interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticks.tick().await;
@@ -131,8 +158,8 @@ impl<T: Send + Sync + 'static> Reloading<T> {
                 _ = stop.cancelled() => return Ok(()),
                 _ = ticks.tick() => {}
             }
-            let text = match read(&self.path) {
-                Ok(text) => text,
+            let texts = match read(&self.paths) {
+                Ok(texts) => texts,
                 Err(e) => {
                     if seen.take().is_some() {
                         self.refused(&e.to_string());
@@ -140,24 +167,24 @@ impl<T: Send + Sync + 'static> Reloading<T> {
                     continue;
                 }
             };
-            if seen.as_deref() == Some(text.as_str()) {
+            if seen.as_ref() == Some(&texts) {
                 continue;
             }
-            match parse(&text) {
+            match parse(&texts) {
                 Ok(value) => {
                     self.replace(value);
-                    tracing::info!(file = %self.path.display(), what = self.what, "settings file changed; applied");
+                    tracing::info!(files = ?self.paths, what = self.what, "settings file changed; applied");
                     metrics::counter!(RELOADS, "file" => self.what, "result" => "applied")
                         .increment(1);
                 }
                 Err(e) => self.refused(&e.to_string()),
             }
-            seen = Some(text);
+            seen = Some(texts);
         }
     }
 
     fn refused(&self, reason: &str) {
-        tracing::error!(file = %self.path.display(), what = self.what, %reason, "settings file changed but cannot be used; the previous contents stay in force");
+        tracing::error!(files = ?self.paths, what = self.what, %reason, "settings file changed but cannot be used; the previous contents stay in force");
         metrics::counter!(RELOADS, "file" => self.what, "result" => "refused").increment(1);
     }
 }

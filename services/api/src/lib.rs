@@ -79,8 +79,8 @@ pub struct HttpConfig {
     /// Largest request head (request line and headers) in bytes; larger ones get 431.
     #[arg(long = "http-max-header-bytes", env = "ECARS_HTTP_MAX_HEADER_BYTES", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(1024..=1024 * 1024))]
     pub max_header_bytes: u32,
-    /// How often settings files that may change while running (API keys, MQTT accounts) are
-    /// re-read.
+    /// How often settings files that may change while running (API keys, MQTT accounts,
+    /// revocations, TLS certificates) are re-read.
     #[arg(long = "settings-reload-interval", env = "ECARS_SETTINGS_RELOAD_INTERVAL", default_value = "2s", value_parser = ecars_runtime::settings::parse_duration)]
     pub reload_interval: Duration,
 }

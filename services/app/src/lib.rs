@@ -51,6 +51,7 @@ use ecars_relay::{Relay, RelayConfig};
 use ecars_runtime::reloading::Reloading;
 use ecars_runtime::settings::{parse_duration, parse_millis, ConfigError};
 use ecars_runtime::supervisor::SupervisorError;
+use ecars_runtime::tls::{ServerTls, TlsConfig};
 use ecars_runtime::{Readiness, Supervisor};
 use ecars_simulator::SimulatorConfig;
 use tokio::net::TcpListener;
@@ -120,6 +121,8 @@ pub struct Settings {
     pub relay: Option<RelayConfig>,
     /// Simulated cars (needs ingest).
     pub simulation: Option<SimulationConfig>,
+    /// TLS of the listeners that offer it (MQTT over TLS).
+    pub tls: TlsConfig,
 }
 
 impl Settings {
@@ -146,6 +149,7 @@ impl Settings {
             anomaly: Some(anomaly),
             relay: Some(relay),
             simulation: (simulation.vehicles > 0).then_some(simulation),
+            tls: TlsConfig::default(),
         }
     }
 
@@ -161,6 +165,7 @@ impl Settings {
             anomaly: None,
             relay: None,
             simulation: None,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -230,6 +235,7 @@ pub struct App {
     relay: Option<Arc<Relay>>,
     mqtt_addr: Option<SocketAddr>,
     mqtt_ws_addr: Option<SocketAddr>,
+    mqtt_tls_addr: Option<SocketAddr>,
     http_addr: SocketAddr,
     admin_addr: SocketAddr,
 }
@@ -316,8 +322,22 @@ impl App {
             )),
             None => None,
         };
+        let tls = ServerTls::from_config(&settings.tls).map_err(ConfigError::from)?;
         let ingest = match &settings.ingest {
-            Some(config) => Some(BoundIngest::bind(config, bus.clone()).await?),
+            Some(config) => Some(BoundIngest::bind(config, bus.clone(), tls.as_ref()).await?),
+            None => None,
+        };
+        let mqtt_tls_addr = match ingest.as_ref().and_then(BoundIngest::tls_addr) {
+            Some(addr) => Some(addr.map_err(|source| {
+                IngestError::Bind {
+                    setting: "--mqtt-tls-addr / ECARS_MQTT_TLS_ADDR",
+                    addr: settings
+                        .ingest
+                        .as_ref()
+                        .map_or(([0, 0, 0, 0], 0).into(), |c| c.mqtt_tls_addr),
+                    source,
+                }
+            })?),
             None => None,
         };
         let (mqtt_addr, mqtt_ws_addr) = match (&ingest, &settings.ingest) {
@@ -371,6 +391,18 @@ impl App {
             });
         }
         let ingest_runs = ingest.is_some();
+        if let Some(tls) = tls.filter(|_| ingest.is_some()) {
+            let interval = settings.http.reload_interval;
+            supervisor.spawn_auxiliary("the TLS certificate reloader", move |stop| {
+                tls.watch(interval, stop)
+            });
+        }
+        if let Some(revoked) = ingest.as_ref().and_then(|i| i.revoked()).cloned() {
+            let interval = settings.http.reload_interval;
+            supervisor.spawn_auxiliary("the revocations reloader", move |stop| {
+                revoked.watch(interval, ecars_ingest::revocation::Revoked::parse, stop)
+            });
+        }
         if let Some(accounts) = ingest.as_ref().and_then(|i| i.accounts()).cloned() {
             let interval = settings.http.reload_interval;
             supervisor.spawn_auxiliary("the MQTT accounts reloader", move |stop| {
@@ -470,6 +502,7 @@ impl App {
             database = db.as_ref().map_or("none", Database::backend),
             bus = if in_process { "in-process" } else { "kafka" },
             mqtt = ?mqtt_addr,
+            mqtt_tls = ?mqtt_tls_addr,
             http = %http_addr,
             admin = %admin_addr,
             "ecars is up; Ctrl-C or SIGTERM stops it after storing what was accepted"
@@ -481,6 +514,7 @@ impl App {
             relay,
             mqtt_addr,
             mqtt_ws_addr,
+            mqtt_tls_addr,
             http_addr,
             admin_addr,
         })
@@ -494,6 +528,11 @@ impl App {
     /// The MQTT-over-WebSocket listener, when ingest runs.
     pub fn mqtt_ws_addr(&self) -> Option<SocketAddr> {
         self.mqtt_ws_addr
+    }
+
+    /// The MQTT-over-TLS listener, when ingest runs with a certificate.
+    pub fn mqtt_tls_addr(&self) -> Option<SocketAddr> {
+        self.mqtt_tls_addr
     }
 
     /// The public HTTP listener.

@@ -13,6 +13,7 @@ use ecars_app::persist::PersistConfig;
 use ecars_app::relay::RelayConfig;
 use ecars_app::runtime::settings::LogConfig;
 use ecars_app::runtime::signal::shutdown;
+use ecars_app::runtime::tls::TlsConfig;
 use ecars_app::simulator::SimulatorConfig;
 use ecars_app::{commands, App, InProcessBusConfig, Settings, SimulationConfig};
 
@@ -67,6 +68,8 @@ struct UpArgs {
     #[command(flatten)]
     ingest: IngestConfig,
     #[command(flatten)]
+    tls: TlsConfig,
+    #[command(flatten)]
     http: HttpConfig,
     #[command(flatten)]
     database: DatabaseConfig,
@@ -88,6 +91,8 @@ struct UpArgs {
 struct IngestArgs {
     #[command(flatten)]
     ingest: IngestConfig,
+    #[command(flatten)]
+    tls: TlsConfig,
     #[command(flatten)]
     http: HttpConfig,
     #[command(flatten)]
@@ -252,7 +257,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
     let settings = match command {
         Command::Up(args) => {
             let args = *args;
-            Settings::everything(
+            let tls = args.tls;
+            let settings = Settings::everything(
                 args.http,
                 args.kafka,
                 args.bus,
@@ -262,10 +268,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 args.anomaly,
                 args.relay,
                 args.simulation,
-            )
+            );
+            Settings { tls, ..settings }
         }
         Command::Ingest(args) => Settings {
             ingest: Some(args.ingest),
+            tls: args.tls,
             ..Settings::service(args.http, args.kafka)
         },
         Command::Persist(args) => Settings {

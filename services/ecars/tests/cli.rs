@@ -285,6 +285,11 @@ async fn help_explains_every_setting_with_its_environment_variable() {
         "ECARS_HTTP_REQUEST_TIMEOUT",
         "ECARS_HTTP_MAX_HEADER_BYTES",
         "ECARS_MQTT_ACCOUNTS_FILE",
+        "ECARS_MQTT_TLS_ADDR",
+        "ECARS_TLS_CERT_FILE",
+        "ECARS_TLS_KEY_FILE",
+        "ECARS_MQTT_CLIENT_CA_FILE",
+        "ECARS_REVOKED_FILE",
     ] {
         assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
     }

@@ -535,6 +535,7 @@ mod tests {
             gateway,
             stream,
             true,
+            None,
             tokio_util::sync::CancellationToken::new(),
         );
         let size = std::mem::size_of_val(&task);

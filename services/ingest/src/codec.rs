@@ -486,6 +486,8 @@ pub enum Refusal {
     AtCapacity,
     /// The client id is not acceptable (3.1.1 code 2, 5 0x85).
     ClientIdRejected,
+    /// The client is revoked (3.1.1 code 5 "not authorized", 5 0x87).
+    NotAuthorized,
 }
 
 /// CONNACK refusing a connection.
@@ -495,6 +497,7 @@ pub fn refused_connack(version: Version, refusal: Refusal) -> Bytes {
         Refusal::BadCredentials { missing: false } => (4, 0x86),
         Refusal::AtCapacity => (3, 0x97),
         Refusal::ClientIdRejected => (2, 0x85),
+        Refusal::NotAuthorized => (5, 0x87),
     };
     match version {
         Version::V4 => Bytes::copy_from_slice(&[0x20, 0x02, 0x00, v4]),

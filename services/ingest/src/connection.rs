@@ -21,6 +21,7 @@ use bytes::{Bytes, BytesMut};
 use chrono::Utc;
 use ecars_bus::BusError;
 use ecars_model::device_auth::DeviceSecret;
+use ecars_model::Vin;
 use futures_util::stream::FuturesOrdered;
 use futures_util::StreamExt;
 use rumqttd::protocol::v4::FixedHeader;
@@ -38,7 +39,8 @@ use crate::codec::{
     accepted_connack, ack_packet, connect_version, decode, disconnect, encode, is_broker_private,
     packet_id, packet_type, parse_publish, protocol_error, refused_connack, Accepted, Frame,
     FrameReader, Malformed, PacketType, PublishView, ReadError, Refusal, Version, Violation,
-    PINGRESP, REASON_KEEP_ALIVE_TIMEOUT, REASON_SERVER_SHUTTING_DOWN, REASON_SESSION_TAKEN_OVER,
+    PINGRESP, REASON_KEEP_ALIVE_TIMEOUT, REASON_NOT_AUTHORIZED, REASON_SERVER_SHUTTING_DOWN,
+    REASON_SESSION_TAKEN_OVER,
 };
 use crate::gateway::{Gateway, Registration};
 use crate::metrics as m;
@@ -159,6 +161,9 @@ pub enum Ended {
     /// gave up waiting and connects again, so this CONNECT must not take its session over.
     #[error("client gone before CONNACK")]
     Abandoned,
+    /// The car was revoked while connected (`ECARS_REVOKED_FILE`).
+    #[error("revoked")]
+    Revoked,
     /// The client sent no CONNECT in time.
     #[error("no CONNECT within {0:?}")]
     ConnectTimeout(Duration),
@@ -181,6 +186,7 @@ impl Ended {
             Ended::ClientDisconnect => "client_disconnect",
             Ended::KeepAliveTimeout => "keep_alive_timeout",
             Ended::TakenOver => "taken_over",
+            Ended::Revoked => "revoked",
             Ended::ServerShutdown => "server_shutdown",
             Ended::Violation(_) => "protocol_violation",
             Ended::Refused => "refused",
@@ -229,6 +235,7 @@ pub async fn serve_connection<S, B>(
     gateway: Arc<Gateway<B>>,
     stream: S,
     admitted: bool,
+    certified: Option<Vin>,
     shutdown: CancellationToken,
 ) -> Ended
 where
@@ -257,14 +264,17 @@ where
     }
     // The CONNECT's handling and the goodbye are boxed: each runs once, and held inline their
     // futures would widen every idle car's task for its whole life.
-    let mut connection =
-        match Box::pin(Connection::start(&gateway, connected, admitted, &mut out)).await {
-            Ok(connection) => connection,
-            Err(ended) => {
-                let _ = out.flush().await;
-                return ended;
-            }
-        };
+    let mut connection = match Box::pin(Connection::start(
+        &gateway, connected, admitted, certified, &mut out,
+    ))
+    .await
+    {
+        Ok(connection) => connection,
+        Err(ended) => {
+            let _ = out.flush().await;
+            return ended;
+        }
+    };
     let ended = connection.run(&mut client, &mut out, &shutdown).await;
     Box::pin(connection.finish(&mut out, &ended)).await;
     ended
@@ -356,6 +366,7 @@ impl<'g, B: Broker> Connection<'g, B> {
         gateway: &'g Gateway<B>,
         (header, frame): Frame,
         admitted: bool,
+        certified: Option<Vin>,
         out: &mut ClientWriter<W>,
     ) -> Result<Connection<'g, B>, Ended> {
         if packet_type(&header)? != PacketType::Connect {
@@ -375,17 +386,27 @@ impl<'g, B: Broker> Connection<'g, B> {
         if !admitted {
             return Err(refuse(out, Refusal::AtCapacity, "connection_limit"));
         }
-        let identity = match &gateway.device_secret {
-            None => None,
-            Some(secret) => match Box::pin(authenticate(gateway, secret, login.as_ref())).await {
-                Ok(identity) => Some(identity),
-                Err(code) => {
-                    gateway.log_refusal(&connect.client_id, code);
-                    let missing = login.is_none();
-                    return Err(refuse(out, Refusal::BadCredentials { missing }, code));
+        let identity = match (&gateway.device_secret, certified) {
+            // The certificate's VIN is the car, whatever the username says: the CA vouched.
+            (_, Some(vin)) => Some(Identity::Car(vin)),
+            (None, None) => None,
+            (Some(secret), None) => {
+                match Box::pin(authenticate(gateway, secret, login.as_ref())).await {
+                    Ok(identity) => Some(identity),
+                    Err(code) => {
+                        gateway.log_refusal(&connect.client_id, code);
+                        let missing = login.is_none();
+                        return Err(refuse(out, Refusal::BadCredentials { missing }, code));
+                    }
                 }
-            },
+            }
         };
+        if let Some(vin) = identity.as_ref().and_then(Identity::vin) {
+            if gateway.is_revoked(vin) {
+                gateway.log_refusal(&connect.client_id, "revoked");
+                return Err(refuse(out, Refusal::NotAuthorized, "revoked"));
+            }
+        }
         // An empty client id gets one of the gateway's (MQTT 5 tells the client which); MQTT
         // 3.1.1 allows it only with a clean session.
         let mut assigned_client_id = None;
@@ -518,7 +539,14 @@ impl<'g, B: Broker> Connection<'g, B> {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Ended::ServerShutdown,
-                _ = taken_over.cancelled() => break Ended::TakenOver,
+                _ = taken_over.cancelled() => {
+                    let revoked = self
+                        .identity
+                        .as_ref()
+                        .and_then(Identity::vin)
+                        .is_some_and(|vin| self.gateway.is_revoked(vin));
+                    break if revoked { Ended::Revoked } else { Ended::TakenOver };
+                }
                 Some(done) = in_flight.next(), if !in_flight.is_empty() => {
                     if let Err(ended) = self.admitted(done, out).await {
                         break ended;
@@ -977,6 +1005,7 @@ impl<'g, B: Broker> Connection<'g, B> {
             let reason = match ended {
                 Ended::KeepAliveTimeout => Some(REASON_KEEP_ALIVE_TIMEOUT),
                 Ended::TakenOver => Some(REASON_SESSION_TAKEN_OVER),
+                Ended::Revoked => Some(REASON_NOT_AUTHORIZED),
                 Ended::ServerShutdown => Some(REASON_SERVER_SHUTTING_DOWN),
                 Ended::Violation(m) => Some(m.kind.reason_code()),
                 _ => None,
@@ -1183,6 +1212,7 @@ mod tests {
                 Arc::clone(&self.gateway),
                 server,
                 admitted,
+                None,
                 self.shutdown.clone(),
             ));
             (client, task)

@@ -13,6 +13,8 @@ use ecars_runtime::reloading::Reloading;
 use tokio_util::sync::CancellationToken;
 
 use crate::accounts::MqttAccounts;
+use crate::revocation::Revoked;
+use ecars_model::Vin;
 
 use crate::broker::TelemetryFanout;
 use crate::connection::Broker;
@@ -36,6 +38,8 @@ pub struct Gateway<B> {
     pub max_keep_alive: Option<Duration>,
     /// Service accounts (subscribers that are not cars), where device credentials are on.
     pub accounts: Option<Reloading<MqttAccounts>>,
+    /// Revoked cars and certificates.
+    pub revoked: Option<Reloading<Revoked>>,
     /// Turns to check an account's password (argon2): one at a time.
     pub password_checks: tokio::sync::Semaphore,
     connected: Mutex<HashMap<String, Registration>>,
@@ -108,6 +112,7 @@ impl<B: Broker> Gateway<B> {
             device_secret,
             max_keep_alive,
             accounts: None,
+            revoked: None,
             password_checks: tokio::sync::Semaphore::new(1),
             connected: Mutex::default(),
             sessions: Mutex::new(Sessions {
@@ -124,6 +129,34 @@ impl<B: Broker> Gateway<B> {
     pub fn with_accounts(mut self, accounts: Option<Reloading<MqttAccounts>>) -> Gateway<B> {
         self.accounts = accounts;
         self
+    }
+
+    /// The gateway with these revocations.
+    pub fn with_revoked(mut self, revoked: Option<Reloading<Revoked>>) -> Gateway<B> {
+        self.revoked = revoked;
+        self
+    }
+
+    /// Whether the car is revoked.
+    pub fn is_revoked(&self, vin: &Vin) -> bool {
+        self.revoked.as_ref().is_some_and(|r| r.current().vin(vin))
+    }
+
+    /// Ends the connections of the cars `revoked` names (a car's client ids start with its
+    /// VIN); returns how many. Each ends as revoked ([`crate::connection::Ended::Revoked`]).
+    pub fn drop_revoked(&self, revoked: &Revoked) -> usize {
+        let connected = self.connected.lock().unwrap_or_else(|p| p.into_inner());
+        let mut dropped = 0;
+        for (client_id, registration) in connected.iter() {
+            let vin = client_id
+                .get(..17)
+                .and_then(|prefix| Vin::parse(prefix).ok());
+            if vin.is_some_and(|vin| revoked.vin(&vin)) {
+                registration.taken_over.cancel();
+                dropped += 1;
+            }
+        }
+        dropped
     }
 
     /// Registers a connection of `client_id`; an earlier connection with that client id is told

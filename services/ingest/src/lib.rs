@@ -21,6 +21,7 @@ pub mod connection;
 pub mod gateway;
 pub mod limits;
 pub mod metrics;
+pub mod revocation;
 pub mod session;
 pub mod websocket;
 
@@ -33,6 +34,7 @@ use clap::Args;
 use ecars_bus::Bus;
 use ecars_runtime::reloading::Reloading;
 use ecars_runtime::settings::{is_loopback, parse_duration, value_or_file, ConfigError};
+use ecars_runtime::tls::ServerTls;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -61,6 +63,18 @@ pub struct IngestConfig {
         default_value = "127.0.0.1:8083"
     )]
     pub mqtt_ws_addr: SocketAddr,
+    /// Address of the MQTT-over-TLS listener, which listens when a certificate is set
+    /// (`--tls-cert-file`, `--tls-key-file`).
+    #[arg(
+        long = "mqtt-tls-addr",
+        env = "ECARS_MQTT_TLS_ADDR",
+        default_value = "127.0.0.1:8883"
+    )]
+    pub mqtt_tls_addr: SocketAddr,
+    /// File of revoked cars and client certificates: `vin VIN` or `serial HEX` per line,
+    /// re-read while running; revoked cars are refused at CONNECT and dropped when added.
+    #[arg(long = "revoked-file", env = "ECARS_REVOKED_FILE")]
+    pub revoked_file: Option<PathBuf>,
     /// Fleet device secret. When set, a car logs in with username = its VIN and password =
     /// lowercase hex of HMAC-SHA256(secret, VIN), and may only publish its own readings.
     /// Prefer the environment variable or --device-secret-file: flags show in `ps`.
@@ -237,6 +251,8 @@ pub struct BoundIngest {
     gateway: Arc<Gateway<EmbeddedBroker>>,
     tcp: TcpListener,
     ws: TcpListener,
+    /// The TLS listener and its acceptor, when a certificate is set.
+    tls: Option<(TcpListener, ServerTls)>,
     /// One permit per connection allowed.
     admitted: Arc<Semaphore>,
     /// Connections being told the gateway is at capacity.
@@ -246,10 +262,26 @@ pub struct BoundIngest {
 
 impl BoundIngest {
     /// Validates the settings, starts the embedded broker and binds both listeners.
-    pub async fn bind(config: &IngestConfig, bus: Bus) -> Result<BoundIngest, IngestError> {
+    /// `tls` turns the MQTT-over-TLS listener on.
+    pub async fn bind(
+        config: &IngestConfig,
+        bus: Bus,
+        tls: Option<&ServerTls>,
+    ) -> Result<BoundIngest, IngestError> {
         let device_secret = config.device_secret()?;
         config.check_exposure(device_secret.as_ref())?;
         let accounts = config.accounts(device_secret.is_some())?;
+        let revoked = match &config.revoked_file {
+            Some(path) => Some(
+                Reloading::load(path, "revoked", revocation::Revoked::parse).map_err(|e| {
+                    ConfigError::Invalid {
+                        setting: "--revoked-file / ECARS_REVOKED_FILE",
+                        reason: e.to_string(),
+                    }
+                })?,
+            ),
+            None => None,
+        };
         let bind = |setting: &'static str, addr: SocketAddr| async move {
             listen(addr).map_err(|source| IngestError::Bind {
                 setting,
@@ -261,6 +293,17 @@ impl BoundIngest {
         let max_connections = limits::connection_limit(config.max_connections, descriptors)?;
         let tcp = bind("--mqtt-addr / ECARS_MQTT_ADDR", config.mqtt_addr).await?;
         let ws = bind("--mqtt-ws-addr / ECARS_MQTT_WS_ADDR", config.mqtt_ws_addr).await?;
+        let tls = match tls {
+            Some(tls) => Some((
+                bind(
+                    "--mqtt-tls-addr / ECARS_MQTT_TLS_ADDR",
+                    config.mqtt_tls_addr,
+                )
+                .await?,
+                tls.clone(),
+            )),
+            None => None,
+        };
         let (broker, fanout) = EmbeddedBroker::start(max_connections).await?;
         Ok(BoundIngest {
             gateway: Arc::new(
@@ -272,10 +315,12 @@ impl BoundIngest {
                     Some(config.max_keep_alive),
                     max_connections,
                 )
-                .with_accounts(accounts),
+                .with_accounts(accounts)
+                .with_revoked(revoked),
             ),
             tcp,
             ws,
+            tls,
             admitted: Arc::new(Semaphore::new(max_connections)),
             refusing: Arc::new(Semaphore::new(REFUSING_AT_ONCE)),
             max_connections,
@@ -290,6 +335,16 @@ impl BoundIngest {
     /// The service accounts, to be watched for changes ([`Reloading::watch`]).
     pub fn accounts(&self) -> Option<&Reloading<accounts::MqttAccounts>> {
         self.gateway.accounts.as_ref()
+    }
+
+    /// The revocations, to be watched for changes ([`Reloading::watch`]).
+    pub fn revoked(&self) -> Option<&Reloading<revocation::Revoked>> {
+        self.gateway.revoked.as_ref()
+    }
+
+    /// The MQTT-over-TLS listener's address, when it listens.
+    pub fn tls_addr(&self) -> Option<std::io::Result<SocketAddr>> {
+        self.tls.as_ref().map(|(listener, _)| listener.local_addr())
     }
 
     /// The MQTT listener's address (useful with port 0).
@@ -313,14 +368,22 @@ impl BoundIngest {
             "MQTT ingest listening"
         );
         let tracker = TaskTracker::new();
+        if let Some(revoked) = self.gateway.revoked.clone() {
+            tracker.spawn(enforce_revocations(
+                Arc::clone(&self.gateway),
+                revoked,
+                shutdown.clone(),
+            ));
+        }
         let mut failures = AcceptFailures::default();
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                accepted = self.tcp.accept() => accepted.map(|(s, _)| (s, false)),
-                accepted = self.ws.accept() => accepted.map(|(s, _)| (s, true)),
+                accepted = self.tcp.accept() => accepted.map(|(s, _)| (s, Transport::Tcp)),
+                accepted = self.ws.accept() => accepted.map(|(s, _)| (s, Transport::WebSocket)),
+                accepted = accept_tls(self.tls.as_ref()) => accepted.map(|(s, _)| (s, Transport::Tls)),
             };
-            let (stream, websocket) = match accepted {
+            let (stream, transport) = match accepted {
                 Ok(accepted) => {
                     failures.succeeded();
                     accepted
@@ -357,39 +420,145 @@ impl BoundIngest {
             };
             let gateway = Arc::clone(&self.gateway);
             let shutdown = shutdown.clone();
+            let tls = self.tls.as_ref().map(|(_, tls)| tls.acceptor());
             tracker.spawn(async move {
                 let admitted = permit.is_ok();
-                let ended = if websocket {
-                    match websocket::accept(stream).await {
-                        Ok(pipe) => {
-                            connection::serve_connection(gateway, pipe, admitted, shutdown).await
-                        }
-                        Err(e) => {
-                            let reason = match e {
-                                websocket::HandshakeError::Timeout(_) => {
-                                    "websocket_handshake_timeout"
-                                }
-                                websocket::HandshakeError::WebSocket(_) => {
-                                    "websocket_handshake_failed"
-                                }
-                            };
-                            ::metrics::counter!(metrics::CONNECTIONS_ENDED, "reason" => reason)
-                                .increment(1);
-                            tracing::debug!(error = %e, "WebSocket handshake failed");
-                            return;
-                        }
+                // WebSocket and TLS connections are boxed: their state is larger, and held inline
+                // it would widen every plain TCP car's task too.
+                let ended = match (transport, tls) {
+                    (Transport::Tcp, _) | (Transport::Tls, None) => Some(
+                        connection::serve_connection(gateway, stream, admitted, None, shutdown)
+                            .await,
+                    ),
+                    (Transport::WebSocket, _) => {
+                        Box::pin(serve_websocket(gateway, stream, admitted, shutdown)).await
                     }
-                } else {
-                    connection::serve_connection(gateway, stream, admitted, shutdown).await
+                    (Transport::Tls, Some(acceptor)) => {
+                        Box::pin(serve_tls(gateway, acceptor, stream, admitted, shutdown)).await
+                    }
                 };
                 drop(permit);
-                note_end(&ended);
+                if let Some(ended) = ended {
+                    note_end(&ended);
+                }
             });
+            // Revocations that changed since the last accept or tick are enforced below too.
         }
         tracker.close();
         tracker.wait().await;
         tracing::info!("MQTT ingest stopped; every admitted reading is on the bus");
     }
+}
+
+/// Drops the connections of cars as soon as the revocations file names them (checked every
+/// second; the file itself is re-read by its watcher).
+async fn enforce_revocations(
+    gateway: Arc<Gateway<EmbeddedBroker>>,
+    revoked: Reloading<revocation::Revoked>,
+    shutdown: CancellationToken,
+) {
+    let mut enforced = revoked.current();
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let now = revoked.current();
+        if !Arc::ptr_eq(&now, &enforced) {
+            let dropped = gateway.drop_revoked(&now);
+            if dropped > 0 {
+                tracing::warn!(dropped, "revoked cars disconnected");
+            }
+            enforced = now;
+        }
+    }
+}
+
+/// How a connection reached the gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
+    Tcp,
+    WebSocket,
+    Tls,
+}
+
+/// The next connection on the TLS listener; never, without one.
+async fn accept_tls(
+    tls: Option<&(TcpListener, ServerTls)>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match tls {
+        Some((listener, _)) => listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Counts a connection that ended before it became MQTT (a failed handshake).
+fn note_handshake_end(reason: &'static str) {
+    ::metrics::counter!(metrics::CONNECTIONS_ENDED, "reason" => reason).increment(1);
+}
+
+/// Serves an MQTT-over-WebSocket connection; `None` when its handshake failed.
+async fn serve_websocket(
+    gateway: Arc<Gateway<EmbeddedBroker>>,
+    stream: tokio::net::TcpStream,
+    admitted: bool,
+    shutdown: CancellationToken,
+) -> Option<Ended> {
+    match websocket::accept(stream).await {
+        Ok(pipe) => {
+            Some(connection::serve_connection(gateway, pipe, admitted, None, shutdown).await)
+        }
+        Err(e) => {
+            note_handshake_end(match e {
+                websocket::HandshakeError::Timeout(_) => "websocket_handshake_timeout",
+                websocket::HandshakeError::WebSocket(_) => "websocket_handshake_failed",
+            });
+            tracing::debug!(error = %e, "WebSocket handshake failed");
+            None
+        }
+    }
+}
+
+/// Serves an MQTT-over-TLS connection: the handshake within [`websocket::HANDSHAKE_TIMEOUT`],
+/// a revoked certificate refused, the VIN of a verified client certificate as the car's
+/// identity. `None` when the handshake failed or the certificate is revoked.
+async fn serve_tls(
+    gateway: Arc<Gateway<EmbeddedBroker>>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    stream: tokio::net::TcpStream,
+    admitted: bool,
+    shutdown: CancellationToken,
+) -> Option<Ended> {
+    let stream =
+        match tokio::time::timeout(websocket::HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                // Counted, and logged at debug only: anyone can fail a handshake on purpose.
+                note_handshake_end("tls_handshake_failed");
+                tracing::debug!(error = %e, "TLS handshake failed");
+                return None;
+            }
+            Err(_) => {
+                note_handshake_end("tls_handshake_timeout");
+                return None;
+            }
+        };
+    let peer = ecars_runtime::tls::peer_certificate(stream.get_ref().1);
+    if let Some(peer) = &peer {
+        let revoked = gateway
+            .revoked
+            .as_ref()
+            .is_some_and(|r| r.current().serial(&peer.serial));
+        if revoked {
+            ::metrics::counter!(metrics::MQTT_CONNECTIONS_REFUSED, "reason" => "revoked_certificate")
+                .increment(1);
+            tracing::debug!(serial = peer.serial, "a revoked certificate was refused");
+            return None;
+        }
+    }
+    let certified = peer.and_then(|p| p.vin);
+    Some(connection::serve_connection(gateway, stream, admitted, certified, shutdown).await)
 }
 
 /// Counts how a connection ended; protocol violations are logged, at a bounded rate (a peer can
@@ -411,12 +580,15 @@ fn note_end(ended: &Ended) {
 static VIOLATION_LOG: ecars_runtime::logging::LogBudget =
     ecars_runtime::logging::LogBudget::per_second(5);
 
-/// Binds and serves: the service's entry point.
+/// Binds and serves (without TLS): the service's entry point.
 pub async fn run(
     config: IngestConfig,
     bus: Bus,
     shutdown: CancellationToken,
 ) -> Result<(), IngestError> {
-    BoundIngest::bind(&config, bus).await?.run(shutdown).await;
+    BoundIngest::bind(&config, bus, None)
+        .await?
+        .run(shutdown)
+        .await;
     Ok(())
 }
