@@ -308,6 +308,8 @@ pub struct Pipeline {
     pub ws_addr: SocketAddr,
     /// The MQTT-over-TLS listener, with a certificate set.
     pub tls_addr: Option<SocketAddr>,
+    /// The MQTT-over-secure-WebSocket listener, with a certificate set.
+    pub wss_addr: Option<SocketAddr>,
     /// The public HTTP listener.
     pub http_addr: SocketAddr,
     /// The internal listener (`/healthz`, `/readyz`, `/metrics`).
@@ -333,6 +335,7 @@ impl Pipeline {
         let mqtt_addr = app.mqtt_addr().context("ecars up runs ingest")?;
         let ws_addr = app.mqtt_ws_addr().context("ecars up runs ingest")?;
         let tls_addr = app.mqtt_tls_addr();
+        let wss_addr = app.mqtt_wss_addr();
         let http_addr = app.http_addr();
         let admin_addr = app.admin_addr();
         let bus = app.bus().clone();
@@ -343,6 +346,7 @@ impl Pipeline {
             mqtt_addr,
             ws_addr,
             tls_addr,
+            wss_addr,
             http_addr,
             admin_addr,
             bus,
@@ -402,6 +406,7 @@ pub fn loopback_ingest() -> IngestConfig {
         mqtt_addr: ([127, 0, 0, 1], 0).into(),
         mqtt_ws_addr: ([127, 0, 0, 1], 0).into(),
         mqtt_tls_addr: ([127, 0, 0, 1], 0).into(),
+        mqtt_wss_addr: ([127, 0, 0, 1], 0).into(),
         ..IngestConfig::default()
     }
 }

@@ -318,3 +318,103 @@ async fn cars_log_in_with_certificates_and_revoked_ones_are_refused() {
     }
     pipeline.shutdown().await.unwrap();
 }
+
+/// A rustls client trusting `ca` (PEM).
+fn client_tls(ca: &Path) -> tokio_rustls::TlsConnector {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+/// With `--http-tls`, the API is HTTPS with the same certificate (and plain HTTP on its port
+/// fails); MQTT over secure WebSocket (`wss://`, the `mqtt` subprotocol) logs a car in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_and_mqtt_over_secure_websocket_use_the_certificate() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ca(d, "fleet-ca");
+    issue(d, "fleet-ca", "server", "localhost", SERVER_EXT);
+    let mut options = PipelineOptions::new(format!("sqlite://{}", d.join("ecars.db").display()));
+    options.device_secret = Some(SECRET.into());
+    options.tls = TlsConfig {
+        cert_file: Some(path(d, "server.pem")),
+        key_file: Some(path(d, "server.key")),
+        client_ca_file: None,
+    };
+    options.http.https = true;
+    let pipeline = Pipeline::start(options).await.unwrap();
+
+    // HTTPS, the certificate trusted through the test CA.
+    let ca_pem = std::fs::read(path(d, "fleet-ca.pem")).unwrap();
+    let https = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&ca_pem).unwrap()])
+        .build()
+        .unwrap();
+    let answer = https
+        .get(format!("https://{}/v1/vehicles", pipeline.http_addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let plain = reqwest::get(format!("http://{}/v1/vehicles", pipeline.http_addr)).await;
+    assert!(
+        plain.map_or(true, |r| !r.status().is_success()),
+        "plain HTTP on the HTTPS port"
+    );
+
+    // MQTT over secure WebSocket: a car logs in with its password and gets its CONNACK.
+    let wss = pipeline.wss_addr.expect("the secure WebSocket listener");
+    let tcp = tokio::net::TcpStream::connect(wss).await.unwrap();
+    let tls = client_tls(&path(d, "fleet-ca.pem"))
+        .connect(
+            tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let mut request = format!("wss://localhost:{}/mqtt", wss.port())
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+    let (mut socket, response) = tokio_tungstenite::client_async(request, tls).await.unwrap();
+    assert_eq!(
+        response.headers().get("sec-websocket-protocol").unwrap(),
+        "mqtt"
+    );
+    let vin = test_vin(7);
+    let password = DeviceSecret::new(SECRET).password_for(&ecars_model::Vin::parse(&vin).unwrap());
+    let mut body = Vec::new();
+    ecars_e2e::mqtt_wire::put_string(&mut body, "MQTT");
+    body.extend_from_slice(&[4, 0xC2, 0, 30]);
+    ecars_e2e::mqtt_wire::put_string(&mut body, &vin);
+    ecars_e2e::mqtt_wire::put_string(&mut body, &vin);
+    ecars_e2e::mqtt_wire::put_string(&mut body, &password);
+    socket
+        .send(Message::binary(ecars_e2e::mqtt_wire::packet(0x10, &body)))
+        .await
+        .unwrap();
+    let connack = tokio::time::timeout(WAIT, socket.next())
+        .await
+        .expect("a CONNACK")
+        .unwrap()
+        .unwrap();
+    assert_eq!(connack.into_data().as_ref(), &[0x20, 2, 0, 0]);
+    pipeline.shutdown().await.unwrap();
+}

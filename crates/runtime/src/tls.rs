@@ -168,6 +168,21 @@ impl ServerTls {
         }))
     }
 
+    /// The same certificate without client certificates (HTTPS: a browser must not be asked
+    /// for one).
+    pub fn without_client_auth(&self) -> Result<ServerTls, TlsError> {
+        let mut server = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(ReloadingCertificate(self.certificate.clone())));
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(ServerTls {
+            config: Arc::new(server),
+            certificate: self.certificate.clone(),
+            client_auth: false,
+        })
+    }
+
     /// The acceptor for handshakes.
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         tokio_rustls::TlsAcceptor::from(Arc::clone(&self.config))

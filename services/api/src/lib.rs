@@ -68,6 +68,10 @@ pub struct HttpConfig {
     /// reads every car. Only for demos behind a private network.
     #[arg(long = "api-allow-anonymous", env = "ECARS_API_ALLOW_ANONYMOUS")]
     pub allow_anonymous_api: bool,
+    /// Serve the public HTTP listener over TLS (HTTPS and `wss://` live sockets) with the
+    /// certificate of --tls-cert-file / --tls-key-file. The internal listener stays plain.
+    #[arg(long = "http-tls", env = "ECARS_HTTP_TLS")]
+    pub https: bool,
     /// Time a connection has to send a request's headers, from its opening or its last
     /// response: silent and idle sockets close after it.
     #[arg(long = "http-header-timeout", env = "ECARS_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = ecars_runtime::settings::parse_duration)]

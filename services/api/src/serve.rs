@@ -44,13 +44,15 @@ static ACCEPT_LOG: LogBudget = LogBudget::per_second(1);
 
 /// Serves `router` on a bound listener until `shutdown` fires, then lets requests in flight
 /// finish (idle connections close at once).
+/// With `tls`, the listener speaks HTTPS (the handshake has the header timeout).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: HttpLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    tracing::info!(addr = %listener.local_addr()?, "HTTP listening");
+    tracing::info!(addr = %listener.local_addr()?, https = tls.is_some(), "HTTP listening");
     let request_timeout = limits.request_timeout;
     let router = router.layer(axum::middleware::from_fn(move |request, next| {
         answer_within(request_timeout, request, next)
@@ -76,7 +78,41 @@ pub async fn serve(
         };
         let service = TowerToHyperService::new(router.clone());
         let stop = shutdown.clone();
+        let tls = tls.clone();
         connections.spawn(async move {
+            match tls {
+                None => serve_connection(stream, service, limits, stop).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(stream)) => serve_connection(stream, service, limits, stop).await,
+                        Ok(Err(_)) => {
+                            ::metrics::counter!(metrics::CONNECTIONS_CLOSED, "reason" => "tls_handshake_failed").increment(1);
+                        }
+                        Err(_) => {
+                            ::metrics::counter!(metrics::CONNECTIONS_CLOSED, "reason" => "tls_handshake_timeout").increment(1);
+                        }
+                    }
+                }
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
+    Ok(())
+}
+
+/// Serves HTTP/1 on one connection (plain or TLS) until it ends or `stop` fires.
+async fn serve_connection<I>(
+    io: I,
+    service: TowerToHyperService<Router>,
+    limits: HttpLimits,
+    stop: CancellationToken,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    {
+        {
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
@@ -84,7 +120,7 @@ pub async fn serve(
                 .max_header_size(limits.max_header_bytes)
                 .max_headers(MAX_HEADERS);
             let connection = builder
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(TokioIo::new(io), service)
                 .with_upgrades();
             tokio::pin!(connection);
             let ended = tokio::select! {
@@ -107,11 +143,8 @@ pub async fn serve(
                 };
                 ::metrics::counter!(metrics::CONNECTIONS_CLOSED, "reason" => reason).increment(1);
             }
-        });
+        }
     }
-    connections.close();
-    connections.wait().await;
-    Ok(())
 }
 
 /// Answers 408 when the handler (reading the body included) takes longer than `limit`.

@@ -236,6 +236,7 @@ pub struct App {
     mqtt_addr: Option<SocketAddr>,
     mqtt_ws_addr: Option<SocketAddr>,
     mqtt_tls_addr: Option<SocketAddr>,
+    mqtt_wss_addr: Option<SocketAddr>,
     http_addr: SocketAddr,
     admin_addr: SocketAddr,
 }
@@ -327,6 +328,35 @@ impl App {
             Some(config) => Some(BoundIngest::bind(config, bus.clone(), tls.as_ref()).await?),
             None => None,
         };
+        let https = match (&tls, settings.http.https) {
+            (_, false) => None,
+            (Some(tls), true) => Some(
+                tls.without_client_auth()
+                    .map_err(ConfigError::from)?
+                    .acceptor(),
+            ),
+            (None, true) => {
+                return Err(ConfigError::Invalid {
+                    setting: "--http-tls / ECARS_HTTP_TLS",
+                    reason: "HTTPS needs a certificate: set --tls-cert-file and --tls-key-file"
+                        .into(),
+                }
+                .into())
+            }
+        };
+        let mqtt_wss_addr = match ingest.as_ref().and_then(BoundIngest::wss_addr) {
+            Some(addr) => Some(addr.map_err(|source| {
+                IngestError::Bind {
+                    setting: "--mqtt-wss-addr / ECARS_MQTT_WSS_ADDR",
+                    addr: settings
+                        .ingest
+                        .as_ref()
+                        .map_or(([0, 0, 0, 0], 0).into(), |c| c.mqtt_wss_addr),
+                    source,
+                }
+            })?),
+            None => None,
+        };
         let mqtt_tls_addr = match ingest.as_ref().and_then(BoundIngest::tls_addr) {
             Some(addr) => Some(addr.map_err(|source| {
                 IngestError::Bind {
@@ -391,7 +421,7 @@ impl App {
             });
         }
         let ingest_runs = ingest.is_some();
-        if let Some(tls) = tls.filter(|_| ingest.is_some()) {
+        if let Some(tls) = tls.filter(|_| ingest.is_some() || https.is_some()) {
             let interval = settings.http.reload_interval;
             supervisor.spawn_auxiliary("the TLS certificate reloader", move |stop| {
                 tls.watch(interval, stop)
@@ -482,7 +512,7 @@ impl App {
         };
         let limits = settings.http.limits();
         supervisor.spawn("the HTTP server", move |stop| {
-            ecars_api::serve::serve(http, routes, limits, stop)
+            ecars_api::serve::serve(http, routes, limits, https, stop)
         });
         if let Some((keys, path)) = api_keys {
             let interval = settings.http.reload_interval;
@@ -496,7 +526,7 @@ impl App {
         }
         // Last: `/readyz` and `/metrics` answer until the rest has stopped.
         supervisor.spawn("the admin HTTP server", move |stop| {
-            ecars_api::serve::serve(admin, admin_routes, limits, stop)
+            ecars_api::serve::serve(admin, admin_routes, limits, None, stop)
         });
         tracing::info!(
             database = db.as_ref().map_or("none", Database::backend),
@@ -515,6 +545,7 @@ impl App {
             mqtt_addr,
             mqtt_ws_addr,
             mqtt_tls_addr,
+            mqtt_wss_addr,
             http_addr,
             admin_addr,
         })
@@ -533,6 +564,11 @@ impl App {
     /// The MQTT-over-TLS listener, when ingest runs with a certificate.
     pub fn mqtt_tls_addr(&self) -> Option<SocketAddr> {
         self.mqtt_tls_addr
+    }
+
+    /// The MQTT-over-secure-WebSocket listener, when ingest runs with a certificate.
+    pub fn mqtt_wss_addr(&self) -> Option<SocketAddr> {
+        self.mqtt_wss_addr
     }
 
     /// The public HTTP listener.

@@ -11,10 +11,13 @@
 //!   1,000 readings/s;
 //! - overload: 100 cars publishing as fast as they are acknowledged (256 in flight each) for 20 s
 //!   to a subscriber that reads slowly: what was acknowledged, delivered and stored, and the
-//!   broker's peak memory.
+//!   broker's peak memory;
+//! - tls: the rate run at 10,000 readings/s for 30 s over TLS and plain TCP on both brokers (CPU
+//!   per 1,000 readings/s), and 1,000 cars connecting with mutual TLS (client certificates):
+//!   handshakes/s and memory per TLS car. Certificates are made with `openssl` for the run.
 //!
 //! Run: `cargo bench -p ecars --bench edge` (`-- --quick` for shorter runs, `-- --only
-//! idle|rate|overload`). Needs Debian's `mosquitto` (`apt-get install mosquitto`; installing it
+//! idle|rate|overload|tls`). Needs Debian's `mosquitto` (`apt-get install mosquitto`; installing it
 //! starts no daemon) and `prlimit` (util-linux).
 
 use std::io::{BufRead, BufReader, Write};
@@ -34,23 +37,140 @@ fn free_port() -> u16 {
 struct Broker {
     name: &'static str,
     child: Child,
+    /// Plain MQTT (subscribers, and the load unless TLS).
     port: u16,
+    /// MQTT over TLS, where the load goes when set.
+    tls_port: Option<u16>,
     _dir: tempfile::TempDir,
     database_url: Option<String>,
 }
 
+/// A CA, a server certificate for 127.0.0.1 and a car's client certificate, made by `openssl`.
+struct Certificates {
+    dir: tempfile::TempDir,
+    vin: &'static str,
+}
+
+impl Certificates {
+    fn make() -> Certificates {
+        let dir = tempfile::tempdir().unwrap();
+        let run = |args: &[&str]| {
+            let ok = Command::new("openssl")
+                .current_dir(dir.path())
+                .args(args)
+                .stderr(Stdio::null())
+                .status()
+                .expect("openssl")
+                .success();
+            assert!(ok, "openssl {args:?}");
+        };
+        let key = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        run(&[
+            &["req", "-x509"][..],
+            &key,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=bench-ca",
+            ],
+        ]
+        .concat());
+        let vin = "1BENCH00000000001";
+        for (name, cn, ext) in [
+            (
+                "server",
+                "localhost",
+                "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+            ),
+            ("car", vin, "extendedKeyUsage=clientAuth\n"),
+        ] {
+            run(&[
+                &["req"][..],
+                &key,
+                &[
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.csr"),
+                    "-subj",
+                    &format!("/CN={cn}"),
+                ],
+            ]
+            .concat());
+            std::fs::write(dir.path().join(format!("{name}.ext")), ext).unwrap();
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{name}.ext"),
+            ]);
+        }
+        Certificates { dir, vin }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    /// What the generator needs to connect over TLS (with the car's certificate if `mutual`).
+    fn generator_env(&self, mutual: bool) -> Vec<(&'static str, String)> {
+        let mut env = vec![("EDGE_TLS_CA", self.path("ca.pem"))];
+        if mutual {
+            env.push(("EDGE_TLS_CERT", self.path("car.pem")));
+            env.push(("EDGE_TLS_KEY", self.path("car.key")));
+            // A certified car's client ids start with its VIN.
+            env.push(("EDGE_CLIENT_PREFIX", self.vin.to_owned()));
+        }
+        env
+    }
+}
+
 impl Broker {
     fn mosquitto() -> Broker {
+        Broker::mosquitto_with(None)
+    }
+
+    /// mosquitto, also on a TLS listener with `certificates` (client certificates optional).
+    fn mosquitto_with(certificates: Option<&Certificates>) -> Broker {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_type none\n"
-            ),
-        )
-        .unwrap();
+        let mut text = format!(
+            "per_listener_settings false\nallow_anonymous true\npersistence false\nlog_type none\nlistener {port} 127.0.0.1\n"
+        );
+        let tls_port = certificates.map(|c| {
+            let tls = free_port();
+            text.push_str(&format!(
+                "listener {tls} 127.0.0.1\ncertfile {}\nkeyfile {}\ncafile {}\nrequire_certificate false\n",
+                c.path("server.pem"),
+                c.path("server.key"),
+                c.path("ca.pem"),
+            ));
+            tls
+        });
+        std::fs::write(&conf, text).unwrap();
         let child = Command::new("prlimit")
             .args(["--nofile=20000:20000", "mosquitto", "-c"])
             .arg(&conf)
@@ -59,9 +179,14 @@ impl Broker {
             .spawn()
             .expect("mosquitto (apt-get install mosquitto) and prlimit");
         let broker = Broker {
-            name: "mosquitto 2.0",
+            name: if tls_port.is_some() {
+                "mosquitto 2.0, TLS"
+            } else {
+                "mosquitto 2.0"
+            },
             child,
             port,
+            tls_port,
             _dir: dir,
             database_url: None,
         };
@@ -70,10 +195,24 @@ impl Broker {
     }
 
     fn ecars() -> Broker {
+        Broker::ecars_with(None)
+    }
+
+    /// `ecars up`, also on its TLS listener with `certificates` (client certificates optional).
+    fn ecars_with(certificates: Option<&Certificates>) -> Broker {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let url = format!("sqlite://{}", dir.path().join("edge.db").display());
-        let child = Command::new(ECARS)
+        let tls_port = certificates.map(|_| free_port());
+        let mut command = Command::new(ECARS);
+        if let (Some(c), Some(tls)) = (certificates, tls_port) {
+            command
+                .env("ECARS_MQTT_TLS_ADDR", format!("127.0.0.1:{tls}"))
+                .env("ECARS_TLS_CERT_FILE", c.path("server.pem"))
+                .env("ECARS_TLS_KEY_FILE", c.path("server.key"))
+                .env("ECARS_MQTT_CLIENT_CA_FILE", c.path("ca.pem"));
+        }
+        let child = command
             .args(["up", "--mqtt-addr", &format!("127.0.0.1:{port}")])
             .args(["--mqtt-ws-addr", &format!("127.0.0.1:{}", free_port())])
             .args(["--http-addr", &format!("127.0.0.1:{}", free_port())])
@@ -86,9 +225,14 @@ impl Broker {
             .spawn()
             .expect("the ecars binary");
         let broker = Broker {
-            name: "ecars up (SQLite)",
+            name: if tls_port.is_some() {
+                "ecars up (SQLite), TLS"
+            } else {
+                "ecars up (SQLite)"
+            },
             child,
             port,
+            tls_port,
             _dir: dir,
             database_url: Some(url),
         };
@@ -98,9 +242,11 @@ impl Broker {
 
     fn wait_listening(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "{} does not listen", self.name);
-            std::thread::sleep(Duration::from_millis(50));
+        for port in std::iter::once(self.port).chain(self.tls_port) {
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(Instant::now() < deadline, "{} does not listen", self.name);
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
         // Let the process settle (ecars: migrations, workers, the embedded broker).
         std::thread::sleep(Duration::from_secs(1));
@@ -175,9 +321,15 @@ fn status_field(pid: u32, field: &str) -> u64 {
 
 /// Starts a generator process of this binary.
 fn generator(args: &[String]) -> Child {
+    generator_with(args, &[])
+}
+
+/// Starts a generator process of this binary with `env` (its TLS settings).
+fn generator_with(args: &[String], env: &[(&'static str, String)]) -> Child {
     Command::new(std::env::current_exe().unwrap())
         .arg("--generator")
         .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -235,7 +387,74 @@ fn rate(quick: bool) {
     println!("| broker | acknowledged | delivered to `#` | stored | PUBACK p50 / p99 | to subscriber p50 / p99 | CPU | CPU per 1,000/s |");
     println!("|---|---|---|---|---|---|---|---|");
     for make in [Broker::mosquitto as fn() -> Broker, Broker::ecars] {
-        run_load(make(), cars, rate, seconds, 64, false);
+        run_load(make(), cars, rate, seconds, 64, false, &[]);
+    }
+}
+
+fn tls(quick: bool) {
+    let certificates = Certificates::make();
+    let (cars, rate, seconds) = (100u32, 10_000u32, if quick { 10 } else { 30 });
+    println!(
+        "\n## tls: {cars} cars, {rate} QoS 1 readings/s for {seconds} s over plain TCP and TLS, one `#` subscriber\n"
+    );
+    println!("| broker | acknowledged | delivered to `#` | stored | PUBACK p50 / p99 | to subscriber p50 / p99 | CPU | CPU per 1,000/s |");
+    println!("|---|---|---|---|---|---|---|---|");
+    run_load(Broker::mosquitto(), cars, rate, seconds, 64, false, &[]);
+    run_load(
+        Broker::mosquitto_with(Some(&certificates)),
+        cars,
+        rate,
+        seconds,
+        64,
+        false,
+        &certificates.generator_env(false),
+    );
+    run_load(Broker::ecars(), cars, rate, seconds, 64, false, &[]);
+    run_load(
+        Broker::ecars_with(Some(&certificates)),
+        cars,
+        rate,
+        seconds,
+        64,
+        false,
+        &certificates.generator_env(false),
+    );
+
+    let cars = 1_000usize;
+    println!("\n## tls: {cars} cars connecting with mutual TLS (P-256 certificates, TLS 1.3)\n");
+    println!("| broker | connected in | handshakes/s | memory per TLS car | broker CPU |");
+    println!("|---|---|---|---|---|");
+    for make in [Broker::mosquitto_with, Broker::ecars_with] {
+        let mut broker = make(Some(&certificates));
+        let (rss0, cpu0) = (broker.rss_kib(), broker.cpu_seconds());
+        let started = Instant::now();
+        let mut connecting = generator_with(
+            &[
+                "idle".into(),
+                broker.tls_port.unwrap().to_string(),
+                cars.to_string(),
+                "300".into(),
+            ],
+            &certificates.generator_env(true),
+        );
+        let connected = first_line(&mut connecting);
+        let took = started.elapsed().as_secs_f64();
+        assert_eq!(connected, format!("connected {cars}"), "{}", broker.name);
+        let cpu = broker.cpu_seconds() - cpu0;
+        std::thread::sleep(Duration::from_secs(2));
+        let rss = broker.rss_kib();
+        println!(
+            "| {} | {:.2} s | {:.0} | {:.1} KiB | {:.2} s |",
+            broker.name,
+            took,
+            cars as f64 / took,
+            rss.saturating_sub(rss0) as f64 / cars as f64,
+            cpu,
+        );
+        drop(connecting.stdin.take());
+        let _ = connecting.kill();
+        let _ = connecting.wait();
+        broker.stop();
     }
 }
 
@@ -245,11 +464,21 @@ fn overload(quick: bool) {
     println!("| broker | acknowledged | delivered to `#` | stored | PUBACK p50 / p99 | to subscriber p50 / p99 | CPU | peak memory |");
     println!("|---|---|---|---|---|---|---|---|");
     for make in [Broker::mosquitto as fn() -> Broker, Broker::ecars] {
-        run_load(make(), 100, 0, seconds, 256, true);
+        run_load(make(), 100, 0, seconds, 256, true, &[]);
     }
 }
 
-fn run_load(mut broker: Broker, cars: u32, rate: u32, seconds: u64, window: u32, slow: bool) {
+/// One load run; the cars use the broker's TLS port when it has one (with `env` telling the
+/// generator how to connect), the subscriber its plain port.
+fn run_load(
+    mut broker: Broker,
+    cars: u32,
+    rate: u32,
+    seconds: u64,
+    window: u32,
+    slow: bool,
+    env: &[(&'static str, String)],
+) {
     let mut subscriber = generator(&[
         "subscribe".into(),
         broker.port.to_string(),
@@ -259,14 +488,17 @@ fn run_load(mut broker: Broker, cars: u32, rate: u32, seconds: u64, window: u32,
     assert_eq!(first_line(&mut subscriber), "subscribed");
     let cpu0 = broker.cpu_seconds();
     let started = Instant::now();
-    let mut load = generator(&[
-        "rate".into(),
-        broker.port.to_string(),
-        cars.to_string(),
-        rate.to_string(),
-        seconds.to_string(),
-        window.to_string(),
-    ]);
+    let mut load = generator_with(
+        &[
+            "rate".into(),
+            broker.tls_port.unwrap_or(broker.port).to_string(),
+            cars.to_string(),
+            rate.to_string(),
+            seconds.to_string(),
+            window.to_string(),
+        ],
+        env,
+    );
     let report: serde_json::Value = serde_json::from_str(&first_line(&mut load)).unwrap();
     let wall = started.elapsed().as_secs_f64();
     let cpu = broker.cpu_seconds() - cpu0;
@@ -322,6 +554,9 @@ fn main() {
     if wanted("overload") {
         overload(quick);
     }
+    if wanted("tls") {
+        tls(quick);
+    }
 }
 
 /// The load generator: raw MQTT 3.1.1 over TCP, pre-encoded packets, little CPU per message.
@@ -331,8 +566,55 @@ mod load {
     use std::time::{Duration, Instant};
 
     use ecars_e2e::mqtt_wire::put_varint as varint;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
     use tokio::net::TcpStream;
+    use tokio_rustls::rustls;
+
+    /// A connection to the broker, plain or TLS.
+    trait Connection: AsyncRead + AsyncWrite + Unpin + Send {}
+    impl<T: AsyncRead + AsyncWrite + Unpin + Send> Connection for T {}
+    type Stream = Box<dyn Connection>;
+
+    /// TLS from `EDGE_TLS_CA` (and `EDGE_TLS_CERT`/`EDGE_TLS_KEY` for a client certificate);
+    /// `None`: plain TCP.
+    fn tls_connector() -> Option<tokio_rustls::TlsConnector> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let ca = std::env::var("EDGE_TLS_CA").ok()?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(&ca).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let config = match (
+            std::env::var("EDGE_TLS_CERT"),
+            std::env::var("EDGE_TLS_KEY"),
+        ) {
+            (Ok(cert), Ok(key)) => builder
+                .with_client_auth_cert(
+                    CertificateDer::pem_file_iter(&cert)
+                        .unwrap()
+                        .map(|c| c.unwrap())
+                        .collect(),
+                    PrivateKeyDer::from_pem_file(&key).unwrap(),
+                )
+                .unwrap(),
+            _ => builder.with_no_client_auth(),
+        };
+        Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
+    }
+
+    /// A client id: `name`, after `EDGE_CLIENT_PREFIX` when set (a certified car's VIN).
+    fn client_id(name: &str) -> String {
+        match std::env::var("EDGE_CLIENT_PREFIX") {
+            Ok(prefix) => format!("{prefix}-{name}"),
+            Err(_) => name.to_owned(),
+        }
+    }
 
     pub(super) fn main(args: &[String]) {
         // One descriptor per car: take what the hard limit allows.
@@ -374,10 +656,26 @@ mod load {
         out
     }
 
-    async fn connected(port: u16, client_id: &str, keep_alive: u16) -> TcpStream {
+    async fn open(port: u16) -> std::io::Result<Stream> {
+        static CONNECTOR: std::sync::OnceLock<Option<tokio_rustls::TlsConnector>> =
+            std::sync::OnceLock::new();
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+        let _ = tcp.set_nodelay(true);
+        match CONNECTOR.get_or_init(tls_connector) {
+            None => Ok(Box::new(tcp)),
+            Some(connector) => {
+                let name =
+                    rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+                Ok(Box::new(connector.connect(name, tcp).await?))
+            }
+        }
+    }
+
+    async fn connected(port: u16, client_id: &str, keep_alive: u16) -> Stream {
+        let client_id = self::client_id(client_id);
+        let client_id = client_id.as_str();
         loop {
-            if let Ok(mut socket) = TcpStream::connect(("127.0.0.1", port)).await {
-                let _ = socket.set_nodelay(true);
+            if let Ok(mut socket) = open(port).await {
                 if socket
                     .write_all(&connect_packet(client_id, keep_alive))
                     .await
@@ -452,7 +750,7 @@ mod load {
                 let vin = format!("1LOAD0000{car:08}");
                 let topic = format!("vehicles/{vin}/telemetry");
                 let socket = connected(port, &format!("load-{car}"), 60).await;
-                let (mut read, mut write) = socket.into_split();
+                let (mut read, mut write) = tokio::io::split(socket);
                 let in_flight: Arc<Mutex<std::collections::HashMap<u16, Instant>>> =
                     Arc::default();
                 let room = Arc::new(tokio::sync::Semaphore::new(window as usize));

@@ -290,6 +290,8 @@ async fn help_explains_every_setting_with_its_environment_variable() {
         "ECARS_TLS_KEY_FILE",
         "ECARS_MQTT_CLIENT_CA_FILE",
         "ECARS_REVOKED_FILE",
+        "ECARS_MQTT_WSS_ADDR",
+        "ECARS_HTTP_TLS",
     ] {
         assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
     }

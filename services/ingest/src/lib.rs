@@ -71,6 +71,14 @@ pub struct IngestConfig {
         default_value = "127.0.0.1:8883"
     )]
     pub mqtt_tls_addr: SocketAddr,
+    /// Address of the MQTT-over-secure-WebSocket listener (`wss://`), which listens when a
+    /// certificate is set.
+    #[arg(
+        long = "mqtt-wss-addr",
+        env = "ECARS_MQTT_WSS_ADDR",
+        default_value = "127.0.0.1:8884"
+    )]
+    pub mqtt_wss_addr: SocketAddr,
     /// File of revoked cars and client certificates: `vin VIN` or `serial HEX` per line,
     /// re-read while running; revoked cars are refused at CONNECT and dropped when added.
     #[arg(long = "revoked-file", env = "ECARS_REVOKED_FILE")]
@@ -251,8 +259,9 @@ pub struct BoundIngest {
     gateway: Arc<Gateway<EmbeddedBroker>>,
     tcp: TcpListener,
     ws: TcpListener,
-    /// The TLS listener and its acceptor, when a certificate is set.
+    /// The TLS and secure WebSocket listeners and their TLS, when a certificate is set.
     tls: Option<(TcpListener, ServerTls)>,
+    wss: Option<(TcpListener, ServerTls)>,
     /// One permit per connection allowed.
     admitted: Arc<Semaphore>,
     /// Connections being told the gateway is at capacity.
@@ -293,16 +302,26 @@ impl BoundIngest {
         let max_connections = limits::connection_limit(config.max_connections, descriptors)?;
         let tcp = bind("--mqtt-addr / ECARS_MQTT_ADDR", config.mqtt_addr).await?;
         let ws = bind("--mqtt-ws-addr / ECARS_MQTT_WS_ADDR", config.mqtt_ws_addr).await?;
-        let tls = match tls {
-            Some(tls) => Some((
-                bind(
-                    "--mqtt-tls-addr / ECARS_MQTT_TLS_ADDR",
-                    config.mqtt_tls_addr,
-                )
-                .await?,
-                tls.clone(),
-            )),
-            None => None,
+        let (tls, wss) = match tls {
+            Some(tls) => (
+                Some((
+                    bind(
+                        "--mqtt-tls-addr / ECARS_MQTT_TLS_ADDR",
+                        config.mqtt_tls_addr,
+                    )
+                    .await?,
+                    tls.clone(),
+                )),
+                Some((
+                    bind(
+                        "--mqtt-wss-addr / ECARS_MQTT_WSS_ADDR",
+                        config.mqtt_wss_addr,
+                    )
+                    .await?,
+                    tls.clone(),
+                )),
+            ),
+            None => (None, None),
         };
         let (broker, fanout) = EmbeddedBroker::start(max_connections).await?;
         Ok(BoundIngest {
@@ -321,6 +340,7 @@ impl BoundIngest {
             tcp,
             ws,
             tls,
+            wss,
             admitted: Arc::new(Semaphore::new(max_connections)),
             refusing: Arc::new(Semaphore::new(REFUSING_AT_ONCE)),
             max_connections,
@@ -340,6 +360,11 @@ impl BoundIngest {
     /// The revocations, to be watched for changes ([`Reloading::watch`]).
     pub fn revoked(&self) -> Option<&Reloading<revocation::Revoked>> {
         self.gateway.revoked.as_ref()
+    }
+
+    /// The MQTT-over-secure-WebSocket listener's address, when it listens.
+    pub fn wss_addr(&self) -> Option<std::io::Result<SocketAddr>> {
+        self.wss.as_ref().map(|(listener, _)| listener.local_addr())
     }
 
     /// The MQTT-over-TLS listener's address, when it listens.
@@ -382,6 +407,7 @@ impl BoundIngest {
                 accepted = self.tcp.accept() => accepted.map(|(s, _)| (s, Transport::Tcp)),
                 accepted = self.ws.accept() => accepted.map(|(s, _)| (s, Transport::WebSocket)),
                 accepted = accept_tls(self.tls.as_ref()) => accepted.map(|(s, _)| (s, Transport::Tls)),
+                accepted = accept_tls(self.wss.as_ref()) => accepted.map(|(s, _)| (s, Transport::SecureWebSocket)),
             };
             let (stream, transport) = match accepted {
                 Ok(accepted) => {
@@ -420,21 +446,37 @@ impl BoundIngest {
             };
             let gateway = Arc::clone(&self.gateway);
             let shutdown = shutdown.clone();
-            let tls = self.tls.as_ref().map(|(_, tls)| tls.acceptor());
+            let tls = match transport {
+                Transport::Tls => self.tls.as_ref(),
+                Transport::SecureWebSocket => self.wss.as_ref(),
+                Transport::Tcp | Transport::WebSocket => None,
+            }
+            .map(|(_, tls)| tls.acceptor());
             tracker.spawn(async move {
                 let admitted = permit.is_ok();
                 // WebSocket and TLS connections are boxed: their state is larger, and held inline
                 // it would widen every plain TCP car's task too.
                 let ended = match (transport, tls) {
-                    (Transport::Tcp, _) | (Transport::Tls, None) => Some(
-                        connection::serve_connection(gateway, stream, admitted, None, shutdown)
-                            .await,
-                    ),
+                    (Transport::Tcp, _) | (Transport::Tls | Transport::SecureWebSocket, None) => {
+                        Some(
+                            connection::serve_connection(gateway, stream, admitted, None, shutdown)
+                                .await,
+                        )
+                    }
                     (Transport::WebSocket, _) => {
-                        Box::pin(serve_websocket(gateway, stream, admitted, shutdown)).await
+                        Box::pin(serve_websocket(gateway, stream, admitted, None, shutdown)).await
                     }
                     (Transport::Tls, Some(acceptor)) => {
-                        Box::pin(serve_tls(gateway, acceptor, stream, admitted, shutdown)).await
+                        Box::pin(serve_tls(
+                            gateway, acceptor, stream, false, admitted, shutdown,
+                        ))
+                        .await
+                    }
+                    (Transport::SecureWebSocket, Some(acceptor)) => {
+                        Box::pin(serve_tls(
+                            gateway, acceptor, stream, true, admitted, shutdown,
+                        ))
+                        .await
                     }
                 };
                 drop(permit);
@@ -481,6 +523,7 @@ enum Transport {
     Tcp,
     WebSocket,
     Tls,
+    SecureWebSocket,
 }
 
 /// The next connection on the TLS listener; never, without one.
@@ -499,15 +542,19 @@ fn note_handshake_end(reason: &'static str) {
 }
 
 /// Serves an MQTT-over-WebSocket connection; `None` when its handshake failed.
-async fn serve_websocket(
+async fn serve_websocket<S>(
     gateway: Arc<Gateway<EmbeddedBroker>>,
-    stream: tokio::net::TcpStream,
+    stream: S,
     admitted: bool,
+    certified: Option<ecars_model::Vin>,
     shutdown: CancellationToken,
-) -> Option<Ended> {
+) -> Option<Ended>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     match websocket::accept(stream).await {
         Ok(pipe) => {
-            Some(connection::serve_connection(gateway, pipe, admitted, None, shutdown).await)
+            Some(connection::serve_connection(gateway, pipe, admitted, certified, shutdown).await)
         }
         Err(e) => {
             note_handshake_end(match e {
@@ -520,13 +567,15 @@ async fn serve_websocket(
     }
 }
 
-/// Serves an MQTT-over-TLS connection: the handshake within [`websocket::HANDSHAKE_TIMEOUT`],
-/// a revoked certificate refused, the VIN of a verified client certificate as the car's
-/// identity. `None` when the handshake failed or the certificate is revoked.
+/// Serves an MQTT-over-TLS connection (`websocket`: MQTT over a WebSocket inside the TLS): the
+/// handshake within [`websocket::HANDSHAKE_TIMEOUT`], a revoked certificate refused, the VIN of
+/// a verified client certificate as the car's identity. `None` when a handshake failed or the
+/// certificate is revoked.
 async fn serve_tls(
     gateway: Arc<Gateway<EmbeddedBroker>>,
     acceptor: tokio_rustls::TlsAcceptor,
     stream: tokio::net::TcpStream,
+    websocket: bool,
     admitted: bool,
     shutdown: CancellationToken,
 ) -> Option<Ended> {
@@ -558,6 +607,9 @@ async fn serve_tls(
         }
     }
     let certified = peer.and_then(|p| p.vin);
+    if websocket {
+        return serve_websocket(gateway, stream, admitted, certified, shutdown).await;
+    }
     Some(connection::serve_connection(gateway, stream, admitted, certified, shutdown).await)
 }
 

@@ -10,8 +10,7 @@
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -43,7 +42,10 @@ pub enum HandshakeError {
 
 /// Completes the WebSocket handshake (answering the `mqtt` subprotocol when offered) and returns
 /// a byte stream carrying the MQTT packets.
-pub async fn accept(tcp: TcpStream) -> Result<DuplexStream, HandshakeError> {
+pub async fn accept<S>(tcp: S) -> Result<DuplexStream, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let offers_mqtt = |request: &Request| {
         request
             .headers()
@@ -85,7 +87,10 @@ pub async fn accept(tcp: TcpStream) -> Result<DuplexStream, HandshakeError> {
 /// Moves binary messages into the byte stream and bytes back out as binary messages. When the
 /// gateway's side ends, the peer gets a close frame and [`CLOSE_GRACE`] to answer, then the
 /// socket is dropped: a peer that never reads or answers cannot keep it open.
-async fn bridge(ws: tokio_tungstenite::WebSocketStream<TcpStream>, pipe: DuplexStream) {
+async fn bridge<S>(ws: tokio_tungstenite::WebSocketStream<S>, pipe: DuplexStream)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let (mut ws_tx, mut ws_rx) = ws.split();
     let (mut pipe_rx, mut pipe_tx) = tokio::io::split(pipe);
     let inbound = async {
