@@ -163,7 +163,9 @@ impl Broker {
         let tls_port = certificates.map(|c| {
             let tls = free_port();
             text.push_str(&format!(
-                "listener {tls} 127.0.0.1\ncertfile {}\nkeyfile {}\ncafile {}\nrequire_certificate false\n",
+                // Started as root, mosquitto drops to its own user, which cannot read the
+                // test's private directory: stay root.
+                "user root\nlistener {tls} 127.0.0.1\ncertfile {}\nkeyfile {}\ncafile {}\nrequire_certificate false\n",
                 c.path("server.pem"),
                 c.path("server.key"),
                 c.path("ca.pem"),
