@@ -84,7 +84,17 @@ for name in ["ingest", "persist", "anomaly", "relay", "migrate", "simulator"]:
         test = " ".join(service.get("healthcheck", {}).get("test", []))
         check("/healthz" in test and ":9090" in test, f"compose {name}: healthcheck on the internal /healthz:9090")
 ports = {(p["target"], p.get("host_ip")) for p in services["ingest"].get("ports", [])}
-check({(1883, "127.0.0.1"), (8083, "127.0.0.1")} <= ports, f"compose ingest ports {ports}")
+check({(1883, "127.0.0.1"), (8083, "127.0.0.1"), (8883, "127.0.0.1"), (8884, "127.0.0.1")} <= ports,
+      f"compose ingest ports {ports}")
+ingest_env = services["ingest"].get("environment", {})
+ingest_mounts = {v["target"]: v for v in services["ingest"].get("volumes", [])}
+for setting in ["ECARS_TLS_CERT_FILE", "ECARS_TLS_KEY_FILE", "ECARS_MQTT_CLIENT_CA_FILE"]:
+    path = ingest_env.get(setting, "")
+    check(any(path.startswith(target + "/") for target in ingest_mounts), f"compose ingest: {setting} in a mounted volume")
+check(services["ingest"]["depends_on"].get("certs", {}).get("condition") == "service_completed_successfully",
+      "compose ingest waits for the test certificates")
+certs_script = " ".join(services["certs"]["command"])
+check("openssl" in certs_script and "/certs" in str(services["certs"].get("volumes")), "compose certs makes the test CA into its volume")
 check(any(p["target"] == 8080 for p in services["relay"].get("ports", [])), "compose relay publishes 8080")
 check(services["postgres"]["healthcheck"]["test"], "postgres has a healthcheck")
 check(services["kafka"]["healthcheck"]["test"], "kafka has a healthcheck")
@@ -220,6 +230,18 @@ for label, values in value_sets.items():
                 check(backend["name"].endswith("-relay"), f"{label}: the Ingress routes to the relay")
     for monitor in kinds.get("ServiceMonitor", []):
         check(all(e["port"] == "admin" for e in monitor["spec"]["endpoints"]), f"{label}: Prometheus scrapes the internal port")
+    policies = {p["metadata"]["labels"]["app.kubernetes.io/component"]: p for p in kinds.get("NetworkPolicy", [])}
+    check(set(policies) == {"ingest", "persist", "anomaly", "relay"}, f"{label}: a NetworkPolicy per service, got {sorted(policies)}")
+    for component, policy in policies.items():
+        open_ports = {port["port"] for rule in policy["spec"]["ingress"] if "from" not in rule for port in rule.get("ports", [])}
+        expected = {"ingest": {"mqtt-tls"} if label == "values-production.yaml" else {"mqtt", "mqtt-ws"},
+                    "relay": {"http"}}.get(component, set())
+        check(open_ports == expected, f"{label}: {component} open to all on {sorted(open_ports)}, expected {sorted(expected)}")
+        admin_rules = [rule for rule in policy["spec"]["ingress"] if any(p["port"] == "admin" for p in rule.get("ports", []))]
+        check(all(rule.get("from") for rule in admin_rules), f"{label}: {component} internal port only from metricsFrom")
+        container_ports = {p["name"] for p in deployments[component]["spec"]["template"]["spec"]["containers"][0]["ports"]}
+        named = {port["port"] for rule in policy["spec"]["ingress"] for port in rule.get("ports", [])}
+        check(named <= container_ports, f"{label}: {component} policy names ports the pod has ({sorted(named - container_ports)})")
     hpas = {h["spec"]["scaleTargetRef"]["name"].rsplit("-", 1)[-1] for h in kinds["HorizontalPodAutoscaler"]}
     check(hpas == {"persist", "relay"}, f"{label}: HPAs for persist and relay, got {hpas}")
     if label == "values-production.yaml":
