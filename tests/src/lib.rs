@@ -238,6 +238,8 @@ pub struct PipelineOptions {
     pub revoked_file: Option<std::path::PathBuf>,
     /// TLS of the MQTT-over-TLS listener.
     pub tls: ecars_runtime::tls::TlsConfig,
+    /// The rest of ingest's settings (free loopback ports by default); the fields above win.
+    pub ingest: IngestConfig,
     /// In-process bus capacity.
     pub bus_capacity: usize,
     /// Persistence batching.
@@ -259,6 +261,7 @@ impl PipelineOptions {
             mqtt_accounts_file: None,
             revoked_file: None,
             tls: Default::default(),
+            ingest: loopback_ingest(),
             bus_capacity: 10_000,
             persist: PersistConfig::default(),
             observer: None,
@@ -283,7 +286,7 @@ impl PipelineOptions {
                 device_secret: self.device_secret.clone(),
                 accounts_file: self.mqtt_accounts_file.clone(),
                 revoked_file: self.revoked_file.clone(),
-                ..loopback_ingest()
+                ..self.ingest.clone()
             },
             self.persist.clone(),
             defaults(),

@@ -292,6 +292,8 @@ async fn help_explains_every_setting_with_its_environment_variable() {
         "ECARS_REVOKED_FILE",
         "ECARS_MQTT_WSS_ADDR",
         "ECARS_HTTP_TLS",
+        "ECARS_MQTT_RETAINED_MAX_BYTES",
+        "ECARS_MQTT_RETAINED_MAX_TOPICS",
     ] {
         assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
     }

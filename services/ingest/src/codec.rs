@@ -80,6 +80,8 @@ pub enum Violation {
     /// Something the client's identity may not do where the protocol has no other answer (a
     /// car's PUBLISH to a topic not its own, in MQTT 3.1.1 or at QoS 0).
     NotAuthorized,
+    /// A retained message over the retained limits, where the protocol has no other answer.
+    QuotaExceeded,
 }
 
 impl Violation {
@@ -90,6 +92,7 @@ impl Violation {
             Violation::ProtocolError => "protocol_error",
             Violation::PacketTooLarge => "packet_too_large",
             Violation::NotAuthorized => "not_authorized",
+            Violation::QuotaExceeded => "quota_exceeded",
         }
     }
 
@@ -100,6 +103,7 @@ impl Violation {
             Violation::ProtocolError => 0x82,
             Violation::PacketTooLarge => 0x95,
             Violation::NotAuthorized => 0x87,
+            Violation::QuotaExceeded => 0x97,
         }
     }
 }

@@ -638,6 +638,28 @@ impl<'g, B: Broker> Connection<'g, B> {
         match packet_type(&header)? {
             PacketType::Publish => {
                 let publish = parse_publish(&header, &frame, version)?;
+                if publish.retain {
+                    if let Err(refusal) = self
+                        .gateway
+                        .retained
+                        .admit(&publish.topic, publish.payload.len())
+                    {
+                        metrics::counter!(m::RETAINED_REFUSED, "reason" => refusal.code())
+                            .increment(1);
+                        if REJECTION_LOG.allow() {
+                            tracing::warn!(
+                                client_id = self.request.connect.client_id,
+                                topic = publish.topic,
+                                reason = refusal.code(),
+                                "a retained message over the limits: refused"
+                            );
+                        }
+                        let topic = publish.topic.clone();
+                        return self.refuse_publish(&publish, Violation::QuotaExceeded, || {
+                            format!("retained PUBLISH to {topic:?}: {}", refusal.code())
+                        });
+                    }
+                }
                 let verdict = judge(
                     &publish,
                     &self.request.connect.client_id,
@@ -679,7 +701,25 @@ impl<'g, B: Broker> Connection<'g, B> {
                     Verdict::Forward => {
                         if let Some(identity) = &self.identity {
                             if !identity.may_publish_other(&publish.topic) {
-                                return self.refuse_publish(&publish);
+                                metrics::counter!(m::MQTT_NOT_AUTHORIZED, "action" => NotAuthorized::Publish.code())
+                                    .increment(1);
+                                if REJECTION_LOG.allow() {
+                                    tracing::warn!(
+                                        client_id = self.request.connect.client_id,
+                                        topic = publish.topic,
+                                        "a client published outside its own topics: refused"
+                                    );
+                                }
+                                let topic = publish.topic.clone();
+                                return self.refuse_publish(
+                                    &publish,
+                                    Violation::NotAuthorized,
+                                    || {
+                                        format!(
+                                            "PUBLISH to {topic:?}, not one of the client's topics"
+                                        )
+                                    },
+                                );
                             }
                         }
                         match publish.qos {
@@ -942,16 +982,14 @@ impl<'g, B: Broker> Connection<'g, B> {
     /// Refuses a car's PUBLISH to a topic that is not its own: MQTT 5 says so in the
     /// acknowledgement; MQTT 3.1.1 (and QoS 0, which has none) has no way but closing the
     /// connection.
-    fn refuse_publish(&mut self, publish: &PublishView) -> Result<Continue, Ended> {
-        metrics::counter!(m::MQTT_NOT_AUTHORIZED, "action" => NotAuthorized::Publish.code())
-            .increment(1);
-        if REJECTION_LOG.allow() {
-            tracing::warn!(
-                client_id = self.request.connect.client_id,
-                topic = publish.topic,
-                "a car published outside its own topics: refused"
-            );
-        }
+    /// Refuses a PUBLISH the client may not make: MQTT 5 QoS 1 and 2 get the refusal in their
+    /// acknowledgement; otherwise the protocol has no answer but closing the connection.
+    fn refuse_publish(
+        &mut self,
+        publish: &PublishView,
+        violation: Violation,
+        detail: impl FnOnce() -> String,
+    ) -> Result<Continue, Ended> {
         let version = self.request.version;
         let acknowledgement = match publish.qos {
             1 => Some(PacketType::PubAck),
@@ -964,16 +1002,13 @@ impl<'g, B: Broker> Connection<'g, B> {
                 kind,
                 publish.pkid,
                 version,
-                Violation::NotAuthorized.reason_code(),
+                violation.reason_code(),
             ));
             return Ok(Continue::Yes);
         }
         Err(Malformed {
-            kind: Violation::NotAuthorized,
-            detail: format!(
-                "PUBLISH to {:?}, not one of the car's topics",
-                publish.topic
-            ),
+            kind: violation,
+            detail: detail(),
         }
         .into())
     }

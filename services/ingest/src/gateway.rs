@@ -13,7 +13,13 @@ use ecars_runtime::reloading::Reloading;
 use tokio_util::sync::CancellationToken;
 
 use crate::accounts::MqttAccounts;
+use crate::retained::RetainedTopics;
 use crate::revocation::Revoked;
+
+/// Retained limits where no settings say otherwise (tests): those of `--mqtt-retained-max-bytes`
+/// and `--mqtt-retained-max-topics`.
+const DEFAULT_RETAINED_BYTES: usize = 4 * 1024;
+const DEFAULT_RETAINED_TOPICS: usize = 100_000;
 use ecars_model::Vin;
 
 use crate::broker::TelemetryFanout;
@@ -40,6 +46,8 @@ pub struct Gateway<B> {
     pub accounts: Option<Reloading<MqttAccounts>>,
     /// Revoked cars and certificates.
     pub revoked: Option<Reloading<Revoked>>,
+    /// The topics holding retained messages, and their limits.
+    pub retained: RetainedTopics,
     /// Turns to check an account's password (argon2): one at a time.
     pub password_checks: tokio::sync::Semaphore,
     connected: Mutex<HashMap<String, Registration>>,
@@ -113,6 +121,7 @@ impl<B: Broker> Gateway<B> {
             max_keep_alive,
             accounts: None,
             revoked: None,
+            retained: RetainedTopics::new(DEFAULT_RETAINED_BYTES, DEFAULT_RETAINED_TOPICS),
             password_checks: tokio::sync::Semaphore::new(1),
             connected: Mutex::default(),
             sessions: Mutex::new(Sessions {
@@ -128,6 +137,12 @@ impl<B: Broker> Gateway<B> {
     /// The gateway with these service accounts.
     pub fn with_accounts(mut self, accounts: Option<Reloading<MqttAccounts>>) -> Gateway<B> {
         self.accounts = accounts;
+        self
+    }
+
+    /// The gateway with these retained limits.
+    pub fn with_retained_limits(mut self, max_bytes: usize, max_topics: usize) -> Gateway<B> {
+        self.retained = RetainedTopics::new(max_bytes, max_topics);
         self
     }
 

@@ -21,6 +21,7 @@ pub mod connection;
 pub mod gateway;
 pub mod limits;
 pub mod metrics;
+pub mod retained;
 pub mod revocation;
 pub mod session;
 pub mod websocket;
@@ -79,6 +80,15 @@ pub struct IngestConfig {
         default_value = "127.0.0.1:8884"
     )]
     pub mqtt_wss_addr: SocketAddr,
+    /// Largest retained message, in bytes: a retained PUBLISH over it is refused (MQTT 5
+    /// 0x97). With the topic limit, this bounds what retained messages take (4 KiB × 100,000 =
+    /// 400 MiB at most by default).
+    #[arg(long = "mqtt-retained-max-bytes", env = "ECARS_MQTT_RETAINED_MAX_BYTES", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1024 * 1024))]
+    pub retained_max_bytes: u32,
+    /// Most topics holding a retained message at once; a retained PUBLISH to one more is
+    /// refused (an empty retained payload clears a topic).
+    #[arg(long = "mqtt-retained-max-topics", env = "ECARS_MQTT_RETAINED_MAX_TOPICS", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(0..=100_000_000))]
+    pub retained_max_topics: u32,
     /// File of revoked cars and client certificates: `vin VIN` or `serial HEX` per line,
     /// re-read while running; revoked cars are refused at CONNECT and dropped when added.
     #[arg(long = "revoked-file", env = "ECARS_REVOKED_FILE")]
@@ -335,7 +345,11 @@ impl BoundIngest {
                     max_connections,
                 )
                 .with_accounts(accounts)
-                .with_revoked(revoked),
+                .with_revoked(revoked)
+                .with_retained_limits(
+                    config.retained_max_bytes as usize,
+                    config.retained_max_topics as usize,
+                ),
             ),
             tcp,
             ws,
