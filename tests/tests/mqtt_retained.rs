@@ -35,9 +35,7 @@ async fn retain(pipeline: &Pipeline, id: &str, topic: &str, payload: Vec<u8>) ->
         match tokio::time::timeout(WAIT, events.poll()).await {
             Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => return true,
             Ok(Ok(_)) => {}
-            Ok(Err(ConnectionError::Io(_) | ConnectionError::MqttState(_))) => {
-                return false
-            }
+            Ok(Err(ConnectionError::Io(_) | ConnectionError::MqttState(_))) => return false,
             Ok(Err(e)) => panic!("unexpected: {e}"),
             Err(_) => panic!("neither PUBACK nor close within {WAIT:?}"),
         }

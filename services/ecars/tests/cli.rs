@@ -294,6 +294,7 @@ async fn help_explains_every_setting_with_its_environment_variable() {
         "ECARS_HTTP_TLS",
         "ECARS_MQTT_RETAINED_MAX_BYTES",
         "ECARS_MQTT_RETAINED_MAX_TOPICS",
+        "ECARS_MQTT_MAX_PUBLISH_RATE",
     ] {
         assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
     }

@@ -44,7 +44,7 @@ use crate::codec::{
 };
 use crate::gateway::{Gateway, Registration};
 use crate::metrics as m;
-use crate::session::{Answers, KeepAlive, Releases};
+use crate::session::{Answers, KeepAlive, PublishThrottle, Releases};
 
 /// How long a new connection may take to send CONNECT.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -318,6 +318,8 @@ struct Connection<'g, B: Broker> {
     /// filters' places, to put back into the broker's SUBACK.
     refused_filters: Vec<(u16, Vec<usize>)>,
     last_activity: Instant,
+    /// The publish rate limit, where one is set (boxed: eight bytes in every car's task).
+    throttle: Option<Box<PublishThrottle>>,
 }
 
 /// Who the CONNECT's credentials belong to: a service account when the username is an
@@ -452,6 +454,9 @@ impl<'g, B: Broker> Connection<'g, B> {
             releases: Releases::restored(state.releases),
             subscriber: None,
             refused_filters: Vec::new(),
+            throttle: gateway
+                .max_publish_rate
+                .map(|rate| Box::new(PublishThrottle::new(rate, Instant::now()))),
             last_activity: Instant::now(),
             registration,
             request,
@@ -528,13 +533,15 @@ impl<'g, B: Broker> Connection<'g, B> {
         let mut next_broker_ping = Instant::now() + broker_ping;
         let mut turn = 0;
         let ended = loop {
-            let reading = in_flight.len() < MAX_IN_FLIGHT;
-            // Silence counts only while the gateway listens: when the bus holds it back, the
-            // client waits on the gateway, not the other way round.
+            let throttled = self.throttle.as_ref().and_then(|t| t.resume_at());
+            let reading = in_flight.len() < MAX_IN_FLIGHT && throttled.is_none();
+            // Silence counts only while the gateway listens: when the bus or the rate limit
+            // holds it back, the client waits on the gateway, not the other way round. While
+            // throttled, the deadline is when reading resumes.
             let deadline = if reading {
                 self.keep_alive.deadline(self.last_activity)
             } else {
-                None
+                throttled
             };
             tokio::select! {
                 biased;
@@ -579,7 +586,16 @@ impl<'g, B: Broker> Connection<'g, B> {
                         }
                     }
                 }
-                _ = sleep_until(deadline) => break Ended::KeepAliveTimeout,
+                _ = sleep_until(deadline) => {
+                    match self.throttle.as_mut() {
+                        Some(throttle) if throttled.is_some() => {
+                            throttle.resume(Instant::now());
+                            // Time spent held back is not the client's silence.
+                            self.last_activity = Instant::now();
+                        }
+                        _ => break Ended::KeepAliveTimeout,
+                    }
+                }
                 next = client.next(), if reading => {
                     let frame = match next {
                         Ok(Some(frame)) => frame,
@@ -638,6 +654,11 @@ impl<'g, B: Broker> Connection<'g, B> {
         match packet_type(&header)? {
             PacketType::Publish => {
                 let publish = parse_publish(&header, &frame, version)?;
+                if let Some(throttle) = self.throttle.as_mut() {
+                    if throttle.publish(Instant::now()) {
+                        metrics::counter!(m::PUBLISH_THROTTLED).increment(1);
+                    }
+                }
                 if publish.retain {
                     if let Err(refusal) = self
                         .gateway

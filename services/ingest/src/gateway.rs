@@ -46,6 +46,9 @@ pub struct Gateway<B> {
     pub accounts: Option<Reloading<MqttAccounts>>,
     /// Revoked cars and certificates.
     pub revoked: Option<Reloading<Revoked>>,
+    /// Most PUBLISH packets a second one connection may send before it is held back; `None`:
+    /// no limit.
+    pub max_publish_rate: Option<u32>,
     /// The topics holding retained messages, and their limits.
     pub retained: RetainedTopics,
     /// Turns to check an account's password (argon2): one at a time.
@@ -121,6 +124,7 @@ impl<B: Broker> Gateway<B> {
             max_keep_alive,
             accounts: None,
             revoked: None,
+            max_publish_rate: None,
             retained: RetainedTopics::new(DEFAULT_RETAINED_BYTES, DEFAULT_RETAINED_TOPICS),
             password_checks: tokio::sync::Semaphore::new(1),
             connected: Mutex::default(),
@@ -137,6 +141,12 @@ impl<B: Broker> Gateway<B> {
     /// The gateway with these service accounts.
     pub fn with_accounts(mut self, accounts: Option<Reloading<MqttAccounts>>) -> Gateway<B> {
         self.accounts = accounts;
+        self
+    }
+
+    /// The gateway with this publish rate limit per connection (0: none).
+    pub fn with_publish_rate(mut self, per_second: u32) -> Gateway<B> {
+        self.max_publish_rate = (per_second > 0).then_some(per_second);
         self
     }
 

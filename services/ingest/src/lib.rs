@@ -80,6 +80,15 @@ pub struct IngestConfig {
         default_value = "127.0.0.1:8884"
     )]
     pub mqtt_wss_addr: SocketAddr,
+    /// Most PUBLISH packets a second one MQTT connection may send (a burst of one second's worth
+    /// passes); over it the gateway stops reading from the connection until the rate allows, so
+    /// the car is slowed by backpressure, never dropped. 0: no limit.
+    #[arg(
+        long = "mqtt-max-publish-rate",
+        env = "ECARS_MQTT_MAX_PUBLISH_RATE",
+        default_value_t = 1000
+    )]
+    pub max_publish_rate: u32,
     /// Largest retained message, in bytes: a retained PUBLISH over it is refused (MQTT 5
     /// 0x97). With the topic limit, this bounds what retained messages take (4 KiB × 100,000 =
     /// 400 MiB at most by default).
@@ -346,6 +355,7 @@ impl BoundIngest {
                 )
                 .with_accounts(accounts)
                 .with_revoked(revoked)
+                .with_publish_rate(config.max_publish_rate)
                 .with_retained_limits(
                     config.retained_max_bytes as usize,
                     config.retained_max_topics as usize,

@@ -20,6 +20,9 @@ pub const CONNECTIONS_ENDED: &str = "ecars_mqtt_connections_ended_total";
 /// MQTT connections closed for breaking the protocol, labelled by `reason` (malformed_packet,
 /// protocol_error, packet_too_large, not_authorized).
 pub const PROTOCOL_VIOLATIONS: &str = "ecars_mqtt_protocol_violations_total";
+/// Times a connection went over the publish rate limit and was held back (its next packets
+/// read only once the rate allows).
+pub const PUBLISH_THROTTLED: &str = "ecars_mqtt_publish_throttled_total";
 /// Retained messages refused for the retained limits, labelled by `reason` (`too_large`,
 /// `too_many_topics`).
 pub const RETAINED_REFUSED: &str = "ecars_mqtt_retained_refused_total";

@@ -267,3 +267,89 @@ mod tests {
         assert!(!next.release(8));
     }
 }
+
+/// A connection's publish rate limit: a token bucket of `per_second` tokens a second holding at
+/// most `per_second` (one second's burst). A PUBLISH over it is not dropped: it is handled, and
+/// the gateway then reads nothing more from the connection until the bucket has paid for it, so
+/// the car is slowed by TCP backpressure.
+#[derive(Clone, Debug)]
+pub struct PublishThrottle {
+    per_second: f64,
+    tokens: f64,
+    updated: Instant,
+    /// Reading resumes at this time.
+    resume_at: Option<Instant>,
+}
+
+impl PublishThrottle {
+    /// A full bucket of `per_second` publishes a second.
+    pub fn new(per_second: u32, now: Instant) -> PublishThrottle {
+        let per_second = f64::from(per_second.max(1));
+        PublishThrottle {
+            per_second,
+            tokens: per_second,
+            updated: now,
+            resume_at: None,
+        }
+    }
+
+    /// Pays for one PUBLISH at `now`; returns `true` when this one starts a pause (the caller
+    /// counts it).
+    pub fn publish(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.per_second);
+        self.updated = now;
+        self.tokens -= 1.0;
+        if self.tokens >= 0.0 {
+            return false;
+        }
+        let pausing = self.resume_at.is_none();
+        self.resume_at = Some(now + Duration::from_secs_f64(-self.tokens / self.per_second));
+        pausing
+    }
+
+    /// When reading may resume, while paused.
+    pub fn resume_at(&self) -> Option<Instant> {
+        self.resume_at
+    }
+
+    /// Ends the pause once its time has come; returns whether reading may go on.
+    pub fn resume(&mut self, now: Instant) -> bool {
+        match self.resume_at {
+            Some(at) if now < at => false,
+            _ => {
+                self.resume_at = None;
+                true
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod throttle_tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_passes_then_the_rate_holds() {
+        let start = Instant::now();
+        let mut throttle = PublishThrottle::new(10, start);
+        for _ in 0..10 {
+            assert!(!throttle.publish(start), "the first second's worth passes");
+        }
+        assert_eq!(throttle.resume_at(), None);
+        assert!(
+            throttle.publish(start),
+            "the eleventh pauses the connection"
+        );
+        let resume = throttle.resume_at().unwrap();
+        assert_eq!(resume - start, Duration::from_millis(100));
+        assert!(!throttle.resume(start + Duration::from_millis(50)));
+        assert!(throttle.resume(resume));
+        // A second later the bucket is full again, never fuller.
+        let later = start + Duration::from_secs(5);
+        for _ in 0..10 {
+            assert!(!throttle.publish(later));
+        }
+        assert!(throttle.publish(later));
+    }
+}
