@@ -257,3 +257,75 @@ async fn a_loopback_demo_without_secrets_needs_no_key() {
     assert_eq!(vehicles.status(), StatusCode::OK);
     pipeline.shutdown().await.unwrap();
 }
+
+/// With API keys and no relay secret, live sockets need a credential too: a key that may read
+/// the car (as a bearer header or the first message) streams it; a wrong key, or one without
+/// `fleet:read`, is closed with 1008.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_sockets_take_api_keys_and_need_a_credential_where_keys_are_set() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let keys_file = dir.path().join("api-keys");
+    std::fs::write(
+        &keys_file,
+        [
+            key_line("reader", "the-reader-key", scopes(&[Scope::FleetRead])),
+            key_line("ops", "the-ops-key", scopes(&[Scope::DeadLettersRead])),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let mut options =
+        PipelineOptions::new(format!("sqlite://{}", dir.path().join("l.db").display()));
+    options.http.api_keys_file = Some(keys_file);
+    let pipeline = Pipeline::start(options).await.unwrap();
+    let car = ecars_e2e::test_vin(3);
+    let url = format!("ws://{}/v1/vehicles/{car}/live", pipeline.http_addr);
+    let close_code = |mut socket: tokio_tungstenite::WebSocketStream<_>| async move {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(15), socket.next()).await {
+                Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| u16::from(f.code)),
+                Ok(Some(Ok(_))) => {}
+                other => panic!("no close: {other:?}"),
+            }
+        }
+    };
+
+    for first in ["not-a-key", "the-ops-key"] {
+        let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        socket.send(Message::text(first)).await.unwrap();
+        assert_eq!(close_code(socket).await, Some(1008), "{first}");
+    }
+
+    let mut request = url.as_str().into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", "Bearer the-reader-key".parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    ecars_e2e::wait_for("the socket registered", Duration::from_secs(10), || async {
+        pipeline.relay.hub().clients() == 1
+    })
+    .await
+    .unwrap();
+    let reading: ecars_model::TelemetryReading = serde_json::from_value(serde_json::json!({
+        "event_id": uuid::Uuid::now_v7(),
+        "received_at": chrono::Utc::now(),
+        "vin": car,
+        "battery": 77.0,
+        "date": chrono::Utc::now(),
+    }))
+    .unwrap();
+    pipeline.bus.publish(reading).await.unwrap();
+    let frame = loop {
+        match tokio::time::timeout(Duration::from_secs(10), socket.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => break text,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("no reading: {other:?}"),
+        }
+    };
+    assert!(frame.as_str().contains("77"), "{frame}");
+    pipeline.shutdown().await.unwrap();
+}

@@ -489,6 +489,7 @@ impl App {
         if let Some(close) = close_bus.take() {
             supervisor.then("close the bus", close);
         }
+        let state_access = access.clone();
         let state = ApiState {
             db: db.clone(),
             bus: Some(bus.clone()),
@@ -502,6 +503,7 @@ impl App {
         let mut routes = ecars_api::router(state);
         let relay = match relay {
             Some((relay, tail)) => {
+                relay.accept_api_keys(Arc::new(KeysForLiveSockets(state_access.clone())));
                 readiness.set("relay", true);
                 routes = routes.merge(ecars_relay::router(Arc::clone(&relay)));
                 let feeding = Arc::clone(&relay);
@@ -602,6 +604,43 @@ impl App {
         self.supervisor.run_until(shutdown).await?;
         tracing::info!("stopped cleanly");
         Ok(())
+    }
+}
+
+/// The HTTP API's credentials, as the relay asks about them for a live socket.
+#[derive(Debug)]
+struct KeysForLiveSockets(HttpAccess);
+
+impl ecars_relay::LiveKeys for KeysForLiveSockets {
+    fn required(&self) -> bool {
+        self.0.required()
+    }
+
+    fn check(
+        &self,
+        presented: &str,
+        vins: Option<&[ecars_model::Vin]>,
+    ) -> Result<(), ecars_model::relay_token::TokenError> {
+        use ecars_api::access::{Need, Refusal};
+        use ecars_model::relay_token::TokenError;
+        let refused = |refusal: Refusal, what: String| match refusal {
+            Refusal::Missing => TokenError::Missing,
+            Refusal::Invalid => TokenError::Invalid,
+            Refusal::NotGranted(_) => TokenError::WrongVin(what),
+        };
+        match vins {
+            None => self
+                .0
+                .check(Some(presented), Need::Scope(Scope::FleetRead))
+                .map(|_| ())
+                .map_err(|r| refused(r, "the whole fleet".into())),
+            Some(vins) => vins.iter().try_for_each(|vin| {
+                self.0
+                    .check(Some(presented), Need::Vehicle(vin))
+                    .map(|_| ())
+                    .map_err(|r| refused(r, vin.to_string()))
+            }),
+        }
     }
 }
 

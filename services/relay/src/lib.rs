@@ -109,6 +109,17 @@ impl Default for RelayConfig {
     }
 }
 
+/// API keys a live socket may present instead of a relay token (the HTTP API's, where they are
+/// configured): the relay asks, the composition answers with the API's own checks.
+pub trait LiveKeys: Send + Sync + std::fmt::Debug {
+    /// Whether the HTTP listener wants a credential for every `/v1` route (then a live socket
+    /// needs one too, relay secret or not).
+    fn required(&self) -> bool;
+    /// `Ok` when `presented` is a key that may read `vins` (`None`: the whole fleet);
+    /// [`TokenError::Invalid`] when it is no key, [`TokenError::WrongVin`] when it may not.
+    fn check(&self, presented: &str, vins: Option<&[Vin]>) -> Result<(), TokenError>;
+}
+
 /// The consumer name of the relay's tail of the telemetry stream.
 pub const TAIL_NAME: &str = "ecars-relay";
 
@@ -119,6 +130,8 @@ pub struct Relay {
     auth: Option<TokenAuthority>,
     minter: Option<TokenMinter>,
     api_key: Option<String>,
+    /// The HTTP API's keys, once the composition has them.
+    keys: std::sync::OnceLock<Arc<dyn LiveKeys>>,
     config: RelayConfig,
 }
 
@@ -186,6 +199,7 @@ impl Relay {
             auth,
             minter,
             api_key,
+            keys: std::sync::OnceLock::new(),
             config: config.clone(),
         }))
     }
@@ -194,6 +208,11 @@ impl Relay {
     /// sockets need no token (no relay secret).
     pub fn minter(&self) -> Option<&TokenMinter> {
         self.minter.as_ref()
+    }
+
+    /// Lets live sockets present the HTTP API's keys (set once, by the composition).
+    pub fn accept_api_keys(&self, keys: Arc<dyn LiveKeys>) {
+        let _ = self.keys.set(keys);
     }
 
     /// The older single API key (`ECARS_RELAY_API_KEY`), which the HTTP API accepts with the
@@ -346,14 +365,27 @@ impl Relay {
         token: Option<String>,
         mut registration: hub::Registration,
     ) {
-        if let Some(auth) = &self.auth {
+        let keys = self.keys.get();
+        if self.auth.is_some() || keys.is_some_and(|k| k.required()) {
             let token = match token {
                 Some(token) => Some(token),
                 None => Self::token_from_first_message(&mut socket).await,
             };
             let checked = match token {
                 None => Err(TokenError::Missing),
-                Some(token) => auth.check(&token, vins.as_deref()),
+                Some(token) => {
+                    let by_token = match &self.auth {
+                        Some(auth) => auth.check(&token, vins.as_deref()).map(|_| ()),
+                        None => Err(TokenError::Invalid),
+                    };
+                    // Not a relay token: perhaps one of the API's keys.
+                    match (by_token, keys) {
+                        (Err(TokenError::Invalid), Some(keys)) => {
+                            keys.check(&token, vins.as_deref())
+                        }
+                        (checked, _) => checked,
+                    }
+                }
             };
             if let Err(error) = checked {
                 ::metrics::counter!(metrics::REFUSED, "reason" => error.code()).increment(1);
