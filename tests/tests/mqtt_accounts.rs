@@ -211,6 +211,28 @@ async fn a_service_account_reads_only_its_filters() {
     })
     .await
     .unwrap();
+
+    // Removed from the file: its connection is dropped within seconds, and it cannot log in.
+    let (_ops_client, mut ops_events, code) = login(&pipeline, "ops-1", "ops", &ops.password).await;
+    assert_eq!(code, ConnectReturnCode::Success);
+    std::fs::write(&accounts_file, format!("{}\n", dashboard.line)).unwrap();
+    let dropped = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match ops_events.poll().await {
+                Ok(Event::Incoming(Packet::Disconnect)) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        dropped.is_ok(),
+        "the removed account is dropped within seconds"
+    );
+    assert_ne!(
+        login(&pipeline, "ops-2", "ops", &ops.password).await.2,
+        ConnectReturnCode::Success
+    );
     a_events.abort();
     polling.abort();
     pipeline.shutdown().await.unwrap();

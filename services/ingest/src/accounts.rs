@@ -220,6 +220,11 @@ impl MqttAccounts {
         self.by_name.get(name)
     }
 
+    /// Whether some account owns `client_id`.
+    pub fn owns_client_id(&self, client_id: &str) -> bool {
+        self.by_name.values().any(|a| a.owns_client_id(client_id))
+    }
+
     /// How many accounts there are.
     pub fn len(&self) -> usize {
         self.by_name.len()

@@ -547,11 +547,11 @@ impl<'g, B: Broker> Connection<'g, B> {
                 biased;
                 _ = shutdown.cancelled() => break Ended::ServerShutdown,
                 _ = taken_over.cancelled() => {
-                    let revoked = self
-                        .identity
-                        .as_ref()
-                        .and_then(Identity::vin)
-                        .is_some_and(|vin| self.gateway.is_revoked(vin));
+                    let revoked = match &self.identity {
+                        Some(Identity::Car(vin)) => self.gateway.is_revoked(vin),
+                        Some(Identity::Account(account)) => !self.gateway.has_account(&account.name),
+                        None => false,
+                    };
                     break if revoked { Ended::Revoked } else { Ended::TakenOver };
                 }
                 Some(done) = in_flight.next(), if !in_flight.is_empty() => {

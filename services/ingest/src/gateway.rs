@@ -184,6 +184,30 @@ impl<B: Broker> Gateway<B> {
         dropped
     }
 
+    /// Whether the service account still exists (it was not removed from the file).
+    pub fn has_account(&self, name: &str) -> bool {
+        self.accounts
+            .as_ref()
+            .is_some_and(|a| a.current().get(name).is_some())
+    }
+
+    /// Ends the connections of service accounts no longer in `accounts` (a client id that is
+    /// no car's and no current account's); returns how many. Each ends as revoked.
+    pub fn drop_removed_accounts(&self, accounts: &MqttAccounts) -> usize {
+        let connected = self.connected.lock().unwrap_or_else(|p| p.into_inner());
+        let mut dropped = 0;
+        for (client_id, registration) in connected.iter() {
+            let car = client_id
+                .get(..17)
+                .is_some_and(|prefix| Vin::parse(prefix).is_ok());
+            if !car && !accounts.owns_client_id(client_id) {
+                registration.taken_over.cancel();
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
     /// Registers a connection of `client_id`; an earlier connection with that client id is told
     /// it was taken over (MQTT: the server disconnects the existing client).
     pub fn register(&self, client_id: &str) -> Registration {

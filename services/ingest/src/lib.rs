@@ -417,10 +417,9 @@ impl BoundIngest {
             "MQTT ingest listening"
         );
         let tracker = TaskTracker::new();
-        if let Some(revoked) = self.gateway.revoked.clone() {
+        if self.gateway.revoked.is_some() || self.gateway.accounts.is_some() {
             tracker.spawn(enforce_revocations(
                 Arc::clone(&self.gateway),
-                revoked,
                 shutdown.clone(),
             ));
         }
@@ -516,28 +515,38 @@ impl BoundIngest {
     }
 }
 
-/// Drops the connections of cars as soon as the revocations file names them (checked every
-/// second; the file itself is re-read by its watcher).
-async fn enforce_revocations(
-    gateway: Arc<Gateway<EmbeddedBroker>>,
-    revoked: Reloading<revocation::Revoked>,
-    shutdown: CancellationToken,
-) {
-    let mut enforced = revoked.current();
+/// Drops the connections of cars as soon as the revocations file names them, and of service
+/// accounts as soon as the accounts file no longer has them (checked every second; the files
+/// themselves are re-read by their watchers).
+async fn enforce_revocations(gateway: Arc<Gateway<EmbeddedBroker>>, shutdown: CancellationToken) {
+    let mut revoked = gateway.revoked.as_ref().map(Reloading::current);
+    let mut accounts = gateway.accounts.as_ref().map(Reloading::current);
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let now = revoked.current();
-        if !Arc::ptr_eq(&now, &enforced) {
-            let dropped = gateway.drop_revoked(&now);
-            if dropped > 0 {
-                tracing::warn!(dropped, "revoked cars disconnected");
+        let now = gateway.revoked.as_ref().map(Reloading::current);
+        if let (Some(now), Some(before)) = (&now, &revoked) {
+            if !Arc::ptr_eq(now, before) {
+                let dropped = gateway.drop_revoked(now);
+                if dropped > 0 {
+                    tracing::warn!(dropped, "revoked cars disconnected");
+                }
             }
-            enforced = now;
         }
+        revoked = now;
+        let now = gateway.accounts.as_ref().map(Reloading::current);
+        if let (Some(now), Some(before)) = (&now, &accounts) {
+            if !Arc::ptr_eq(now, before) {
+                let dropped = gateway.drop_removed_accounts(now);
+                if dropped > 0 {
+                    tracing::warn!(dropped, "removed MQTT service accounts disconnected");
+                }
+            }
+        }
+        accounts = now;
     }
 }
 
