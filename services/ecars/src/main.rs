@@ -128,6 +128,8 @@ struct RelayArgs {
     #[command(flatten)]
     relay: RelayConfig,
     #[command(flatten)]
+    tls: TlsConfig,
+    #[command(flatten)]
     database: DatabaseConfig,
     #[command(flatten)]
     http: HttpConfig,
@@ -289,6 +291,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Relay(args) => Settings {
             database: Some(args.database),
             relay: Some(args.relay),
+            tls: args.tls,
             ..Settings::service(args.http, args.kafka)
         },
         Command::Cases(args) => return cases(args.action).await,
