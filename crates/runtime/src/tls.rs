@@ -264,7 +264,8 @@ mod tests {
     fn serials_compare_as_numbers() {
         assert_eq!(normalize_serial("00:1A:2b"), "1a2b");
         assert_eq!(normalize_serial("0"), "0");
-        assert_eq!(normalize_serial("1A2B"), normalize_serial("01:1a:2b"));
+        assert_eq!(normalize_serial("1A2B"), normalize_serial("00:1a:2b"));
+        assert_ne!(normalize_serial("1A2B"), normalize_serial("01:1a:2b"));
     }
 
     #[test]
