@@ -116,7 +116,6 @@ impl ResolvesServerCert for ReloadingCertificate {
 pub struct ServerTls {
     config: Arc<ServerConfig>,
     certificate: Reloading<Arc<CertifiedKey>>,
-    client_auth: bool,
 }
 
 impl ServerTls {
@@ -164,7 +163,6 @@ impl ServerTls {
         Ok(Some(ServerTls {
             config: Arc::new(server),
             certificate,
-            client_auth: config.client_ca_file.is_some(),
         }))
     }
 
@@ -179,18 +177,12 @@ impl ServerTls {
         Ok(ServerTls {
             config: Arc::new(server),
             certificate: self.certificate.clone(),
-            client_auth: false,
         })
     }
 
     /// The acceptor for handshakes.
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         tokio_rustls::TlsAcceptor::from(Arc::clone(&self.config))
-    }
-
-    /// Whether clients may present certificates.
-    pub fn client_auth(&self) -> bool {
-        self.client_auth
     }
 
     /// Re-reads the certificate and key every `interval` until `stop` (run it as a part).

@@ -111,39 +111,35 @@ async fn serve_connection<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    {
-        {
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .max_header_size(limits.max_header_bytes)
-                .max_headers(MAX_HEADERS);
-            let connection = builder
-                .serve_connection(TokioIo::new(io), service)
-                .with_upgrades();
-            tokio::pin!(connection);
-            let ended = tokio::select! {
-                ended = connection.as_mut() => ended,
-                _ = stop.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            if let Err(error) = ended {
-                // A peer that timed out or sent garbage: counted, not logged.
-                let reason = if error.is_timeout() {
-                    "header_timeout"
-                } else if error.is_parse_too_large() {
-                    "header_too_large"
-                } else if error.is_parse() {
-                    "malformed"
-                } else {
-                    "io"
-                };
-                ::metrics::counter!(metrics::CONNECTIONS_CLOSED, "reason" => reason).increment(1);
-            }
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_header_size(limits.max_header_bytes)
+        .max_headers(MAX_HEADERS);
+    let connection = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    let ended = tokio::select! {
+        ended = connection.as_mut() => ended,
+        _ = stop.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
         }
+    };
+    if let Err(error) = ended {
+        // A peer that timed out or sent garbage: counted, not logged.
+        let reason = if error.is_timeout() {
+            "header_timeout"
+        } else if error.is_parse_too_large() {
+            "header_too_large"
+        } else if error.is_parse() {
+            "malformed"
+        } else {
+            "io"
+        };
+        ::metrics::counter!(metrics::CONNECTIONS_CLOSED, "reason" => reason).increment(1);
     }
 }
 

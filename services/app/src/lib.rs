@@ -344,56 +344,51 @@ impl App {
                 .into())
             }
         };
-        let mqtt_wss_addr = match ingest.as_ref().and_then(BoundIngest::wss_addr) {
-            Some(addr) => Some(addr.map_err(|source| {
-                IngestError::Bind {
-                    setting: "--mqtt-wss-addr / ECARS_MQTT_WSS_ADDR",
-                    addr: settings
-                        .ingest
-                        .as_ref()
-                        .map_or(([0, 0, 0, 0], 0).into(), |c| c.mqtt_wss_addr),
-                    source,
+        let (mqtt_addr, mqtt_ws_addr, mqtt_tls_addr, mqtt_wss_addr) =
+            match (&ingest, &settings.ingest) {
+                (Some(ingest), Some(config)) => {
+                    let bound = |setting, addr, local: std::io::Result<SocketAddr>| {
+                        local.map_err(|source| IngestError::Bind {
+                            setting,
+                            addr,
+                            source,
+                        })
+                    };
+                    (
+                        Some(bound(
+                            "--mqtt-addr / ECARS_MQTT_ADDR",
+                            config.mqtt_addr,
+                            ingest.mqtt_addr(),
+                        )?),
+                        Some(bound(
+                            "--mqtt-ws-addr / ECARS_MQTT_WS_ADDR",
+                            config.mqtt_ws_addr,
+                            ingest.ws_addr(),
+                        )?),
+                        ingest
+                            .tls_addr()
+                            .map(|local| {
+                                bound(
+                                    "--mqtt-tls-addr / ECARS_MQTT_TLS_ADDR",
+                                    config.mqtt_tls_addr,
+                                    local,
+                                )
+                            })
+                            .transpose()?,
+                        ingest
+                            .wss_addr()
+                            .map(|local| {
+                                bound(
+                                    "--mqtt-wss-addr / ECARS_MQTT_WSS_ADDR",
+                                    config.mqtt_wss_addr,
+                                    local,
+                                )
+                            })
+                            .transpose()?,
+                    )
                 }
-            })?),
-            None => None,
-        };
-        let mqtt_tls_addr = match ingest.as_ref().and_then(BoundIngest::tls_addr) {
-            Some(addr) => Some(addr.map_err(|source| {
-                IngestError::Bind {
-                    setting: "--mqtt-tls-addr / ECARS_MQTT_TLS_ADDR",
-                    addr: settings
-                        .ingest
-                        .as_ref()
-                        .map_or(([0, 0, 0, 0], 0).into(), |c| c.mqtt_tls_addr),
-                    source,
-                }
-            })?),
-            None => None,
-        };
-        let (mqtt_addr, mqtt_ws_addr) = match (&ingest, &settings.ingest) {
-            (Some(ingest), Some(config)) => {
-                let bound = |setting, addr, local: std::io::Result<SocketAddr>| {
-                    local.map_err(|source| IngestError::Bind {
-                        setting,
-                        addr,
-                        source,
-                    })
-                };
-                (
-                    Some(bound(
-                        "--mqtt-addr / ECARS_MQTT_ADDR",
-                        config.mqtt_addr,
-                        ingest.mqtt_addr(),
-                    )?),
-                    Some(bound(
-                        "--mqtt-ws-addr / ECARS_MQTT_WS_ADDR",
-                        config.mqtt_ws_addr,
-                        ingest.ws_addr(),
-                    )?),
-                )
-            }
-            _ => (None, None),
-        };
+                _ => (None, None, None, None),
+            };
         let (access, api_keys) =
             http_access(&settings.http, settings.http.http_addr, relay.as_ref())?;
         let (http, http_addr) =

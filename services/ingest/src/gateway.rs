@@ -170,18 +170,7 @@ impl<B: Broker> Gateway<B> {
     /// Ends the connections of the cars `revoked` names (a car's client ids start with its
     /// VIN); returns how many. Each ends as revoked ([`crate::connection::Ended::Revoked`]).
     pub fn drop_revoked(&self, revoked: &Revoked) -> usize {
-        let connected = self.connected.lock().unwrap_or_else(|p| p.into_inner());
-        let mut dropped = 0;
-        for (client_id, registration) in connected.iter() {
-            let vin = client_id
-                .get(..17)
-                .and_then(|prefix| Vin::parse(prefix).ok());
-            if vin.is_some_and(|vin| revoked.vin(&vin)) {
-                registration.taken_over.cancel();
-                dropped += 1;
-            }
-        }
-        dropped
+        self.drop_where(|_, car| car.is_some_and(|vin| revoked.vin(vin)))
     }
 
     /// Whether the service account still exists (it was not removed from the file).
@@ -194,13 +183,19 @@ impl<B: Broker> Gateway<B> {
     /// Ends the connections of service accounts no longer in `accounts` (a client id that is
     /// no car's and no current account's); returns how many. Each ends as revoked.
     pub fn drop_removed_accounts(&self, accounts: &MqttAccounts) -> usize {
+        self.drop_where(|client_id, car| car.is_none() && !accounts.owns_client_id(client_id))
+    }
+
+    /// Ends the connections that `drop` picks by client id and by the VIN it starts with (a
+    /// car's); returns how many. The connection asks the gateway why when it ends.
+    fn drop_where(&self, drop: impl Fn(&str, Option<&Vin>) -> bool) -> usize {
         let connected = self.connected.lock().unwrap_or_else(|p| p.into_inner());
         let mut dropped = 0;
         for (client_id, registration) in connected.iter() {
             let car = client_id
                 .get(..17)
-                .is_some_and(|prefix| Vin::parse(prefix).is_ok());
-            if !car && !accounts.owns_client_id(client_id) {
+                .and_then(|prefix| Vin::parse(prefix).ok());
+            if drop(client_id, car.as_ref()) {
                 registration.taken_over.cancel();
                 dropped += 1;
             }

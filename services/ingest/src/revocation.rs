@@ -73,11 +73,6 @@ impl Revoked {
     pub fn serial(&self, serial: &str) -> bool {
         self.serials.contains(serial)
     }
-
-    /// The revoked VINs.
-    pub fn vins(&self) -> impl Iterator<Item = &Vin> {
-        self.vins.iter()
-    }
 }
 
 #[cfg(test)]
