@@ -256,6 +256,35 @@ async fn cars_log_in_with_certificates_and_revoked_ones_are_refused() {
         }
         other => panic!("no CONNACK: {other:?}"),
     }
+    // A car connected with its certificate (and no password), whose certificate is then
+    // revoked: dropped too.
+    let mut certified = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let mut tls = client_tls(&path(d, "fleet-ca.pem"), Some("car"))
+            .connect(
+                tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap();
+        let mut body = Vec::new();
+        ecars_e2e::mqtt_wire::put_string(&mut body, "MQTT");
+        body.extend_from_slice(&[4, 0x02, 0, 30]);
+        ecars_e2e::mqtt_wire::put_string(&mut body, &car);
+        tls.write_all(&ecars_e2e::mqtt_wire::packet(0x10, &body))
+            .await
+            .unwrap();
+        let mut connack = [0u8; 4];
+        tokio::time::timeout(WAIT, tls.read_exact(&mut connack))
+            .await
+            .expect("a CONNACK")
+            .unwrap();
+        assert_eq!(connack, [0x20, 2, 0, 0], "the certified car is accepted");
+        tls
+    };
     let serial = {
         let out = std::process::Command::new("openssl")
             .current_dir(d)
@@ -283,6 +312,17 @@ async fn cars_log_in_with_certificates_and_revoked_ones_are_refused() {
     })
     .await;
     assert!(dropped.is_ok(), "the revoked car is dropped within seconds");
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 64];
+        // MQTT 3.1.1 has no DISCONNECT from the server: the connection just closes.
+        while certified.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the car whose certificate was revoked is dropped within seconds"
+    );
     let (_client, mut again) = AsyncClient::new(mqtt, 16);
     let refused = loop {
         match tokio::time::timeout(WAIT, again.poll()).await {
@@ -319,8 +359,9 @@ async fn cars_log_in_with_certificates_and_revoked_ones_are_refused() {
     pipeline.shutdown().await.unwrap();
 }
 
-/// A rustls client trusting `ca` (PEM).
-fn client_tls(ca: &Path) -> tokio_rustls::TlsConnector {
+/// A rustls client trusting `ca` (PEM), presenting the client certificate `cert` (`cert`.pem
+/// and `cert`.key in the same directory) if given.
+fn client_tls(ca: &Path, cert: Option<&str>) -> tokio_rustls::TlsConnector {
     use tokio_rustls::rustls;
     use tokio_rustls::rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
@@ -332,8 +373,22 @@ fn client_tls(ca: &Path) -> tokio_rustls::TlsConnector {
     ))
     .with_safe_default_protocol_versions()
     .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let config = match cert {
+        None => config.with_no_client_auth(),
+        Some(name) => {
+            let dir = ca.parent().unwrap();
+            let chain =
+                rustls::pki_types::CertificateDer::pem_file_iter(path(dir, &format!("{name}.pem")))
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect();
+            let key =
+                rustls::pki_types::PrivateKeyDer::from_pem_file(path(dir, &format!("{name}.key")))
+                    .unwrap();
+            config.with_client_auth_cert(chain, key).unwrap()
+        }
+    };
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
 }
 
@@ -380,7 +435,7 @@ async fn https_and_mqtt_over_secure_websocket_use_the_certificate() {
     // MQTT over secure WebSocket: a car logs in with its password and gets its CONNACK.
     let wss = pipeline.wss_addr.expect("the secure WebSocket listener");
     let tcp = tokio::net::TcpStream::connect(wss).await.unwrap();
-    let tls = client_tls(&path(d, "fleet-ca.pem"))
+    let tls = client_tls(&path(d, "fleet-ca.pem"), None)
         .connect(
             tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap(),
             tcp,

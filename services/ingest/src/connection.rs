@@ -21,7 +21,7 @@ use bytes::{Bytes, BytesMut};
 use chrono::Utc;
 use ecars_bus::BusError;
 use ecars_model::device_auth::DeviceSecret;
-use ecars_model::Vin;
+use ecars_runtime::tls::PeerCertificate;
 use futures_util::stream::FuturesOrdered;
 use futures_util::StreamExt;
 use rumqttd::protocol::v4::FixedHeader;
@@ -235,7 +235,7 @@ pub async fn serve_connection<S, B>(
     gateway: Arc<Gateway<B>>,
     stream: S,
     admitted: bool,
-    certified: Option<Vin>,
+    certified: Option<Box<PeerCertificate>>,
     shutdown: CancellationToken,
 ) -> Ended
 where
@@ -368,7 +368,7 @@ impl<'g, B: Broker> Connection<'g, B> {
         gateway: &'g Gateway<B>,
         (header, frame): Frame,
         admitted: bool,
-        certified: Option<Vin>,
+        certified: Option<Box<PeerCertificate>>,
         out: &mut ClientWriter<W>,
     ) -> Result<Connection<'g, B>, Ended> {
         if packet_type(&header)? != PacketType::Connect {
@@ -388,7 +388,8 @@ impl<'g, B: Broker> Connection<'g, B> {
         if !admitted {
             return Err(refuse(out, Refusal::AtCapacity, "connection_limit"));
         }
-        let identity = match (&gateway.device_secret, certified) {
+        let serial = certified.as_ref().map(|c| c.serial.as_str().into());
+        let identity = match (&gateway.device_secret, certified.and_then(|c| c.vin)) {
             // The certificate's VIN is the car, whatever the username says: the CA vouched.
             (_, Some(vin)) => Some(Identity::Car(vin)),
             (None, None) => None,
@@ -443,7 +444,7 @@ impl<'g, B: Broker> Connection<'g, B> {
         };
         let client_id = request.connect.client_id.clone();
         // A second connection with this client id takes the session over: the first closes.
-        let registration = gateway.register(&client_id);
+        let registration = gateway.register(&client_id, serial);
         let state = gateway.session_state(&client_id, request.connect.clean_session);
         let mut connection = Connection {
             gateway,
@@ -551,7 +552,10 @@ impl<'g, B: Broker> Connection<'g, B> {
                         Some(Identity::Car(vin)) => self.gateway.is_revoked(vin),
                         Some(Identity::Account(account)) => !self.gateway.has_account(&account.name),
                         None => false,
-                    };
+                    } || self.gateway.is_registration_revoked(
+                        &self.request.connect.client_id,
+                        &self.registration,
+                    );
                     break if revoked { Ended::Revoked } else { Ended::TakenOver };
                 }
                 Some(done) = in_flight.next(), if !in_flight.is_empty() => {

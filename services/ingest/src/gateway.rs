@@ -53,7 +53,7 @@ pub struct Gateway<B> {
     pub retained: RetainedTopics,
     /// Turns to check an account's password (argon2): one at a time.
     pub password_checks: tokio::sync::Semaphore,
-    connected: Mutex<HashMap<String, Registration>>,
+    connected: Mutex<HashMap<String, Held>>,
     sessions: Mutex<Sessions>,
     registrations: AtomicU64,
 }
@@ -73,6 +73,14 @@ pub struct Registration {
     id: u64,
     /// Cancelled when another connection takes the client id over.
     pub taken_over: CancellationToken,
+}
+
+/// A connected client id: whose connection holds it, and the serial of the certificate that
+/// connection presented (so revoking the certificate drops it).
+#[derive(Debug)]
+struct Held {
+    registration: Registration,
+    serial: Option<Box<str>>,
 }
 
 /// What a persistent session left for its next connection.
@@ -168,9 +176,27 @@ impl<B: Broker> Gateway<B> {
     }
 
     /// Ends the connections of the cars `revoked` names (a car's client ids start with its
-    /// VIN); returns how many. Each ends as revoked ([`crate::connection::Ended::Revoked`]).
+    /// VIN) and of those that presented a revoked certificate; returns how many. Each ends as
+    /// revoked ([`crate::connection::Ended::Revoked`]).
     pub fn drop_revoked(&self, revoked: &Revoked) -> usize {
-        self.drop_where(|_, car| car.is_some_and(|vin| revoked.vin(vin)))
+        self.drop_where(|_, car, serial| {
+            car.is_some_and(|vin| revoked.vin(vin)) || serial.is_some_and(|s| revoked.serial(s))
+        })
+    }
+
+    /// Whether the connection holding `registration` is still to be served: its car, or the
+    /// certificate it presented, was not revoked since.
+    pub fn is_registration_revoked(&self, client_id: &str, registration: &Registration) -> bool {
+        let Some(revoked) = &self.revoked else {
+            return false;
+        };
+        let revoked = revoked.current();
+        let connected = self.connected.lock().unwrap_or_else(|p| p.into_inner());
+        connected
+            .get(client_id)
+            .filter(|held| held.registration.id == registration.id)
+            .and_then(|held| held.serial.as_deref())
+            .is_some_and(|serial| revoked.serial(serial))
     }
 
     /// Whether the service account still exists (it was not removed from the file).
@@ -183,29 +209,31 @@ impl<B: Broker> Gateway<B> {
     /// Ends the connections of service accounts no longer in `accounts` (a client id that is
     /// no car's and no current account's); returns how many. Each ends as revoked.
     pub fn drop_removed_accounts(&self, accounts: &MqttAccounts) -> usize {
-        self.drop_where(|client_id, car| car.is_none() && !accounts.owns_client_id(client_id))
+        self.drop_where(|client_id, car, _| car.is_none() && !accounts.owns_client_id(client_id))
     }
 
-    /// Ends the connections that `drop` picks by client id and by the VIN it starts with (a
-    /// car's); returns how many. The connection asks the gateway why when it ends.
-    fn drop_where(&self, drop: impl Fn(&str, Option<&Vin>) -> bool) -> usize {
+    /// Ends the connections that `drop` picks by client id, by the VIN it starts with (a
+    /// car's) and by the serial of the certificate presented; returns how many. The connection
+    /// asks the gateway why when it ends.
+    fn drop_where(&self, drop: impl Fn(&str, Option<&Vin>, Option<&str>) -> bool) -> usize {
         let connected = self.connected.lock().unwrap_or_else(|p| p.into_inner());
         let mut dropped = 0;
-        for (client_id, registration) in connected.iter() {
+        for (client_id, held) in connected.iter() {
             let car = client_id
                 .get(..17)
                 .and_then(|prefix| Vin::parse(prefix).ok());
-            if drop(client_id, car.as_ref()) {
-                registration.taken_over.cancel();
+            if drop(client_id, car.as_ref(), held.serial.as_deref()) {
+                held.registration.taken_over.cancel();
                 dropped += 1;
             }
         }
         dropped
     }
 
-    /// Registers a connection of `client_id`; an earlier connection with that client id is told
-    /// it was taken over (MQTT: the server disconnects the existing client).
-    pub fn register(&self, client_id: &str) -> Registration {
+    /// Registers a connection of `client_id` (that presented the certificate with `serial`, if
+    /// any); an earlier connection with that client id is told it was taken over (MQTT: the
+    /// server disconnects the existing client).
+    pub fn register(&self, client_id: &str, serial: Option<Box<str>>) -> Registration {
         let registration = Registration {
             id: self.registrations.fetch_add(1, Ordering::Relaxed),
             taken_over: CancellationToken::new(),
@@ -214,9 +242,15 @@ impl<B: Broker> Gateway<B> {
             .connected
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(client_id.to_owned(), registration.clone());
+            .insert(
+                client_id.to_owned(),
+                Held {
+                    registration: registration.clone(),
+                    serial,
+                },
+            );
         if let Some(previous) = previous {
-            previous.taken_over.cancel();
+            previous.registration.taken_over.cancel();
         }
         registration
     }
@@ -224,7 +258,7 @@ impl<B: Broker> Gateway<B> {
     /// Ends a connection's hold on its client id (unless another connection took it over).
     pub fn deregister(&self, client_id: &str, registration: &Registration) {
         let mut connected = self.connected.lock().unwrap_or_else(|p| p.into_inner());
-        if connected.get(client_id).map(|r| r.id) == Some(registration.id) {
+        if connected.get(client_id).map(|held| held.registration.id) == Some(registration.id) {
             connected.remove(client_id);
         }
     }

@@ -579,7 +579,7 @@ async fn serve_websocket<S>(
     gateway: Arc<Gateway<EmbeddedBroker>>,
     stream: S,
     admitted: bool,
-    certified: Option<ecars_model::Vin>,
+    certified: Option<Box<ecars_runtime::tls::PeerCertificate>>,
     shutdown: CancellationToken,
 ) -> Option<Ended>
 where
@@ -639,7 +639,7 @@ async fn serve_tls(
             return None;
         }
     }
-    let certified = peer.and_then(|p| p.vin);
+    let certified = peer.map(Box::new);
     if websocket {
         return serve_websocket(gateway, stream, admitted, certified, shutdown).await;
     }

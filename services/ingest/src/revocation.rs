@@ -9,7 +9,8 @@
 //! ```
 //!
 //! A revoked VIN is refused at CONNECT, however it logs in, and its connections are dropped
-//! when the file changes; a revoked serial is refused at the TLS handshake's end.
+//! when the file changes; a revoked serial is refused at the TLS handshake's end, and the
+//! connections that presented it are dropped when the file changes.
 
 use std::collections::HashSet;
 
