@@ -223,6 +223,40 @@ async fn mosquitto_pub_on_postgres_valid_malformed_and_legacy_topic() {
         legacy_rows[0].date.to_rfc3339(),
         "2024-05-01T10:00:00+00:00"
     );
+
+    // A broken clock: a reading dated in 9999 is dead-lettered (it would stand as the car's
+    // latest forever); the car's next reading is stored as usual.
+    for payload in [
+        format!(r#"{{"vin":"{vin}","battery":70,"date":"9999-12-31T00:00:00Z"}}"#),
+        format!(r#"{{"vin":"{vin}","battery":69}}"#),
+    ] {
+        let topic = format!("vehicles/{vin}/telemetry");
+        let out = mosquitto_pub(
+            pipeline.mqtt_addr,
+            &["-q", "1", "-t", &topic, "-m", &payload],
+        )
+        .await;
+        assert!(out.status.success());
+    }
+    wait_for("the future-dated reading dead-lettered", WAIT, || async {
+        get_json(&dl_url).await.as_array().is_some_and(|letters| {
+            letters.iter().any(|l| {
+                l["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("date_in_future: "))
+                    && l["payload"].as_str().is_some_and(|p| p.contains("9999"))
+            })
+        })
+    })
+    .await
+    .unwrap();
+    wait_for("the next reading", WAIT, || async {
+        count(&pipeline).await == 3
+    })
+    .await
+    .unwrap();
+    let newest = &get_json(&url).await[0];
+    assert_eq!(newest["battery"], 69.0, "{newest}");
     pipeline.shutdown().await.unwrap();
 }
 

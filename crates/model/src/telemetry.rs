@@ -245,11 +245,15 @@ pub enum RejectReason {
     NegativeSpeed,
     /// `date` that is not an RFC 3339 time.
     InvalidDate,
+    /// `date` further in the future than the clock skew allowed (`ECARS_MAX_CLOCK_SKEW`): one
+    /// such reading would otherwise stand as the car's latest and blind its detection, which
+    /// only moves forward in event time.
+    DateInFuture,
 }
 
 impl RejectReason {
     /// Every reason, for metric initialisation and documentation.
-    pub const ALL: [RejectReason; 14] = [
+    pub const ALL: [RejectReason; 15] = [
         RejectReason::PayloadTooLarge,
         RejectReason::NotJson,
         RejectReason::NotObject,
@@ -264,6 +268,7 @@ impl RejectReason {
         RejectReason::LongitudeOutOfRange,
         RejectReason::NegativeSpeed,
         RejectReason::InvalidDate,
+        RejectReason::DateInFuture,
     ];
 
     /// The stable snake_case code.
@@ -283,6 +288,7 @@ impl RejectReason {
             RejectReason::LongitudeOutOfRange => "longitude_out_of_range",
             RejectReason::NegativeSpeed => "negative_speed",
             RejectReason::InvalidDate => "invalid_date",
+            RejectReason::DateInFuture => "date_in_future",
         }
     }
 }
@@ -310,6 +316,31 @@ impl Rejection {
             detail: detail.into(),
         }
     }
+}
+
+/// Refuses a reading dated more than `max_skew` after it was received (a car's clock can run
+/// a little ahead; a reading from next year is a broken clock, not telemetry).
+pub fn check_date_not_in_future(
+    reading: &TelemetryReading,
+    max_skew: chrono::TimeDelta,
+) -> Result<(), Rejection> {
+    let latest = reading.received_at + max_skew;
+    if reading.date > latest {
+        return Err(Rejection::new(
+            RejectReason::DateInFuture,
+            format!(
+                "date {} is more than {} s after it was received ({})",
+                reading
+                    .date
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                max_skew.num_seconds(),
+                reading
+                    .received_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Parses an MQTT payload received on a telemetry topic into a [`TelemetryReading`].
@@ -713,6 +744,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_reading_dated_past_the_allowed_skew_is_refused() {
+        let topic = TelemetryTopic::Legacy;
+        let received = DateTime::parse_from_rfc3339("2026-12-01T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let skew = chrono::TimeDelta::minutes(5);
+        let dated = |date: &str| {
+            let payload = format!(r#"{{"vin":"1HGCM82633A004352","date":"{date}"}}"#);
+            parse_reading(&topic, payload.as_bytes(), Uuid::now_v7(), received).unwrap()
+        };
+        assert!(check_date_not_in_future(&dated("2026-12-01T12:05:00Z"), skew).is_ok());
+        assert!(check_date_not_in_future(&dated("2020-01-01T00:00:00Z"), skew).is_ok());
+        let refused = check_date_not_in_future(&dated("2026-12-01T12:05:00.000001Z"), skew);
+        assert_eq!(refused.unwrap_err().reason, RejectReason::DateInFuture);
+        let refused = check_date_not_in_future(&dated("9999-12-31T00:00:00Z"), skew).unwrap_err();
+        assert_eq!(refused.reason.code(), "date_in_future");
+        assert!(refused.detail.contains("9999-12-31"), "{}", refused.detail);
+    }
+
+    #[test]
     fn a_resent_reading_keeps_its_event_id_and_another_reading_gets_another() {
         let vin = Vin::parse("5YJ3E1EA000000001").unwrap();
         let date: DateTime<Utc> = "2026-11-22T10:00:00.123Z".parse().unwrap();
@@ -957,11 +1008,14 @@ mod tests {
             );
             seen.insert(reason);
         }
-        // UnauthorizedVin is decided by ingest's device authentication, not by the payload.
-        for reason in RejectReason::ALL
-            .iter()
-            .filter(|r| **r != RejectReason::UnauthorizedVin)
-        {
+        // UnauthorizedVin is decided by ingest's device authentication, not by the payload;
+        // DateInFuture by the time of receipt (its own test above).
+        for reason in RejectReason::ALL.iter().filter(|r| {
+            !matches!(
+                r,
+                RejectReason::UnauthorizedVin | RejectReason::DateInFuture
+            )
+        }) {
             assert!(seen.contains(reason), "no case for {reason}");
         }
     }

@@ -3,7 +3,8 @@
 
 use chrono::{DateTime, Utc};
 use ecars_model::telemetry::{
-    parse_reading, DeadLetter, RejectReason, Rejection, TelemetryReading, TelemetryTopic,
+    check_date_not_in_future, parse_reading, DeadLetter, RejectReason, Rejection, TelemetryReading,
+    TelemetryTopic,
 };
 use uuid::Uuid;
 
@@ -31,12 +32,14 @@ pub enum Verdict {
 }
 
 /// Judges a PUBLISH of `client_id`, authenticated as `identity` (when clients log in),
-/// received at `received_at`. Only a car may publish telemetry, and only its own.
+/// received at `received_at`. Only a car may publish telemetry, and only its own; a reading
+/// dated more than `max_clock_skew` after `received_at` is refused.
 pub fn judge(
     publish: &PublishView,
     client_id: &str,
     identity: Option<&Identity>,
     received_at: DateTime<Utc>,
+    max_clock_skew: chrono::TimeDelta,
 ) -> Verdict {
     let Some(topic) = TelemetryTopic::classify(&publish.topic) else {
         return Verdict::Forward;
@@ -58,7 +61,7 @@ pub fn judge(
                         account.name, reading.vin
                     ),
                 }),
-                _ => Ok(reading),
+                _ => check_date_not_in_future(&reading, max_clock_skew).map(|()| reading),
             }
         });
     match verdict {
@@ -103,6 +106,21 @@ mod tests {
         parse_publish(&header, &frame.freeze(), Version::V4).unwrap()
     }
 
+    fn judge_now(
+        publish: &PublishView,
+        client_id: &str,
+        identity: Option<&Identity>,
+        received_at: DateTime<Utc>,
+    ) -> Verdict {
+        judge(
+            publish,
+            client_id,
+            identity,
+            received_at,
+            chrono::TimeDelta::minutes(5),
+        )
+    }
+
     #[test]
     fn telemetry_is_admitted_refused_or_left_to_the_broker() {
         let vin = ecars_model::Vin::parse("1HGCM82633A004352").unwrap();
@@ -110,21 +128,29 @@ mod tests {
         let now = Utc::now();
         let topic = format!("vehicles/{vin}/telemetry");
         assert!(matches!(
-            judge(&publish(&topic, r#"{"battery":50}"#), "car", Some(&car), now),
+            judge_now(&publish(&topic, r#"{"battery":50}"#), "car", Some(&car), now),
             Verdict::Accepted(r) if r.vin == vin && r.battery == Some(50.0)
         ));
         assert!(matches!(
-            judge(&publish(&topic, r#"{"battery":150}"#), "car", Some(&car), now),
+            judge_now(&publish(&topic, r#"{"battery":150}"#), "car", Some(&car), now),
             Verdict::Rejected { reason_code: 0x99, letter } if letter.reason == RejectReason::BatteryOutOfRange
         ));
         let other = "vehicles/2HGCM82633A004352/telemetry";
         assert!(matches!(
-            judge(&publish(other, "{}"), "car", Some(&car), now),
+            judge_now(&publish(other, "{}"), "car", Some(&car), now),
             Verdict::Rejected { reason_code: 0x87, letter } if letter.reason == RejectReason::UnauthorizedVin
         ));
         assert!(matches!(
-            judge(&publish("fleet/notices", "hello"), "car", Some(&car), now),
+            judge_now(&publish("fleet/notices", "hello"), "car", Some(&car), now),
             Verdict::Forward
+        ));
+        let from_next_year = format!(
+            r#"{{"date":"{}"}}"#,
+            (now + chrono::TimeDelta::days(365)).to_rfc3339()
+        );
+        assert!(matches!(
+            judge_now(&publish(&topic, &from_next_year), "car", Some(&car), now),
+            Verdict::Rejected { reason_code: 0x99, letter } if letter.reason == RejectReason::DateInFuture
         ));
     }
 }

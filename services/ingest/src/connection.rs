@@ -690,6 +690,7 @@ impl<'g, B: Broker> Connection<'g, B> {
                     &self.request.connect.client_id,
                     self.identity.as_ref(),
                     Utc::now(),
+                    self.gateway.max_clock_skew,
                 );
                 let bus = &self.gateway.bus;
                 match verdict {

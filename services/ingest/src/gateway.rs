@@ -20,6 +20,8 @@ use crate::revocation::Revoked;
 /// and `--mqtt-retained-max-topics`.
 const DEFAULT_RETAINED_BYTES: usize = 4 * 1024;
 const DEFAULT_RETAINED_TOPICS: usize = 100_000;
+/// The clock skew allowed where no settings say otherwise (tests): that of `--max-clock-skew`.
+const DEFAULT_CLOCK_SKEW_MINUTES: i64 = 5;
 use ecars_model::Vin;
 
 use crate::broker::TelemetryFanout;
@@ -51,6 +53,8 @@ pub struct Gateway<B> {
     pub max_publish_rate: Option<u32>,
     /// The topics holding retained messages, and their limits.
     pub retained: RetainedTopics,
+    /// How far in the future a reading may be dated (a car's clock running ahead).
+    pub max_clock_skew: chrono::TimeDelta,
     /// Turns to check an account's password (argon2): one at a time.
     pub password_checks: tokio::sync::Semaphore,
     connected: Mutex<HashMap<String, Held>>,
@@ -134,6 +138,7 @@ impl<B: Broker> Gateway<B> {
             revoked: None,
             max_publish_rate: None,
             retained: RetainedTopics::new(DEFAULT_RETAINED_BYTES, DEFAULT_RETAINED_TOPICS),
+            max_clock_skew: chrono::TimeDelta::minutes(DEFAULT_CLOCK_SKEW_MINUTES),
             password_checks: tokio::sync::Semaphore::new(1),
             connected: Mutex::default(),
             sessions: Mutex::new(Sessions {
@@ -161,6 +166,12 @@ impl<B: Broker> Gateway<B> {
     /// The gateway with these retained limits.
     pub fn with_retained_limits(mut self, max_bytes: usize, max_topics: usize) -> Gateway<B> {
         self.retained = RetainedTopics::new(max_bytes, max_topics);
+        self
+    }
+
+    /// The gateway allowing readings dated up to `skew` after they arrive.
+    pub fn with_max_clock_skew(mut self, skew: Duration) -> Gateway<B> {
+        self.max_clock_skew = chrono::TimeDelta::from_std(skew).unwrap_or(chrono::TimeDelta::MAX);
         self
     }
 

@@ -137,6 +137,11 @@ pub struct IngestConfig {
     /// idle socket cannot stay forever. MQTT 5 clients are told (Server Keep Alive).
     #[arg(long = "mqtt-max-keep-alive", env = "ECARS_MQTT_MAX_KEEP_ALIVE", default_value = "10m", value_parser = parse_keep_alive)]
     pub max_keep_alive: Duration,
+    /// How far in the future a reading may be dated (`5m`): a car's clock may run a little
+    /// ahead; a reading dated later is dead-lettered as `date_in_future`, so one broken clock
+    /// cannot stand as the car's latest reading or blind its anomaly detection.
+    #[arg(long = "max-clock-skew", env = "ECARS_MAX_CLOCK_SKEW", default_value = "5m", value_parser = parse_duration)]
+    pub max_clock_skew: Duration,
 }
 
 fn parse_keep_alive(text: &str) -> Result<Duration, String> {
@@ -355,6 +360,7 @@ impl BoundIngest {
                 )
                 .with_accounts(accounts)
                 .with_revoked(revoked)
+                .with_max_clock_skew(config.max_clock_skew)
                 .with_publish_rate(config.max_publish_rate)
                 .with_retained_limits(
                     config.retained_max_bytes as usize,
