@@ -18,7 +18,7 @@ use ecars_anomaly::sync::{CaseSync, SyncPolicy};
 use ecars_anomaly::{AnomalyConfig, AnomalyWorker};
 use ecars_bus::Bus;
 use ecars_db::case_outbox::{CaseDraft, CaseStatus};
-use ecars_db::vehicle_states::StoredState;
+use ecars_db::detector_states::StoredState;
 use ecars_db::Database;
 use ecars_e2e::salesforce::{EmulatorCredentials, SalesforceEmulator};
 use ecars_e2e::PgServer;

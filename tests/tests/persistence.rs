@@ -1,6 +1,9 @@
 //! The sensor and dead-letter tables against a real PostgreSQL server (started here) and SQLite.
 
 use chrono::{Duration as ChronoDuration, SubsecRound, Utc};
+use ecars_db::case_outbox::{CaseDraft, CaseStatus};
+use ecars_db::detector_states::StoredState;
+use ecars_db::vehicle_states::FleetQuery;
 use ecars_db::Database;
 use ecars_e2e::PgServer;
 use ecars_model::telemetry::{DeadLetter, RejectReason, Rejection, TelemetryReading, Vin};
@@ -62,15 +65,116 @@ async fn exercise(db: Database) {
         "a reading reads back exactly as written"
     );
 
-    let latest = store.latest_per_vehicle().await.unwrap();
+    // Each car's latest state: its newest reading by event time, whatever the arrival order.
+    let fleet = db.vehicle_states();
+    let all = FleetQuery {
+        limit: 10,
+        ..FleetQuery::default()
+    };
+    let latest = fleet.page(&all).await.unwrap();
     assert_eq!(latest.len(), 2);
-    assert_eq!((latest[0].vin.as_str(), latest[0].battery), (a, Some(88.0)));
-    assert_eq!((latest[1].vin.as_str(), latest[1].battery), (b, Some(49.0)));
+    assert_eq!(
+        (latest[0].latest.vin.as_str(), latest[0].latest.battery),
+        (a, Some(88.0))
+    );
+    assert_eq!(
+        latest[0].latest, batch[1],
+        "the state holds the reading as written"
+    );
+    assert_eq!(
+        (latest[1].latest.vin.as_str(), latest[1].latest.battery),
+        (b, Some(49.0))
+    );
+    // A late reading (dated before the latest, received after): the latest stays, and the car
+    // was seen later.
+    let late = reading(a, 30, 10.0);
+    assert_eq!(store.insert(std::slice::from_ref(&late)).await.unwrap(), 1);
+    let a_state = &fleet.page(&all).await.unwrap()[0];
+    assert_eq!(a_state.latest.battery, Some(88.0));
+    assert_eq!(a_state.last_seen, late.received_at);
+    assert!(a_state.open_anomalies.is_empty());
+    // Pages by VIN, the cursor being the last VIN of the page before.
+    let first = fleet
+        .page(&FleetQuery {
+            limit: 1,
+            ..FleetQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1);
+    let second = fleet
+        .page(&FleetQuery {
+            limit: 1,
+            after: Some(first[0].latest.vin.clone()),
+            ..FleetQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(second[0].latest.vin.as_str(), b);
+    // An open anomaly episode of b: listed with b, and the `anomaly` filter picks it.
+    let no_states: &[StoredState<'_, ()>] = &[];
+    let episode = CaseDraft {
+        key: format!("{b}:battery_drain:1"),
+        vin: Vin::parse(b).unwrap(),
+        rule: "battery_drain".into(),
+        started_at: Utc::now(),
+        closed_at: None,
+        fields: serde_json::Map::new(),
+    };
+    db.case_outbox()
+        .commit(
+            no_states,
+            std::slice::from_ref(&episode),
+            CaseStatus::Pending,
+            0,
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    let anomalous = fleet
+        .page(&FleetQuery {
+            anomaly: Some(true),
+            ..all.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(anomalous.len(), 1);
+    assert_eq!(anomalous[0].latest.vin.as_str(), b);
+    assert_eq!(
+        anomalous[0].open_anomalies,
+        vec!["battery_drain".to_owned()]
+    );
+    let calm = fleet
+        .page(&FleetQuery {
+            anomaly: Some(false),
+            ..all.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(calm.len(), 1);
+    assert_eq!(calm[0].latest.vin.as_str(), a);
+    // The episode closes: b is calm again.
+    let closed = CaseDraft {
+        closed_at: Some(Utc::now()),
+        ..episode
+    };
+    db.case_outbox()
+        .commit(no_states, &[closed], CaseStatus::Pending, 0, Utc::now())
+        .await
+        .unwrap();
+    let anomalous = fleet
+        .page(&FleetQuery {
+            anomaly: Some(true),
+            ..all.clone()
+        })
+        .await
+        .unwrap();
+    assert!(anomalous.is_empty());
 
     // A bulk batch larger than one SQLite statement.
     let bulk: Vec<_> = (0..2_500).map(|i| reading(b, 10 + i, 40.0)).collect();
     assert_eq!(store.insert(&bulk).await.unwrap(), 2_500);
-    assert_eq!(store.count().await.unwrap(), 2_505);
+    assert_eq!(store.count().await.unwrap(), 2_506);
 
     let rejection = Rejection {
         reason: RejectReason::NotJson,

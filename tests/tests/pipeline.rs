@@ -113,7 +113,46 @@ async fn rumqttc_v4_and_v5_clients_reach_the_database_and_the_api() {
         "string coordinates are stored as numbers"
     );
     let vehicles = get_json(&format!("{base}/v1/vehicles")).await;
-    assert_eq!(vehicles.as_array().unwrap().len(), 6);
+    let vehicles = vehicles.as_array().unwrap();
+    assert_eq!(vehicles.len(), 6);
+    let car2 = vehicles
+        .iter()
+        .find(|v| v["vin"] == test_vin(2).as_str())
+        .unwrap();
+    assert_eq!(car2["latest"]["battery"], 71.0, "{car2}");
+    assert!(car2["last_seen"].is_string(), "{car2}");
+    assert_eq!(car2["open_anomalies"], serde_json::json!([]));
+    // Pages of 4, linked (RFC 8288): the second holds the rest and links nothing.
+    let first = reqwest::get(format!("{base}/v1/vehicles?limit=4"))
+        .await
+        .unwrap();
+    let link = first.headers()["link"].to_str().unwrap().to_owned();
+    let page: Vec<Value> = first.json().await.unwrap();
+    assert_eq!(page.len(), 4);
+    let last_vin = page[3]["vin"].as_str().unwrap();
+    assert_eq!(
+        link,
+        format!("</v1/vehicles?limit=4&after={last_vin}>; rel=\"next\"")
+    );
+    let next = link[1..link.find('>').unwrap()].to_owned();
+    let second = reqwest::get(format!("{base}{next}")).await.unwrap();
+    assert!(second.headers().get("link").is_none());
+    let rest: Vec<Value> = second.json().await.unwrap();
+    assert_eq!(rest.len(), 2);
+    assert!(rest.iter().all(|v| v["vin"].as_str().unwrap() > last_vin));
+    for (query, needle) in [
+        ("limit=0", "limit must be"),
+        ("after=NOPE", "after must be a VIN"),
+        ("anomaly=maybe", "anomaly must be true or false"),
+        ("online=true", "unknown parameter"),
+    ] {
+        let answer = reqwest::get(format!("{base}/v1/vehicles?{query}"))
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 400, "{query}");
+        let error = answer.json::<Value>().await.unwrap()["error"].to_string();
+        assert!(error.contains(needle), "{query}: {error}");
+    }
     let bad = reqwest::get(format!("{base}/v1/vehicles/NOPE/telemetry"))
         .await
         .unwrap();

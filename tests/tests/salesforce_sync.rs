@@ -9,7 +9,7 @@ use chrono::Utc;
 use ecars_anomaly::salesforce::{SalesforceClient, SalesforceConfig};
 use ecars_anomaly::sync::{CaseSync, SyncPolicy};
 use ecars_db::case_outbox::{CaseDraft, CaseOutbox, CaseStatus};
-use ecars_db::vehicle_states::StoredState;
+use ecars_db::detector_states::StoredState;
 use ecars_db::{Database, DbError};
 use ecars_e2e::salesforce::{rsa_key_pair, EmulatorCredentials, SalesforceEmulator};
 use ecars_e2e::wait_for;

@@ -1,6 +1,6 @@
 //! `case_outbox`: one row per anomaly episode holding the Case as it should be in Salesforce
 //! and how far its sync got, written in the same transaction as the detector's per-car state
-//! ([`crate::vehicle_states`]); and the changes other services are told about (the anomalies and
+//! ([`crate::detector_states`]); and the changes other services are told about (the anomalies and
 //! cases streams), published from here at least once (a transactional outbox).
 //!
 //! The SQL is written once for PostgreSQL and SQLite (times as Unix milliseconds, JSON as text);
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
-use crate::vehicle_states::{self, StoredState};
+use crate::detector_states::{self, StoredState};
 use crate::{from_ms as time, ms, on_pool, Database, DbError, Pool};
 
 /// Where an outbox row stands.
@@ -268,7 +268,7 @@ impl CaseOutbox {
         update_after_ms: i64,
         now: DateTime<Utc>,
     ) -> Result<(), DbError> {
-        let state_rows = vehicle_states::rows_json(states)?;
+        let state_rows = detector_states::rows_json(states)?;
         let now_ms = ms(now);
         let case_rows = Value::Array(
             drafts
@@ -302,7 +302,7 @@ impl CaseOutbox {
                     ELSE case_outbox.next_attempt_ms END";
         let (states_sql, drafts_rows) = match &self.db.pool {
             Pool::Postgres(_) => (
-                vehicle_states::PG_UPSERT,
+                detector_states::PG_UPSERT,
                 "SELECT x.anomaly_key, x.vin, x.rule, x.episode_started_ms,
                      x.episode_closed_ms, x.fields, 1, $2, $3, $4, $4
                  FROM jsonb_to_recordset($1::jsonb) AS x(anomaly_key text, vin text,
@@ -311,7 +311,7 @@ impl CaseOutbox {
             ),
             // `WHERE true` keeps SQLite from reading ON CONFLICT as part of the SELECT.
             Pool::Sqlite(_) => (
-                vehicle_states::SQLITE_UPSERT,
+                detector_states::SQLITE_UPSERT,
                 "SELECT json_extract(value, '$.anomaly_key'), json_extract(value, '$.vin'),
                      json_extract(value, '$.rule'), json_extract(value, '$.episode_started_ms'),
                      json_extract(value, '$.episode_closed_ms'), json_extract(value, '$.fields'),

@@ -3,7 +3,8 @@
 //!
 //! - [`sensor_rows`]: `sensor_data`, the accepted readings, written in batches;
 //! - [`dead_letter_rows`]: `dead_letters`, the refused messages with their bytes and reason;
-//! - [`vehicle_states`]: `anomaly_vehicle_state`, what the anomaly detector remembers per car;
+//! - [`vehicle_states`]: `vehicle_state`, each car's latest state (the fleet list);
+//! - [`detector_states`]: `anomaly_vehicle_state`, what the anomaly detector remembers per car;
 //! - [`case_outbox`]: `case_outbox`, one row per anomaly episode and its Salesforce Case sync.
 //!
 //! Writes are idempotent (unique event ids, upserts by key), so redelivered records change
@@ -11,6 +12,7 @@
 
 pub mod case_outbox;
 pub mod dead_letter_rows;
+pub mod detector_states;
 pub mod sensor_rows;
 pub mod vehicle_states;
 
@@ -27,6 +29,7 @@ use uuid::Uuid;
 
 pub use case_outbox::CaseOutbox;
 pub use dead_letter_rows::DeadLetterRows;
+pub use detector_states::DetectorStates;
 pub use sensor_rows::SensorRows;
 pub use vehicle_states::VehicleStates;
 
@@ -196,9 +199,14 @@ impl Database {
         DeadLetterRows { db: self.clone() }
     }
 
-    /// The anomaly detector's state of each car.
+    /// Each car's latest state.
     pub fn vehicle_states(&self) -> VehicleStates {
         VehicleStates { db: self.clone() }
+    }
+
+    /// The anomaly detector's state of each car.
+    pub fn detector_states(&self) -> DetectorStates {
+        DetectorStates { db: self.clone() }
     }
 
     /// The case outbox.

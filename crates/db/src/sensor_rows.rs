@@ -2,8 +2,9 @@
 
 use ecars_model::{TelemetryReading, Vin};
 use sqlx::query_builder::Separated;
-use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 
+use crate::vehicle_states;
 use crate::{on_pool, parse_time, parse_uuid, parse_vin, sqlite_time, Database, DbError, Pool};
 
 /// Rows per SQLite statement. A fixed size lets one prepared statement serve every full chunk
@@ -21,8 +22,9 @@ pub struct SensorRows {
 }
 
 impl SensorRows {
-    /// Inserts readings in one transaction; a reading whose `event_id` is stored already adds
-    /// nothing. Returns the number of rows added.
+    /// Inserts readings in one transaction, with each car's latest state
+    /// ([`crate::vehicle_states`]); a reading whose `event_id` is stored already adds nothing.
+    /// Returns the number of rows added.
     pub async fn insert(&self, readings: &[TelemetryReading]) -> Result<u64, DbError> {
         if readings.is_empty() {
             return Ok(0);
@@ -58,6 +60,7 @@ impl SensorRows {
                     longitudes.push(r.longitude);
                     dates.push(r.date);
                 }
+                let mut tx = pool.begin().await?;
                 let result = sqlx::query(
                     r#"INSERT INTO sensor_data
                          (event_id, received_at, vin, name, profile, "range", mpge, battery,
@@ -80,13 +83,16 @@ impl SensorRows {
                 .bind(&latitudes)
                 .bind(&longitudes)
                 .bind(&dates)
-                .execute(pool)
+                .execute(&mut *tx)
                 .await?;
+                vehicle_states::upsert_pg(&mut tx, readings).await?;
+                tx.commit().await?;
                 Ok(result.rows_affected())
             }
             Pool::Sqlite(pool) => {
-                sqlite_insert(
-                    pool,
+                let mut tx = pool.begin().await?;
+                let added = sqlite_insert_in(
+                    &mut tx,
                     r#"INSERT INTO sensor_data
                          (event_id, received_at, vin, name, profile, "range", mpge, battery,
                           malfunction, speed, latitude, longitude, date) "#,
@@ -108,7 +114,10 @@ impl SensorRows {
                             .push_bind(sqlite_time(&r.date));
                     },
                 )
-                .await
+                .await?;
+                vehicle_states::upsert_sqlite(&mut tx, readings).await?;
+                tx.commit().await?;
+                Ok(added)
             }
         }
     }
@@ -145,30 +154,6 @@ impl SensorRows {
         }
     }
 
-    /// Each car with its newest reading, by VIN.
-    pub async fn latest_per_vehicle(&self) -> Result<Vec<TelemetryReading>, DbError> {
-        // A window over the (vin, date DESC) index; both backends support it.
-        const SQL: &str = r#"SELECT event_id, received_at, vin, name, profile, "range", mpge, battery,
-                                    malfunction, speed, latitude, longitude, date
-                             FROM (SELECT s.*, ROW_NUMBER() OVER (PARTITION BY vin ORDER BY date DESC, event_id DESC) AS rn
-                                   FROM sensor_data s) newest
-                             WHERE rn = 1 ORDER BY vin"#;
-        match &self.db.pool {
-            Pool::Postgres(pool) => sqlx::query(SQL)
-                .fetch_all(pool)
-                .await?
-                .iter()
-                .map(pg_reading)
-                .collect(),
-            Pool::Sqlite(pool) => sqlx::query(SQL)
-                .fetch_all(pool)
-                .await?
-                .iter()
-                .map(sqlite_reading)
-                .collect(),
-        }
-    }
-
     /// Counts the rows (tests and benchmarks).
     pub async fn count(&self) -> Result<i64, DbError> {
         const SQL: &str = "SELECT COUNT(*) FROM sensor_data";
@@ -188,18 +173,31 @@ pub(crate) async fn sqlite_insert<'a, T>(
     bind_row: impl Fn(&mut Separated<'_, Sqlite, &'static str>, &'a T),
 ) -> Result<u64, DbError> {
     let mut tx = pool.begin().await?;
+    let added = sqlite_insert_in(&mut tx, insert, on_conflict, items, bind_row).await?;
+    tx.commit().await?;
+    Ok(added)
+}
+
+/// Inserts `items` within the transaction or connection `conn`, [`SQLITE_ROWS_PER_STATEMENT`]
+/// rows per statement; returns the rows added.
+pub(crate) async fn sqlite_insert_in<'a, T>(
+    conn: &mut SqliteConnection,
+    insert: &'static str,
+    on_conflict: &'static str,
+    items: &'a [T],
+    bind_row: impl Fn(&mut Separated<'_, Sqlite, &'static str>, &'a T),
+) -> Result<u64, DbError> {
     let mut added = 0;
     for chunk in items.chunks(SQLITE_ROWS_PER_STATEMENT) {
         let mut query = QueryBuilder::new(insert);
         query.push_values(chunk, |mut row, item| bind_row(&mut row, item));
         query.push(on_conflict);
-        added += query.build().execute(&mut *tx).await?.rows_affected();
+        added += query.build().execute(&mut *conn).await?.rows_affected();
     }
-    tx.commit().await?;
     Ok(added)
 }
 
-fn pg_reading(row: &sqlx::postgres::PgRow) -> Result<TelemetryReading, DbError> {
+pub(crate) fn pg_reading(row: &sqlx::postgres::PgRow) -> Result<TelemetryReading, DbError> {
     Ok(TelemetryReading {
         event_id: row.try_get("event_id")?,
         received_at: row.try_get("received_at")?,
@@ -217,7 +215,7 @@ fn pg_reading(row: &sqlx::postgres::PgRow) -> Result<TelemetryReading, DbError> 
     })
 }
 
-fn sqlite_reading(row: &sqlx::sqlite::SqliteRow) -> Result<TelemetryReading, DbError> {
+pub(crate) fn sqlite_reading(row: &sqlx::sqlite::SqliteRow) -> Result<TelemetryReading, DbError> {
     Ok(TelemetryReading {
         event_id: parse_uuid(row.try_get("event_id")?)?,
         received_at: parse_time(row.try_get("received_at")?)?,

@@ -25,7 +25,7 @@ use chrono::Utc;
 use clap::Args;
 use ecars_bus::{Bus, BusError, Subscription};
 use ecars_db::case_outbox::{CaseDraft, CaseOutbox, CaseStatus};
-use ecars_db::vehicle_states::StoredState;
+use ecars_db::detector_states::StoredState;
 use ecars_db::{Database, DbError};
 use ecars_model::{TelemetryReading, Vin};
 use ecars_runtime::settings::parse_duration;
@@ -313,7 +313,7 @@ impl Detection {
         let mut vins: Vec<&Vin> = batch.iter().map(|r| &r.vin).collect();
         vins.sort();
         vins.dedup();
-        let mut states: HashMap<Vin, VehicleState> = self.db.vehicle_states().load(&vins).await?;
+        let mut states: HashMap<Vin, VehicleState> = self.db.detector_states().load(&vins).await?;
         let mut drafts = Drafts::default();
         for reading in batch {
             let state = states.entry(reading.vin.clone()).or_default();
@@ -334,7 +334,7 @@ impl Detection {
         let mut states = HashMap::new();
         let mut drafts = Drafts::default();
         let quiet: Vec<(Vin, VehicleState)> =
-            self.db.vehicle_states().quiet(quiet_since, 1000).await?;
+            self.db.detector_states().quiet(quiet_since, 1000).await?;
         for (vin, mut state) in quiet {
             let changes = self.detector.sweep(&vin, &mut state, now);
             if !changes.is_empty() {

@@ -30,6 +30,7 @@ use clap::Args;
 use ecars_bus::Bus;
 use ecars_db::case_outbox::CaseStatus;
 use ecars_db::dead_letter_rows::DeadLetterRow;
+use ecars_db::vehicle_states::FleetQuery;
 use ecars_db::{Database, DbError};
 use ecars_model::api_key::Scope;
 use ecars_model::relay_token::{MintError, TokenMinter};
@@ -306,27 +307,93 @@ fn limit(query: &LimitQuery, default: i64) -> Result<i64, ApiError> {
     }
 }
 
+/// One car in the fleet list.
 #[derive(Serialize)]
 struct VehicleSummary {
     vin: Vin,
+    /// The newest reading by event time.
     latest: TelemetryReading,
+    /// When a reading of the car last arrived.
+    last_seen: DateTime<Utc>,
+    /// The rules with an open anomaly episode.
+    open_anomalies: Vec<String>,
 }
 
+/// The query of `GET /v1/vehicles`: `limit` (page size), `after` (the cursor: the last VIN of
+/// the page before) and `anomaly` (`true`: only cars with an open anomaly; `false`: only the
+/// others).
+fn fleet_query(params: &HashMap<String, String>) -> Result<FleetQuery, ApiError> {
+    let mut query = FleetQuery {
+        limit: MAX_LIMIT,
+        ..FleetQuery::default()
+    };
+    for (name, value) in params {
+        match name.as_str() {
+            "limit" => {
+                query.limit = limit(
+                    &LimitQuery {
+                        limit: Some(value.clone()),
+                    },
+                    MAX_LIMIT,
+                )?
+            }
+            "after" => {
+                query.after = Some(Vin::parse(value).map_err(|e| {
+                    ApiError::bad_request(format!("after must be a VIN (the cursor): {e}"))
+                })?)
+            }
+            "anomaly" => {
+                query.anomaly = Some(value.parse().map_err(|_| {
+                    ApiError::bad_request(format!("anomaly must be true or false, got {value:?}"))
+                })?)
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown parameter {other:?}: expected limit, after or anomaly"
+                )))
+            }
+        }
+    }
+    Ok(query)
+}
+
+/// The fleet, a page at a time by VIN, from each car's latest state (one row per car, whatever
+/// the size of `sensor_data`). A full page links the next (`Link: <…>; rel="next"`, RFC 8288).
 async fn vehicles(
     State(state): State<ApiState>,
     headers: HeaderMap,
-) -> Result<Json<Vec<VehicleSummary>>, ApiError> {
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
     authorize(&state, &headers, Need::Scope(Scope::FleetRead))?;
-    let latest = db(&state)?.sensor_rows().latest_per_vehicle().await?;
-    Ok(Json(
-        latest
-            .into_iter()
-            .map(|r| VehicleSummary {
-                vin: r.vin.clone(),
-                latest: r,
-            })
-            .collect(),
-    ))
+    let query = fleet_query(&params)?;
+    let page = db(&state)?.vehicle_states().page(&query).await?;
+    let next = match page.last() {
+        Some(last) if page.len() as i64 == query.limit => {
+            let mut link = format!(
+                "/v1/vehicles?limit={}&after={}",
+                query.limit, last.latest.vin
+            );
+            if let Some(anomaly) = query.anomaly {
+                link.push_str(&format!("&anomaly={anomaly}"));
+            }
+            Some(format!("<{link}>; rel=\"next\""))
+        }
+        _ => None,
+    };
+    let body: Vec<VehicleSummary> = page
+        .into_iter()
+        .map(|state| VehicleSummary {
+            vin: state.latest.vin.clone(),
+            latest: state.latest,
+            last_seen: state.last_seen,
+            open_anomalies: state.open_anomalies,
+        })
+        .collect();
+    let mut response = Json(body).into_response();
+    if let Some(next) = next.and_then(|n| header::HeaderValue::from_str(&n).ok()) {
+        response.headers_mut().insert(header::LINK, next);
+    }
+    Ok(response)
 }
 
 async fn vehicle_telemetry(
