@@ -3,10 +3,11 @@
 use chrono::{Duration as ChronoDuration, SubsecRound, Utc};
 use ecars_db::case_outbox::{CaseDraft, CaseStatus};
 use ecars_db::detector_states::StoredState;
-use ecars_db::vehicle_states::FleetQuery;
+use ecars_db::vehicle_states::{FleetQuery, VehicleState};
 use ecars_db::Database;
 use ecars_e2e::PgServer;
 use ecars_model::telemetry::{DeadLetter, RejectReason, Rejection, TelemetryReading, Vin};
+use ecars_model::{Connectivity, ConnectivityEvent, DisconnectReason};
 use uuid::Uuid;
 
 fn reading(vin: &str, minutes_ago: i64, battery: f64) -> TelemetryReading {
@@ -74,15 +75,22 @@ async fn exercise(db: Database) {
     let latest = fleet.page(&all).await.unwrap();
     assert_eq!(latest.len(), 2);
     assert_eq!(
-        (latest[0].latest.vin.as_str(), latest[0].latest.battery),
+        (
+            latest[0].vin.as_str(),
+            latest[0].latest.as_ref().unwrap().battery
+        ),
         (a, Some(88.0))
     );
     assert_eq!(
-        latest[0].latest, batch[1],
+        latest[0].latest.as_ref(),
+        Some(&batch[1]),
         "the state holds the reading as written"
     );
     assert_eq!(
-        (latest[1].latest.vin.as_str(), latest[1].latest.battery),
+        (
+            latest[1].vin.as_str(),
+            latest[1].latest.as_ref().unwrap().battery
+        ),
         (b, Some(49.0))
     );
     // A late reading (dated before the latest, received after): the latest stays, and the car
@@ -90,8 +98,8 @@ async fn exercise(db: Database) {
     let late = reading(a, 30, 10.0);
     assert_eq!(store.insert(std::slice::from_ref(&late)).await.unwrap(), 1);
     let a_state = &fleet.page(&all).await.unwrap()[0];
-    assert_eq!(a_state.latest.battery, Some(88.0));
-    assert_eq!(a_state.last_seen, late.received_at);
+    assert_eq!(a_state.latest.as_ref().unwrap().battery, Some(88.0));
+    assert_eq!(a_state.last_seen, Some(late.received_at));
     assert!(a_state.open_anomalies.is_empty());
     // Pages by VIN, the cursor being the last VIN of the page before.
     let first = fleet
@@ -105,12 +113,12 @@ async fn exercise(db: Database) {
     let second = fleet
         .page(&FleetQuery {
             limit: 1,
-            after: Some(first[0].latest.vin.clone()),
+            after: Some(first[0].vin.clone()),
             ..FleetQuery::default()
         })
         .await
         .unwrap();
-    assert_eq!(second[0].latest.vin.as_str(), b);
+    assert_eq!(second[0].vin.as_str(), b);
     // An open anomaly episode of b: listed with b, and the `anomaly` filter picks it.
     let no_states: &[StoredState<'_, ()>] = &[];
     let episode = CaseDraft {
@@ -139,7 +147,7 @@ async fn exercise(db: Database) {
         .await
         .unwrap();
     assert_eq!(anomalous.len(), 1);
-    assert_eq!(anomalous[0].latest.vin.as_str(), b);
+    assert_eq!(anomalous[0].vin.as_str(), b);
     assert_eq!(
         anomalous[0].open_anomalies,
         vec!["battery_drain".to_owned()]
@@ -152,7 +160,7 @@ async fn exercise(db: Database) {
         .await
         .unwrap();
     assert_eq!(calm.len(), 1);
-    assert_eq!(calm[0].latest.vin.as_str(), a);
+    assert_eq!(calm[0].vin.as_str(), a);
     // The episode closes: b is calm again.
     let closed = CaseDraft {
         closed_at: Some(Utc::now()),
@@ -171,10 +179,97 @@ async fn exercise(db: Database) {
         .unwrap();
     assert!(anomalous.is_empty());
 
+    // Connectivity, applied by session whatever the arrival order.
+    let c = "3HGCM82633A004352";
+    let event = |vin: &str, session: Uuid, state: Connectivity, reason| ConnectivityEvent {
+        event_id: Uuid::now_v7(),
+        vin: Vin::parse(vin).unwrap(),
+        state,
+        reason,
+        session_id: session,
+        node: "ingest-0".into(),
+        client_id: vin.into(),
+        time: Utc::now().trunc_subsecs(6),
+    };
+    let (a_old, a_new, b_session, c_session) = (
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+    );
+    // a reconnected through another node before the first noticed: its old session's end
+    // comes last, in a later batch. b timed out. c connected and has sent nothing yet.
+    let first = vec![
+        event(a, a_old, Connectivity::Connected, None),
+        event(a, a_new, Connectivity::Connected, None),
+        event(b, b_session, Connectivity::Connected, None),
+        event(
+            b,
+            b_session,
+            Connectivity::Disconnected,
+            Some(DisconnectReason::KeepAliveTimeout),
+        ),
+        event(c, c_session, Connectivity::Connected, None),
+    ];
+    fleet.apply(&first).await.unwrap();
+    let late = vec![event(
+        a,
+        a_old,
+        Connectivity::Disconnected,
+        Some(DisconnectReason::TakenOver),
+    )];
+    fleet.apply(&late).await.unwrap();
+    // Applying again changes nothing.
+    fleet.apply(&first).await.unwrap();
+    fleet.apply(&late).await.unwrap();
+    let states = fleet.page(&all).await.unwrap();
+    let state = |vin: &str| {
+        states
+            .iter()
+            .find(|s| s.vin.as_str() == vin)
+            .unwrap_or_else(|| panic!("{vin} listed"))
+            .clone()
+    };
+    let a_link = state(a).connectivity.unwrap();
+    assert!(a_link.online, "the newest session decides");
+    assert_eq!(a_link.session_id, a_new);
+    assert_eq!(a_link.node, "ingest-0");
+    let b_link = state(b).connectivity.unwrap();
+    assert!(!b_link.online);
+    assert_eq!(b_link.reason.as_deref(), Some("keep_alive_timeout"));
+    assert_eq!(b_link.since, first[3].time);
+    let c_state = state(c);
+    assert!(c_state.connectivity.unwrap().online);
+    assert_eq!((c_state.latest, c_state.last_seen), (None, None));
+    // A reading of c after its connection: the row gets its reading, keeps its connectivity.
+    assert_eq!(store.insert(&[reading(c, 0, 70.0)]).await.unwrap(), 1);
+    let c_state = fleet
+        .page(&FleetQuery {
+            after: Some(Vin::parse(b).unwrap()),
+            ..all.clone()
+        })
+        .await
+        .unwrap()[0]
+        .clone();
+    assert_eq!(c_state.latest.unwrap().battery, Some(70.0));
+    assert!(c_state.connectivity.unwrap().online);
+    let online = |flag| FleetQuery {
+        online: Some(flag),
+        ..all.clone()
+    };
+    let vins = |states: Vec<VehicleState>| {
+        states
+            .into_iter()
+            .map(|s| s.vin.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(vins(fleet.page(&online(true)).await.unwrap()), vec![a, c]);
+    assert_eq!(vins(fleet.page(&online(false)).await.unwrap()), vec![b]);
+
     // A bulk batch larger than one SQLite statement.
     let bulk: Vec<_> = (0..2_500).map(|i| reading(b, 10 + i, 40.0)).collect();
     assert_eq!(store.insert(&bulk).await.unwrap(), 2_500);
-    assert_eq!(store.count().await.unwrap(), 2_506);
+    assert_eq!(store.count().await.unwrap(), 2_507);
 
     let rejection = Rejection {
         reason: RejectReason::NotJson,

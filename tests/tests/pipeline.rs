@@ -144,7 +144,8 @@ async fn rumqttc_v4_and_v5_clients_reach_the_database_and_the_api() {
         ("limit=0", "limit must be"),
         ("after=NOPE", "after must be a VIN"),
         ("anomaly=maybe", "anomaly must be true or false"),
-        ("online=true", "unknown parameter"),
+        ("online=yes", "online must be true or false"),
+        ("since=1", "unknown parameter"),
     ] {
         let answer = reqwest::get(format!("{base}/v1/vehicles?{query}"))
             .await

@@ -1,27 +1,49 @@
 //! `vehicle_state`: each car's latest state, one row per car. Its newest reading by event time
-//! and when it was last heard from are written in the same transaction as the batch of sensor
+//! and when a reading last arrived are written in the same transaction as the batch of sensor
 //! rows that brought them ([`crate::SensorRows::insert`]), with one set-based upsert per batch;
-//! its open anomalies come from the case outbox. The fleet list reads this table, so its cost
-//! does not grow with `sensor_data`.
+//! whether it is connected comes from the connectivity stream ([`VehicleStates::apply`]), by
+//! session; its open anomalies come from the case outbox. The fleet list reads this table, so
+//! its cost does not grow with `sensor_data`.
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use ecars_model::{TelemetryReading, Vin};
+use ecars_model::{Connectivity, ConnectivityEvent, TelemetryReading, Vin};
 use sqlx::{Postgres, Row, SqliteConnection, Transaction};
+use uuid::Uuid;
 
 use crate::sensor_rows::{pg_reading, sqlite_insert_in, sqlite_reading};
-use crate::{parse_time, sqlite_time, Database, DbError, Pool};
+use crate::{parse_time, parse_uuid, sqlite_time, Database, DbError, Pool};
 
 /// One car's latest state.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VehicleState {
-    /// The car's newest reading by event time (`date`, then event id).
-    pub latest: TelemetryReading,
+    /// The car.
+    pub vin: Vin,
+    /// The car's newest reading by event time (`date`, then event id); `None` before its
+    /// first.
+    pub latest: Option<TelemetryReading>,
     /// When ingest last received a reading of the car (the newest `received_at`).
-    pub last_seen: DateTime<Utc>,
+    pub last_seen: Option<DateTime<Utc>>,
+    /// Whether it is connected, as its newest session says; `None` before its first.
+    pub connectivity: Option<ConnectivityState>,
     /// The rules with an open anomaly episode for the car, by name.
     pub open_anomalies: Vec<String>,
+}
+
+/// Whether a car is connected, since when and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConnectivityState {
+    /// Connected now.
+    pub online: bool,
+    /// When its state last changed.
+    pub since: DateTime<Utc>,
+    /// Why its last connection ended (offline only): a [`ecars_model::DisconnectReason`] code.
+    pub reason: Option<String>,
+    /// The session (connection) that decided it.
+    pub session_id: Uuid,
+    /// The ingest node that served that session.
+    pub node: String,
 }
 
 /// Which cars a page of the fleet holds.
@@ -29,6 +51,8 @@ pub struct VehicleState {
 pub struct FleetQuery {
     /// Only cars with (`true`) or without (`false`) an open anomaly.
     pub anomaly: Option<bool>,
+    /// Only cars connected (`true`) or not known to be (`false`).
+    pub online: Option<bool>,
     /// Only cars after this VIN (the cursor: the last VIN of the page before).
     pub after: Option<Vin>,
     /// At most this many cars.
@@ -44,6 +68,10 @@ pub struct VehicleStates {
 /// The columns of `vehicle_state`, in the order the statements here name them.
 const COLUMNS: &str = r#"vin, event_id, received_at, name, profile, "range", mpge, battery,
                          malfunction, speed, latitude, longitude, date, last_seen"#;
+
+/// The connectivity columns.
+const CONNECTIVITY_COLUMNS: &str =
+    "online, session_id, connectivity_changed_at, connectivity_reason, node";
 
 /// The reading's columns, replaced only by a newer reading (by event time, then event id), so
 /// a late or redelivered batch never moves a car back; `last_seen` only moves forward.
@@ -62,17 +90,54 @@ fn on_conflict(greatest: &str) -> String {
         "longitude",
         "date",
     ];
-    let newer = "(excluded.date, excluded.event_id) > (vehicle_state.date, vehicle_state.event_id)";
+    let newer = "vehicle_state.date IS NULL OR \
+                 (excluded.date, excluded.event_id) > (vehicle_state.date, vehicle_state.event_id)";
     let mut sql = String::from(" ON CONFLICT (vin) DO UPDATE SET ");
     for column in READING {
         sql.push_str(&format!(
             "{column} = CASE WHEN {newer} THEN excluded.{column} ELSE vehicle_state.{column} END, "
         ));
     }
+    // COALESCE: SQLite's MAX of a NULL is NULL (a car that connected before its first reading).
     sql.push_str(&format!(
-        "last_seen = {greatest}(vehicle_state.last_seen, excluded.last_seen)"
+        "last_seen = {greatest}(COALESCE(vehicle_state.last_seen, excluded.last_seen), excluded.last_seen)"
     ));
     sql
+}
+
+/// The connectivity columns, replaced only by an event that supersedes the state they hold
+/// (SQL for [`ConnectivityEvent::supersedes`]): a newer session, or the end of the same one.
+fn on_connectivity_conflict() -> String {
+    let supersedes = "vehicle_state.session_id IS NULL \
+        OR excluded.session_id > vehicle_state.session_id \
+        OR (excluded.session_id = vehicle_state.session_id \
+            AND vehicle_state.online AND NOT excluded.online)";
+    let sets: Vec<String> = CONNECTIVITY_COLUMNS
+        .split(", ")
+        .map(|column| {
+            format!(
+                "{column} = CASE WHEN {supersedes} THEN excluded.{column} ELSE vehicle_state.{column} END"
+            )
+        })
+        .collect();
+    format!(" ON CONFLICT (vin) DO UPDATE SET {}", sets.join(", "))
+}
+
+/// Each car's event in `events` that supersedes its others (applied in order, as the table
+/// applies them), by VIN.
+fn deciding_per_vehicle(events: &[ConnectivityEvent]) -> Vec<&ConnectivityEvent> {
+    let mut deciding: HashMap<&Vin, &ConnectivityEvent> = HashMap::new();
+    for event in events {
+        let current = deciding
+            .get(&event.vin)
+            .map(|kept| (kept.session_id, kept.state));
+        if event.supersedes(current) {
+            deciding.insert(&event.vin, event);
+        }
+    }
+    let mut deciding: Vec<_> = deciding.into_values().collect();
+    deciding.sort_by(|a, b| a.vin.as_str().cmp(b.vin.as_str()));
+    deciding
 }
 
 /// Each car's newest reading in `readings` (by event time, then event id) and the newest time
@@ -195,21 +260,81 @@ pub(crate) async fn upsert_sqlite(
 }
 
 impl VehicleStates {
+    /// Applies connectivity events: each car's state follows its newest session, whatever
+    /// order the events come in; applying one twice changes nothing. Returns the cars whose
+    /// event was written (not counting those an older-session event left as they were).
+    pub async fn apply(&self, events: &[ConnectivityEvent]) -> Result<u64, DbError> {
+        let deciding = deciding_per_vehicle(events);
+        if deciding.is_empty() {
+            return Ok(0);
+        }
+        let reason = |e: &ConnectivityEvent| e.reason.map(|r| r.code());
+        let online = |e: &ConnectivityEvent| e.state == Connectivity::Connected;
+        match &self.db.pool {
+            Pool::Postgres(pool) => {
+                let sql = format!(
+                    "INSERT INTO vehicle_state (vin, {CONNECTIVITY_COLUMNS})
+                     SELECT * FROM UNNEST($1::text[], $2::bool[], $3::uuid[], $4::timestamptz[],
+                        $5::text[], $6::text[]){}",
+                    on_connectivity_conflict()
+                );
+                let result = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(deciding.iter().map(|e| e.vin.as_str()).collect::<Vec<_>>())
+                    .bind(deciding.iter().map(|e| online(e)).collect::<Vec<_>>())
+                    .bind(deciding.iter().map(|e| e.session_id).collect::<Vec<_>>())
+                    .bind(deciding.iter().map(|e| e.time).collect::<Vec<_>>())
+                    .bind(deciding.iter().map(|e| reason(e)).collect::<Vec<_>>())
+                    .bind(deciding.iter().map(|e| e.node.as_str()).collect::<Vec<_>>())
+                    .execute(pool)
+                    .await?;
+                Ok(result.rows_affected())
+            }
+            Pool::Sqlite(pool) => {
+                static ON_CONFLICT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+                let on_conflict = ON_CONFLICT.get_or_init(on_connectivity_conflict);
+                crate::sensor_rows::sqlite_insert(
+                    pool,
+                    "INSERT INTO vehicle_state (vin, online, session_id, connectivity_changed_at,
+                        connectivity_reason, node) ",
+                    on_conflict,
+                    &deciding,
+                    |row, e| {
+                        row.push_bind(e.vin.as_str())
+                            .push_bind(online(e))
+                            .push_bind(e.session_id.to_string())
+                            .push_bind(sqlite_time(&e.time))
+                            .push_bind(reason(e))
+                            .push_bind(e.node.as_str());
+                    },
+                )
+                .await
+            }
+        }
+    }
+
     /// A page of the fleet, by VIN.
     pub async fn page(&self, query: &FleetQuery) -> Result<Vec<VehicleState>, DbError> {
-        let anomaly = match query.anomaly {
-            None => "",
-            Some(true) => "AND EXISTS (SELECT 1 FROM case_outbox c WHERE c.vin = v.vin AND c.episode_closed_ms IS NULL)",
-            Some(false) => "AND NOT EXISTS (SELECT 1 FROM case_outbox c WHERE c.vin = v.vin AND c.episode_closed_ms IS NULL)",
-        };
+        const OPEN: &str =
+            "SELECT 1 FROM case_outbox c WHERE c.vin = v.vin AND c.episode_closed_ms IS NULL";
+        let mut filters = String::new();
+        match query.anomaly {
+            None => {}
+            Some(true) => filters.push_str(&format!(" AND EXISTS ({OPEN})")),
+            Some(false) => filters.push_str(&format!(" AND NOT EXISTS ({OPEN})")),
+        }
+        match query.online {
+            None => {}
+            Some(true) => filters.push_str(" AND v.online IS TRUE"),
+            Some(false) => filters.push_str(" AND v.online IS NOT TRUE"),
+        }
         let after = query.after.as_ref().map_or("", |v| v.as_str());
         match &self.db.pool {
             Pool::Postgres(pool) => {
                 let sql = format!(
-                    "SELECT {COLUMNS},
+                    "SELECT {COLUMNS}, {CONNECTIVITY_COLUMNS},
                         (SELECT string_agg(c.rule, ',' ORDER BY c.rule) FROM case_outbox c
                          WHERE c.vin = v.vin AND c.episode_closed_ms IS NULL) AS open_anomalies
-                     FROM vehicle_state v WHERE v.vin > $1 {anomaly} ORDER BY v.vin LIMIT $2"
+                     FROM vehicle_state v WHERE v.vin > $1 {filters} ORDER BY v.vin LIMIT $2"
                 );
                 let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
                     .bind(after)
@@ -218,9 +343,22 @@ impl VehicleStates {
                     .await?;
                 rows.iter()
                     .map(|row| {
+                        let has_reading = row.try_get::<Option<Uuid>, _>("event_id")?.is_some();
+                        let connectivity = match row.try_get::<Option<Uuid>, _>("session_id")? {
+                            None => None,
+                            Some(session_id) => Some(ConnectivityState {
+                                online: row.try_get("online")?,
+                                since: row.try_get("connectivity_changed_at")?,
+                                reason: row.try_get("connectivity_reason")?,
+                                session_id,
+                                node: row.try_get("node")?,
+                            }),
+                        };
                         Ok(VehicleState {
-                            latest: pg_reading(row)?,
+                            vin: crate::parse_vin(row.try_get("vin")?)?,
+                            latest: has_reading.then(|| pg_reading(row)).transpose()?,
                             last_seen: row.try_get("last_seen")?,
+                            connectivity,
                             open_anomalies: rules(row.try_get("open_anomalies")?),
                         })
                     })
@@ -228,12 +366,12 @@ impl VehicleStates {
             }
             Pool::Sqlite(pool) => {
                 let sql = format!(
-                    "SELECT {COLUMNS},
+                    "SELECT {COLUMNS}, {CONNECTIVITY_COLUMNS},
                         (SELECT group_concat(rule, ',') FROM
                            (SELECT c.rule FROM case_outbox c
                             WHERE c.vin = v.vin AND c.episode_closed_ms IS NULL ORDER BY c.rule))
                           AS open_anomalies
-                     FROM vehicle_state v WHERE v.vin > $1 {anomaly} ORDER BY v.vin LIMIT $2"
+                     FROM vehicle_state v WHERE v.vin > $1 {filters} ORDER BY v.vin LIMIT $2"
                 );
                 let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
                     .bind(after)
@@ -242,9 +380,25 @@ impl VehicleStates {
                     .await?;
                 rows.iter()
                     .map(|row| {
+                        let has_reading = row.try_get::<Option<String>, _>("event_id")?.is_some();
+                        let connectivity = match row.try_get::<Option<String>, _>("session_id")? {
+                            None => None,
+                            Some(session_id) => Some(ConnectivityState {
+                                online: row.try_get("online")?,
+                                since: parse_time(row.try_get("connectivity_changed_at")?)?,
+                                reason: row.try_get("connectivity_reason")?,
+                                session_id: parse_uuid(session_id)?,
+                                node: row.try_get("node")?,
+                            }),
+                        };
                         Ok(VehicleState {
-                            latest: sqlite_reading(row)?,
-                            last_seen: parse_time(row.try_get("last_seen")?)?,
+                            vin: crate::parse_vin(row.try_get("vin")?)?,
+                            latest: has_reading.then(|| sqlite_reading(row)).transpose()?,
+                            last_seen: row
+                                .try_get::<Option<String>, _>("last_seen")?
+                                .map(parse_time)
+                                .transpose()?,
+                            connectivity,
                             open_anomalies: rules(row.try_get("open_anomalies")?),
                         })
                     })

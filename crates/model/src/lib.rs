@@ -2,6 +2,7 @@
 //!
 //! - [`telemetry`]: eCars' sensor reading ([`TelemetryReading`]), how a raw MQTT payload becomes
 //!   one, and why one is refused ([`DeadLetter`], [`RejectReason`]);
+//! - [`connectivity`]: cars connecting and disconnecting ([`ConnectivityEvent`]);
 //! - [`anomaly`]: the events of anomaly episodes and of their Salesforce Cases;
 //! - [`record`]: the [`Record`] trait every stream's type implements, and the catalog of the
 //!   streams other services can read;
@@ -11,6 +12,7 @@
 
 pub mod anomaly;
 pub mod api_key;
+pub mod connectivity;
 pub mod device_auth;
 pub mod record;
 pub mod relay_token;
@@ -18,5 +20,6 @@ pub mod schema;
 pub mod telemetry;
 
 pub use anomaly::{AnomalyChange, AnomalyEvent, CaseChange, CaseEvent};
+pub use connectivity::{Connectivity, ConnectivityEvent, DisconnectReason};
 pub use record::{Record, RecordInfo};
 pub use telemetry::{DeadLetter, RejectReason, TelemetryReading, TelemetryTopic, Vin};

@@ -15,6 +15,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::anomaly::{AnomalyEvent, CaseEvent};
+use crate::connectivity::ConnectivityEvent;
 use crate::telemetry::{DeadLetter, TelemetryReading};
 
 /// A type that travels on the bus: a stream of its own, with CloudEvents attributes.
@@ -107,6 +108,7 @@ pub fn published() -> Vec<RecordInfo> {
         RecordInfo::of::<DeadLetter>(),
         RecordInfo::of::<AnomalyEvent>(),
         RecordInfo::of::<CaseEvent>(),
+        RecordInfo::of::<ConnectivityEvent>(),
     ]
 }
 

@@ -311,17 +311,31 @@ fn limit(query: &LimitQuery, default: i64) -> Result<i64, ApiError> {
 #[derive(Serialize)]
 struct VehicleSummary {
     vin: Vin,
-    /// The newest reading by event time.
-    latest: TelemetryReading,
+    /// The newest reading by event time (`null` before the first).
+    latest: Option<TelemetryReading>,
     /// When a reading of the car last arrived.
-    last_seen: DateTime<Utc>,
+    last_seen: Option<DateTime<Utc>>,
+    /// Connected now (`null`: no connectivity event yet).
+    online: Option<bool>,
+    /// Since when, why, through which session and node (`null`: no event yet).
+    connectivity: Option<ConnectivityView>,
     /// The rules with an open anomaly episode.
     open_anomalies: Vec<String>,
 }
 
+/// A car's connectivity in the fleet list.
+#[derive(Serialize)]
+struct ConnectivityView {
+    since: DateTime<Utc>,
+    /// Why its last connection ended (offline only).
+    reason: Option<String>,
+    session_id: Uuid,
+    node: String,
+}
+
 /// The query of `GET /v1/vehicles`: `limit` (page size), `after` (the cursor: the last VIN of
-/// the page before) and `anomaly` (`true`: only cars with an open anomaly; `false`: only the
-/// others).
+/// the page before), `online` (`true`: only connected cars; `false`: the others) and `anomaly`
+/// (`true`: only cars with an open anomaly; `false`: the others).
 fn fleet_query(params: &HashMap<String, String>) -> Result<FleetQuery, ApiError> {
     let mut query = FleetQuery {
         limit: MAX_LIMIT,
@@ -342,14 +356,19 @@ fn fleet_query(params: &HashMap<String, String>) -> Result<FleetQuery, ApiError>
                     ApiError::bad_request(format!("after must be a VIN (the cursor): {e}"))
                 })?)
             }
-            "anomaly" => {
-                query.anomaly = Some(value.parse().map_err(|_| {
-                    ApiError::bad_request(format!("anomaly must be true or false, got {value:?}"))
-                })?)
+            "anomaly" | "online" => {
+                let flag = Some(value.parse().map_err(|_| {
+                    ApiError::bad_request(format!("{name} must be true or false, got {value:?}"))
+                })?);
+                if name == "anomaly" {
+                    query.anomaly = flag;
+                } else {
+                    query.online = flag;
+                }
             }
             other => {
                 return Err(ApiError::bad_request(format!(
-                    "unknown parameter {other:?}: expected limit, after or anomaly"
+                    "unknown parameter {other:?}: expected limit, after, online or anomaly"
                 )))
             }
         }
@@ -369,10 +388,10 @@ async fn vehicles(
     let page = db(&state)?.vehicle_states().page(&query).await?;
     let next = match page.last() {
         Some(last) if page.len() as i64 == query.limit => {
-            let mut link = format!(
-                "/v1/vehicles?limit={}&after={}",
-                query.limit, last.latest.vin
-            );
+            let mut link = format!("/v1/vehicles?limit={}&after={}", query.limit, last.vin);
+            if let Some(online) = query.online {
+                link.push_str(&format!("&online={online}"));
+            }
             if let Some(anomaly) = query.anomaly {
                 link.push_str(&format!("&anomaly={anomaly}"));
             }
@@ -383,9 +402,16 @@ async fn vehicles(
     let body: Vec<VehicleSummary> = page
         .into_iter()
         .map(|state| VehicleSummary {
-            vin: state.latest.vin.clone(),
+            vin: state.vin,
             latest: state.latest,
             last_seen: state.last_seen,
+            online: state.connectivity.as_ref().map(|c| c.online),
+            connectivity: state.connectivity.map(|c| ConnectivityView {
+                since: c.since,
+                reason: c.reason,
+                session_id: c.session_id,
+                node: c.node,
+            }),
             open_anomalies: state.open_anomalies,
         })
         .collect();

@@ -21,6 +21,7 @@ use bytes::{Bytes, BytesMut};
 use chrono::Utc;
 use ecars_bus::BusError;
 use ecars_model::device_auth::DeviceSecret;
+use ecars_model::{Connectivity, ConnectivityEvent, DisconnectReason, Vin};
 use ecars_runtime::tls::PeerCertificate;
 use futures_util::stream::FuturesOrdered;
 use futures_util::StreamExt;
@@ -32,6 +33,7 @@ use rumqttd::protocol::{
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::admission::{judge, Verdict};
 use crate::authorization::{Identity, NotAuthorized};
@@ -139,9 +141,12 @@ impl From<ReadError> for LinkError {
 /// Why a connection ended.
 #[derive(Debug, thiserror::Error)]
 pub enum Ended {
-    /// The client sent DISCONNECT, or closed its socket between packets.
+    /// The client sent DISCONNECT (or, before its CONNECT, closed its socket).
     #[error("client disconnected")]
     ClientDisconnect,
+    /// The client closed its socket without DISCONNECT: its network dropped, or it gave up.
+    #[error("connection lost")]
+    ConnectionLost,
     /// The client was silent for one and a half keep-alives.
     #[error("keep-alive timeout")]
     KeepAliveTimeout,
@@ -184,6 +189,7 @@ impl Ended {
     pub fn code(&self) -> &'static str {
         match self {
             Ended::ClientDisconnect => "client_disconnect",
+            Ended::ConnectionLost => "connection_lost",
             Ended::KeepAliveTimeout => "keep_alive_timeout",
             Ended::TakenOver => "taken_over",
             Ended::Revoked => "revoked",
@@ -195,6 +201,27 @@ impl Ended {
             Ended::ConnectionError(_) => "connection_error",
             Ended::Broker(_) => "broker",
             Ended::Bus(_) => "bus",
+        }
+    }
+}
+
+impl Ended {
+    /// The reason a connectivity event gives for this end of a car's connection.
+    pub fn disconnect_reason(&self) -> DisconnectReason {
+        match self {
+            Ended::ClientDisconnect => DisconnectReason::ClientDisconnect,
+            Ended::KeepAliveTimeout => DisconnectReason::KeepAliveTimeout,
+            Ended::TakenOver => DisconnectReason::TakenOver,
+            Ended::Revoked => DisconnectReason::Revoked,
+            // The bus refuses only when the node is stopping.
+            Ended::ServerShutdown | Ended::Bus(_) => DisconnectReason::ServerShutdown,
+            Ended::Violation(_) => DisconnectReason::ProtocolViolation,
+            Ended::ConnectionLost
+            | Ended::ConnectionError(_)
+            | Ended::Broker(_)
+            | Ended::Refused
+            | Ended::Abandoned
+            | Ended::ConnectTimeout(_) => DisconnectReason::ConnectionError,
         }
     }
 }
@@ -275,6 +302,12 @@ where
             return ended;
         }
     };
+    // Told in the background: the car's first packets need not wait for the bus. Its order
+    // against this session's `disconnected` does not matter (the session's end wins).
+    if let Some(event) = connection.connectivity(Connectivity::Connected, None) {
+        let gateway = Arc::clone(&gateway);
+        tokio::spawn(async move { gateway.announce(event).await });
+    }
     let ended = connection.run(&mut client, &mut out, &shutdown).await;
     Box::pin(connection.finish(&mut out, &ended)).await;
     ended
@@ -320,6 +353,9 @@ struct Connection<'g, B: Broker> {
     last_activity: Instant,
     /// The publish rate limit, where one is set (boxed: eight bytes in every car's task).
     throttle: Option<Box<PublishThrottle>>,
+    /// This connection's session in connectivity events (UUIDv7: later connections sort
+    /// after it).
+    session_id: Uuid,
 }
 
 /// Who the CONNECT's credentials belong to: a service account when the username is an
@@ -458,6 +494,7 @@ impl<'g, B: Broker> Connection<'g, B> {
             throttle: gateway
                 .max_publish_rate
                 .map(|rate| Box::new(PublishThrottle::new(rate, Instant::now()))),
+            session_id: Uuid::now_v7(),
             last_activity: Instant::now(),
             registration,
             request,
@@ -603,7 +640,7 @@ impl<'g, B: Broker> Connection<'g, B> {
                 next = client.next(), if reading => {
                     let frame = match next {
                         Ok(Some(frame)) => frame,
-                        Ok(None) => break Ended::ClientDisconnect,
+                        Ok(None) => break Ended::ConnectionLost,
                         Err(e) => break e.into(),
                     };
                     self.last_activity = Instant::now();
@@ -1062,6 +1099,9 @@ impl<'g, B: Broker> Connection<'g, B> {
     /// Writes what is owed, tells an MQTT 5 client why the server ends the connection, keeps a
     /// persistent session's state, and closes the broker link.
     async fn finish<W: AsyncWrite + Unpin>(self, out: &mut ClientWriter<W>, ended: &Ended) {
+        let gateway = self.gateway;
+        let goodbye =
+            self.connectivity(Connectivity::Disconnected, Some(ended.disconnect_reason()));
         if self.request.version == Version::V5 {
             let reason = match ended {
                 Ended::KeepAliveTimeout => Some(REASON_KEEP_ALIVE_TIMEOUT),
@@ -1088,6 +1128,35 @@ impl<'g, B: Broker> Connection<'g, B> {
         // unless the client said DISCONNECT).
         drop(self.link);
         self.gateway.deregister(&client_id, &self.registration);
+        // Awaited: a node that stops tells of every car it lets go before the bus closes.
+        if let Some(event) = goodbye {
+            gateway.announce(event).await;
+        }
+    }
+
+    /// This connection's connectivity event, for a car (a car's identity, or where clients are
+    /// anonymous, a client id that starts with a VIN); `None` for other clients.
+    fn connectivity(
+        &self,
+        state: Connectivity,
+        reason: Option<DisconnectReason>,
+    ) -> Option<ConnectivityEvent> {
+        let client_id = &self.request.connect.client_id;
+        let vin = match &self.identity {
+            Some(Identity::Car(vin)) => vin.clone(),
+            Some(Identity::Account(_)) => return None,
+            None => client_id.get(..17).and_then(|p| Vin::parse(p).ok())?,
+        };
+        Some(ConnectivityEvent {
+            event_id: Uuid::now_v7(),
+            vin,
+            state,
+            reason,
+            session_id: self.session_id,
+            node: self.gateway.node.to_string(),
+            client_id: client_id.clone(),
+            time: Utc::now(),
+        })
     }
 }
 
@@ -1630,7 +1699,7 @@ mod tests {
         ));
         hasty.write_all(&burst).await.unwrap();
         hasty.shutdown().await.unwrap();
-        assert!(matches!(hasty_task.await.unwrap(), Ended::ClientDisconnect));
+        assert!(matches!(hasty_task.await.unwrap(), Ended::ConnectionLost));
         assert_eq!(h.readings.recv().await.unwrap().battery, Some(51.0));
     }
 

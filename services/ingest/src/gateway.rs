@@ -22,7 +22,11 @@ const DEFAULT_RETAINED_BYTES: usize = 4 * 1024;
 const DEFAULT_RETAINED_TOPICS: usize = 100_000;
 /// The clock skew allowed where no settings say otherwise (tests): that of `--max-clock-skew`.
 const DEFAULT_CLOCK_SKEW_MINUTES: i64 = 5;
-use ecars_model::Vin;
+use ecars_model::{Connectivity, ConnectivityEvent, Vin};
+
+/// Log lines about connectivity events the bus refused: a few per second at most.
+static CONNECTIVITY_LOG: ecars_runtime::logging::LogBudget =
+    ecars_runtime::logging::LogBudget::per_second(1);
 
 use crate::broker::TelemetryFanout;
 use crate::connection::Broker;
@@ -55,6 +59,8 @@ pub struct Gateway<B> {
     pub retained: RetainedTopics,
     /// How far in the future a reading may be dated (a car's clock running ahead).
     pub max_clock_skew: chrono::TimeDelta,
+    /// This ingest node's name in connectivity events.
+    pub node: std::sync::Arc<str>,
     /// Turns to check an account's password (argon2): one at a time.
     pub password_checks: tokio::sync::Semaphore,
     connected: Mutex<HashMap<String, Held>>,
@@ -139,6 +145,7 @@ impl<B: Broker> Gateway<B> {
             max_publish_rate: None,
             retained: RetainedTopics::new(DEFAULT_RETAINED_BYTES, DEFAULT_RETAINED_TOPICS),
             max_clock_skew: chrono::TimeDelta::minutes(DEFAULT_CLOCK_SKEW_MINUTES),
+            node: "ecars".into(),
             password_checks: tokio::sync::Semaphore::new(1),
             connected: Mutex::default(),
             sessions: Mutex::new(Sessions {
@@ -173,6 +180,35 @@ impl<B: Broker> Gateway<B> {
     pub fn with_max_clock_skew(mut self, skew: Duration) -> Gateway<B> {
         self.max_clock_skew = chrono::TimeDelta::from_std(skew).unwrap_or(chrono::TimeDelta::MAX);
         self
+    }
+
+    /// The gateway naming itself `node` in connectivity events.
+    pub fn with_node(mut self, node: &str) -> Gateway<B> {
+        self.node = node.into();
+        self
+    }
+
+    /// Publishes a car's connectivity event; counted, and where the bus refuses (it is
+    /// closing, or nobody reads the stream) logged at a bounded rate, never fatal to the
+    /// connection.
+    pub async fn announce(&self, event: ConnectivityEvent) {
+        let state = match event.state {
+            Connectivity::Connected => "connected",
+            Connectivity::Disconnected => "disconnected",
+        };
+        match self.bus.publish(event).await {
+            Ok(()) => {
+                metrics::counter!(crate::metrics::CONNECTIVITY_EVENTS, "state" => state)
+                    .increment(1);
+            }
+            Err(error) => {
+                metrics::counter!(crate::metrics::CONNECTIVITY_EVENTS_FAILED, "state" => state)
+                    .increment(1);
+                if CONNECTIVITY_LOG.allow() {
+                    tracing::warn!(%error, state, "a connectivity event was not published");
+                }
+            }
+        }
     }
 
     /// The gateway with these revocations.

@@ -142,6 +142,21 @@ pub struct IngestConfig {
     /// cannot stand as the car's latest reading or blind its anomaly detection.
     #[arg(long = "max-clock-skew", env = "ECARS_MAX_CLOCK_SKEW", default_value = "5m", value_parser = parse_duration)]
     pub max_clock_skew: Duration,
+    /// This ingest node's name in connectivity events (`node`); without it, the host name
+    /// (`HOSTNAME`: a Kubernetes pod's name), else `ecars`.
+    #[arg(long = "node-id", env = "ECARS_NODE_ID")]
+    pub node_id: Option<String>,
+}
+
+impl IngestConfig {
+    /// The node's name in connectivity events.
+    pub fn node(&self) -> String {
+        self.node_id
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .filter(|n| !n.trim().is_empty())
+            .unwrap_or_else(|| "ecars".to_owned())
+    }
 }
 
 fn parse_keep_alive(text: &str) -> Result<Duration, String> {
@@ -361,6 +376,7 @@ impl BoundIngest {
                 .with_accounts(accounts)
                 .with_revoked(revoked)
                 .with_max_clock_skew(config.max_clock_skew)
+                .with_node(&config.node())
                 .with_publish_rate(config.max_publish_rate)
                 .with_retained_limits(
                     config.retained_max_bytes as usize,

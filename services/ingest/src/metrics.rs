@@ -13,7 +13,11 @@ pub const MQTT_CONNECTIONS_REFUSED: &str = "ecars_mqtt_connections_refused_total
 /// MQTT connections currently open through the gateway.
 pub const MQTT_CONNECTIONS_OPEN: &str = "ecars_mqtt_connections_open";
 
-/// MQTT connections ended, labelled by `reason` (client_disconnect, keep_alive_timeout,
+/// Connectivity events published, labelled by `state` (connected, disconnected).
+pub const CONNECTIVITY_EVENTS: &str = "ecars_connectivity_events_total";
+/// Connectivity events the bus refused, labelled by `state`.
+pub const CONNECTIVITY_EVENTS_FAILED: &str = "ecars_connectivity_events_failed_total";
+/// MQTT connections ended, labelled by `reason` (client_disconnect, connection_lost, keep_alive_timeout,
 /// taken_over, server_shutdown, protocol_violation, refused, connect_timeout, connection_error,
 /// broker, bus; over WebSocket also websocket_handshake_timeout, websocket_handshake_failed).
 pub const CONNECTIONS_ENDED: &str = "ecars_mqtt_connections_ended_total";

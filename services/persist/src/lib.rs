@@ -1,13 +1,14 @@
-//! The persistence worker: reads accepted readings and dead letters from the bus and writes them
-//! to `sensor_data` and `dead_letters` in batches (PostgreSQL `UNNEST` arrays or SQLite multi-row
-//! inserts), idempotent by event id, acknowledging only what is committed.
+//! The persistence worker: reads accepted readings, dead letters and connectivity events from the
+//! bus and writes them to `sensor_data` (with each car's latest state), `dead_letters` and the
+//! cars' connectivity in `vehicle_state`, in batches (PostgreSQL `UNNEST` arrays or SQLite
+//! multi-row inserts), idempotent, acknowledging only what is committed.
 
 use std::time::Duration;
 
 use clap::Args;
 use ecars_bus::{Bus, BusError, Subscription};
 use ecars_db::{Database, DbError};
-use ecars_model::{DeadLetter, TelemetryReading};
+use ecars_model::{ConnectivityEvent, DeadLetter, TelemetryReading};
 use ecars_runtime::settings::{parse_duration, parse_millis};
 use ecars_runtime::writer::{run_writer, BatchPolicy, BatchSink, RetryPolicy, WriterError};
 use tokio::sync::mpsc;
@@ -17,6 +18,8 @@ use tokio_util::sync::CancellationToken;
 pub const CONSUMER_GROUP: &str = "ecars-persist";
 /// Its consumer group on the dead-letter stream (a group per stream: see [`Bus::subscribe`]).
 pub const DEAD_LETTER_GROUP: &str = "ecars-persist.dlq";
+/// Its consumer group on the connectivity stream.
+pub const CONNECTIVITY_GROUP: &str = "ecars-persist.connectivity";
 
 /// Settings of the persistence worker.
 #[derive(Clone, Debug, Args)]
@@ -87,11 +90,12 @@ pub type CommitObserver = mpsc::Sender<Vec<TelemetryReading>>;
 pub struct PersistWorker {
     readings: (ReadingSink, Subscription<TelemetryReading>),
     dead_letters: (DeadLetterSink, Subscription<DeadLetter>),
+    connectivity: (ConnectivitySink, Subscription<ConnectivityEvent>),
     policy: BatchPolicy,
 }
 
 impl PersistWorker {
-    /// Joins the consumer groups of both streams. Subscribe before ingest starts publishing.
+    /// Joins the consumer groups of its streams. Subscribe before ingest starts publishing.
     pub async fn subscribe(
         config: &PersistConfig,
         db: Database,
@@ -107,8 +111,12 @@ impl PersistWorker {
                 bus.subscribe(CONSUMER_GROUP).await?,
             ),
             dead_letters: (
-                DeadLetterSink { db },
+                DeadLetterSink { db: db.clone() },
                 bus.subscribe(DEAD_LETTER_GROUP).await?,
+            ),
+            connectivity: (
+                ConnectivitySink { db },
+                bus.subscribe(CONNECTIVITY_GROUP).await?,
             ),
             policy: config.policy(),
         })
@@ -126,11 +134,20 @@ impl PersistWorker {
             shutdown.clone(),
         ));
         let (sink, subscription) = self.dead_letters;
-        let dead_letters =
+        let dead_letters = tokio::spawn(run_writer(
+            sink,
+            subscription,
+            self.policy,
+            retry,
+            shutdown.clone(),
+        ));
+        let (sink, subscription) = self.connectivity;
+        let connectivity =
             tokio::spawn(run_writer(sink, subscription, self.policy, retry, shutdown));
-        let (a, b) = tokio::join!(readings, dead_letters);
+        let (a, b, c) = tokio::join!(readings, dead_letters, connectivity);
         a??;
         b??;
+        c??;
         Ok(())
     }
 }
@@ -177,6 +194,28 @@ impl BatchSink for DeadLetterSink {
 
     async fn write(&self, batch: &[DeadLetter]) -> Result<u64, DbError> {
         self.db.dead_letter_rows().insert(batch).await
+    }
+
+    fn is_transient(&self, error: &DbError) -> bool {
+        error.is_transient()
+    }
+}
+
+#[derive(Debug)]
+struct ConnectivitySink {
+    db: Database,
+}
+
+impl BatchSink for ConnectivitySink {
+    type Item = ConnectivityEvent;
+    type Error = DbError;
+
+    fn table(&self) -> &'static str {
+        "vehicle_state"
+    }
+
+    async fn write(&self, batch: &[ConnectivityEvent]) -> Result<u64, DbError> {
+        self.db.vehicle_states().apply(batch).await
     }
 
     fn is_transient(&self, error: &DbError) -> bool {

@@ -1,10 +1,13 @@
--- Each car's latest state: its newest reading by event time and when it was last heard from,
--- written in the same transaction as each batch of sensor rows, so "where is my fleet" reads one
--- row per car instead of ranking every reading it ever sent.
+-- Each car's latest state: its newest reading by event time and when a reading last arrived
+-- (written in the same transaction as each batch of sensor rows), and whether it is connected,
+-- since when and why (from the connectivity stream, by session). "Where is my fleet" reads one
+-- row per car instead of ranking every reading it ever sent. A car that connected but sent no
+-- reading yet has no reading columns; one whose readings predate connectivity events has no
+-- connectivity columns.
 CREATE TABLE IF NOT EXISTS vehicle_state (
     vin         TEXT PRIMARY KEY,
-    event_id    TEXT NOT NULL,
-    received_at TEXT NOT NULL,
+    event_id    TEXT,
+    received_at TEXT,
     name        TEXT,
     profile     TEXT,
     "range"     REAL,
@@ -14,8 +17,13 @@ CREATE TABLE IF NOT EXISTS vehicle_state (
     speed       REAL,
     latitude    REAL,
     longitude   REAL,
-    date        TEXT NOT NULL,
-    last_seen   TEXT NOT NULL
+    date        TEXT,
+    last_seen   TEXT,
+    online      INTEGER,
+    session_id  TEXT,
+    connectivity_changed_at TEXT,
+    connectivity_reason     TEXT,
+    node        TEXT
 );
 
 -- The cars that have readings already.
