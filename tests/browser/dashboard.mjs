@@ -34,6 +34,9 @@ try {
   const first = await page.evaluate(() => ({ vin: document.body.dataset.vin, points: Number(document.body.dataset.points) }));
   if (first.vin !== vinA) await fail(`first tab watches ${first.vin}, not ${vinA}`);
   const rows = await page.locator('tr.car').count();
+  // Every simulated car is connected: the fleet table says so (from each car's latest state).
+  await page.waitForFunction((n) => document.querySelectorAll('tr.car td.link.online').length >= n, rows, { timeout: 20000 });
+  const online = await page.locator('tr.car td.link.online').count();
 
   const second = await browser.newPage();
   await second.goto(`${base}/?vin=${vinB}`);
@@ -46,7 +49,7 @@ try {
   await page.screenshot({ path: screenshot });
   if (apiKey && page.url().includes(apiKey)) await fail('the API key is in the URL');
   if (errors.length) await fail(`page errors: ${errors.join('; ')}`);
-  console.log(JSON.stringify({ rows, points: first.points, second: other }));
+  console.log(JSON.stringify({ rows, online, points: first.points, second: other }));
 } catch (e) {
   await fail(String(e));
 }

@@ -32,6 +32,12 @@ async fn connect(addr: std::net::SocketAddr, vin: &str, keep_alive: u16) -> TcpS
     socket
 }
 
+/// Sends DISCONNECT and waits for the close.
+async fn car_says_goodbye(mut socket: TcpStream) {
+    socket.write_all(&[0xE0, 0x00]).await.unwrap();
+    closed(socket).await;
+}
+
 /// Waits until the server closes `socket`.
 async fn closed(mut socket: TcpStream) {
     let mut buf = [0u8; 64];
@@ -200,6 +206,39 @@ async fn each_end_of_a_connection_gives_its_reason_and_the_newest_session_decide
         new.to_string().as_str()
     );
 
+    // A live socket that asked for connectivity changes sees a car come and go (tagged
+    // frames; the car's readings would come as before).
+    let watched = test_vin(6);
+    let (mut live, _) = tokio_tungstenite::connect_async(format!(
+        "ws://{}/v1/vehicles/{watched}/live?connectivity=true",
+        pipeline.http_addr
+    ))
+    .await
+    .unwrap();
+    let mut frames = Vec::new();
+    let car = connect(addr, &watched, 60).await;
+    car_says_goodbye(car).await;
+    tokio::time::timeout(WAIT, async {
+        use futures_util::StreamExt;
+        while frames.len() < 2 {
+            let message = live.next().await.unwrap().unwrap();
+            if let Ok(text) = message.to_text() {
+                if let Ok(frame) = serde_json::from_str::<Value>(text) {
+                    frames.push(frame);
+                }
+            }
+        }
+    })
+    .await
+    .expect("two connectivity frames");
+    // The connected one is told in the background: the two may come in either order.
+    frames.sort_by_key(|f| f["online"] == false);
+    assert_eq!(frames[0]["type"], "connectivity");
+    assert_eq!(frames[0]["online"], true);
+    assert_eq!(frames[1]["online"], false);
+    assert_eq!(frames[1]["reason"], "client_disconnect");
+    assert_eq!(frames[0]["session_id"], frames[1]["session_id"]);
+
     // A second ingest node on the same bus. The car drops off node A and reconnects through
     // node B before A notices: A's late `disconnected` must not take it offline.
     let mut b_config = loopback_ingest();
@@ -212,6 +251,10 @@ async fn each_end_of_a_connection_gives_its_reason_and_the_newest_session_decide
     let node_b = tokio::spawn(node_b.run(stop_b.clone()));
     let roamer = test_vin(5);
     let roamer_url = format!("{url}?after={}&limit=1", test_vin(4));
+    assert!(
+        test_vin(5) < test_vin(6),
+        "the roaming car's page holds it alone"
+    );
     let roamer_through = |node: &'static str| {
         let url = roamer_url.clone();
         let roamer = roamer.clone();
@@ -245,6 +288,22 @@ async fn each_end_of_a_connection_gives_its_reason_and_the_newest_session_decide
     .await
     .unwrap();
     // Now A notices the old connection's end: its event arrives last.
+    let metric = "ecars_connectivity_events_total{state=\"disconnected\"} ";
+    let disconnections = || async {
+        let metrics = pipeline.metrics().await.unwrap();
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(metric))
+            .map_or(0, |n| n.trim().parse::<u64>().unwrap())
+    };
+    // Five connections ended so far (clean, silent, dropped, taken over, watched), each
+    // counted once committed.
+    let before = 5;
+    wait_for("the earlier ends committed", WAIT, || async {
+        disconnections().await == before
+    })
+    .await
+    .unwrap();
     drop(on_a);
     events_until(
         &mut tail,
@@ -258,12 +317,9 @@ async fn each_end_of_a_connection_gives_its_reason_and_the_newest_session_decide
         .find(|e| e.vin.as_str() == roamer && e.state == Connectivity::Disconnected)
         .unwrap();
     assert_eq!(ended.node, "ingest-a");
-    // Published means committed by the persist worker (the in-process bus waits for it): five
-    // disconnections so far.
+    // Published means committed by the persist worker (the in-process bus waits for it).
     wait_for("A's late event committed", WAIT, || async {
-        pipeline.metrics().await.is_ok_and(|m| {
-            m.contains("ecars_connectivity_events_total{state=\"disconnected\"} 5\n")
-        })
+        disconnections().await == before + 1
     })
     .await
     .unwrap();

@@ -40,12 +40,11 @@ use ecars_anomaly::{AnomalyConfig, AnomalyError, AnomalyWorker};
 use ecars_api::access::HttpAccess;
 use ecars_api::{ApiState, HttpConfig};
 use ecars_bus::kafka::{KafkaBus, KafkaConfig};
-use ecars_bus::{Bus, BusError, Subscription};
+use ecars_bus::{Bus, BusError};
 use ecars_db::{Database, DatabaseConfig, DbError};
 use ecars_ingest::{BoundIngest, IngestConfig, IngestError};
 use ecars_model::api_key::{ApiKeyHolder, ApiKeys, Scope, Scopes};
 use ecars_model::record::published;
-use ecars_model::TelemetryReading;
 use ecars_persist::{CommitObserver, PersistConfig, PersistError, PersistWorker};
 use ecars_relay::{Relay, RelayConfig};
 use ecars_runtime::reloading::Reloading;
@@ -662,7 +661,7 @@ fn parse_api_keys(text: &str) -> Result<ApiKeys, ecars_model::api_key::ApiKeysEr
 fn http_access(
     http: &HttpConfig,
     http_addr: SocketAddr,
-    relay: Option<&(Arc<Relay>, Subscription<TelemetryReading>)>,
+    relay: Option<&(Arc<Relay>, ecars_relay::Tails)>,
 ) -> Result<(HttpAccess, Option<(Reloading<ApiKeys>, PathBuf)>), AppError> {
     let keys = match &http.api_keys_file {
         Some(path) => Some(

@@ -1083,6 +1083,7 @@ async fn the_dashboard_shows_the_fleet_and_a_live_chart_in_chromium() {
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["rows"], 20, "the fleet table lists the twenty cars");
+    assert_eq!(report["online"], 20, "and shows them online");
     let png = std::fs::read(&shot).unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a screenshot was saved");
     assert!(terminate(&mut child).await.success());

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
-use ecars_model::{TelemetryReading, Vin};
+use ecars_model::{Connectivity, ConnectivityEvent, TelemetryReading, Vin};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::sync::CancellationToken;
@@ -31,11 +31,31 @@ impl Frame {
             text: Utf8Bytes::from(serde_json::to_string(reading).unwrap_or_default()),
         }
     }
+
+    /// The frame of a connectivity change, for clients that asked for them: tagged
+    /// `"type": "connectivity"` so it is never taken for a reading.
+    pub fn of_connectivity(event: &ConnectivityEvent) -> Frame {
+        let text = serde_json::json!({
+            "type": "connectivity",
+            "vin": event.vin,
+            "online": event.state == Connectivity::Connected,
+            "reason": event.reason.map(|r| r.code()),
+            "session_id": event.session_id,
+            "node": event.node,
+            "time": event.time,
+        });
+        Frame {
+            event_id: event.event_id,
+            text: Utf8Bytes::from(text.to_string()),
+        }
+    }
 }
 
 struct Client {
     tx: mpsc::Sender<Frame>,
     kicked: CancellationToken,
+    /// Whether the client asked for connectivity changes too.
+    connectivity: bool,
 }
 
 #[derive(Default)]
@@ -78,8 +98,9 @@ impl Hub {
         })
     }
 
-    /// Registers a client for these cars (`None`: the whole fleet).
-    pub fn register(self: &Arc<Self>, vins: Option<Vec<Vin>>) -> Registration {
+    /// Registers a client for these cars (`None`: the whole fleet), with their connectivity
+    /// changes if `connectivity`.
+    pub fn register(self: &Arc<Self>, vins: Option<Vec<Vin>>, connectivity: bool) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, frames) = mpsc::channel(self.queue);
         let kicked = CancellationToken::new();
@@ -88,6 +109,7 @@ impl Hub {
             let client = || Client {
                 tx: tx.clone(),
                 kicked: kicked.clone(),
+                connectivity,
             };
             match &vins {
                 None => {
@@ -146,21 +168,27 @@ impl Hub {
             .into_iter()
             .flat_map(HashMap::values)
             .chain(routes.fleet.values());
-        for client in clients {
-            match client.tx.try_send(frame.clone()) {
-                Ok(()) => {}
-                Err(TrySendError::Full(_)) => {
-                    if !client.kicked.is_cancelled() {
-                        metrics::counter!(crate::metrics::SLOW_CLIENTS).increment(1);
-                        client.kicked.cancel();
-                    }
-                }
-                // The client is on its way out.
-                Err(TrySendError::Closed(_)) => {}
-            }
+        deliver(clients, &frame);
+    }
+
+    /// Hands a connectivity change to every client watching its car that asked for them;
+    /// never waits.
+    pub fn publish_connectivity(&self, event: &ConnectivityEvent) {
+        let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
+        let clients: Vec<&Client> = routes
+            .by_vin
+            .get(&event.vin)
+            .into_iter()
+            .flat_map(HashMap::values)
+            .chain(routes.fleet.values())
+            .filter(|c| c.connectivity)
+            .collect();
+        if !clients.is_empty() {
+            deliver(clients.into_iter(), &Frame::of_connectivity(event));
         }
     }
 
+    /// Clients registered now.
     /// Clients registered now.
     pub fn clients(&self) -> usize {
         let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
@@ -169,6 +197,23 @@ impl Hub {
             ids.extend(clients.keys());
         }
         ids.len()
+    }
+}
+
+/// Queues `frame` for each of `clients`; a client whose queue is full is cut off.
+fn deliver<'a>(clients: impl Iterator<Item = &'a Client>, frame: &Frame) {
+    for client in clients {
+        match client.tx.try_send(frame.clone()) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                if !client.kicked.is_cancelled() {
+                    metrics::counter!(crate::metrics::SLOW_CLIENTS).increment(1);
+                    client.kicked.cancel();
+                }
+            }
+            // The client is on its way out.
+            Err(TrySendError::Closed(_)) => {}
+        }
     }
 }
 
@@ -202,10 +247,10 @@ mod tests {
     #[test]
     fn a_reading_reaches_its_cars_watchers_and_the_fleet_only() {
         let hub = Hub::new(8);
-        let mut one = hub.register(Some(vec![vin(1)]));
-        let mut two = hub.register(Some(vec![vin(2)]));
-        let mut both = hub.register(Some(vec![vin(1), vin(2)]));
-        let mut fleet = hub.register(None);
+        let mut one = hub.register(Some(vec![vin(1)]), false);
+        let mut two = hub.register(Some(vec![vin(2)]), false);
+        let mut both = hub.register(Some(vec![vin(1), vin(2)]), false);
+        let mut fleet = hub.register(None, false);
         hub.publish(&reading(&vin(1)));
         assert!(one.frames.try_recv().is_ok());
         assert!(two.frames.try_recv().is_err());
@@ -217,10 +262,39 @@ mod tests {
     }
 
     #[test]
+    fn connectivity_changes_reach_only_the_clients_that_asked() {
+        let hub = Hub::new(8);
+        let mut readings_only = hub.register(Some(vec![vin(1)]), false);
+        let mut with_connectivity = hub.register(Some(vec![vin(1)]), true);
+        let mut other_car = hub.register(Some(vec![vin(2)]), true);
+        let mut fleet = hub.register(None, true);
+        let event = ConnectivityEvent {
+            event_id: Uuid::now_v7(),
+            vin: vin(1),
+            state: Connectivity::Disconnected,
+            reason: Some(ecars_model::DisconnectReason::KeepAliveTimeout),
+            session_id: Uuid::now_v7(),
+            node: "ingest-0".into(),
+            client_id: "c".into(),
+            time: Utc::now(),
+        };
+        hub.publish_connectivity(&event);
+        assert!(readings_only.frames.try_recv().is_err());
+        assert!(other_car.frames.try_recv().is_err());
+        assert!(fleet.frames.try_recv().is_ok());
+        let frame = with_connectivity.frames.try_recv().unwrap();
+        let json: serde_json::Value = serde_json::from_str(frame.text.as_str()).unwrap();
+        assert_eq!(json["type"], "connectivity");
+        assert_eq!(json["online"], false);
+        assert_eq!(json["reason"], "keep_alive_timeout");
+        assert_eq!(json["vin"], vin(1).as_str());
+    }
+
+    #[test]
     fn a_client_that_falls_behind_is_cut_off_and_others_are_not() {
         let hub = Hub::new(2);
-        let slow = hub.register(Some(vec![vin(1)]));
-        let mut fast = hub.register(Some(vec![vin(1)]));
+        let slow = hub.register(Some(vec![vin(1)]), false);
+        let mut fast = hub.register(Some(vec![vin(1)]), false);
         for _ in 0..3 {
             hub.publish(&reading(&vin(1)));
             assert!(fast.frames.try_recv().is_ok());

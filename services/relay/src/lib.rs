@@ -33,7 +33,7 @@ use clap::Args;
 use ecars_bus::{Bus, BusError, Subscription};
 use ecars_db::Database;
 use ecars_model::relay_token::{TokenAuthority, TokenError, TokenMinter};
-use ecars_model::{TelemetryReading, Vin};
+use ecars_model::{ConnectivityEvent, TelemetryReading, Vin};
 use ecars_runtime::settings::{parse_duration, value_or_file, ConfigError};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -226,31 +226,50 @@ impl Relay {
         &self.hub
     }
 
-    /// Follows the telemetry stream into the hub until `shutdown` or the bus closes. Each relay
+    /// Follows the telemetry and connectivity streams into the hub until `shutdown` or the bus
+    /// closes. Each relay
     /// has a tail of its own (in Kafka: its own group, from the newest offset); subscribe it
     /// with [`Relay::tail`] before readings flow, so none is missed.
     pub async fn feed(
         self: Arc<Self>,
-        mut tail: Subscription<TelemetryReading>,
+        tails: Tails,
         shutdown: CancellationToken,
     ) -> Result<(), BusError> {
+        let Tails {
+            mut readings,
+            mut connectivity,
+        } = tails;
+        let mut connectivity_open = true;
         loop {
-            let delivery = tokio::select! {
+            tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                delivery = tail.next() => delivery?,
-            };
-            match delivery {
-                None => return Ok(()),
-                Some(delivery) => self.hub.publish(&delivery.record),
+                delivery = readings.next() => match delivery? {
+                    None => return Ok(()),
+                    Some(delivery) => self.hub.publish(&delivery.record),
+                },
+                delivery = connectivity.next(), if connectivity_open => match delivery? {
+                    None => connectivity_open = false,
+                    Some(delivery) => self.hub.publish_connectivity(&delivery.record),
+                },
             }
         }
     }
 }
 
+/// The relay's own tails of the streams it relays, for [`Relay::feed`].
+#[derive(Debug)]
+pub struct Tails {
+    readings: Subscription<TelemetryReading>,
+    connectivity: Subscription<ConnectivityEvent>,
+}
+
 impl Relay {
-    /// The relay's own tail of the telemetry stream, for [`Relay::feed`].
-    pub async fn tail(bus: &Bus) -> Result<Subscription<TelemetryReading>, BusError> {
-        bus.tail(TAIL_NAME).await
+    /// The relay's own tails of the telemetry and connectivity streams, for [`Relay::feed`].
+    pub async fn tail(bus: &Bus) -> Result<Tails, BusError> {
+        Ok(Tails {
+            readings: bus.tail(TAIL_NAME).await?,
+            connectivity: bus.tail(TAIL_NAME).await?,
+        })
     }
 }
 
@@ -266,6 +285,9 @@ pub fn router(relay: Arc<Relay>) -> Router {
 struct LiveQuery {
     access_token: Option<String>,
     vin: Option<String>,
+    /// `true`: connectivity changes of the watched cars too (frames tagged
+    /// `"type": "connectivity"`); readings only otherwise, as clients written before them expect.
+    connectivity: Option<bool>,
 }
 
 fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
@@ -311,7 +333,9 @@ impl Relay {
         let token = bearer(headers).or(query.access_token);
         // Registered before the handshake completes, so a reading published right after the
         // client sees the upgrade reaches it; dropped if the token is refused.
-        let registration = self.hub.register(vins.clone());
+        let registration = self
+            .hub
+            .register(vins.clone(), query.connectivity.unwrap_or(false));
         // Clients send little (a token, pongs): tungstenite's default 128 KiB read buffer per
         // socket would be most of the relay's memory at 10,000 sockets.
         upgrade
