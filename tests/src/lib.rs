@@ -170,6 +170,27 @@ impl PgServer {
         )
     }
 
+    /// Runs `sql` with `psql` on the `ecars` database (benchmarks fill tables with it); returns
+    /// what it printed, unaligned and without headers.
+    pub fn psql(&self, sql: &str) -> anyhow::Result<String> {
+        let output = Command::new(self.bin.join("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args(["-d", "ecars", "-v", "ON_ERROR_STOP=1", "-At", "-c", sql])
+            .output()
+            .context("cannot run psql")?;
+        if !output.status.success() {
+            bail!("psql failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
     /// The `DATABASE_URL` of the `ecars` database.
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/ecars", self.port)
