@@ -7,8 +7,9 @@
 //!   product's write path, then `GET /v1/vehicles` is timed (sequential requests, p50 / p99).
 //!   The query the list ran before `vehicle_state` (ranking every reading) is timed beside it
 //!   with `EXPLAIN ANALYZE`, for contrast;
-//! - write: 200 batches of 1,000 readings (one per car) through `SensorRows::insert`, as the
-//!   persistence worker writes them; rows per second.
+//! - write: 200 batches of 1,000 readings through `SensorRows::insert`, as the persistence
+//!   worker writes them, from 1,000 cars (one reading each: the most state rows a batch can
+//!   have) and from 100 cars (ten each); rows per second.
 //!
 //! Run: `cargo bench -p ecars-e2e --bench fleet` (`-- --quick`: smaller tables; `-- --rows
 //! 1000000,10000000`: the sizes).
@@ -27,9 +28,11 @@ fn vin(car: u32) -> Vin {
     Vin::parse(&format!("1BENCH{car:011}")).expect("a valid VIN")
 }
 
-fn batch(round: u32) -> Vec<TelemetryReading> {
+/// 1,000 readings: one per car of `cars`, round robin.
+fn batch_of(round: u32, cars: u32) -> Vec<TelemetryReading> {
     let now = Utc::now();
     (0..CARS)
+        .map(|n| n % cars)
         .map(|car| TelemetryReading {
             event_id: Uuid::now_v7(),
             received_at: now,
@@ -48,10 +51,16 @@ fn batch(round: u32) -> Vec<TelemetryReading> {
         .collect()
 }
 
-/// Rows per second of 200 batches of 1,000 readings through the product's write path.
-async fn write_path(db: &Database) -> f64 {
+/// One reading per car of the fleet.
+fn batch(round: u32) -> Vec<TelemetryReading> {
+    batch_of(round, CARS)
+}
+
+/// Rows per second of 200 batches of 1,000 readings from `cars` cars through the product's
+/// write path.
+async fn write_path(db: &Database, cars: u32) -> f64 {
     let rows = db.sensor_rows();
-    let batches: Vec<_> = (0..200).map(batch).collect();
+    let batches: Vec<_> = (0..200).map(|round| batch_of(round, cars)).collect();
     let started = Instant::now();
     for b in &batches {
         rows.insert(b).await.expect("the batch is written");
@@ -114,11 +123,9 @@ async fn main() {
         });
 
     println!("# Fleet state: the fleet list against the size of sensor_data, and the write path\n");
-    println!(
-        "## write path: 200 batches of 1,000 readings (one per car), sensor rows + vehicle_state\n"
-    );
-    println!("| database | rows/s |");
-    println!("|---|---|");
+    println!("## write path: 200 batches of 1,000 readings, sensor rows + vehicle_state\n");
+    println!("| database | 1,000 cars a batch (one reading each) | 100 cars a batch (ten each) |");
+    println!("|---|---|---|");
     let dir = tempfile::tempdir().expect("a temporary directory");
     let sqlite = Database::connect_lazy(&format!(
         "sqlite://{}",
@@ -126,13 +133,21 @@ async fn main() {
     ))
     .expect("SQLite");
     sqlite.migrate().await.expect("migrations");
-    println!("| SQLite | {:.0} |", write_path(&sqlite).await);
+    println!(
+        "| SQLite | {:.0} rows/s | {:.0} rows/s |",
+        write_path(&sqlite, CARS).await,
+        write_path(&sqlite, 100).await
+    );
 
     let pg = PgServer::start().expect("PostgreSQL");
     let pipeline = Pipeline::start(PipelineOptions::new(pg.url()))
         .await
         .expect("the pipeline starts");
-    println!("| PostgreSQL | {:.0} |", write_path(&pipeline.db).await);
+    println!(
+        "| PostgreSQL | {:.0} rows/s | {:.0} rows/s |",
+        write_path(&pipeline.db, CARS).await,
+        write_path(&pipeline.db, 100).await
+    );
 
     println!("\n## GET /v1/vehicles, {CARS} cars, PostgreSQL\n");
     println!("| sensor_data rows | GET /v1/vehicles p50 / p99 | before: ranking every reading (EXPLAIN ANALYZE, median of 3) |");

@@ -24,7 +24,9 @@ CREATE TABLE IF NOT EXISTS vehicle_state (
     connectivity_changed_at TEXT,
     connectivity_reason     TEXT,
     node        TEXT
-);
+-- One B-tree keyed by VIN: every batch upserts a row per car, and a rowid table would keep a
+-- second one for the key.
+) WITHOUT ROWID;
 
 -- The cars that have readings already.
 INSERT INTO vehicle_state (vin, event_id, received_at, name, profile, "range", mpge, battery,
