@@ -203,9 +203,7 @@ impl Ended {
             Ended::Bus(_) => "bus",
         }
     }
-}
 
-impl Ended {
     /// The reason a connectivity event gives for this end of a car's connection.
     pub fn disconnect_reason(&self) -> DisconnectReason {
         match self {

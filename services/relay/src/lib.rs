@@ -247,9 +247,14 @@ impl Relay {
                     None => return Ok(()),
                     Some(delivery) => self.hub.publish(&delivery.record),
                 },
-                delivery = connectivity.next(), if connectivity_open => match delivery? {
-                    None => connectivity_open = false,
-                    Some(delivery) => self.hub.publish_connectivity(&delivery.record),
+                delivery = connectivity.next(), if connectivity_open => match delivery {
+                    Ok(Some(delivery)) => self.hub.publish_connectivity(&delivery.record),
+                    Ok(None) => connectivity_open = false,
+                    // Connectivity frames are an extra: the readings go on without them.
+                    Err(error) => {
+                        tracing::warn!(%error, "the connectivity stream failed; live sockets get readings only");
+                        connectivity_open = false;
+                    }
                 },
             }
         }
