@@ -300,15 +300,81 @@ async fn exercise(db: Database) {
     );
 }
 
+/// Retention deletes, in batches, the sensor rows and dead letters that arrived before the
+/// cutoff, and keeps the rest.
+async fn retention(db: Database) {
+    db.migrate().await.unwrap();
+    let store = db.sensor_rows();
+    let now = Utc::now().trunc_subsecs(6);
+    let long_ago = now - ChronoDuration::days(40);
+    // More old rows than one statement deletes, then the newer ones (rows arrive in order).
+    let old: Vec<_> = (0..12_001)
+        .map(|i| TelemetryReading {
+            received_at: long_ago + ChronoDuration::milliseconds(i),
+            date: long_ago + ChronoDuration::milliseconds(i),
+            ..reading("4HGCM82633A004352", 0, 60.0)
+        })
+        .collect();
+    for chunk in old.chunks(1000) {
+        store.insert(chunk).await.unwrap();
+    }
+    let recent: Vec<_> = (0..10)
+        .map(|i| reading("4HGCM82633A004352", i, 61.0))
+        .collect();
+    store.insert(&recent).await.unwrap();
+    let rejection = || Rejection {
+        reason: RejectReason::NotJson,
+        detail: "payload is not JSON".into(),
+    };
+    let letters = db.dead_letter_rows();
+    letters
+        .insert(&[DeadLetter::new(
+            "ecars/data",
+            "c",
+            rejection(),
+            b"{",
+            long_ago,
+        )])
+        .await
+        .unwrap();
+    letters
+        .insert(&[DeadLetter::new("ecars/data", "c", rejection(), b"{", now)])
+        .await
+        .unwrap();
+    let pass = ecars_persist::apply_retention(&db, now - ChronoDuration::days(30))
+        .await
+        .unwrap();
+    assert!(
+        12_001 > 2 * ecars_persist::RETENTION_BATCH as u64,
+        "several statements"
+    );
+    assert_eq!(pass.readings, 12_001);
+    assert_eq!(pass.dead_letters, 1);
+    assert_eq!(store.count().await.unwrap(), 10, "the recent rows stay");
+    let kept = letters.newest(10).await.unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].received_at, now);
+    // Nothing more to delete: a second pass deletes nothing.
+    let again = ecars_persist::apply_retention(&db, now - ChronoDuration::days(30))
+        .await
+        .unwrap();
+    assert_eq!(again, ecars_persist::RetentionPass::default());
+}
+
 #[tokio::test]
 async fn sqlite_store() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("nested-ok.db").display());
     exercise(Database::connect_lazy(&url).unwrap()).await;
+    let url = format!("sqlite://{}", dir.path().join("retention.db").display());
+    retention(Database::connect_lazy(&url).unwrap()).await;
 }
 
 #[tokio::test]
 async fn postgres_store() {
     let server = PgServer::start().expect("throwaway PostgreSQL");
     exercise(Database::connect_lazy(&server.url()).unwrap()).await;
+    server.psql("CREATE DATABASE retention").unwrap();
+    let url = server.url().replace("/ecars", "/retention");
+    retention(Database::connect_lazy(&url).unwrap()).await;
 }

@@ -33,6 +33,21 @@ pub struct DeadLetterRows {
 }
 
 impl DeadLetterRows {
+    /// Deletes up to `batch` of the oldest dead letters received before `cutoff` (retention);
+    /// returns how many. Call again while it returns `batch`.
+    pub async fn delete_received_before(
+        &self,
+        cutoff: DateTime<Utc>,
+        batch: i64,
+    ) -> Result<u64, DbError> {
+        // Ids are UUIDv7: their order is the order the letters arrived in.
+        const AGING: crate::Aging = crate::Aging {
+            table: "dead_letters",
+            pg_key: "id",
+        };
+        crate::delete_received_before(&self.db, &AGING, cutoff, batch).await
+    }
+
     /// Inserts dead letters in one transaction, idempotent by id. Returns the rows added.
     pub async fn insert(&self, letters: &[DeadLetter]) -> Result<u64, DbError> {
         if letters.is_empty() {

@@ -215,6 +215,56 @@ impl Database {
     }
 }
 
+/// A table whose rows age out ([`crate::SensorRows::delete_received_before`],
+/// [`crate::DeadLetterRows::delete_received_before`]): its name and the key its rows were
+/// added in (roughly arrival order) on each backend.
+pub(crate) struct Aging {
+    pub(crate) table: &'static str,
+    pub(crate) pg_key: &'static str,
+}
+
+/// Deletes up to `batch` of the oldest rows of `aging` (by the key they were added in) that
+/// arrived before `cutoff`; returns how many. Walking the key, not a time column, needs no
+/// index of its own: rows are added in about the order they arrive, so the oldest are first.
+/// A row that arrived late among older ones waits for the next pass that reaches it.
+pub(crate) async fn delete_received_before(
+    db: &Database,
+    aging: &Aging,
+    cutoff: DateTime<Utc>,
+    batch: i64,
+) -> Result<u64, DbError> {
+    let Aging { table, pg_key } = aging;
+    let deleted = match &db.pool {
+        Pool::Postgres(pool) => {
+            let sql = format!(
+                "DELETE FROM {table} WHERE {pg_key} IN
+                   (SELECT {pg_key} FROM {table} ORDER BY {pg_key} LIMIT $1)
+                 AND received_at < $2"
+            );
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(batch)
+                .bind(cutoff)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        }
+        Pool::Sqlite(pool) => {
+            let sql = format!(
+                "DELETE FROM {table} WHERE rowid IN
+                   (SELECT rowid FROM {table} ORDER BY rowid LIMIT $1)
+                 AND received_at < $2"
+            );
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(batch)
+                .bind(sqlite_time(&cutoff))
+                .execute(pool)
+                .await?
+                .rows_affected()
+        }
+    };
+    Ok(deleted)
+}
+
 /// Unix milliseconds, as the outbox tables store times (the same on both backends).
 pub(crate) fn ms(time: DateTime<Utc>) -> i64 {
     time.timestamp_millis()

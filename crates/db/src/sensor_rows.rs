@@ -154,6 +154,20 @@ impl SensorRows {
         }
     }
 
+    /// Deletes up to `batch` of the oldest rows received before `cutoff` (retention); returns
+    /// how many. Call again while it returns `batch`.
+    pub async fn delete_received_before(
+        &self,
+        cutoff: chrono::DateTime<chrono::Utc>,
+        batch: i64,
+    ) -> Result<u64, DbError> {
+        const AGING: crate::Aging = crate::Aging {
+            table: "sensor_data",
+            pg_key: "id",
+        };
+        crate::delete_received_before(&self.db, &AGING, cutoff, batch).await
+    }
+
     /// Counts the rows (tests and benchmarks).
     pub async fn count(&self) -> Result<i64, DbError> {
         const SQL: &str = "SELECT COUNT(*) FROM sensor_data";

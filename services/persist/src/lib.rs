@@ -33,7 +33,93 @@ pub struct PersistConfig {
     /// The same in whole milliseconds, as earlier versions took it; wins over --batch-delay.
     #[arg(long = "batch-ms", env = "ECARS_BATCH_MS", value_parser = parse_batch_ms)]
     pub batch_ms: Option<Duration>,
+    /// How long sensor rows and dead letters are kept after they arrive (`30d`); `0s` keeps
+    /// them forever. Older ones are deleted in small batches once a minute, off the write path.
+    #[arg(long = "retention", env = "ECARS_RETENTION", default_value = "30d", value_parser = parse_duration)]
+    pub retention: Duration,
 }
+
+/// Rows one retention statement deletes at most: short transactions, so the writers are never
+/// held up for long (SQLite has one writer).
+pub const RETENTION_BATCH: i64 = 5_000;
+/// How often retention runs.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
+/// The pause between two retention statements of one pass: room for the writers' commits.
+const RETENTION_PAUSE: Duration = Duration::from_millis(20);
+
+/// What one retention pass deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetentionPass {
+    /// Sensor rows deleted.
+    pub readings: u64,
+    /// Dead letters deleted.
+    pub dead_letters: u64,
+}
+
+/// Deletes the sensor rows and dead letters that arrived before `cutoff`, [`RETENTION_BATCH`]
+/// rows per statement with a pause between statements.
+pub async fn apply_retention(
+    db: &Database,
+    cutoff: chrono::DateTime<chrono::Utc>,
+) -> Result<RetentionPass, DbError> {
+    let mut pass = RetentionPass::default();
+    loop {
+        let n = db
+            .sensor_rows()
+            .delete_received_before(cutoff, RETENTION_BATCH)
+            .await?;
+        pass.readings += n;
+        if n < RETENTION_BATCH as u64 {
+            break;
+        }
+        tokio::time::sleep(RETENTION_PAUSE).await;
+    }
+    loop {
+        let n = db
+            .dead_letter_rows()
+            .delete_received_before(cutoff, RETENTION_BATCH)
+            .await?;
+        pass.dead_letters += n;
+        if n < RETENTION_BATCH as u64 {
+            break;
+        }
+        tokio::time::sleep(RETENTION_PAUSE).await;
+    }
+    Ok(pass)
+}
+
+/// Applies retention once a minute until `shutdown`; a failed pass is logged and tried again
+/// at the next.
+async fn retain(db: Database, retention: Duration, shutdown: CancellationToken) {
+    let Ok(keep) = chrono::TimeDelta::from_std(retention) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(RETENTION_INTERVAL) => {}
+        }
+        match apply_retention(&db, chrono::Utc::now() - keep).await {
+            Ok(pass) => {
+                metrics::counter!(RETENTION_DELETED, "table" => "sensor_data")
+                    .increment(pass.readings);
+                metrics::counter!(RETENTION_DELETED, "table" => "dead_letters")
+                    .increment(pass.dead_letters);
+                if pass != RetentionPass::default() {
+                    tracing::info!(
+                        readings = pass.readings,
+                        dead_letters = pass.dead_letters,
+                        "retention deleted rows older than {retention:?}"
+                    );
+                }
+            }
+            Err(error) => tracing::warn!(%error, "retention pass failed; trying again later"),
+        }
+    }
+}
+
+/// Rows deleted by retention, labelled by `table`.
+pub const RETENTION_DELETED: &str = "ecars_retention_deleted_rows_total";
 
 fn parse_batch_delay(text: &str) -> Result<Duration, String> {
     within_a_minute(parse_duration(text)?)
@@ -92,6 +178,8 @@ pub struct PersistWorker {
     dead_letters: (DeadLetterSink, Subscription<DeadLetter>),
     connectivity: (ConnectivitySink, Subscription<ConnectivityEvent>),
     policy: BatchPolicy,
+    /// The database and how long its rows are kept (zero: forever).
+    retention: (Database, Duration),
 }
 
 impl PersistWorker {
@@ -115,10 +203,11 @@ impl PersistWorker {
                 bus.subscribe(DEAD_LETTER_GROUP).await?,
             ),
             connectivity: (
-                ConnectivitySink { db },
+                ConnectivitySink { db: db.clone() },
                 bus.subscribe(CONNECTIVITY_GROUP).await?,
             ),
             policy: config.policy(),
+            retention: (db, config.retention),
         })
     }
 
@@ -142,9 +231,20 @@ impl PersistWorker {
             shutdown.clone(),
         ));
         let (sink, subscription) = self.connectivity;
-        let connectivity =
-            tokio::spawn(run_writer(sink, subscription, self.policy, retry, shutdown));
+        let connectivity = tokio::spawn(run_writer(
+            sink,
+            subscription,
+            self.policy,
+            retry,
+            shutdown.clone(),
+        ));
+        let (db, keep) = self.retention;
+        let retention = (!keep.is_zero()).then(|| tokio::spawn(retain(db, keep, shutdown)));
         let (a, b, c) = tokio::join!(readings, dead_letters, connectivity);
+        // The writers stopped (shutdown, or the bus closed): so does retention.
+        if let Some(retention) = retention {
+            retention.abort();
+        }
         a??;
         b??;
         c??;
@@ -259,5 +359,19 @@ mod tests {
         );
         assert!(delay(&["--batch-ms", "20ms"]).is_err());
         assert!(delay(&["--batch-delay", "2m"]).is_err(), "over a minute");
+    }
+
+    #[test]
+    fn retention_defaults_to_thirty_days_and_zero_keeps_everything() {
+        assert_eq!(
+            PersistConfig::default().retention,
+            Duration::from_secs(30 * 86_400)
+        );
+        let retention = |value: &str| {
+            Cli::try_parse_from(["x", "--retention", value]).map(|cli| cli.persist.retention)
+        };
+        assert_eq!(retention("7d").unwrap(), Duration::from_secs(7 * 86_400));
+        assert!(retention("0s").unwrap().is_zero());
+        assert!(retention("soon").is_err());
     }
 }
