@@ -11,9 +11,107 @@ use crate::{on_pool, parse_time, parse_uuid, parse_vin, sqlite_time, Database, D
 /// (preparing a statement of thousands of parameters per batch cost more than the insert).
 const SQLITE_ROWS_PER_STATEMENT: usize = 100;
 
-/// The columns of a reading, in the order the queries here name them.
-const COLUMNS: &str = r#"event_id, received_at, vin, name, profile, "range", mpge, battery,
+/// The columns of a reading, in the order the queries here name them ([`push_reading`] and
+/// [`ReadingArrays`] follow it).
+pub(crate) const COLUMNS: &str = r#"event_id, received_at, vin, name, profile, "range", mpge, battery,
                          malfunction, speed, latitude, longitude, date"#;
+
+/// Binds a reading's columns, in [`COLUMNS`] order, to a row of a SQLite multi-row insert.
+pub(crate) fn push_reading(row: &mut Separated<'_, Sqlite, &'static str>, r: &TelemetryReading) {
+    row.push_bind(r.event_id.to_string())
+        .push_bind(sqlite_time(&r.received_at))
+        .push_bind(r.vin.as_str())
+        .push_bind(r.name.as_deref())
+        .push_bind(r.profile.as_deref())
+        .push_bind(r.range)
+        .push_bind(r.mpge)
+        .push_bind(r.battery)
+        .push_bind(r.malfunction)
+        .push_bind(r.speed)
+        .push_bind(r.latitude)
+        .push_bind(r.longitude)
+        .push_bind(sqlite_time(&r.date));
+}
+
+/// The `UNNEST` arrays of a reading's columns, in [`COLUMNS`] order (PostgreSQL).
+pub(crate) const PG_ARRAYS: &str = "$1::uuid[], $2::timestamptz[], $3::text[], $4::text[], \
+     $5::text[], $6::float8[], $7::float8[], $8::float8[], $9::bool[], $10::float8[], \
+     $11::float8[], $12::float8[], $13::timestamptz[]";
+
+/// Readings as one PostgreSQL array per column, bound in [`COLUMNS`] order as [`PG_ARRAYS`].
+pub(crate) struct ReadingArrays<'a> {
+    event_ids: Vec<uuid::Uuid>,
+    received_ats: Vec<chrono::DateTime<chrono::Utc>>,
+    vins: Vec<&'a str>,
+    names: Vec<Option<&'a str>>,
+    profiles: Vec<Option<&'a str>>,
+    ranges: Vec<Option<f64>>,
+    mpges: Vec<Option<f64>>,
+    batteries: Vec<Option<f64>>,
+    malfunctions: Vec<Option<bool>>,
+    speeds: Vec<Option<f64>>,
+    latitudes: Vec<Option<f64>>,
+    longitudes: Vec<Option<f64>>,
+    dates: Vec<chrono::DateTime<chrono::Utc>>,
+}
+
+impl<'a> ReadingArrays<'a> {
+    /// The arrays of these readings.
+    pub(crate) fn of(readings: impl Iterator<Item = &'a TelemetryReading>) -> ReadingArrays<'a> {
+        let mut arrays = ReadingArrays {
+            event_ids: Vec::new(),
+            received_ats: Vec::new(),
+            vins: Vec::new(),
+            names: Vec::new(),
+            profiles: Vec::new(),
+            ranges: Vec::new(),
+            mpges: Vec::new(),
+            batteries: Vec::new(),
+            malfunctions: Vec::new(),
+            speeds: Vec::new(),
+            latitudes: Vec::new(),
+            longitudes: Vec::new(),
+            dates: Vec::new(),
+        };
+        for r in readings {
+            arrays.event_ids.push(r.event_id);
+            arrays.received_ats.push(r.received_at);
+            arrays.vins.push(r.vin.as_str());
+            arrays.names.push(r.name.as_deref());
+            arrays.profiles.push(r.profile.as_deref());
+            arrays.ranges.push(r.range);
+            arrays.mpges.push(r.mpge);
+            arrays.batteries.push(r.battery);
+            arrays.malfunctions.push(r.malfunction);
+            arrays.speeds.push(r.speed);
+            arrays.latitudes.push(r.latitude);
+            arrays.longitudes.push(r.longitude);
+            arrays.dates.push(r.date);
+        }
+        arrays
+    }
+
+    /// `query` with the arrays bound as its parameters `$1` to `$13`.
+    pub(crate) fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.event_ids)
+            .bind(&self.received_ats)
+            .bind(&self.vins)
+            .bind(&self.names)
+            .bind(&self.profiles)
+            .bind(&self.ranges)
+            .bind(&self.mpges)
+            .bind(&self.batteries)
+            .bind(&self.malfunctions)
+            .bind(&self.speeds)
+            .bind(&self.latitudes)
+            .bind(&self.longitudes)
+            .bind(&self.dates)
+    }
+}
 
 /// The `sensor_data` table.
 #[derive(Clone, Debug)]
@@ -31,60 +129,16 @@ impl SensorRows {
         }
         match &self.db.pool {
             Pool::Postgres(pool) => {
-                let n = readings.len();
-                let mut event_ids = Vec::with_capacity(n);
-                let mut received_ats = Vec::with_capacity(n);
-                let mut vins = Vec::with_capacity(n);
-                let mut names = Vec::with_capacity(n);
-                let mut profiles = Vec::with_capacity(n);
-                let mut ranges = Vec::with_capacity(n);
-                let mut mpges = Vec::with_capacity(n);
-                let mut batteries = Vec::with_capacity(n);
-                let mut malfunctions = Vec::with_capacity(n);
-                let mut speeds = Vec::with_capacity(n);
-                let mut latitudes = Vec::with_capacity(n);
-                let mut longitudes = Vec::with_capacity(n);
-                let mut dates = Vec::with_capacity(n);
-                for r in readings {
-                    event_ids.push(r.event_id);
-                    received_ats.push(r.received_at);
-                    vins.push(r.vin.as_str());
-                    names.push(r.name.as_deref());
-                    profiles.push(r.profile.as_deref());
-                    ranges.push(r.range);
-                    mpges.push(r.mpge);
-                    batteries.push(r.battery);
-                    malfunctions.push(r.malfunction);
-                    speeds.push(r.speed);
-                    latitudes.push(r.latitude);
-                    longitudes.push(r.longitude);
-                    dates.push(r.date);
-                }
                 let mut tx = pool.begin().await?;
-                let result = sqlx::query(
-                    r#"INSERT INTO sensor_data
-                         (event_id, received_at, vin, name, profile, "range", mpge, battery,
-                          malfunction, speed, latitude, longitude, date)
-                       SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::text[],
-                          $5::text[], $6::float8[], $7::float8[], $8::float8[], $9::bool[],
-                          $10::float8[], $11::float8[], $12::float8[], $13::timestamptz[])
-                       ON CONFLICT (event_id) DO NOTHING"#,
-                )
-                .bind(&event_ids)
-                .bind(&received_ats)
-                .bind(&vins)
-                .bind(&names)
-                .bind(&profiles)
-                .bind(&ranges)
-                .bind(&mpges)
-                .bind(&batteries)
-                .bind(&malfunctions)
-                .bind(&speeds)
-                .bind(&latitudes)
-                .bind(&longitudes)
-                .bind(&dates)
-                .execute(&mut *tx)
-                .await?;
+                let arrays = ReadingArrays::of(readings.iter());
+                let sql = format!(
+                    "INSERT INTO sensor_data ({COLUMNS}) SELECT * FROM UNNEST({PG_ARRAYS})
+                     ON CONFLICT (event_id) DO NOTHING"
+                );
+                let result = arrays
+                    .bind(sqlx::query(sqlx::AssertSqlSafe(sql)))
+                    .execute(&mut *tx)
+                    .await?;
                 vehicle_states::upsert_pg(&mut tx, readings).await?;
                 tx.commit().await?;
                 Ok(result.rows_affected())
@@ -98,21 +152,7 @@ impl SensorRows {
                           malfunction, speed, latitude, longitude, date) "#,
                     " ON CONFLICT (event_id) DO NOTHING",
                     readings,
-                    |row, r| {
-                        row.push_bind(r.event_id.to_string())
-                            .push_bind(sqlite_time(&r.received_at))
-                            .push_bind(r.vin.as_str())
-                            .push_bind(r.name.as_deref())
-                            .push_bind(r.profile.as_deref())
-                            .push_bind(r.range)
-                            .push_bind(r.mpge)
-                            .push_bind(r.battery)
-                            .push_bind(r.malfunction)
-                            .push_bind(r.speed)
-                            .push_bind(r.latitude)
-                            .push_bind(r.longitude)
-                            .push_bind(sqlite_time(&r.date));
-                    },
+                    push_reading,
                 )
                 .await?;
                 vehicle_states::upsert_sqlite(&mut tx, readings).await?;

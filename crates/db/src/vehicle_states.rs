@@ -12,7 +12,9 @@ use ecars_model::{Connectivity, ConnectivityEvent, TelemetryReading, Vin};
 use sqlx::{Postgres, Row, SqliteConnection, Transaction};
 use uuid::Uuid;
 
-use crate::sensor_rows::{pg_reading, sqlite_insert_in, sqlite_reading};
+use crate::sensor_rows::{
+    pg_reading, push_reading, sqlite_insert_in, sqlite_reading, ReadingArrays, PG_ARRAYS,
+};
 use crate::{parse_time, parse_uuid, sqlite_time, Database, DbError, Pool};
 
 /// One car's latest state.
@@ -65,44 +67,43 @@ pub struct VehicleStates {
     pub(crate) db: Database,
 }
 
-/// The columns of `vehicle_state`, in the order the statements here name them.
-const COLUMNS: &str = r#"vin, event_id, received_at, name, profile, "range", mpge, battery,
-                         malfunction, speed, latitude, longitude, date, last_seen"#;
+/// The columns of `vehicle_state` a reading fills: a reading's own, in the order
+/// [`crate::sensor_rows::COLUMNS`] names them, and `last_seen`.
+fn reading_columns() -> String {
+    format!("{}, last_seen", crate::sensor_rows::COLUMNS)
+}
 
 /// The connectivity columns.
 const CONNECTIVITY_COLUMNS: &str =
     "online, session_id, connectivity_changed_at, connectivity_reason, node";
 
+/// `column = CASE WHEN {when} THEN excluded.column ELSE vehicle_state.column END` for each of
+/// `columns`: the upsert's new values, taken only when `when` holds.
+fn replaced_when<'c>(columns: impl Iterator<Item = &'c str>, when: &str) -> Vec<String> {
+    columns
+        .map(|column| {
+            format!(
+                "{column} = CASE WHEN {when} THEN excluded.{column} ELSE vehicle_state.{column} END"
+            )
+        })
+        .collect()
+}
+
 /// The reading's columns, replaced only by a newer reading (by event time, then event id), so
 /// a late or redelivered batch never moves a car back; `last_seen` only moves forward.
 fn on_conflict(greatest: &str) -> String {
-    const READING: [&str; 12] = [
-        "event_id",
-        "received_at",
-        "name",
-        "profile",
-        "\"range\"",
-        "mpge",
-        "battery",
-        "malfunction",
-        "speed",
-        "latitude",
-        "longitude",
-        "date",
-    ];
     let newer = "vehicle_state.date IS NULL OR \
                  (excluded.date, excluded.event_id) > (vehicle_state.date, vehicle_state.event_id)";
-    let mut sql = String::from(" ON CONFLICT (vin) DO UPDATE SET ");
-    for column in READING {
-        sql.push_str(&format!(
-            "{column} = CASE WHEN {newer} THEN excluded.{column} ELSE vehicle_state.{column} END, "
-        ));
-    }
+    let reading = crate::sensor_rows::COLUMNS
+        .split(',')
+        .map(str::trim)
+        .filter(|column| *column != "vin");
+    let mut sets = replaced_when(reading, newer);
     // COALESCE: SQLite's MAX of a NULL is NULL (a car that connected before its first reading).
-    sql.push_str(&format!(
+    sets.push(format!(
         "last_seen = {greatest}(COALESCE(vehicle_state.last_seen, excluded.last_seen), excluded.last_seen)"
     ));
-    sql
+    format!(" ON CONFLICT (vin) DO UPDATE SET {}", sets.join(", "))
 }
 
 /// The connectivity columns, replaced only by an event that supersedes the state they hold
@@ -112,14 +113,7 @@ fn on_connectivity_conflict() -> String {
         OR excluded.session_id > vehicle_state.session_id \
         OR (excluded.session_id = vehicle_state.session_id \
             AND vehicle_state.online AND NOT excluded.online)";
-    let sets: Vec<String> = CONNECTIVITY_COLUMNS
-        .split(", ")
-        .map(|column| {
-            format!(
-                "{column} = CASE WHEN {supersedes} THEN excluded.{column} ELSE vehicle_state.{column} END"
-            )
-        })
-        .collect();
+    let sets = replaced_when(CONNECTIVITY_COLUMNS.split(", "), supersedes);
     format!(" ON CONFLICT (vin) DO UPDATE SET {}", sets.join(", "))
 }
 
@@ -168,55 +162,14 @@ pub(crate) async fn upsert_pg(
     readings: &[TelemetryReading],
 ) -> Result<(), DbError> {
     let newest = newest_per_vehicle(readings);
-    let column = |f: fn(&TelemetryReading) -> Option<f64>| -> Vec<Option<f64>> {
-        newest.iter().map(|(r, _)| f(r)).collect()
-    };
+    let arrays = ReadingArrays::of(newest.iter().map(|(r, _)| *r));
     let sql = format!(
-        r#"INSERT INTO vehicle_state ({COLUMNS})
-           SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[],
-              $6::float8[], $7::float8[], $8::float8[], $9::bool[], $10::float8[], $11::float8[],
-              $12::float8[], $13::timestamptz[], $14::timestamptz[]){}"#,
+        "INSERT INTO vehicle_state ({}) SELECT * FROM UNNEST({PG_ARRAYS}, $14::timestamptz[]){}",
+        reading_columns(),
         on_conflict("GREATEST")
     );
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(
-            newest
-                .iter()
-                .map(|(r, _)| r.vin.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(newest.iter().map(|(r, _)| r.event_id).collect::<Vec<_>>())
-        .bind(
-            newest
-                .iter()
-                .map(|(r, _)| r.received_at)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            newest
-                .iter()
-                .map(|(r, _)| r.name.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            newest
-                .iter()
-                .map(|(r, _)| r.profile.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(column(|r| r.range))
-        .bind(column(|r| r.mpge))
-        .bind(column(|r| r.battery))
-        .bind(
-            newest
-                .iter()
-                .map(|(r, _)| r.malfunction)
-                .collect::<Vec<_>>(),
-        )
-        .bind(column(|r| r.speed))
-        .bind(column(|r| r.latitude))
-        .bind(column(|r| r.longitude))
-        .bind(newest.iter().map(|(r, _)| r.date).collect::<Vec<_>>())
+    arrays
+        .bind(sqlx::query(sqlx::AssertSqlSafe(sql)))
         .bind(newest.iter().map(|(_, seen)| *seen).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
@@ -230,31 +183,17 @@ pub(crate) async fn upsert_sqlite(
 ) -> Result<(), DbError> {
     let newest = newest_per_vehicle(readings);
     // Built once: the statement's text is the key of its prepared statement.
-    static ON_CONFLICT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let on_conflict = ON_CONFLICT.get_or_init(|| on_conflict("MAX"));
-    sqlite_insert_in(
-        conn,
-        r#"INSERT INTO vehicle_state (vin, event_id, received_at, name, profile, "range", mpge,
-              battery, malfunction, speed, latitude, longitude, date, last_seen) "#,
-        on_conflict,
-        &newest,
-        |row, (r, last_seen)| {
-            row.push_bind(r.vin.as_str())
-                .push_bind(r.event_id.to_string())
-                .push_bind(sqlite_time(&r.received_at))
-                .push_bind(r.name.as_deref())
-                .push_bind(r.profile.as_deref())
-                .push_bind(r.range)
-                .push_bind(r.mpge)
-                .push_bind(r.battery)
-                .push_bind(r.malfunction)
-                .push_bind(r.speed)
-                .push_bind(r.latitude)
-                .push_bind(r.longitude)
-                .push_bind(sqlite_time(&r.date))
-                .push_bind(sqlite_time(last_seen));
-        },
-    )
+    static STATEMENT: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+    let (insert, on_conflict) = STATEMENT.get_or_init(|| {
+        (
+            format!("INSERT INTO vehicle_state ({}) ", reading_columns()),
+            on_conflict("MAX"),
+        )
+    });
+    sqlite_insert_in(conn, insert, on_conflict, &newest, |row, (r, last_seen)| {
+        push_reading(row, r);
+        row.push_bind(sqlite_time(last_seen));
+    })
     .await?;
     Ok(())
 }
@@ -331,10 +270,11 @@ impl VehicleStates {
         match &self.db.pool {
             Pool::Postgres(pool) => {
                 let sql = format!(
-                    "SELECT {COLUMNS}, {CONNECTIVITY_COLUMNS},
+                    "SELECT {}, {CONNECTIVITY_COLUMNS},
                         (SELECT string_agg(c.rule, ',' ORDER BY c.rule) FROM case_outbox c
                          WHERE c.vin = v.vin AND c.episode_closed_ms IS NULL) AS open_anomalies
-                     FROM vehicle_state v WHERE v.vin > $1 {filters} ORDER BY v.vin LIMIT $2"
+                     FROM vehicle_state v WHERE v.vin > $1 {filters} ORDER BY v.vin LIMIT $2",
+                    reading_columns()
                 );
                 let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
                     .bind(after)
@@ -366,12 +306,13 @@ impl VehicleStates {
             }
             Pool::Sqlite(pool) => {
                 let sql = format!(
-                    "SELECT {COLUMNS}, {CONNECTIVITY_COLUMNS},
+                    "SELECT {}, {CONNECTIVITY_COLUMNS},
                         (SELECT group_concat(rule, ',') FROM
                            (SELECT c.rule FROM case_outbox c
                             WHERE c.vin = v.vin AND c.episode_closed_ms IS NULL ORDER BY c.rule))
                           AS open_anomalies
-                     FROM vehicle_state v WHERE v.vin > $1 {filters} ORDER BY v.vin LIMIT $2"
+                     FROM vehicle_state v WHERE v.vin > $1 {filters} ORDER BY v.vin LIMIT $2",
+                    reading_columns()
                 );
                 let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
                     .bind(after)
