@@ -62,30 +62,32 @@ pub async fn apply_retention(
     db: &Database,
     cutoff: chrono::DateTime<chrono::Utc>,
 ) -> Result<RetentionPass, DbError> {
-    let mut pass = RetentionPass::default();
+    let readings = db.sensor_rows();
+    let letters = db.dead_letter_rows();
+    Ok(RetentionPass {
+        readings: until_drained(|| readings.delete_received_before(cutoff, RETENTION_BATCH))
+            .await?,
+        dead_letters: until_drained(|| letters.delete_received_before(cutoff, RETENTION_BATCH))
+            .await?,
+    })
+}
+
+/// Runs `delete` (one statement of at most [`RETENTION_BATCH`] rows) until it deletes fewer,
+/// pausing between statements; returns the rows deleted.
+async fn until_drained<F, Fut>(mut delete: F) -> Result<u64, DbError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, DbError>>,
+{
+    let mut total = 0;
     loop {
-        let n = db
-            .sensor_rows()
-            .delete_received_before(cutoff, RETENTION_BATCH)
-            .await?;
-        pass.readings += n;
+        let n = delete().await?;
+        total += n;
         if n < RETENTION_BATCH as u64 {
-            break;
+            return Ok(total);
         }
         tokio::time::sleep(RETENTION_PAUSE).await;
     }
-    loop {
-        let n = db
-            .dead_letter_rows()
-            .delete_received_before(cutoff, RETENTION_BATCH)
-            .await?;
-        pass.dead_letters += n;
-        if n < RETENTION_BATCH as u64 {
-            break;
-        }
-        tokio::time::sleep(RETENTION_PAUSE).await;
-    }
-    Ok(pass)
 }
 
 /// Applies retention once a minute until `shutdown`; a failed pass is logged and tried again
