@@ -3,6 +3,7 @@
 use chrono::{Duration as ChronoDuration, SubsecRound, Utc};
 use ecars_db::case_outbox::{CaseDraft, CaseStatus};
 use ecars_db::detector_states::StoredState;
+use ecars_db::rollups::Width;
 use ecars_db::vehicle_states::{FleetQuery, VehicleState};
 use ecars_db::Database;
 use ecars_e2e::PgServer;
@@ -341,9 +342,11 @@ async fn retention(db: Database) {
         .insert(&[DeadLetter::new("ecars/data", "c", rejection(), b"{", now)])
         .await
         .unwrap();
-    let pass = ecars_persist::apply_retention(&db, now - ChronoDuration::days(30))
-        .await
-        .unwrap();
+    let cutoffs = ecars_persist::Cutoffs {
+        readings: Some(now - ChronoDuration::days(30)),
+        rollups: None,
+    };
+    let pass = ecars_persist::apply_retention(&db, cutoffs).await.unwrap();
     assert!(
         12_001 > 2 * ecars_persist::RETENTION_BATCH as u64,
         "several statements"
@@ -355,10 +358,42 @@ async fn retention(db: Database) {
     assert_eq!(kept.len(), 1);
     assert_eq!(kept[0].received_at, now);
     // Nothing more to delete: a second pass deletes nothing.
-    let again = ecars_persist::apply_retention(&db, now - ChronoDuration::days(30))
-        .await
-        .unwrap();
+    let again = ecars_persist::apply_retention(&db, cutoffs).await.unwrap();
     assert_eq!(again, ecars_persist::RetentionPass::default());
+    // The rollups outlive the rows they summarise, until their own retention: the old
+    // readings' minute and hour buckets go, the recent ones' stay.
+    let rollups = db.rollups();
+    let buckets = |width| {
+        let rollups = rollups.clone();
+        async move {
+            let vin = Vin::parse("4HGCM82633A004352").unwrap();
+            let all = rollups
+                .history_page(
+                    width,
+                    &vin,
+                    long_ago - ChronoDuration::days(1),
+                    now + ChronoDuration::days(1),
+                    1_000,
+                )
+                .await
+                .unwrap();
+            all.iter().map(|r| r.readings).collect::<Vec<_>>()
+        }
+    };
+    let old_minutes = buckets(Width::Minute).await;
+    assert_eq!(old_minutes.iter().sum::<i64>(), 12_011, "{old_minutes:?}");
+    let pass = ecars_persist::apply_retention(
+        &db,
+        ecars_persist::Cutoffs {
+            readings: None,
+            rollups: Some(now - ChronoDuration::days(30)),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(pass.rollups >= 2, "{pass:?}");
+    assert_eq!(buckets(Width::Minute).await.iter().sum::<i64>(), 10);
+    assert_eq!(buckets(Width::Hour).await.iter().sum::<i64>(), 10);
 }
 
 #[tokio::test]

@@ -4,6 +4,8 @@
 //! - [`sensor_rows`]: `sensor_data`, the accepted readings, written in batches;
 //! - [`dead_letter_rows`]: `dead_letters`, the refused messages with their bytes and reason;
 //! - [`vehicle_states`]: `vehicle_state`, each car's latest state (the fleet list);
+//! - [`rollups`]: `rollup_1m` and `rollup_1h`, each car's readings summarised per minute and
+//!   per hour (the history API's long ranges);
 //! - [`detector_states`]: `anomaly_vehicle_state`, what the anomaly detector remembers per car;
 //! - [`case_outbox`]: `case_outbox`, one row per anomaly episode and its Salesforce Case sync.
 //!
@@ -13,6 +15,7 @@
 pub mod case_outbox;
 pub mod dead_letter_rows;
 pub mod detector_states;
+pub mod rollups;
 pub mod sensor_rows;
 pub mod vehicle_states;
 
@@ -30,6 +33,7 @@ use uuid::Uuid;
 pub use case_outbox::CaseOutbox;
 pub use dead_letter_rows::DeadLetterRows;
 pub use detector_states::DetectorStates;
+pub use rollups::Rollups;
 pub use sensor_rows::SensorRows;
 pub use vehicle_states::VehicleStates;
 
@@ -204,6 +208,11 @@ impl Database {
         VehicleStates { db: self.clone() }
     }
 
+    /// The per-minute and per-hour summaries of each car's readings.
+    pub fn rollups(&self) -> Rollups {
+        Rollups { db: self.clone() }
+    }
+
     /// The anomaly detector's state of each car.
     pub fn detector_states(&self) -> DetectorStates {
         DetectorStates { db: self.clone() }
@@ -263,6 +272,21 @@ pub(crate) async fn delete_received_before(
         }
     };
     Ok(deleted)
+}
+
+/// `column = CASE WHEN {when} THEN excluded.column ELSE {table}.column END` for each of
+/// `columns`: an upsert's new values, taken only when `when` holds. Every `SET` of an upsert
+/// reads the row as it was, so `when` may name the columns being replaced.
+pub(crate) fn replaced_when<'c>(
+    table: &str,
+    columns: impl Iterator<Item = &'c str>,
+    when: &str,
+) -> Vec<String> {
+    columns
+        .map(|column| {
+            format!("{column} = CASE WHEN {when} THEN excluded.{column} ELSE {table}.{column} END")
+        })
+        .collect()
 }
 
 /// Unix milliseconds, as the outbox tables store times (the same on both backends).

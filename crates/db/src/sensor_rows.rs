@@ -4,8 +4,12 @@ use ecars_model::{TelemetryReading, Vin};
 use sqlx::query_builder::Separated;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 
-use crate::vehicle_states;
+use std::collections::HashSet;
+
+use uuid::Uuid;
+
 use crate::{on_pool, parse_time, parse_uuid, parse_vin, sqlite_time, Database, DbError, Pool};
+use crate::{rollups, vehicle_states};
 
 /// Rows per SQLite statement. A fixed size lets one prepared statement serve every full chunk
 /// (preparing a statement of thousands of parameters per batch cost more than the insert).
@@ -133,31 +137,39 @@ impl SensorRows {
                 let arrays = ReadingArrays::of(readings.iter());
                 let sql = format!(
                     "INSERT INTO sensor_data ({COLUMNS}) SELECT * FROM UNNEST({PG_ARRAYS})
-                     ON CONFLICT (event_id) DO NOTHING"
+                     ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
                 );
-                let result = arrays
+                let added_ids = arrays
                     .bind(sqlx::query(sqlx::AssertSqlSafe(sql)))
-                    .execute(&mut *tx)
-                    .await?;
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .iter()
+                    .map(|row| row.try_get(0))
+                    .collect::<Result<Vec<Uuid>, _>>()?;
+                let added = added_of(readings, added_ids);
                 vehicle_states::upsert_pg(&mut tx, readings).await?;
+                rollups::upsert_pg(&mut tx, &added).await?;
                 tx.commit().await?;
-                Ok(result.rows_affected())
+                Ok(added.len() as u64)
             }
             Pool::Sqlite(pool) => {
                 let mut tx = pool.begin().await?;
-                let added = sqlite_insert_in(
-                    &mut tx,
-                    r#"INSERT INTO sensor_data
-                         (event_id, received_at, vin, name, profile, "range", mpge, battery,
-                          malfunction, speed, latitude, longitude, date) "#,
-                    " ON CONFLICT (event_id) DO NOTHING",
-                    readings,
-                    push_reading,
-                )
-                .await?;
+                let mut added_ids = Vec::with_capacity(readings.len());
+                for chunk in readings.chunks(SQLITE_ROWS_PER_STATEMENT) {
+                    let mut query =
+                        QueryBuilder::new(format!("INSERT INTO sensor_data ({COLUMNS}) "));
+                    query.push_values(chunk, |mut row, r| push_reading(&mut row, r));
+                    query.push(" ON CONFLICT (event_id) DO NOTHING RETURNING event_id");
+                    let ids: Vec<String> = query.build_query_scalar().fetch_all(&mut *tx).await?;
+                    for id in ids {
+                        added_ids.push(parse_uuid(id)?);
+                    }
+                }
+                let added = added_of(readings, added_ids);
                 vehicle_states::upsert_sqlite(&mut tx, readings).await?;
+                rollups::upsert_sqlite(&mut tx, &added).await?;
                 tx.commit().await?;
-                Ok(added)
+                Ok(added.len() as u64)
             }
         }
     }
@@ -194,6 +206,48 @@ impl SensorRows {
         }
     }
 
+    /// A page of one car's readings for its history: up to `limit` dated before `to`, after
+    /// the event time `after` (date, then event id; start at the range's start and the nil
+    /// id), oldest first. The next page starts after the last reading of this one; each page
+    /// is one short query, so a slow reader of a long range holds no connection.
+    pub async fn history_page(
+        &self,
+        vin: &Vin,
+        after: (chrono::DateTime<chrono::Utc>, Uuid),
+        to: chrono::DateTime<chrono::Utc>,
+        limit: i64,
+    ) -> Result<Vec<TelemetryReading>, DbError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM sensor_data
+             WHERE vin = $1 AND date >= $2 AND (date, event_id) > ($2, $3) AND date < $4
+             ORDER BY date, event_id LIMIT $5"
+        );
+        match &self.db.pool {
+            Pool::Postgres(pool) => {
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(vin.as_str())
+                    .bind(after.0)
+                    .bind(after.1)
+                    .bind(to)
+                    .bind(limit)
+                    .fetch_all(pool)
+                    .await?;
+                rows.iter().map(pg_reading).collect()
+            }
+            Pool::Sqlite(pool) => {
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(vin.as_str())
+                    .bind(sqlite_time(&after.0))
+                    .bind(after.1.to_string())
+                    .bind(sqlite_time(&to))
+                    .bind(limit)
+                    .fetch_all(pool)
+                    .await?;
+                rows.iter().map(sqlite_reading).collect()
+            }
+        }
+    }
+
     /// Deletes up to `batch` of the oldest rows received before `cutoff` (retention); returns
     /// how many. Call again while it returns `batch`.
     pub async fn delete_received_before(
@@ -215,6 +269,20 @@ impl SensorRows {
             .fetch_one(pool)
             .await?))
     }
+}
+
+/// The readings of a batch whose event ids the insert returned (those it added), each once: a
+/// reading stored before, or twice in the batch, must not be summarised twice.
+fn added_of(readings: &[TelemetryReading], added_ids: Vec<Uuid>) -> Vec<&TelemetryReading> {
+    if added_ids.len() == readings.len() {
+        // The common case: nothing was stored before, and no reading came twice.
+        return readings.iter().collect();
+    }
+    let mut added: HashSet<Uuid> = added_ids.into_iter().collect();
+    readings
+        .iter()
+        .filter(|r| added.remove(&r.event_id))
+        .collect()
 }
 
 /// Inserts `items` in one SQLite transaction, [`SQLITE_ROWS_PER_STATEMENT`] rows per statement;

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::sensor_rows::{
     pg_reading, push_reading, sqlite_insert_in, sqlite_reading, ReadingArrays, PG_ARRAYS,
 };
-use crate::{parse_time, parse_uuid, sqlite_time, Database, DbError, Pool};
+use crate::{parse_time, parse_uuid, replaced_when, sqlite_time, Database, DbError, Pool};
 
 /// One car's latest state.
 #[derive(Clone, Debug, PartialEq)]
@@ -77,18 +77,6 @@ fn reading_columns() -> String {
 const CONNECTIVITY_COLUMNS: &str =
     "online, session_id, connectivity_changed_at, connectivity_reason, node";
 
-/// `column = CASE WHEN {when} THEN excluded.column ELSE vehicle_state.column END` for each of
-/// `columns`: the upsert's new values, taken only when `when` holds.
-fn replaced_when<'c>(columns: impl Iterator<Item = &'c str>, when: &str) -> Vec<String> {
-    columns
-        .map(|column| {
-            format!(
-                "{column} = CASE WHEN {when} THEN excluded.{column} ELSE vehicle_state.{column} END"
-            )
-        })
-        .collect()
-}
-
 /// The reading's columns, replaced only by a newer reading (by event time, then event id), so
 /// a late or redelivered batch never moves a car back; `last_seen` only moves forward.
 fn on_conflict(greatest: &str) -> String {
@@ -98,7 +86,7 @@ fn on_conflict(greatest: &str) -> String {
         .split(',')
         .map(str::trim)
         .filter(|column| *column != "vin");
-    let mut sets = replaced_when(reading, newer);
+    let mut sets = replaced_when("vehicle_state", reading, newer);
     // COALESCE: SQLite's MAX of a NULL is NULL (a car that connected before its first reading).
     sets.push(format!(
         "last_seen = {greatest}(COALESCE(vehicle_state.last_seen, excluded.last_seen), excluded.last_seen)"
@@ -113,7 +101,11 @@ fn on_connectivity_conflict() -> String {
         OR excluded.session_id > vehicle_state.session_id \
         OR (excluded.session_id = vehicle_state.session_id \
             AND vehicle_state.online AND NOT excluded.online)";
-    let sets = replaced_when(CONNECTIVITY_COLUMNS.split(", "), supersedes);
+    let sets = replaced_when(
+        "vehicle_state",
+        CONNECTIVITY_COLUMNS.split(", "),
+        supersedes,
+    );
     format!(" ON CONFLICT (vin) DO UPDATE SET {}", sets.join(", "))
 }
 

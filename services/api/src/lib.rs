@@ -2,7 +2,7 @@
 //! listeners:
 //!
 //! - the public one ([`router`], `--http-addr`): fleet data (`/v1/vehicles`,
-//!   `/v1/vehicles/{vin}/telemetry`, `/v1/dead-letters`), the case outbox (`/v1/cases`,
+//!   `/v1/vehicles/{vin}/telemetry`, `/v1/vehicles/{vin}/history`, `/v1/dead-letters`), the case outbox (`/v1/cases`,
 //!   `POST /v1/cases/{key}/retry`), live-view tokens (`POST /v1/relay-tokens`) and the built-in
 //!   dashboard at `/`; every `/v1` route checks the caller's credential ([`access`]);
 //! - the internal one ([`admin_router`], `--admin-addr`, loopback by default): `/healthz`,
@@ -12,6 +12,7 @@
 //! credential is refused).
 
 pub mod access;
+pub mod history;
 pub mod metrics;
 pub mod serve;
 
@@ -202,6 +203,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/", get(dashboard))
         .route("/v1/vehicles", get(vehicles))
         .route("/v1/vehicles/{vin}/telemetry", get(vehicle_telemetry))
+        .route("/v1/vehicles/{vin}/history", get(vehicle_history))
         .route("/v1/dead-letters", get(dead_letters))
         .route("/v1/cases", get(list_cases))
         .route("/v1/cases/{key}/retry", post(retry_case))
@@ -422,22 +424,45 @@ async fn vehicles(
     Ok(response)
 }
 
+/// The VIN of a `/v1/vehicles/{vin}/…` route, once the caller may read that car.
+fn vehicle(state: &ApiState, headers: &HeaderMap, vin: &str) -> Result<Vin, ApiError> {
+    let vin = Vin::parse(vin).map_err(|e| ApiError::bad_request(e.to_string()));
+    // The credential first: a caller without one learns nothing, not even what a VIN looks like.
+    match &vin {
+        Ok(vin) => authorize(state, headers, Need::Vehicle(vin))?,
+        Err(_) => authorize(state, headers, Need::Scope(Scope::FleetRead))?,
+    }
+    vin
+}
+
 async fn vehicle_telemetry(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path(vin): Path<String>,
     Query(query): Query<LimitQuery>,
 ) -> Result<Json<Vec<TelemetryReading>>, ApiError> {
-    let vin = Vin::parse(&vin).map_err(|e| ApiError::bad_request(e.to_string()));
-    // The credential first: a caller without one learns nothing, not even what a VIN looks like.
-    match &vin {
-        Ok(vin) => authorize(&state, &headers, Need::Vehicle(vin))?,
-        Err(_) => authorize(&state, &headers, Need::Scope(Scope::FleetRead))?,
-    }
-    let vin = vin?;
+    let vin = vehicle(&state, &headers, &vin)?;
     let limit = limit(&query, 100)?;
     Ok(Json(
         db(&state)?.sensor_rows().of_vehicle(&vin, limit).await?,
+    ))
+}
+
+/// `GET /v1/vehicles/{vin}/history`: see [`history`].
+async fn vehicle_history(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(vin): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let vin = vehicle(&state, &headers, &vin)?;
+    let query = history::HistoryQuery::parse(&params, Utc::now()).map_err(ApiError::bad_request)?;
+    let db = db(&state)?.clone();
+    Ok(history::respond(
+        db,
+        vin,
+        query,
+        history::Format::of(&headers),
     ))
 }
 

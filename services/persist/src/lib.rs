@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 use ecars_bus::{Bus, BusError, Subscription};
+use ecars_db::rollups::Width;
 use ecars_db::{Database, DbError};
 use ecars_model::{ConnectivityEvent, DeadLetter, TelemetryReading};
 use ecars_runtime::settings::{parse_duration, parse_millis};
@@ -37,6 +38,10 @@ pub struct PersistConfig {
     /// them forever. Older ones are deleted in small batches once a minute, off the write path.
     #[arg(long = "retention", env = "ECARS_RETENTION", default_value = "30d", value_parser = parse_duration)]
     pub retention: Duration,
+    /// How long the per-minute and per-hour rollups of the readings (the history API's long
+    /// ranges) are kept, by bucket start (`400d`); `0s` keeps them forever.
+    #[arg(long = "rollup-retention", env = "ECARS_ROLLUP_RETENTION", default_value = "400d", value_parser = parse_duration)]
+    pub rollup_retention: Duration,
 }
 
 /// Rows one retention statement deletes at most: short transactions, so the writers are never
@@ -54,23 +59,99 @@ pub struct RetentionPass {
     pub readings: u64,
     /// Dead letters deleted.
     pub dead_letters: u64,
+    /// Rollup buckets deleted (both widths).
+    pub rollups: u64,
 }
 
-/// Deletes the sensor rows and dead letters that arrived before `cutoff`, [`RETENTION_BATCH`]
-/// rows per statement with a pause between statements.
-pub async fn apply_retention(
-    db: &Database,
-    cutoff: chrono::DateTime<chrono::Utc>,
-) -> Result<RetentionPass, DbError> {
-    let readings = db.sensor_rows();
-    let letters = db.dead_letter_rows();
-    Ok(RetentionPass {
-        readings: until_drained(|| readings.delete_received_before(cutoff, RETENTION_BATCH))
-            .await?,
-        dead_letters: until_drained(|| letters.delete_received_before(cutoff, RETENTION_BATCH))
-            .await?,
-    })
+/// What retention deletes: what is older than these times (`None`: kept forever).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cutoffs {
+    /// Sensor rows and dead letters that arrived before it.
+    pub readings: Option<chrono::DateTime<chrono::Utc>>,
+    /// Rollup buckets that started before it.
+    pub rollups: Option<chrono::DateTime<chrono::Utc>>,
 }
+
+impl Cutoffs {
+    /// The cutoffs of keeping rows for `readings` and rollups for `rollups` (zero: forever)
+    /// at `now`.
+    pub fn at(
+        now: chrono::DateTime<chrono::Utc>,
+        readings: Duration,
+        rollups: Duration,
+    ) -> Cutoffs {
+        let before = |keep: Duration| {
+            (!keep.is_zero())
+                .then(|| chrono::TimeDelta::from_std(keep).ok())
+                .flatten()
+                .and_then(|keep| now.checked_sub_signed(keep))
+        };
+        Cutoffs {
+            readings: before(readings),
+            rollups: before(rollups),
+        }
+    }
+}
+
+/// Deletes what is older than `cutoffs`, [`RETENTION_BATCH`] rows per statement with a pause
+/// between statements.
+pub async fn apply_retention(db: &Database, cutoffs: Cutoffs) -> Result<RetentionPass, DbError> {
+    let mut pass = RetentionPass::default();
+    if let Some(cutoff) = cutoffs.readings {
+        let readings = db.sensor_rows();
+        let letters = db.dead_letter_rows();
+        pass.readings =
+            until_drained(|| readings.delete_received_before(cutoff, RETENTION_BATCH)).await?;
+        pass.dead_letters =
+            until_drained(|| letters.delete_received_before(cutoff, RETENTION_BATCH)).await?;
+    }
+    if let Some(cutoff) = cutoffs.rollups {
+        let rollups = db.rollups();
+        for width in Width::ALL {
+            pass.rollups +=
+                until_drained(|| rollups.delete_before(width, cutoff, RETENTION_BATCH)).await?;
+        }
+    }
+    Ok(pass)
+}
+
+/// Summarises the sensor rows stored before the rollups existed, [`RETENTION_BATCH`] ids per
+/// transaction with a pause between them, until none remain or `shutdown`; a failure is logged
+/// and tried again 5 s later.
+async fn backfill_rollups(db: Database, shutdown: CancellationToken) {
+    let rollups = db.rollups();
+    let mut announced = false;
+    loop {
+        let pause = match rollups.backfill(RETENTION_BATCH).await {
+            Ok(0) => {
+                if announced {
+                    tracing::info!("rollups of the readings stored before them are complete");
+                }
+                metrics::gauge!(ROLLUP_BACKFILL_REMAINING).set(0.0);
+                return;
+            }
+            Ok(remaining) => {
+                if !announced {
+                    tracing::info!(remaining, "summarising stored readings into rollups");
+                    announced = true;
+                }
+                metrics::gauge!(ROLLUP_BACKFILL_REMAINING).set(remaining as f64);
+                RETENTION_PAUSE
+            }
+            Err(error) => {
+                tracing::warn!(%error, "rollup backfill failed; trying again in 5s");
+                Duration::from_secs(5)
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// Sensor-row ids stored before the rollups existed and not yet summarised.
+pub const ROLLUP_BACKFILL_REMAINING: &str = "ecars_rollup_backfill_remaining_rows";
 
 /// Runs `delete` (one statement of at most [`RETENTION_BATCH`] rows) until it deletes fewer,
 /// pausing between statements; returns the rows deleted.
@@ -92,26 +173,27 @@ where
 
 /// Applies retention once a minute until `shutdown`; a failed pass is logged and tried again
 /// at the next.
-async fn retain(db: Database, retention: Duration, shutdown: CancellationToken) {
-    let Ok(keep) = chrono::TimeDelta::from_std(retention) else {
-        return;
-    };
+async fn retain(db: Database, keep: (Duration, Duration), shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(RETENTION_INTERVAL) => {}
         }
-        match apply_retention(&db, chrono::Utc::now() - keep).await {
+        match apply_retention(&db, Cutoffs::at(chrono::Utc::now(), keep.0, keep.1)).await {
             Ok(pass) => {
                 metrics::counter!(RETENTION_DELETED, "table" => "sensor_data")
                     .increment(pass.readings);
                 metrics::counter!(RETENTION_DELETED, "table" => "dead_letters")
                     .increment(pass.dead_letters);
+                metrics::counter!(RETENTION_DELETED, "table" => "rollups").increment(pass.rollups);
                 if pass != RetentionPass::default() {
                     tracing::info!(
                         readings = pass.readings,
                         dead_letters = pass.dead_letters,
-                        "retention deleted rows older than {retention:?}"
+                        rollups = pass.rollups,
+                        "retention deleted rows older than {:?} and rollups older than {:?}",
+                        keep.0,
+                        keep.1
                     );
                 }
             }
@@ -180,8 +262,8 @@ pub struct PersistWorker {
     dead_letters: (DeadLetterSink, Subscription<DeadLetter>),
     connectivity: (ConnectivitySink, Subscription<ConnectivityEvent>),
     policy: BatchPolicy,
-    /// The database and how long its rows are kept (zero: forever).
-    retention: (Database, Duration),
+    /// The database, and how long its rows and its rollups are kept (zero: forever).
+    retention: (Database, (Duration, Duration)),
 }
 
 impl PersistWorker {
@@ -209,7 +291,7 @@ impl PersistWorker {
                 bus.subscribe(CONNECTIVITY_GROUP).await?,
             ),
             policy: config.policy(),
-            retention: (db, config.retention),
+            retention: (db, (config.retention, config.rollup_retention)),
         })
     }
 
@@ -241,9 +323,12 @@ impl PersistWorker {
             shutdown.clone(),
         ));
         let (db, keep) = self.retention;
-        let retention = (!keep.is_zero()).then(|| tokio::spawn(retain(db, keep, shutdown)));
+        let backfill = tokio::spawn(backfill_rollups(db.clone(), shutdown.clone()));
+        let retention = (!keep.0.is_zero() || !keep.1.is_zero())
+            .then(|| tokio::spawn(retain(db, keep, shutdown)));
         let (a, b, c) = tokio::join!(readings, dead_letters, connectivity);
-        // The writers stopped (shutdown, or the bus closed): so does retention.
+        // The writers stopped (shutdown, or the bus closed): so does the upkeep.
+        backfill.abort();
         if let Some(retention) = retention {
             retention.abort();
         }
@@ -368,6 +453,10 @@ mod tests {
         assert_eq!(
             PersistConfig::default().retention,
             Duration::from_secs(30 * 86_400)
+        );
+        assert_eq!(
+            PersistConfig::default().rollup_retention,
+            Duration::from_secs(400 * 86_400)
         );
         let retention = |value: &str| {
             Cli::try_parse_from(["x", "--retention", value]).map(|cli| cli.persist.retention)

@@ -1,0 +1,817 @@
+//! `rollup_1m` and `rollup_1h`: per car and per minute or hour, the count, sum, min and max of
+//! battery, speed and range, the first and last battery and the last position. Maintained in
+//! the transaction of each batch of sensor rows ([`crate::SensorRows::insert`]) from the rows
+//! that batch added (a redelivered reading adds nothing), so a chart of a week or a year reads
+//! thousands of rows instead of millions.
+//!
+//! The merge is associative: a bucket summarised from any split of its readings into batches,
+//! in any order, equals the bucket summarised at once ([`Rollup::merge`] in Rust, and the
+//! upsert's SQL, which mirrors it). Sums are floating point, so equal means equal to rounding.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use ecars_model::{TelemetryReading, Vin};
+use sqlx::{Postgres, Row, SqliteConnection, Transaction};
+use uuid::Uuid;
+
+use crate::sensor_rows::sqlite_insert_in;
+use crate::{
+    parse_time, parse_uuid, parse_vin, replaced_when, sqlite_time, Database, DbError, Pool,
+};
+
+/// The width of a rollup's buckets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Width {
+    /// One bucket per car per minute (`rollup_1m`).
+    Minute,
+    /// One bucket per car per hour (`rollup_1h`).
+    Hour,
+}
+
+impl Width {
+    /// Both widths.
+    pub const ALL: [Width; 2] = [Width::Minute, Width::Hour];
+
+    /// The table of this width.
+    pub fn table(self) -> &'static str {
+        match self {
+            Width::Minute => "rollup_1m",
+            Width::Hour => "rollup_1h",
+        }
+    }
+
+    /// The length of a bucket.
+    pub fn length(self) -> TimeDelta {
+        match self {
+            Width::Minute => TimeDelta::minutes(1),
+            Width::Hour => TimeDelta::hours(1),
+        }
+    }
+
+    /// The start of the bucket that holds `time`.
+    pub fn bucket(self, time: DateTime<Utc>) -> DateTime<Utc> {
+        // Rounding down to a minute or an hour cannot overflow a valid time.
+        time.duration_trunc(self.length()).unwrap_or(time)
+    }
+}
+
+/// The count, sum, least and greatest of one measure's values in a bucket (readings without
+/// the measure do not count).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Stats {
+    /// How many readings had a value.
+    pub n: i64,
+    /// Their sum.
+    pub sum: f64,
+    /// The least (`None` when `n` is 0).
+    pub min: Option<f64>,
+    /// The greatest (`None` when `n` is 0).
+    pub max: Option<f64>,
+}
+
+impl Stats {
+    fn add(&mut self, value: Option<f64>) {
+        if let Some(v) = value {
+            self.merge(&Stats {
+                n: 1,
+                sum: v,
+                min: Some(v),
+                max: Some(v),
+            });
+        }
+    }
+
+    fn merge(&mut self, other: &Stats) {
+        self.n += other.n;
+        self.sum += other.sum;
+        self.min = pick(self.min, other.min, f64::min);
+        self.max = pick(self.max, other.max, f64::max);
+    }
+
+    /// The mean (`None` when there is no value).
+    pub fn mean(&self) -> Option<f64> {
+        (self.n > 0).then(|| self.sum / self.n as f64)
+    }
+}
+
+fn pick(a: Option<f64>, b: Option<f64>, f: fn(f64, f64) -> f64) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(f(a, b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+/// A value and the event time (date, then event id) of the reading it came from: the first or
+/// last of a bucket.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Stamped<T> {
+    /// The reading's date.
+    pub date: DateTime<Utc>,
+    /// The reading's event id (breaks ties of date).
+    pub event_id: Uuid,
+    /// The value.
+    pub value: T,
+}
+
+impl<T: Copy> Stamped<T> {
+    fn key(&self) -> (DateTime<Utc>, Uuid) {
+        (self.date, self.event_id)
+    }
+
+    /// Keeps whichever of `kept` and `other` `wins` (compares event times) chooses.
+    fn keep(kept: &mut Option<Stamped<T>>, other: Option<Stamped<T>>, later: bool) {
+        let Some(other) = other else { return };
+        let replace = match kept {
+            None => true,
+            Some(k) if later => other.key() > k.key(),
+            Some(k) => other.key() < k.key(),
+        };
+        if replace {
+            *kept = Some(other);
+        }
+    }
+}
+
+/// One car's bucket.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rollup {
+    /// The car.
+    pub vin: Vin,
+    /// The bucket's start.
+    pub bucket: DateTime<Utc>,
+    /// How many readings it summarises.
+    pub readings: i64,
+    /// Battery (percent).
+    pub battery: Stats,
+    /// Speed.
+    pub speed: Stats,
+    /// Range.
+    pub range: Stats,
+    /// The battery of the bucket's earliest reading that has one.
+    pub first_battery: Option<Stamped<f64>>,
+    /// The battery of the bucket's latest reading that has one.
+    pub last_battery: Option<Stamped<f64>>,
+    /// The position (latitude, longitude) of its latest reading that has one.
+    pub position: Option<Stamped<(f64, f64)>>,
+}
+
+impl Rollup {
+    fn empty(vin: Vin, bucket: DateTime<Utc>) -> Rollup {
+        Rollup {
+            vin,
+            bucket,
+            readings: 0,
+            battery: Stats::default(),
+            speed: Stats::default(),
+            range: Stats::default(),
+            first_battery: None,
+            last_battery: None,
+            position: None,
+        }
+    }
+
+    fn add(&mut self, r: &TelemetryReading) {
+        let stamp = |value| Stamped {
+            date: r.date,
+            event_id: r.event_id,
+            value,
+        };
+        self.merge(&Rollup {
+            vin: r.vin.clone(),
+            bucket: self.bucket,
+            readings: 1,
+            battery: one(r.battery),
+            speed: one(r.speed),
+            range: one(r.range),
+            first_battery: r.battery.map(stamp),
+            last_battery: r.battery.map(stamp),
+            position: r.latitude.zip(r.longitude).map(|p| Stamped {
+                date: r.date,
+                event_id: r.event_id,
+                value: p,
+            }),
+        });
+    }
+
+    /// Adds the readings `other` summarises (of the same car and bucket).
+    pub fn merge(&mut self, other: &Rollup) {
+        self.readings += other.readings;
+        self.battery.merge(&other.battery);
+        self.speed.merge(&other.speed);
+        self.range.merge(&other.range);
+        Stamped::keep(&mut self.first_battery, other.first_battery, false);
+        Stamped::keep(&mut self.last_battery, other.last_battery, true);
+        Stamped::keep(&mut self.position, other.position, true);
+    }
+}
+
+fn one(value: Option<f64>) -> Stats {
+    let mut stats = Stats::default();
+    stats.add(value);
+    stats
+}
+
+/// The buckets of `width` that `readings` fall in, summarised, by VIN then bucket: the order
+/// every writer upserts them in, so two transactions cannot deadlock on their row locks.
+pub fn summarise<'a>(
+    width: Width,
+    readings: impl IntoIterator<Item = &'a TelemetryReading>,
+) -> Vec<Rollup> {
+    let mut buckets: BTreeMap<(&str, DateTime<Utc>), Rollup> = BTreeMap::new();
+    for r in readings {
+        let bucket = width.bucket(r.date);
+        buckets
+            .entry((r.vin.as_str(), bucket))
+            .or_insert_with(|| Rollup::empty(r.vin.clone(), bucket))
+            .add(r);
+    }
+    buckets.into_values().collect()
+}
+
+/// The measures with [`Stats`], as their columns are named.
+const MEASURES: [&str; 3] = ["battery", "speed", "range"];
+
+/// The stamped values: their columns (date, event id, then the value's), and whether the
+/// later (`>`) or the earlier (`<`) event time wins.
+const STAMPED: [(&[&str], &str); 3] = [
+    (
+        &["first_battery_date", "first_battery_event", "first_battery"],
+        "<",
+    ),
+    (
+        &["last_battery_date", "last_battery_event", "last_battery"],
+        ">",
+    ),
+    (
+        &["position_date", "position_event", "latitude", "longitude"],
+        ">",
+    ),
+];
+
+/// Every column of a rollup table, in the order the writers bind them.
+fn columns() -> Vec<String> {
+    let mut columns = vec!["vin".to_owned(), "bucket".to_owned(), "readings".to_owned()];
+    for m in MEASURES {
+        for part in ["n", "sum", "min", "max"] {
+            columns.push(format!("{m}_{part}"));
+        }
+    }
+    for (stamped, _) in STAMPED {
+        columns.extend(stamped.iter().map(|c| (*c).to_owned()));
+    }
+    columns
+}
+
+/// The upsert's merge (SQL for [`Rollup::merge`]): counts and sums add, least and greatest
+/// keep theirs, each stamped value follows the earlier or later event time. `least`/`greatest`
+/// name the backend's functions; the `COALESCE`s let a side without values lose.
+fn on_conflict(table: &str, least: &str, greatest: &str) -> String {
+    let mut sets = vec![format!("readings = {table}.readings + excluded.readings")];
+    for m in MEASURES {
+        for part in ["n", "sum"] {
+            sets.push(format!(
+                "{m}_{part} = {table}.{m}_{part} + excluded.{m}_{part}"
+            ));
+        }
+        for (part, f) in [("min", least), ("max", greatest)] {
+            let c = format!("{m}_{part}");
+            sets.push(format!(
+                "{c} = {f}(COALESCE({table}.{c}, excluded.{c}), COALESCE(excluded.{c}, {table}.{c}))"
+            ));
+        }
+    }
+    for (stamped, wins) in STAMPED {
+        let (date, event) = (stamped[0], stamped[1]);
+        let when = format!(
+            "{table}.{date} IS NULL OR \
+             (excluded.{date}, excluded.{event}) {wins} ({table}.{date}, {table}.{event})"
+        );
+        sets.extend(replaced_when(table, stamped.iter().copied(), &when));
+    }
+    format!(
+        " ON CONFLICT (vin, bucket) DO UPDATE SET {}",
+        sets.join(", ")
+    )
+}
+
+/// Upserts the buckets of the readings a batch added, inside its transaction (PostgreSQL).
+pub(crate) async fn upsert_pg(
+    tx: &mut Transaction<'_, Postgres>,
+    added: &[&TelemetryReading],
+) -> Result<(), DbError> {
+    for width in Width::ALL {
+        let rollups = summarise(width, added.iter().copied());
+        if rollups.is_empty() {
+            continue;
+        }
+        let table = width.table();
+        let casts = [
+            "text",
+            "timestamptz",
+            "int8",
+            "int8",
+            "float8",
+            "float8",
+            "float8",
+            "int8",
+            "float8",
+            "float8",
+            "float8",
+            "int8",
+            "float8",
+            "float8",
+            "float8",
+            "timestamptz",
+            "uuid",
+            "float8",
+            "timestamptz",
+            "uuid",
+            "float8",
+            "timestamptz",
+            "uuid",
+            "float8",
+            "float8",
+        ];
+        let arrays: Vec<String> = casts
+            .iter()
+            .enumerate()
+            .map(|(i, cast)| format!("${}::{cast}[]", i + 1))
+            .collect();
+        let sql = format!(
+            "INSERT INTO {table} ({}) SELECT * FROM UNNEST({}){}",
+            columns().join(", "),
+            arrays.join(", "),
+            on_conflict(table, "LEAST", "GREATEST")
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(rollups.iter().map(|r| r.vin.as_str()).collect::<Vec<_>>())
+            .bind(rollups.iter().map(|r| r.bucket).collect::<Vec<_>>())
+            .bind(rollups.iter().map(|r| r.readings).collect::<Vec<_>>());
+        for stats in [
+            |r: &Rollup| r.battery,
+            |r: &Rollup| r.speed,
+            |r: &Rollup| r.range,
+        ] {
+            query = query
+                .bind(rollups.iter().map(|r| stats(r).n).collect::<Vec<_>>())
+                .bind(rollups.iter().map(|r| stats(r).sum).collect::<Vec<_>>())
+                .bind(rollups.iter().map(|r| stats(r).min).collect::<Vec<_>>())
+                .bind(rollups.iter().map(|r| stats(r).max).collect::<Vec<_>>());
+        }
+        for battery in [|r: &Rollup| r.first_battery, |r: &Rollup| r.last_battery] {
+            query = query
+                .bind(
+                    rollups
+                        .iter()
+                        .map(|r| battery(r).map(|s| s.date))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    rollups
+                        .iter()
+                        .map(|r| battery(r).map(|s| s.event_id))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    rollups
+                        .iter()
+                        .map(|r| battery(r).map(|s| s.value))
+                        .collect::<Vec<_>>(),
+                );
+        }
+        query
+            .bind(
+                rollups
+                    .iter()
+                    .map(|r| r.position.map(|s| s.date))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                rollups
+                    .iter()
+                    .map(|r| r.position.map(|s| s.event_id))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                rollups
+                    .iter()
+                    .map(|r| r.position.map(|s| s.value.0))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                rollups
+                    .iter()
+                    .map(|r| r.position.map(|s| s.value.1))
+                    .collect::<Vec<_>>(),
+            )
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Upserts the buckets of the readings a batch added, inside its transaction (SQLite).
+pub(crate) async fn upsert_sqlite(
+    conn: &mut SqliteConnection,
+    added: &[&TelemetryReading],
+) -> Result<(), DbError> {
+    // Built once per table: the statement's text is the key of its prepared statement.
+    static STATEMENTS: std::sync::OnceLock<[(String, String); 2]> = std::sync::OnceLock::new();
+    let statements = STATEMENTS.get_or_init(|| {
+        Width::ALL.map(|width| {
+            let table = width.table();
+            (
+                format!("INSERT INTO {table} ({}) ", columns().join(", ")),
+                on_conflict(table, "MIN", "MAX"),
+            )
+        })
+    });
+    for (width, (insert, on_conflict)) in Width::ALL.into_iter().zip(statements) {
+        let rollups = summarise(width, added.iter().copied());
+        sqlite_insert_in(conn, insert, on_conflict, &rollups, |row, r| {
+            row.push_bind(r.vin.as_str())
+                .push_bind(sqlite_time(&r.bucket))
+                .push_bind(r.readings);
+            for stats in [r.battery, r.speed, r.range] {
+                row.push_bind(stats.n)
+                    .push_bind(stats.sum)
+                    .push_bind(stats.min)
+                    .push_bind(stats.max);
+            }
+            for battery in [r.first_battery, r.last_battery] {
+                row.push_bind(battery.map(|s| sqlite_time(&s.date)))
+                    .push_bind(battery.map(|s| s.event_id.to_string()))
+                    .push_bind(battery.map(|s| s.value));
+            }
+            row.push_bind(r.position.map(|s| sqlite_time(&s.date)))
+                .push_bind(r.position.map(|s| s.event_id.to_string()))
+                .push_bind(r.position.map(|s| s.value.0))
+                .push_bind(r.position.map(|s| s.value.1));
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// The rollup tables.
+#[derive(Clone, Debug)]
+pub struct Rollups {
+    pub(crate) db: Database,
+}
+
+impl Rollups {
+    /// A page of one car's buckets of `width` for its history: up to `limit` that start in
+    /// `[from, to)`, oldest first. The next page starts one bucket after the last of this one
+    /// (buckets are aligned to their width); each page is one short query.
+    pub async fn history_page(
+        &self,
+        width: Width,
+        vin: &Vin,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<Rollup>, DbError> {
+        let sql = format!(
+            "SELECT {} FROM {} WHERE vin = $1 AND bucket >= $2 AND bucket < $3
+             ORDER BY bucket LIMIT $4",
+            columns().join(", "),
+            width.table()
+        );
+        match &self.db.pool {
+            Pool::Postgres(pool) => sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(vin.as_str())
+                .bind(from)
+                .bind(to)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(pg_rollup)
+                .collect(),
+            Pool::Sqlite(pool) => sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(vin.as_str())
+                .bind(sqlite_time(&from))
+                .bind(sqlite_time(&to))
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(sqlite_rollup)
+                .collect(),
+        }
+    }
+
+    /// Summarises up to `batch` of the sensor rows stored before the rollups existed (the
+    /// migration that made them left their range in `rollup_backfill`); returns how many ids
+    /// remain, 0 when done. Each step is one transaction that claims its range first, so two
+    /// workers never summarise a row twice and a crash loses no progress.
+    pub async fn backfill(&self, batch: i64) -> Result<i64, DbError> {
+        const CLAIM: &str = "UPDATE rollup_backfill SET next_id = next_id + $1
+                             RETURNING next_id - $1, last_id";
+        const DONE: &str = "DELETE FROM rollup_backfill WHERE next_id > last_id";
+        let select = format!(
+            "SELECT {} FROM sensor_data WHERE id >= $1 AND id < $2 AND id <= $3",
+            crate::sensor_rows::COLUMNS
+        );
+        match &self.db.pool {
+            Pool::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                let Some((from, last)) = sqlx::query_as::<_, (i64, i64)>(CLAIM)
+                    .bind(batch)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                else {
+                    return Ok(0);
+                };
+                let rows = sqlx::query(sqlx::AssertSqlSafe(select))
+                    .bind(from)
+                    .bind(from + batch)
+                    .bind(last)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                let readings = rows
+                    .iter()
+                    .map(crate::sensor_rows::pg_reading)
+                    .collect::<Result<Vec<_>, _>>()?;
+                upsert_pg(&mut tx, &readings.iter().collect::<Vec<_>>()).await?;
+                sqlx::query(DONE).execute(&mut *tx).await?;
+                tx.commit().await?;
+                Ok((last - (from + batch) + 1).max(0))
+            }
+            Pool::Sqlite(pool) => {
+                let mut tx = pool.begin().await?;
+                let Some((from, last)) = sqlx::query_as::<_, (i64, i64)>(CLAIM)
+                    .bind(batch)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                else {
+                    return Ok(0);
+                };
+                let rows = sqlx::query(sqlx::AssertSqlSafe(select))
+                    .bind(from)
+                    .bind(from + batch)
+                    .bind(last)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                let readings = rows
+                    .iter()
+                    .map(crate::sensor_rows::sqlite_reading)
+                    .collect::<Result<Vec<_>, _>>()?;
+                upsert_sqlite(&mut tx, &readings.iter().collect::<Vec<_>>()).await?;
+                sqlx::query(DONE).execute(&mut *tx).await?;
+                tx.commit().await?;
+                Ok((last - (from + batch) + 1).max(0))
+            }
+        }
+    }
+
+    /// Deletes up to `batch` buckets of `width` that started before `cutoff` (retention);
+    /// returns how many. Call again while it returns `batch`.
+    pub async fn delete_before(
+        &self,
+        width: Width,
+        cutoff: DateTime<Utc>,
+        batch: i64,
+    ) -> Result<u64, DbError> {
+        let table = width.table();
+        let deleted = match &self.db.pool {
+            Pool::Postgres(pool) => {
+                let sql = format!(
+                    "DELETE FROM {table} WHERE (vin, bucket) IN
+                       (SELECT vin, bucket FROM {table} WHERE bucket < $1 LIMIT $2)"
+                );
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(cutoff)
+                    .bind(batch)
+                    .execute(pool)
+                    .await?
+                    .rows_affected()
+            }
+            Pool::Sqlite(pool) => {
+                let sql = format!(
+                    "DELETE FROM {table} WHERE (vin, bucket) IN
+                       (SELECT vin, bucket FROM {table} WHERE bucket < $1 LIMIT $2)"
+                );
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(sqlite_time(&cutoff))
+                    .bind(batch)
+                    .execute(pool)
+                    .await?
+                    .rows_affected()
+            }
+        };
+        Ok(deleted)
+    }
+}
+
+fn stamped<T>(
+    date: Option<DateTime<Utc>>,
+    event_id: Option<Uuid>,
+    value: Option<T>,
+) -> Option<Stamped<T>> {
+    Some(Stamped {
+        date: date?,
+        event_id: event_id?,
+        value: value?,
+    })
+}
+
+fn pg_rollup(row: &sqlx::postgres::PgRow) -> Result<Rollup, DbError> {
+    let stats = |m: &str| -> Result<Stats, DbError> {
+        Ok(Stats {
+            n: row.try_get(format!("{m}_n").as_str())?,
+            sum: row.try_get(format!("{m}_sum").as_str())?,
+            min: row.try_get(format!("{m}_min").as_str())?,
+            max: row.try_get(format!("{m}_max").as_str())?,
+        })
+    };
+    let battery = |prefix: &str| -> Result<Option<Stamped<f64>>, DbError> {
+        Ok(stamped(
+            row.try_get(format!("{prefix}_date").as_str())?,
+            row.try_get(format!("{prefix}_event").as_str())?,
+            row.try_get(prefix)?,
+        ))
+    };
+    let latitude: Option<f64> = row.try_get("latitude")?;
+    let longitude: Option<f64> = row.try_get("longitude")?;
+    Ok(Rollup {
+        vin: parse_vin(row.try_get("vin")?)?,
+        bucket: row.try_get("bucket")?,
+        readings: row.try_get("readings")?,
+        battery: stats("battery")?,
+        speed: stats("speed")?,
+        range: stats("range")?,
+        first_battery: battery("first_battery")?,
+        last_battery: battery("last_battery")?,
+        position: stamped(
+            row.try_get("position_date")?,
+            row.try_get("position_event")?,
+            latitude.zip(longitude),
+        ),
+    })
+}
+
+fn sqlite_rollup(row: &sqlx::sqlite::SqliteRow) -> Result<Rollup, DbError> {
+    let stats = |m: &str| -> Result<Stats, DbError> {
+        Ok(Stats {
+            n: row.try_get(format!("{m}_n").as_str())?,
+            sum: row.try_get(format!("{m}_sum").as_str())?,
+            min: row.try_get(format!("{m}_min").as_str())?,
+            max: row.try_get(format!("{m}_max").as_str())?,
+        })
+    };
+    let time = |column: &str| -> Result<Option<DateTime<Utc>>, DbError> {
+        row.try_get::<Option<String>, _>(column)?
+            .map(parse_time)
+            .transpose()
+    };
+    let event = |column: &str| -> Result<Option<Uuid>, DbError> {
+        row.try_get::<Option<String>, _>(column)?
+            .map(parse_uuid)
+            .transpose()
+    };
+    let battery = |prefix: &str| -> Result<Option<Stamped<f64>>, DbError> {
+        Ok(stamped(
+            time(&format!("{prefix}_date"))?,
+            event(&format!("{prefix}_event"))?,
+            row.try_get(prefix)?,
+        ))
+    };
+    let latitude: Option<f64> = row.try_get("latitude")?;
+    let longitude: Option<f64> = row.try_get("longitude")?;
+    Ok(Rollup {
+        vin: parse_vin(row.try_get("vin")?)?,
+        bucket: parse_time(row.try_get("bucket")?)?,
+        readings: row.try_get("readings")?,
+        battery: stats("battery")?,
+        speed: stats("speed")?,
+        range: stats("range")?,
+        first_battery: battery("first_battery")?,
+        last_battery: battery("last_battery")?,
+        position: stamped(
+            time("position_date")?,
+            event("position_event")?,
+            latitude.zip(longitude),
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn reading(vin: usize, seconds: i64, battery: Option<f64>, id: u128) -> TelemetryReading {
+        const VINS: [&str; 3] = [
+            "1HGCM82633A004352",
+            "2HGCM82633A004352",
+            "3HGCM82633A004352",
+        ];
+        TelemetryReading {
+            event_id: Uuid::from_u128(id),
+            received_at: DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default(),
+            vin: Vin::parse(VINS[vin % 3]).unwrap_or_else(|_| unreachable!()),
+            name: None,
+            profile: None,
+            range: battery.map(|b| b * 3.0),
+            mpge: None,
+            battery,
+            malfunction: None,
+            speed: (seconds % 2 == 0).then_some(seconds as f64),
+            latitude: battery.map(|_| seconds as f64 / 1000.0),
+            longitude: battery.map(|_| -(seconds as f64) / 1000.0),
+            date: DateTime::from_timestamp(1_800_000_000 + seconds, 0).unwrap_or_default(),
+        }
+    }
+
+    fn readings() -> impl Strategy<Value = Vec<TelemetryReading>> {
+        // Few cars, dates over three hours at coarse steps (ties of date happen), some readings
+        // without a battery.
+        prop::collection::vec(
+            (0..3usize, 0..180i64, prop::option::of(0.0..100.0f64)),
+            1..60,
+        )
+        .prop_map(|specs| {
+            specs
+                .into_iter()
+                .enumerate()
+                .map(|(i, (vin, minute, battery))| {
+                    reading(vin, minute * 60 + (i as i64 % 3), battery, i as u128 + 1)
+                })
+                .collect()
+        })
+    }
+
+    fn close(a: &[Rollup], b: &[Rollup]) -> bool {
+        a.len() == b.len()
+            && a.iter().zip(b).all(|(a, b)| {
+                let sums = |r: &Rollup| [r.battery.sum, r.speed.sum, r.range.sum];
+                let mut a2 = a.clone();
+                let mut b2 = b.clone();
+                for s in [&mut a2, &mut b2] {
+                    s.battery.sum = 0.0;
+                    s.speed.sum = 0.0;
+                    s.range.sum = 0.0;
+                }
+                a2 == b2
+                    && sums(a)
+                        .iter()
+                        .zip(sums(b))
+                        .all(|(x, y)| (x - y).abs() <= 1e-9 * x.abs().max(1.0))
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn merging_the_buckets_of_any_split_equals_summarising_at_once(
+            all in readings(),
+            cut in 0usize..60,
+            width in prop_oneof![Just(Width::Minute), Just(Width::Hour)],
+        ) {
+            let cut = cut.min(all.len());
+            let (left, right) = all.split_at(cut);
+            let mut merged: BTreeMap<(String, DateTime<Utc>), Rollup> = BTreeMap::new();
+            // The right part first: the order batches commit in does not matter.
+            for part in [right, left] {
+                for r in summarise(width, part) {
+                    match merged.entry((r.vin.as_str().to_owned(), r.bucket)) {
+                        std::collections::btree_map::Entry::Occupied(mut e) => e.get_mut().merge(&r),
+                        std::collections::btree_map::Entry::Vacant(e) => { e.insert(r); }
+                    }
+                }
+            }
+            let merged: Vec<Rollup> = merged.into_values().collect();
+            prop_assert!(close(&merged, &summarise(width, &all)));
+        }
+    }
+
+    #[test]
+    fn a_bucket_counts_min_mean_max_first_and_last() {
+        let rs = [
+            reading(0, 10, Some(80.0), 1),
+            reading(0, 50, None, 2),
+            reading(0, 30, Some(70.0), 3),
+            reading(0, 61, Some(10.0), 4),
+        ];
+        let minutes = summarise(Width::Minute, &rs);
+        assert_eq!(minutes.len(), 2);
+        let first = &minutes[0];
+        assert_eq!(first.readings, 3);
+        assert_eq!((first.battery.n, first.battery.mean()), (2, Some(75.0)));
+        assert_eq!(
+            (first.battery.min, first.battery.max),
+            (Some(70.0), Some(80.0))
+        );
+        assert_eq!(first.first_battery.map(|s| s.value), Some(80.0));
+        assert_eq!(first.last_battery.map(|s| s.value), Some(70.0));
+        assert_eq!(first.position.map(|s| s.value), Some((0.03, -0.03)));
+        // Speed only on even seconds: 10, 50 and 30 have one; their mean is 30.
+        assert_eq!(first.speed.mean(), Some(30.0));
+        let hour = summarise(Width::Hour, &rs);
+        assert_eq!(hour.len(), 1);
+        assert_eq!(hour[0].readings, 4);
+        assert_eq!(hour[0].last_battery.map(|s| s.value), Some(10.0));
+    }
+}

@@ -1,0 +1,272 @@
+//! The rollups a database keeps equal the aggregates of the raw rows they summarise, whatever
+//! batches the readings came in and however often they were redelivered (property test, on
+//! SQLite and PostgreSQL), and readings stored before the rollups existed are summarised by the
+//! backfill.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use chrono::{DateTime, Duration as ChronoDuration, Utc};
+use ecars_db::rollups::{summarise, Rollup, Width};
+use ecars_db::Database;
+use ecars_e2e::PgServer;
+use ecars_model::telemetry::{TelemetryReading, Vin};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use uuid::Uuid;
+
+/// A reading's shape: which of the case's three cars, seconds into a three-hour window (coarse,
+/// so dates tie), and its battery, speed and position when it has them.
+type Spec = (usize, i64, Option<f64>, Option<f64>, bool);
+
+/// One case: readings, the batches they are written in (cut points), and which readings are
+/// delivered again in a later batch.
+fn case() -> impl Strategy<Value = (Vec<Spec>, Vec<usize>, Vec<usize>)> {
+    let specs = prop::collection::vec(
+        (
+            0..3usize,
+            0..10_800i64,
+            prop::option::of(0.0..100.0f64),
+            prop::option::of(0.0..150.0f64),
+            any::<bool>(),
+        ),
+        1..120,
+    );
+    specs.prop_flat_map(|specs| {
+        let n = specs.len();
+        (
+            Just(specs),
+            prop::collection::vec(0..n, 0..6),
+            prop::collection::vec(0..n, 0..10),
+        )
+    })
+}
+
+static CASE: AtomicU32 = AtomicU32::new(0);
+
+fn vin(case: u32, car: usize) -> Vin {
+    Vin::parse(&format!("RLUP{case:06}{car}ABCDEF")).unwrap()
+}
+
+fn readings(case: u32, specs: &[Spec]) -> Vec<TelemetryReading> {
+    let start = DateTime::from_timestamp(1_790_000_000, 0).unwrap();
+    specs
+        .iter()
+        .map(
+            |&(car, seconds, battery, speed, positioned)| TelemetryReading {
+                event_id: Uuid::now_v7(),
+                received_at: Utc::now(),
+                vin: vin(case, car),
+                name: None,
+                profile: None,
+                range: battery.map(|b| b * 3.1),
+                mpge: None,
+                battery,
+                malfunction: None,
+                speed,
+                latitude: positioned.then_some(37.0 + seconds as f64 / 1e4),
+                longitude: positioned.then_some(-122.0 - seconds as f64 / 1e4),
+                date: start + ChronoDuration::seconds(seconds),
+            },
+        )
+        .collect()
+}
+
+/// Whether two lists of buckets are equal, their sums to rounding.
+fn same(stored: &[Rollup], expected: &[Rollup]) -> Result<(), String> {
+    if stored.len() != expected.len() {
+        return Err(format!(
+            "{} buckets stored, {} expected",
+            stored.len(),
+            expected.len()
+        ));
+    }
+    for (s, e) in stored.iter().zip(expected) {
+        let zeroed = |r: &Rollup| {
+            let mut r = r.clone();
+            r.battery.sum = 0.0;
+            r.speed.sum = 0.0;
+            r.range.sum = 0.0;
+            r
+        };
+        let sums = |r: &Rollup| [r.battery.sum, r.speed.sum, r.range.sum];
+        let close = sums(s)
+            .iter()
+            .zip(sums(e))
+            .all(|(a, b)| (a - b).abs() <= 1e-9 * b.abs().max(1.0));
+        if zeroed(s) != zeroed(e) || !close {
+            return Err(format!("stored {s:?}\nexpected {e:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// Writes one case in its batches (with redeliveries), then compares each car's stored
+/// buckets with the buckets of its raw rows.
+async fn check(
+    db: &Database,
+    case: u32,
+    specs: &[Spec],
+    cuts: &[usize],
+    again: &[usize],
+) -> Result<(), String> {
+    let all = readings(case, specs);
+    let mut cuts: Vec<usize> = cuts.to_vec();
+    cuts.push(0);
+    cuts.push(all.len());
+    cuts.sort_unstable();
+    let store = db.sensor_rows();
+    for (i, window) in cuts.windows(2).enumerate() {
+        let mut batch = all[window[0]..window[1]].to_vec();
+        // Redeliveries: readings of earlier batches, and twice within this one.
+        batch.extend(
+            again
+                .iter()
+                .filter(|&&j| j < window[1])
+                .map(|&j| all[j].clone()),
+        );
+        if i % 2 == 1 {
+            batch.reverse();
+        }
+        store.insert(&batch).await.map_err(|e| e.to_string())?;
+    }
+    let (from, to) = (
+        DateTime::from_timestamp(1_780_000_000, 0).unwrap(),
+        DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+    );
+    for car in 0..3 {
+        let vin = vin(case, car);
+        let raw = store
+            .history_page(&vin, (from, Uuid::nil()), to, 100_000)
+            .await
+            .map_err(|e| e.to_string())?;
+        let expected_count = all.iter().filter(|r| r.vin == vin).count();
+        if raw.len() != expected_count {
+            return Err(format!(
+                "{} raw rows of {vin}, {expected_count} written",
+                raw.len()
+            ));
+        }
+        for width in Width::ALL {
+            let stored = db
+                .rollups()
+                .history_page(width, &vin, from, to, 100_000)
+                .await
+                .map_err(|e| e.to_string())?;
+            same(&stored, &summarise(width, &raw))
+                .map_err(|e| format!("{width:?} of {vin}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn property(url: &str, cases: u32) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let db = {
+        let _context = runtime.enter();
+        Database::connect_lazy(url).unwrap()
+    };
+    runtime.block_on(db.migrate()).unwrap();
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&case(), |(specs, cuts, again)| {
+            let case = CASE.fetch_add(1, Ordering::Relaxed);
+            runtime
+                .block_on(check(&db, case, &specs, &cuts, &again))
+                .map_err(TestCaseError::fail)
+        })
+        .unwrap();
+}
+
+#[test]
+fn sqlite_rollups_equal_the_aggregates_of_their_raw_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("rollups.db").display());
+    property(&url, 64);
+}
+
+#[test]
+fn postgres_rollups_equal_the_aggregates_of_their_raw_rows() {
+    let server = PgServer::start().expect("throwaway PostgreSQL");
+    property(&server.url(), 32);
+}
+
+/// Readings stored before the rollups existed (the migration leaves their id range in
+/// `rollup_backfill`) are summarised by the backfill, a few at a time, exactly once.
+#[tokio::test]
+async fn the_backfill_summarises_readings_stored_before_the_rollups() {
+    let server = PgServer::start().expect("throwaway PostgreSQL");
+    let db = Database::connect_lazy(&server.url()).unwrap();
+    db.migrate().await.unwrap();
+    let specs: Vec<Spec> = (0..500)
+        .map(|i| {
+            (
+                i % 3,
+                (i as i64 * 37) % 10_800,
+                Some(i as f64 / 5.0),
+                None,
+                i % 2 == 0,
+            )
+        })
+        .collect();
+    let all = readings(900_000, &specs);
+    db.sensor_rows().insert(&all).await.unwrap();
+    // As a database upgraded from before the rollups: rows, no buckets, the range to do.
+    server
+        .psql(
+            "DELETE FROM rollup_1m; DELETE FROM rollup_1h;
+             INSERT INTO rollup_backfill SELECT MIN(id), MAX(id) FROM sensor_data",
+        )
+        .unwrap();
+    let rollups = db.rollups();
+    let mut steps = 0;
+    let mut remaining = i64::MAX;
+    loop {
+        let left = rollups.backfill(64).await.unwrap();
+        steps += 1;
+        assert!(left < remaining, "progress: {left} after {remaining}");
+        remaining = left;
+        if left == 0 {
+            break;
+        }
+    }
+    assert_eq!(
+        steps,
+        500_usize.div_ceil(64),
+        "one claim of 64 ids per step"
+    );
+    // Done: another call claims nothing and changes nothing.
+    assert_eq!(rollups.backfill(64).await.unwrap(), 0);
+    assert_eq!(
+        server
+            .psql("SELECT COUNT(*) FROM rollup_backfill")
+            .unwrap()
+            .trim(),
+        "0"
+    );
+    let (from, to) = (
+        DateTime::from_timestamp(1_780_000_000, 0).unwrap(),
+        DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+    );
+    for car in 0..3 {
+        let vin = vin(900_000, car);
+        let raw = db
+            .sensor_rows()
+            .history_page(&vin, (from, Uuid::nil()), to, 100_000)
+            .await
+            .unwrap();
+        for width in Width::ALL {
+            let stored = rollups
+                .history_page(width, &vin, from, to, 100_000)
+                .await
+                .unwrap();
+            same(&stored, &summarise(width, &raw)).unwrap();
+        }
+    }
+}
