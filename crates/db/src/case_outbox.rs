@@ -20,7 +20,7 @@ use crate::detector_states::{self, StoredState};
 use crate::{from_ms as time, ms, on_pool, Database, DbError, Pool};
 
 /// Where an outbox row stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CaseStatus {
     /// Waiting to be sent (first time or an update).
@@ -103,7 +103,7 @@ pub struct CaseDraft {
 }
 
 /// One outbox row, as the sync and `GET /v1/cases` see it.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct CaseRecord {
     /// `Ecars_Anomaly_Key__c`.
     pub key: String,

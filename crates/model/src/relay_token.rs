@@ -132,7 +132,7 @@ pub enum MintError {
 }
 
 /// A minted token and what it covers.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct MintedToken {
     /// The JWT.
     pub token: String,

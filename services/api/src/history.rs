@@ -160,6 +160,34 @@ impl Format {
     }
 }
 
+/// The JSON answer, as its schema describes it (the body is written a page at a time by
+/// [`respond`], not serialised from this type).
+#[derive(schemars::JsonSchema)]
+#[allow(dead_code)]
+pub(crate) struct HistoryDocument {
+    /// The car.
+    vin: Vin,
+    /// `raw`, `1m` or `1h`.
+    resolution: String,
+    /// The range's start.
+    from: DateTime<Utc>,
+    /// The range's end.
+    to: DateTime<Utc>,
+    /// Oldest first: readings at `raw`, buckets otherwise.
+    points: Points,
+}
+
+/// The points of a history.
+#[derive(schemars::JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum Points {
+    /// Every reading.
+    Raw(Vec<RawPoint>),
+    /// A bucket per minute or hour.
+    Rollups(Vec<RollupPoint>),
+}
+
 /// Rows one page query reads.
 const PAGE_ROWS: i64 = 2_000;
 /// Pages formatted ahead of a slow client.
@@ -263,7 +291,7 @@ trait Point: Serialize {
 }
 
 /// A reading, as a raw history point.
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
 struct RawPoint {
     time: DateTime<Utc>,
     event_id: Uuid,
@@ -312,7 +340,7 @@ impl Point for RawPoint {
 }
 
 /// A bucket, as a history point: the bucket's start as `time`.
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
 struct RollupPoint {
     time: DateTime<Utc>,
     readings: i64,

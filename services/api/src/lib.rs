@@ -14,6 +14,7 @@
 pub mod access;
 pub mod history;
 pub mod metrics;
+pub mod openapi;
 pub mod serve;
 
 use std::collections::HashMap;
@@ -112,6 +113,8 @@ pub struct ApiState {
     pub access: HttpAccess,
     /// Whether `/` serves the dashboard (where the live relay runs too).
     pub dashboard: bool,
+    /// The OpenAPI document served at `/v1/openapi.json` ([`openapi::document`]).
+    pub openapi: axum::body::Bytes,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -179,12 +182,23 @@ impl From<DbError> for ApiError {
     }
 }
 
+/// The body of every error answer.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct ErrorBody {
+    /// What went wrong, for people.
+    pub error: String,
+    /// For programs, where the status alone is ambiguous: why a credential was refused
+    /// (`missing`, `invalid`, `not_granted`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = serde_json::json!({ "error": self.message });
-        if let Some(reason) = self.reason {
-            body["reason"] = reason.into();
-        }
+        let body = ErrorBody {
+            error: self.message,
+            reason: self.reason,
+        };
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             // RFC 6750 §3: a 401 names the scheme the caller should use.
@@ -208,6 +222,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/cases", get(list_cases))
         .route("/v1/cases/{key}/retry", post(retry_case))
         .route("/v1/relay-tokens", post(mint_relay_token))
+        .route("/v1/openapi.json", get(openapi_document))
         .fallback(not_found)
         .with_state(state)
 }
@@ -233,6 +248,9 @@ impl HttpConfig {
     }
 }
 
+/// Alive: the process answers (nothing else is checked).
+#[utoipa::path(get, path = "/healthz", tag = "internal",
+    responses((status = 200, description = "`{\"status\": \"ok\"}`")))]
 async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
@@ -248,6 +266,12 @@ async fn probe<E: std::fmt::Display>(
     }
 }
 
+/// Ready: the database and the bus answer within 2 s and every part of the process is ready.
+#[utoipa::path(get, path = "/readyz", tag = "internal",
+    responses(
+        (status = 200, description = "Ready: `{\"database\": \"ok\", \"bus\": \"ok\", \"parts\": {...}, \"ready\": true}`"),
+        (status = 503, description = "Not ready: the same object, saying which dependency or part is not."),
+    ))]
 async fn readyz(State(state): State<ApiState>) -> Response {
     let mut body = serde_json::Map::new();
     if let Some(db) = &state.db {
@@ -281,6 +305,9 @@ fn authorize(state: &ApiState, headers: &HeaderMap, need: Need<'_>) -> Result<()
     Ok(())
 }
 
+/// Prometheus metrics, text exposition format 0.0.4.
+#[utoipa::path(get, path = "/metrics", tag = "internal",
+    responses((status = 200, description = "The metrics.", content_type = "text/plain; version=0.0.4")))]
 async fn render_metrics(State(state): State<ApiState>) -> Response {
     (
         [(
@@ -310,7 +337,7 @@ fn limit(query: &LimitQuery, default: i64) -> Result<i64, ApiError> {
 }
 
 /// One car in the fleet list.
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
 struct VehicleSummary {
     vin: Vin,
     /// The newest reading by event time (`null` before the first).
@@ -326,7 +353,7 @@ struct VehicleSummary {
 }
 
 /// A car's connectivity in the fleet list.
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
 struct ConnectivityView {
     since: DateTime<Utc>,
     /// Why its last connection ended (offline only).
@@ -380,6 +407,21 @@ fn fleet_query(params: &HashMap<String, String>) -> Result<FleetQuery, ApiError>
 
 /// The fleet, a page at a time by VIN, from each car's latest state (one row per car, whatever
 /// the size of `sensor_data`). A full page links the next (`Link: <…>; rel="next"`, RFC 8288).
+#[utoipa::path(get, path = "/v1/vehicles", tag = "fleet",
+    params(
+        ("limit" = Option<i64>, Query, description = "Page size, 1 to 1000 (default 1000).", minimum = 1, maximum = 1000),
+        ("after" = Option<String>, Query, description = "The cursor: the last VIN of the page before."),
+        ("online" = Option<bool>, Query, description = "`true`: only connected cars; `false`: the others."),
+        ("anomaly" = Option<bool>, Query, description = "`true`: only cars with an open anomaly; `false`: the others."),
+    ),
+    responses(
+        (status = 200, description = "A page of cars by VIN; a full page has a `Link: <...>; rel=\"next\"` header.",
+            body = ref("#/components/schemas/VehiclePage")),
+        (status = 400, description = "A bad parameter.", body = ref("#/components/schemas/ErrorBody")),
+        (status = 401, description = "No valid credential.", body = ref("#/components/schemas/ErrorBody")),
+        (status = 403, description = "The credential lacks `fleet:read`.", body = ref("#/components/schemas/ErrorBody")),
+    ),
+    security(("bearer" = [])))]
 async fn vehicles(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -435,6 +477,19 @@ fn vehicle(state: &ApiState, headers: &HeaderMap, vin: &str) -> Result<Vin, ApiE
     vin
 }
 
+/// A car's newest readings, newest first.
+#[utoipa::path(get, path = "/v1/vehicles/{vin}/telemetry", tag = "fleet",
+    params(
+        ("vin" = String, Path, description = "The car's VIN."),
+        ("limit" = Option<i64>, Query, description = "1 to 1000 (default 100).", minimum = 1, maximum = 1000),
+    ),
+    responses(
+        (status = 200, description = "Readings, newest first.", body = ref("#/components/schemas/Readings")),
+        (status = 400, description = "Not a VIN, or a bad limit.", body = ref("#/components/schemas/ErrorBody")),
+        (status = 401, description = "No valid credential.", body = ref("#/components/schemas/ErrorBody")),
+        (status = 403, description = "The credential may not read this car.", body = ref("#/components/schemas/ErrorBody")),
+    ),
+    security(("bearer" = [])))]
 async fn vehicle_telemetry(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -448,7 +503,26 @@ async fn vehicle_telemetry(
     ))
 }
 
-/// `GET /v1/vehicles/{vin}/history`: see [`history`].
+/// One car's history over a time range: raw or from the rollups, as JSON or CSV, streamed
+/// ([`history`]).
+#[utoipa::path(get, path = "/v1/vehicles/{vin}/history", tag = "fleet",
+    params(
+        ("vin" = String, Path, description = "The car's VIN."),
+        ("from" = Option<String>, Query, description = "RFC 3339 start (included); default an hour before `to`.", format = DateTime),
+        ("to" = Option<String>, Query, description = "RFC 3339 end (excluded); default now.", format = DateTime),
+        ("resolution" = Option<String>, Query, description = "`raw` (ranges up to 1 day), `1m` (31 days), `1h` (10 years) or `auto` (default: raw up to 2 hours, `1m` up to 7 days, `1h` beyond)."),
+    ),
+    responses(
+        (status = 200, description = "The history, streamed; the `Ecars-Resolution` header names the resolution that answered.",
+            content(
+                (ref("#/components/schemas/History") = "application/json"),
+                (String = "text/csv", example = "time,readings,battery_min,...\r\n"),
+            )),
+        (status = 400, description = "A bad range, resolution, time or parameter, with the reason.", body = ref("#/components/schemas/ErrorBody")),
+        (status = 401, description = "No valid credential.", body = ref("#/components/schemas/ErrorBody")),
+        (status = 403, description = "The credential may not read this car.", body = ref("#/components/schemas/ErrorBody")),
+    ),
+    security(("bearer" = [])))]
 async fn vehicle_history(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -466,7 +540,8 @@ async fn vehicle_history(
     ))
 }
 
-#[derive(Serialize)]
+/// A refused message.
+#[derive(Serialize, schemars::JsonSchema)]
 struct DeadLetterView {
     id: Uuid,
     received_at: DateTime<Utc>,
@@ -493,6 +568,16 @@ impl From<DeadLetterRow> for DeadLetterView {
     }
 }
 
+/// The newest refused messages, newest first.
+#[utoipa::path(get, path = "/v1/dead-letters", tag = "fleet",
+    params(("limit" = Option<i64>, Query, description = "1 to 1000 (default 100).", minimum = 1, maximum = 1000)),
+    responses(
+        (status = 200, description = "Dead letters, newest first.", body = ref("#/components/schemas/DeadLetters")),
+        (status = 400, description = "A bad limit.", body = ref("#/components/schemas/ErrorBody")),
+        (status = 401, description = "No valid credential.", body = ref("#/components/schemas/ErrorBody")),
+        (status = 403, description = "The credential lacks `dead-letters:read`.", body = ref("#/components/schemas/ErrorBody")),
+    ),
+    security(("bearer" = [])))]
 async fn dead_letters(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -520,11 +605,23 @@ struct CasesQuery {
 
 /// `GET /v1/cases[?status=failed&limit=100]`: outbox rows, newest first, with the count of each
 /// status.
+#[utoipa::path(get, path = "/v1/cases", tag = "cases",
+    params(
+        ("status" = Option<String>, Query, description = "Only rows of this status: pending, synced, failed, paused or not_configured."),
+        ("limit" = Option<i64>, Query, description = "1 to 1000 (default 100).", minimum = 1, maximum = 1000),
+    ),
+    responses(
+        (status = 200, description = "Outbox rows, newest first, and the count of each status.", body = ref("#/components/schemas/CasesPage")),
+        (status = 400, description = "A bad status or limit.", body = ref("#/components/schemas/ErrorBody")),
+        (status = 401, description = "No valid credential.", body = ref("#/components/schemas/ErrorBody")),
+        (status = 403, description = "The credential lacks `cases:read`.", body = ref("#/components/schemas/ErrorBody")),
+    ),
+    security(("bearer" = [])))]
 async fn list_cases(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Query(query): Query<CasesQuery>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<CasesPage>, ApiError> {
     authorize(&state, &headers, Need::Scope(Scope::CasesRead))?;
     let status = match query.status.as_deref() {
         None => None,
@@ -535,23 +632,56 @@ async fn list_cases(
     };
     let limit = limit(&LimitQuery { limit: query.limit }, 100)?;
     let outbox = db(&state)?.case_outbox();
-    let rows = outbox.list(status, limit).await?;
+    let cases = outbox.list(status, limit).await?;
     let counts = outbox.counts().await?;
-    Ok(Json(serde_json::json!({
-        "counts": counts.iter().map(|(k, v)| (k.as_str(), *v)).collect::<HashMap<_, _>>(),
-        "cases": rows,
-    })))
+    Ok(Json(CasesPage {
+        counts: counts
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), *v))
+            .collect(),
+        cases,
+    }))
+}
+
+/// A page of the case outbox.
+#[derive(Serialize, schemars::JsonSchema)]
+struct CasesPage {
+    /// Rows of each status (all rows, not only this page's).
+    counts: HashMap<String, i64>,
+    /// The rows, newest first.
+    cases: Vec<ecars_db::case_outbox::CaseRecord>,
+}
+
+/// A Case queued again.
+#[derive(Serialize, schemars::JsonSchema)]
+struct Retried {
+    /// Its anomaly key.
+    key: String,
+    /// `pending`.
+    status: CaseStatus,
 }
 
 /// `POST /v1/cases/{key}/retry`: re-queues a failed Case.
+#[utoipa::path(post, path = "/v1/cases/{key}/retry", tag = "cases",
+    params(("key" = String, Path, description = "The anomaly key (`Ecars_Anomaly_Key__c`).")),
+    responses(
+        (status = 200, description = "Queued again: `{\"key\": ..., \"status\": \"pending\"}`.", body = ref("#/components/schemas/Retried")),
+        (status = 401, description = "No valid credential.", body = ref("#/components/schemas/ErrorBody")),
+        (status = 403, description = "The credential lacks `cases:write`.", body = ref("#/components/schemas/ErrorBody")),
+        (status = 404, description = "No failed Case with this key.", body = ref("#/components/schemas/ErrorBody")),
+    ),
+    security(("bearer" = [])))]
 async fn retry_case(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path(key): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Retried>, ApiError> {
     authorize(&state, &headers, Need::Scope(Scope::CasesWrite))?;
     if db(&state)?.case_outbox().retry(&key, Utc::now()).await? {
-        Ok(Json(serde_json::json!({ "key": key, "status": "pending" })))
+        Ok(Json(Retried {
+            key,
+            status: CaseStatus::Pending,
+        }))
     } else {
         Err(ApiError::status(
             StatusCode::NOT_FOUND,
@@ -560,7 +690,8 @@ async fn retry_case(
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// What a live-view token should cover.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 struct MintRequest {
     /// A VIN, or `*` for the fleet.
     vin: String,
@@ -575,6 +706,16 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// `POST /v1/relay-tokens {"vin": "..."}` with an API key as bearer: a live-view token.
+#[utoipa::path(post, path = "/v1/relay-tokens", tag = "live",
+    request_body(content = ref("#/components/schemas/MintRequest"), content_type = "application/json"),
+    responses(
+        (status = 200, description = "A token for the relay's sockets.", body = ref("#/components/schemas/MintedToken")),
+        (status = 400, description = "Not a VIN nor `*`, or not JSON.", body = ref("#/components/schemas/ErrorBody")),
+        (status = 401, description = "No valid credential.", body = ref("#/components/schemas/ErrorBody")),
+        (status = 403, description = "The API key may not mint tokens for this subject.", body = ref("#/components/schemas/ErrorBody")),
+        (status = 404, description = "Minting is off (no relay secret).", body = ref("#/components/schemas/ErrorBody")),
+    ),
+    security(("bearer" = [])))]
 async fn mint_relay_token(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -613,6 +754,17 @@ async fn dashboard(State(state): State<ApiState>) -> Response {
             (header::CACHE_CONTROL, "no-cache"),
         ],
         include_str!("../assets/dashboard.html"),
+    )
+        .into_response()
+}
+
+/// This document: the OpenAPI 3.1 description of the whole HTTP API.
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "meta",
+    responses((status = 200, description = "The OpenAPI document.", content_type = "application/json")))]
+async fn openapi_document(State(state): State<ApiState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        state.openapi.clone(),
     )
         .into_response()
 }

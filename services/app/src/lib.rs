@@ -492,6 +492,8 @@ impl App {
             minter: relay.as_ref().and_then(|(r, _)| r.minter().cloned()),
             access,
             dashboard: relay.is_some(),
+            openapi: ecars_api::openapi::document(relay.as_ref().map(|_| ecars_relay::openapi()))
+                .into(),
         };
         let admin_routes = ecars_api::admin_router(state.clone());
         let mut routes = ecars_api::router(state);

@@ -278,6 +278,14 @@ impl Relay {
     }
 }
 
+/// The OpenAPI description of the relay's routes, for the HTTP API's document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    #[derive(utoipa::OpenApi)]
+    #[openapi(paths(vehicle_live, fleet_live))]
+    struct LiveRoutes;
+    <LiveRoutes as utoipa::OpenApi>::openapi()
+}
+
 /// The relay's routes: the live WebSockets.
 pub fn router(relay: Arc<Relay>) -> Router {
     Router::new()
@@ -484,6 +492,23 @@ impl Relay {
     }
 }
 
+/// One car, live: a WebSocket of its newest readings, then each new one as a JSON text frame.
+#[utoipa::path(
+    get,
+    path = "/v1/vehicles/{vin}/live",
+    tag = "live",
+    params(
+        ("vin" = String, Path, description = "The car's VIN (17 characters)."),
+        ("access_token" = Option<String>, Query, description = "A relay token, where a header cannot be set (browsers); or send it as `Authorization: Bearer` or as the first text message."),
+        ("connectivity" = Option<bool>, Query, description = "`true`: also frames `{\"type\": \"connectivity\", ...}` when a watched car connects or disconnects."),
+    ),
+    responses(
+        (status = 101, description = "Switched to WebSocket: text frames of readings (`TelemetryReading` with its `event_id`)."),
+        (status = 400, description = "Not a VIN, or not a WebSocket request."),
+        (status = 401, description = "No valid relay token (where the relay requires one)."),
+    ),
+    security(("bearer" = []))
+)]
 async fn vehicle_live(
     State(relay): State<Arc<Relay>>,
     Path(vin): Path<String>,
@@ -497,6 +522,23 @@ async fn vehicle_live(
     }
 }
 
+/// The fleet, or some cars, live.
+#[utoipa::path(
+    get,
+    path = "/v1/live",
+    tag = "live",
+    params(
+        ("vin" = Option<String>, Query, description = "Comma-separated VINs; all cars when absent (a fleet token)."),
+        ("access_token" = Option<String>, Query, description = "A relay token, where a header cannot be set (browsers); or send it as `Authorization: Bearer` or as the first text message."),
+        ("connectivity" = Option<bool>, Query, description = "`true`: also frames `{\"type\": \"connectivity\", ...}` when a watched car connects or disconnects."),
+    ),
+    responses(
+        (status = 101, description = "Switched to WebSocket: text frames of readings."),
+        (status = 400, description = "A VIN of the list is not a VIN, or not a WebSocket request."),
+        (status = 401, description = "No valid relay token (where the relay requires one)."),
+    ),
+    security(("bearer" = []))
+)]
 async fn fleet_live(
     State(relay): State<Arc<Relay>>,
     Query(query): Query<LiveQuery>,
