@@ -90,6 +90,18 @@ pub struct HttpConfig {
     /// revocations, TLS certificates) are re-read.
     #[arg(long = "settings-reload-interval", env = "ECARS_SETTINGS_RELOAD_INTERVAL", default_value = "2s", value_parser = ecars_runtime::settings::parse_duration)]
     pub reload_interval: Duration,
+    /// Map tiles behind the dashboard's fleet map, as a URL template
+    /// (`https://tile.openstreetmap.org/{z}/{x}/{y}.png`, or your own tile server). Unset: the
+    /// cars' markers on a plain background, and the browser fetches nothing from elsewhere.
+    #[arg(long = "map-tiles-url", env = "ECARS_MAP_TILES_URL")]
+    pub map_tiles_url: Option<String>,
+    /// The attribution the tile server requires, shown on the map (HTML is not interpreted).
+    #[arg(
+        long = "map-attribution",
+        env = "ECARS_MAP_ATTRIBUTION",
+        default_value = ""
+    )]
+    pub map_attribution: String,
 }
 
 /// Most rows one query returns.
@@ -111,8 +123,9 @@ pub struct ApiState {
     pub minter: Option<TokenMinter>,
     /// Who may call which `/v1` route.
     pub access: HttpAccess,
-    /// Whether `/` serves the dashboard (where the live relay runs too).
-    pub dashboard: bool,
+    /// The dashboard page `/` serves ([`dashboard_page`]), where the live relay runs too;
+    /// `None`: no dashboard.
+    pub dashboard: Option<axum::body::Bytes>,
     /// The OpenAPI document served at `/v1/openapi.json` ([`openapi::document`]).
     pub openapi: axum::body::Bytes,
 }
@@ -123,7 +136,7 @@ impl std::fmt::Debug for ApiState {
             .field("db", &self.db.as_ref().map(Database::backend))
             .field("minting", &self.minter.is_some())
             .field("credentials_required", &self.access.required())
-            .field("dashboard", &self.dashboard)
+            .field("dashboard", &self.dashboard.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -223,6 +236,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/cases/{key}/retry", post(retry_case))
         .route("/v1/relay-tokens", post(mint_relay_token))
         .route("/v1/openapi.json", get(openapi_document))
+        .route(LEAFLET_JS, get(leaflet_js))
+        .route(LEAFLET_CSS, get(leaflet_css))
         .fallback(not_found)
         .with_state(state)
 }
@@ -745,15 +760,73 @@ async fn mint_relay_token(
 /// client. `?vin=` picks the car; where credentials are required it asks for an API key once
 /// and keeps it in the browser session.
 async fn dashboard(State(state): State<ApiState>) -> Response {
-    if !state.dashboard {
+    let Some(page) = state.dashboard else {
         return not_found().await.into_response();
-    }
+    };
     (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
             (header::CACHE_CONTROL, "no-cache"),
         ],
-        include_str!("../assets/dashboard.html"),
+        page,
+    )
+        .into_response()
+}
+
+/// The dashboard page with the map's settings filled in.
+pub fn dashboard_page(config: &HttpConfig) -> axum::body::Bytes {
+    let escape = |text: &str| {
+        text.replace('&', "&amp;")
+            .replace('"', "&quot;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('\'', "&#39;")
+    };
+    include_str!("../assets/dashboard.html")
+        .replace(
+            r#"<meta name="ecars-map-tiles" content="">"#,
+            &format!(
+                r#"<meta name="ecars-map-tiles" content="{}">"#,
+                escape(config.map_tiles_url.as_deref().unwrap_or(""))
+            ),
+        )
+        .replace(
+            r#"<meta name="ecars-map-attribution" content="">"#,
+            &format!(
+                r#"<meta name="ecars-map-attribution" content="{}">"#,
+                escape(&config.map_attribution)
+            ),
+        )
+        .into()
+}
+
+/// Leaflet 1.9.4 (BSD-2-Clause, `assets/leaflet/LICENSE`), the dashboard's map, served from the
+/// binary: the dashboard works without reaching any other site. Versioned paths: cached for a
+/// year.
+const LEAFLET_JS: &str = "/assets/leaflet-1.9.4.js";
+const LEAFLET_CSS: &str = "/assets/leaflet-1.9.4.css";
+
+async fn leaflet_js() -> Response {
+    static_asset(
+        "text/javascript; charset=utf-8",
+        include_str!("../assets/leaflet/leaflet.js"),
+    )
+}
+
+async fn leaflet_css() -> Response {
+    static_asset(
+        "text/css; charset=utf-8",
+        include_str!("../assets/leaflet/leaflet.css"),
+    )
+}
+
+fn static_asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
+        ],
+        body,
     )
         .into_response()
 }

@@ -491,7 +491,9 @@ impl App {
             readiness: readiness.clone(),
             minter: relay.as_ref().and_then(|(r, _)| r.minter().cloned()),
             access,
-            dashboard: relay.is_some(),
+            dashboard: relay
+                .is_some()
+                .then(|| ecars_api::dashboard_page(&settings.http)),
             openapi: ecars_api::openapi::document(relay.as_ref().map(|_| ecars_relay::openapi()))
                 .into(),
         };

@@ -295,6 +295,10 @@ async fn help_explains_every_setting_with_its_environment_variable() {
         "ECARS_MQTT_RETAINED_MAX_BYTES",
         "ECARS_MQTT_RETAINED_MAX_TOPICS",
         "ECARS_MQTT_MAX_PUBLISH_RATE",
+        "ECARS_RETENTION",
+        "ECARS_ROLLUP_RETENTION",
+        "ECARS_MAP_TILES_URL",
+        "ECARS_MAP_ATTRIBUTION",
     ] {
         assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
     }
@@ -995,8 +999,9 @@ async fn read_first_events(
 
 /// The built-in dashboard in a real browser (Debian's chromium, driven by playwright-core from
 /// `tests/browser`): `ecars up --simulate 20` with API keys and a relay secret asks for a key,
-/// then shows the fleet and a live chart of the chosen car (through a token it mints with the
-/// key); a second tab on another car sees only that car. The key comes from `ecars api-key
+/// then shows the fleet, a map with a marker per car, a live chart of the chosen car (through a
+/// token it mints with the key) and six hours of its history from the rollups on a time axis;
+/// a second tab on another car sees only that car. The key comes from `ecars api-key
 /// create`. The screenshot is kept in `target/screenshots/dashboard.png`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_the_fleet_and_a_live_chart_in_chromium() {
@@ -1084,6 +1089,15 @@ async fn the_dashboard_shows_the_fleet_and_a_live_chart_in_chromium() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["rows"], 20, "the fleet table lists the twenty cars");
     assert_eq!(report["online"], 20, "and shows them online");
+    assert_eq!(report["markers"], 20, "the map has a marker per car");
+    assert_eq!(
+        report["history"]["resolution"], "1m",
+        "six hours of history come from the per-minute rollups"
+    );
+    assert!(
+        report["history"]["ticks"].as_u64().unwrap_or(0) >= 3,
+        "the chart has a time axis: {report}"
+    );
     let png = std::fs::read(&shot).unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a screenshot was saved");
     assert!(terminate(&mut child).await.success());
