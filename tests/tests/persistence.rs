@@ -380,6 +380,7 @@ async fn retention(db: Database) {
             all.iter().map(|r| r.readings).collect::<Vec<_>>()
         }
     };
+    while rollups.apply_pending(1_000).await.unwrap() > 0 {}
     let old_minutes = buckets(Width::Minute).await;
     assert_eq!(old_minutes.iter().sum::<i64>(), 12_011, "{old_minutes:?}");
     let pass = ecars_persist::apply_retention(

@@ -1,14 +1,21 @@
 //! `rollup_1m` and `rollup_1h`: per car and per minute or hour, the count, sum, min and max of
-//! battery, speed and range, the first and last battery and the last position. Maintained in
-//! the transaction of each batch of sensor rows ([`crate::SensorRows::insert`]) from the rows
-//! that batch added (a redelivered reading adds nothing), so a chart of a week or a year reads
-//! thousands of rows instead of millions.
+//! battery, speed and range, the first and last battery and the last position, so a chart of a
+//! week or a year reads thousands of rows instead of millions.
+//!
+//! Two steps keep them off the write path. In the transaction of each batch of sensor rows
+//! ([`crate::SensorRows::insert`]), the rows that batch added (a redelivered reading adds
+//! nothing) are summarised per car and minute and *appended* to `rollup_pending`. Then
+//! [`Rollups::apply_pending`] (the persistence worker, every few seconds) takes pending
+//! summaries, merges those of the same car and minute, upserts the minute and hour rollups and
+//! deletes what it took, in one transaction: exactly once, and one upsert per car and minute
+//! for many batches. Upserting in the batch's own transaction cost PostgreSQL more than half
+//! of its throughput where every car has one reading per batch (see `docs/BENCHMARKS.md`).
 //!
 //! The merge is associative: a bucket summarised from any split of its readings into batches,
 //! in any order, equals the bucket summarised at once ([`Rollup::merge`] in Rust, and the
 //! upsert's SQL, which mirrors it). Sums are floating point, so equal means equal to rounding.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use ecars_model::{TelemetryReading, Vin};
@@ -296,163 +303,239 @@ fn on_conflict(table: &str, least: &str, greatest: &str) -> String {
     )
 }
 
-/// Upserts the buckets of the readings a batch added, inside its transaction (PostgreSQL).
-pub(crate) async fn upsert_pg(
+/// The buckets of `width` that `rollups` (of a finer or equal width) fall in, merged, by VIN
+/// then bucket.
+pub fn regroup(width: Width, rollups: impl IntoIterator<Item = Rollup>) -> Vec<Rollup> {
+    let mut buckets: BTreeMap<(Vin, DateTime<Utc>), Rollup> = BTreeMap::new();
+    for mut r in rollups {
+        let bucket = width.bucket(r.bucket);
+        match buckets.entry((r.vin.clone(), bucket)) {
+            std::collections::btree_map::Entry::Occupied(mut kept) => kept.get_mut().merge(&r),
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                r.bucket = bucket;
+                slot.insert(r);
+            }
+        }
+    }
+    buckets.into_values().collect()
+}
+
+/// The table of per-minute summaries of committed batches that [`Rollups::apply_pending`] has
+/// not merged into the rollups yet.
+const PENDING: &str = "rollup_pending";
+
+/// The batch's readings summarised per car and minute, appended to `rollup_pending` inside the
+/// batch's transaction (PostgreSQL): an append, not an upsert, so the write path does not wait
+/// for the rollups' rows.
+pub(crate) async fn stage_pg(
     tx: &mut Transaction<'_, Postgres>,
     added: &[&TelemetryReading],
 ) -> Result<(), DbError> {
-    for width in Width::ALL {
-        let rollups = summarise(width, added.iter().copied());
-        if rollups.is_empty() {
-            continue;
-        }
-        let table = width.table();
-        let casts = [
-            "text",
-            "timestamptz",
-            "int8",
-            "int8",
-            "float8",
-            "float8",
-            "float8",
-            "int8",
-            "float8",
-            "float8",
-            "float8",
-            "int8",
-            "float8",
-            "float8",
-            "float8",
-            "timestamptz",
-            "uuid",
-            "float8",
-            "timestamptz",
-            "uuid",
-            "float8",
-            "timestamptz",
-            "uuid",
-            "float8",
-            "float8",
-        ];
-        let arrays: Vec<String> = casts
-            .iter()
-            .enumerate()
-            .map(|(i, cast)| format!("${}::{cast}[]", i + 1))
-            .collect();
-        let sql = format!(
-            "INSERT INTO {table} ({}) SELECT * FROM UNNEST({}){}",
-            columns().join(", "),
-            arrays.join(", "),
-            on_conflict(table, "LEAST", "GREATEST")
-        );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(rollups.iter().map(|r| r.vin.as_str()).collect::<Vec<_>>())
-            .bind(rollups.iter().map(|r| r.bucket).collect::<Vec<_>>())
-            .bind(rollups.iter().map(|r| r.readings).collect::<Vec<_>>());
-        for stats in [
-            |r: &Rollup| r.battery,
-            |r: &Rollup| r.speed,
-            |r: &Rollup| r.range,
-        ] {
-            query = query
-                .bind(rollups.iter().map(|r| stats(r).n).collect::<Vec<_>>())
-                .bind(rollups.iter().map(|r| stats(r).sum).collect::<Vec<_>>())
-                .bind(rollups.iter().map(|r| stats(r).min).collect::<Vec<_>>())
-                .bind(rollups.iter().map(|r| stats(r).max).collect::<Vec<_>>());
-        }
-        for battery in [|r: &Rollup| r.first_battery, |r: &Rollup| r.last_battery] {
-            query = query
-                .bind(
-                    rollups
-                        .iter()
-                        .map(|r| battery(r).map(|s| s.date))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    rollups
-                        .iter()
-                        .map(|r| battery(r).map(|s| s.event_id))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    rollups
-                        .iter()
-                        .map(|r| battery(r).map(|s| s.value))
-                        .collect::<Vec<_>>(),
-                );
-        }
-        query
-            .bind(
-                rollups
-                    .iter()
-                    .map(|r| r.position.map(|s| s.date))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                rollups
-                    .iter()
-                    .map(|r| r.position.map(|s| s.event_id))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                rollups
-                    .iter()
-                    .map(|r| r.position.map(|s| s.value.0))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                rollups
-                    .iter()
-                    .map(|r| r.position.map(|s| s.value.1))
-                    .collect::<Vec<_>>(),
-            )
-            .execute(&mut **tx)
-            .await?;
-    }
-    Ok(())
+    write_pg(
+        tx,
+        PENDING,
+        "",
+        &summarise(Width::Minute, added.iter().copied()),
+    )
+    .await
 }
 
-/// Upserts the buckets of the readings a batch added, inside its transaction (SQLite).
-pub(crate) async fn upsert_sqlite(
+/// The same for SQLite.
+pub(crate) async fn stage_sqlite(
     conn: &mut SqliteConnection,
     added: &[&TelemetryReading],
 ) -> Result<(), DbError> {
-    // Built once per table: the statement's text is the key of its prepared statement.
-    static STATEMENTS: std::sync::OnceLock<[(String, String); 2]> = std::sync::OnceLock::new();
-    let statements = STATEMENTS.get_or_init(|| {
-        Width::ALL.map(|width| {
-            let table = width.table();
-            (
-                format!("INSERT INTO {table} ({}) ", columns().join(", ")),
-                on_conflict(table, "MIN", "MAX"),
-            )
-        })
-    });
-    for (width, (insert, on_conflict)) in Width::ALL.into_iter().zip(statements) {
-        let rollups = summarise(width, added.iter().copied());
-        sqlite_insert_in(conn, insert, on_conflict, &rollups, |row, r| {
-            row.push_bind(r.vin.as_str())
-                .push_bind(sqlite_time(&r.bucket))
-                .push_bind(r.readings);
-            for stats in [r.battery, r.speed, r.range] {
-                row.push_bind(stats.n)
-                    .push_bind(stats.sum)
-                    .push_bind(stats.min)
-                    .push_bind(stats.max);
-            }
-            for battery in [r.first_battery, r.last_battery] {
-                row.push_bind(battery.map(|s| sqlite_time(&s.date)))
-                    .push_bind(battery.map(|s| s.event_id.to_string()))
-                    .push_bind(battery.map(|s| s.value));
-            }
-            row.push_bind(r.position.map(|s| sqlite_time(&s.date)))
-                .push_bind(r.position.map(|s| s.event_id.to_string()))
-                .push_bind(r.position.map(|s| s.value.0))
-                .push_bind(r.position.map(|s| s.value.1));
-        })
-        .await?;
+    write_sqlite(
+        conn,
+        PENDING,
+        "",
+        &summarise(Width::Minute, added.iter().copied()),
+    )
+    .await
+}
+
+/// Writes `rollups` to `table` with one `UNNEST` statement and `on_conflict` (PostgreSQL).
+async fn write_pg(
+    tx: &mut Transaction<'_, Postgres>,
+    table: &str,
+    on_conflict: &str,
+    rollups: &[Rollup],
+) -> Result<(), DbError> {
+    if rollups.is_empty() {
+        return Ok(());
     }
+    let casts = [
+        "text",
+        "timestamptz",
+        "int8",
+        "int8",
+        "float8",
+        "float8",
+        "float8",
+        "int8",
+        "float8",
+        "float8",
+        "float8",
+        "int8",
+        "float8",
+        "float8",
+        "float8",
+        "timestamptz",
+        "uuid",
+        "float8",
+        "timestamptz",
+        "uuid",
+        "float8",
+        "timestamptz",
+        "uuid",
+        "float8",
+        "float8",
+    ];
+    let arrays: Vec<String> = casts
+        .iter()
+        .enumerate()
+        .map(|(i, cast)| format!("${}::{cast}[]", i + 1))
+        .collect();
+    let sql = format!(
+        "INSERT INTO {table} ({}) SELECT * FROM UNNEST({}){on_conflict}",
+        columns().join(", "),
+        arrays.join(", "),
+    );
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(rollups.iter().map(|r| r.vin.as_str()).collect::<Vec<_>>())
+        .bind(rollups.iter().map(|r| r.bucket).collect::<Vec<_>>())
+        .bind(rollups.iter().map(|r| r.readings).collect::<Vec<_>>());
+    for stats in [
+        |r: &Rollup| r.battery,
+        |r: &Rollup| r.speed,
+        |r: &Rollup| r.range,
+    ] {
+        query = query
+            .bind(rollups.iter().map(|r| stats(r).n).collect::<Vec<_>>())
+            .bind(rollups.iter().map(|r| stats(r).sum).collect::<Vec<_>>())
+            .bind(rollups.iter().map(|r| stats(r).min).collect::<Vec<_>>())
+            .bind(rollups.iter().map(|r| stats(r).max).collect::<Vec<_>>());
+    }
+    for battery in [|r: &Rollup| r.first_battery, |r: &Rollup| r.last_battery] {
+        query = query
+            .bind(
+                rollups
+                    .iter()
+                    .map(|r| battery(r).map(|s| s.date))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                rollups
+                    .iter()
+                    .map(|r| battery(r).map(|s| s.event_id))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                rollups
+                    .iter()
+                    .map(|r| battery(r).map(|s| s.value))
+                    .collect::<Vec<_>>(),
+            );
+    }
+    query
+        .bind(
+            rollups
+                .iter()
+                .map(|r| r.position.map(|s| s.date))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rollups
+                .iter()
+                .map(|r| r.position.map(|s| s.event_id))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rollups
+                .iter()
+                .map(|r| r.position.map(|s| s.value.0))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rollups
+                .iter()
+                .map(|r| r.position.map(|s| s.value.1))
+                .collect::<Vec<_>>(),
+        )
+        .execute(&mut **tx)
+        .await?;
     Ok(())
+}
+
+/// Writes `rollups` to `table` with multi-row inserts and `on_conflict` (SQLite).
+async fn write_sqlite(
+    conn: &mut SqliteConnection,
+    table: &'static str,
+    on_conflict: &'static str,
+    rollups: &[Rollup],
+) -> Result<(), DbError> {
+    // Built once per table: the statement's text is the key of its prepared statement.
+    static INSERTS: std::sync::OnceLock<HashMap<&'static str, String>> = std::sync::OnceLock::new();
+    let inserts = INSERTS.get_or_init(|| {
+        [PENDING, Width::Minute.table(), Width::Hour.table()]
+            .into_iter()
+            .map(|table| {
+                (
+                    table,
+                    format!("INSERT INTO {table} ({}) ", columns().join(", ")),
+                )
+            })
+            .collect()
+    });
+    let insert = inserts.get(table).map(String::as_str).unwrap_or_default();
+    sqlite_insert_in(conn, insert, on_conflict, rollups, |row, r| {
+        row.push_bind(r.vin.as_str())
+            .push_bind(sqlite_time(&r.bucket))
+            .push_bind(r.readings);
+        for stats in [r.battery, r.speed, r.range] {
+            row.push_bind(stats.n)
+                .push_bind(stats.sum)
+                .push_bind(stats.min)
+                .push_bind(stats.max);
+        }
+        for battery in [r.first_battery, r.last_battery] {
+            row.push_bind(battery.map(|s| sqlite_time(&s.date)))
+                .push_bind(battery.map(|s| s.event_id.to_string()))
+                .push_bind(battery.map(|s| s.value));
+        }
+        row.push_bind(r.position.map(|s| sqlite_time(&s.date)))
+            .push_bind(r.position.map(|s| s.event_id.to_string()))
+            .push_bind(r.position.map(|s| s.value.0))
+            .push_bind(r.position.map(|s| s.value.1));
+    })
+    .await
+    .map(|_| ())
+}
+
+/// Merges `rollups` into the table of `width` (PostgreSQL).
+async fn upsert_pg(
+    tx: &mut Transaction<'_, Postgres>,
+    width: Width,
+    rollups: &[Rollup],
+) -> Result<(), DbError> {
+    let table = width.table();
+    write_pg(tx, table, &on_conflict(table, "LEAST", "GREATEST"), rollups).await
+}
+
+/// Merges `rollups` into the table of `width` (SQLite).
+async fn upsert_sqlite(
+    conn: &mut SqliteConnection,
+    width: Width,
+    rollups: &[Rollup],
+) -> Result<(), DbError> {
+    static ON_CONFLICT: std::sync::OnceLock<[String; 2]> = std::sync::OnceLock::new();
+    let on_conflict =
+        ON_CONFLICT.get_or_init(|| Width::ALL.map(|w| on_conflict(w.table(), "MIN", "MAX")));
+    let i = Width::ALL
+        .iter()
+        .position(|w| *w == width)
+        .unwrap_or_default();
+    write_sqlite(conn, width.table(), &on_conflict[i], rollups).await
 }
 
 /// The rollup tables.
@@ -503,6 +586,57 @@ impl Rollups {
         }
     }
 
+    /// Merges up to `limit` pending per-minute summaries of committed batches into the minute
+    /// and hour rollups, in one transaction that also removes them: each counts once, whichever
+    /// worker applies it, and a crash leaves them pending. Many batches' summaries of one car
+    /// and minute become one upsert. Returns how many were applied; call again while it returns
+    /// `limit`.
+    pub async fn apply_pending(&self, limit: i64) -> Result<u64, DbError> {
+        let columns = columns().join(", ");
+        match &self.db.pool {
+            Pool::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                // SKIP LOCKED: two workers take different summaries instead of waiting.
+                let sql = format!(
+                    "DELETE FROM {PENDING} WHERE id IN
+                       (SELECT id FROM {PENDING} ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+                     RETURNING {columns}"
+                );
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(limit)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                let pending = rows.iter().map(pg_rollup).collect::<Result<Vec<_>, _>>()?;
+                let minutes = regroup(Width::Minute, pending);
+                upsert_pg(&mut tx, Width::Minute, &minutes).await?;
+                upsert_pg(&mut tx, Width::Hour, &regroup(Width::Hour, minutes)).await?;
+                tx.commit().await?;
+                Ok(rows.len() as u64)
+            }
+            Pool::Sqlite(pool) => {
+                let mut tx = pool.begin().await?;
+                let sql = format!(
+                    "DELETE FROM {PENDING} WHERE id IN
+                       (SELECT id FROM {PENDING} ORDER BY id LIMIT $1)
+                     RETURNING {columns}"
+                );
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(limit)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                let pending = rows
+                    .iter()
+                    .map(sqlite_rollup)
+                    .collect::<Result<Vec<_>, _>>()?;
+                let minutes = regroup(Width::Minute, pending);
+                upsert_sqlite(&mut tx, Width::Minute, &minutes).await?;
+                upsert_sqlite(&mut tx, Width::Hour, &regroup(Width::Hour, minutes)).await?;
+                tx.commit().await?;
+                Ok(rows.len() as u64)
+            }
+        }
+    }
+
     /// Summarises up to `batch` of the sensor rows stored before the rollups existed (the
     /// migration that made them left their range in `rollup_backfill`); returns how many ids
     /// remain, 0 when done. Each step is one transaction that claims its range first, so two
@@ -535,7 +669,9 @@ impl Rollups {
                     .iter()
                     .map(crate::sensor_rows::pg_reading)
                     .collect::<Result<Vec<_>, _>>()?;
-                upsert_pg(&mut tx, &readings.iter().collect::<Vec<_>>()).await?;
+                for width in Width::ALL {
+                    upsert_pg(&mut tx, width, &summarise(width, &readings)).await?;
+                }
                 sqlx::query(DONE).execute(&mut *tx).await?;
                 tx.commit().await?;
                 Ok((last - (from + batch) + 1).max(0))
@@ -559,7 +695,9 @@ impl Rollups {
                     .iter()
                     .map(crate::sensor_rows::sqlite_reading)
                     .collect::<Result<Vec<_>, _>>()?;
-                upsert_sqlite(&mut tx, &readings.iter().collect::<Vec<_>>()).await?;
+                for width in Width::ALL {
+                    upsert_sqlite(&mut tx, width, &summarise(width, &readings)).await?;
+                }
                 sqlx::query(DONE).execute(&mut *tx).await?;
                 tx.commit().await?;
                 Ok((last - (from + batch) + 1).max(0))

@@ -148,7 +148,7 @@ impl SensorRows {
                     .collect::<Result<Vec<Uuid>, _>>()?;
                 let added = added_of(readings, added_ids);
                 vehicle_states::upsert_pg(&mut tx, readings).await?;
-                rollups::upsert_pg(&mut tx, &added).await?;
+                rollups::stage_pg(&mut tx, &added).await?;
                 tx.commit().await?;
                 Ok(added.len() as u64)
             }
@@ -167,7 +167,7 @@ impl SensorRows {
                 }
                 let added = added_of(readings, added_ids);
                 vehicle_states::upsert_sqlite(&mut tx, readings).await?;
-                rollups::upsert_sqlite(&mut tx, &added).await?;
+                rollups::stage_sqlite(&mut tx, &added).await?;
                 tx.commit().await?;
                 Ok(added.len() as u64)
             }

@@ -150,6 +150,47 @@ async fn backfill_rollups(db: Database, shutdown: CancellationToken) {
     }
 }
 
+/// How often pending per-minute summaries are merged into the rollups: a pass merges a few
+/// seconds of batches, one upsert per car and minute (the longer, the fewer upserts; the
+/// rollups trail the readings by about this much).
+const ROLLUP_INTERVAL: Duration = Duration::from_secs(5);
+/// Pending summaries one rollup transaction takes at most.
+pub const ROLLUP_BATCH: i64 = 20_000;
+
+/// Merges pending summaries into the rollups every [`ROLLUP_INTERVAL`], [`ROLLUP_BATCH`] per
+/// transaction while there are more, until `done` (the writers stopped); then once more, so a
+/// clean stop leaves none behind. A failure is logged and tried again at the next pass (the summaries stay
+/// pending).
+async fn apply_rollups(db: Database, done: CancellationToken) {
+    let rollups = db.rollups();
+    loop {
+        let stopping = tokio::select! {
+            _ = done.cancelled() => true,
+            _ = tokio::time::sleep(ROLLUP_INTERVAL) => false,
+        };
+        loop {
+            match rollups.apply_pending(ROLLUP_BATCH).await {
+                Ok(applied) => {
+                    metrics::counter!(ROLLUP_APPLIED).increment(applied);
+                    if applied < ROLLUP_BATCH as u64 {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "merging pending rollups failed; trying again later");
+                    break;
+                }
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Pending per-minute summaries merged into the rollups.
+pub const ROLLUP_APPLIED: &str = "ecars_rollup_pending_applied_total";
+
 /// Sensor-row ids stored before the rollups existed and not yet summarised.
 pub const ROLLUP_BACKFILL_REMAINING: &str = "ecars_rollup_backfill_remaining_rows";
 
@@ -324,11 +365,17 @@ impl PersistWorker {
         ));
         let (db, keep) = self.retention;
         let backfill = tokio::spawn(backfill_rollups(db.clone(), shutdown.clone()));
+        // Its own signal: the last pass comes after the writers' last commit.
+        let writers_done = CancellationToken::new();
+        let rollups = tokio::spawn(apply_rollups(db.clone(), writers_done.clone()));
         let retention = (!keep.0.is_zero() || !keep.1.is_zero())
-            .then(|| tokio::spawn(retain(db, keep, shutdown)));
+            .then(|| tokio::spawn(retain(db, keep, shutdown.clone())));
         let (a, b, c) = tokio::join!(readings, dead_letters, connectivity);
-        // The writers stopped (shutdown, or the bus closed): so does the upkeep.
+        // The writers stopped (shutdown, or the bus closed): so does the upkeep, the rollups
+        // after a last pass over what the writers committed.
         backfill.abort();
+        writers_done.cancel();
+        let _ = rollups.await;
         if let Some(retention) = retention {
             retention.abort();
         }

@@ -1,9 +1,9 @@
 -- Each car's readings summarised per minute and per hour, for charts of long ranges: the count,
 -- and for battery, speed and range the count of values, their sum (the mean is sum / n), least
 -- and greatest; the first and last battery and the last position with the event time (date,
--- event id) that chose them (times are text, as in sensor_data). Maintained with each batch of
--- sensor rows; the readings stored before this migration are summarised by the persistence
--- worker from rollup_backfill.
+-- event id) that chose them (times are text, as in sensor_data). Maintained from each batch of
+-- sensor rows through rollup_pending; the readings stored before this migration are summarised
+-- by the persistence worker from rollup_backfill.
 CREATE TABLE IF NOT EXISTS rollup_1m (
     vin                 TEXT NOT NULL,
     bucket              TEXT NOT NULL,
@@ -61,6 +61,38 @@ CREATE TABLE IF NOT EXISTS rollup_1h (
     longitude           REAL,
     PRIMARY KEY (vin, bucket)
 ) WITHOUT ROWID;
+
+-- Per-minute summaries of committed batches, appended in each batch's transaction and merged
+-- into the rollups (then deleted) by the persistence worker: the write path appends instead of
+-- upserting. Same columns as a rollup, and an id to take them in order.
+CREATE TABLE IF NOT EXISTS rollup_pending (
+    id                  INTEGER PRIMARY KEY,
+    vin                 TEXT NOT NULL,
+    bucket              TEXT NOT NULL,
+    readings            INTEGER NOT NULL,
+    battery_n           INTEGER NOT NULL,
+    battery_sum         REAL NOT NULL,
+    battery_min         REAL,
+    battery_max         REAL,
+    speed_n             INTEGER NOT NULL,
+    speed_sum           REAL NOT NULL,
+    speed_min           REAL,
+    speed_max           REAL,
+    range_n             INTEGER NOT NULL,
+    range_sum           REAL NOT NULL,
+    range_min           REAL,
+    range_max           REAL,
+    first_battery_date  TEXT,
+    first_battery_event TEXT,
+    first_battery       REAL,
+    last_battery_date   TEXT,
+    last_battery_event  TEXT,
+    last_battery        REAL,
+    position_date       TEXT,
+    position_event      TEXT,
+    latitude            REAL,
+    longitude           REAL
+);
 
 
 -- Retention walks buckets by age.
