@@ -342,6 +342,8 @@ async fn retention(db: Database) {
         .insert(&[DeadLetter::new("ecars/data", "c", rejection(), b"{", now)])
         .await
         .unwrap();
+    // The rollups take the batches in, as the persistence worker does within seconds.
+    while db.rollups().apply_pending(1_000).await.unwrap() > 0 {}
     let cutoffs = ecars_persist::Cutoffs {
         readings: Some(now - ChronoDuration::days(30)),
         rollups: None,
@@ -380,7 +382,6 @@ async fn retention(db: Database) {
             all.iter().map(|r| r.readings).collect::<Vec<_>>()
         }
     };
-    while rollups.apply_pending(1_000).await.unwrap() > 0 {}
     let old_minutes = buckets(Width::Minute).await;
     assert_eq!(old_minutes.iter().sum::<i64>(), 12_011, "{old_minutes:?}");
     let pass = ecars_persist::apply_retention(

@@ -3,13 +3,18 @@
 //! week or a year reads thousands of rows instead of millions.
 //!
 //! Two steps keep them off the write path. In the transaction of each batch of sensor rows
-//! ([`crate::SensorRows::insert`]), the rows that batch added (a redelivered reading adds
-//! nothing) are summarised per car and minute and *appended* to `rollup_pending`. Then
-//! [`Rollups::apply_pending`] (the persistence worker, every few seconds) takes pending
-//! summaries, merges those of the same car and minute, upserts the minute and hour rollups and
-//! deletes what it took, in one transaction: exactly once, and one upsert per car and minute
-//! for many batches. Upserting in the batch's own transaction cost PostgreSQL more than half
-//! of its throughput where every car has one reading per batch (see `docs/BENCHMARKS.md`).
+//! ([`crate::SensorRows::insert`]), the ids of the rows that batch added (a redelivered reading
+//! adds nothing) are queued in `rollup_batches`: one small row per batch. Then
+//! [`Rollups::apply_pending`] (the persistence worker, every few seconds) takes queued batches,
+//! reads their rows, summarises them per car and minute or hour, upserts the rollups and
+//! deletes what it took, in one transaction: exactly once, whatever order batches committed
+//! in, and one upsert per car and minute for many batches. Upserting in each batch's own
+//! transaction, or appending a summary per car to a staging table, cost PostgreSQL more than
+//! half of its throughput where every car has one reading per batch (see
+//! `docs/BENCHMARKS.md`).
+//!
+//! A queued batch whose rows retention deleted before it was applied (a worker stopped for
+//! longer than `ECARS_RETENTION`) adds only the rows that remain.
 //!
 //! The merge is associative: a bucket summarised from any split of its readings into batches,
 //! in any order, equals the bucket summarised at once ([`Rollup::merge`] in Rust, and the
@@ -303,55 +308,34 @@ fn on_conflict(table: &str, least: &str, greatest: &str) -> String {
     )
 }
 
-/// The buckets of `width` that `rollups` (of a finer or equal width) fall in, merged, by VIN
-/// then bucket.
-pub fn regroup(width: Width, rollups: impl IntoIterator<Item = Rollup>) -> Vec<Rollup> {
-    let mut buckets: BTreeMap<(Vin, DateTime<Utc>), Rollup> = BTreeMap::new();
-    for mut r in rollups {
-        let bucket = width.bucket(r.bucket);
-        match buckets.entry((r.vin.clone(), bucket)) {
-            std::collections::btree_map::Entry::Occupied(mut kept) => kept.get_mut().merge(&r),
-            std::collections::btree_map::Entry::Vacant(slot) => {
-                r.bucket = bucket;
-                slot.insert(r);
-            }
-        }
-    }
-    buckets.into_values().collect()
-}
-
-/// The table of per-minute summaries of committed batches that [`Rollups::apply_pending`] has
-/// not merged into the rollups yet.
-const PENDING: &str = "rollup_pending";
-
-/// The batch's readings summarised per car and minute, appended to `rollup_pending` inside the
-/// batch's transaction (PostgreSQL): an append, not an upsert, so the write path does not wait
-/// for the rollups' rows.
-pub(crate) async fn stage_pg(
+/// Queues the ids of the sensor rows a batch added for the rollups, inside the batch's
+/// transaction (PostgreSQL): one row per batch, whatever its size, so the write path does not
+/// wait for the rollups.
+pub(crate) async fn queue_pg(
     tx: &mut Transaction<'_, Postgres>,
-    added: &[&TelemetryReading],
+    added: &[i64],
 ) -> Result<(), DbError> {
-    write_pg(
-        tx,
-        PENDING,
-        "",
-        &summarise(Width::Minute, added.iter().copied()),
-    )
-    .await
+    if !added.is_empty() {
+        sqlx::query("INSERT INTO rollup_batches (row_ids) VALUES ($1)")
+            .bind(added)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
 }
 
-/// The same for SQLite.
-pub(crate) async fn stage_sqlite(
+/// The same for SQLite, where one writer at a time makes a batch's ids a range.
+pub(crate) async fn queue_sqlite(
     conn: &mut SqliteConnection,
-    added: &[&TelemetryReading],
+    first: i64,
+    last: i64,
 ) -> Result<(), DbError> {
-    write_sqlite(
-        conn,
-        PENDING,
-        "",
-        &summarise(Width::Minute, added.iter().copied()),
-    )
-    .await
+    sqlx::query("INSERT INTO rollup_batches (first_row, last_row) VALUES ($1, $2)")
+        .bind(first)
+        .bind(last)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// Writes `rollups` to `table` with one `UNNEST` statement and `on_conflict` (PostgreSQL).
@@ -477,7 +461,7 @@ async fn write_sqlite(
     // Built once per table: the statement's text is the key of its prepared statement.
     static INSERTS: std::sync::OnceLock<HashMap<&'static str, String>> = std::sync::OnceLock::new();
     let inserts = INSERTS.get_or_init(|| {
-        [PENDING, Width::Minute.table(), Width::Hour.table()]
+        [Width::Minute.table(), Width::Hour.table()]
             .into_iter()
             .map(|table| {
                 (
@@ -586,53 +570,67 @@ impl Rollups {
         }
     }
 
-    /// Merges up to `limit` pending per-minute summaries of committed batches into the minute
-    /// and hour rollups, in one transaction that also removes them: each counts once, whichever
-    /// worker applies it, and a crash leaves them pending. Many batches' summaries of one car
-    /// and minute become one upsert. Returns how many were applied; call again while it returns
-    /// `limit`.
+    /// Adds up to `limit` queued batches of sensor rows to the minute and hour rollups, in one
+    /// transaction that also takes them off the queue: each row counts once, whichever worker
+    /// applies it, and a crash leaves the batches queued. The rows of many batches of one car
+    /// and minute make one upsert. Returns how many batches were applied; call again while it
+    /// returns `limit`.
     pub async fn apply_pending(&self, limit: i64) -> Result<u64, DbError> {
-        let columns = columns().join(", ");
+        let select = crate::sensor_rows::COLUMNS;
         match &self.db.pool {
             Pool::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
-                // SKIP LOCKED: two workers take different summaries instead of waiting.
-                let sql = format!(
-                    "DELETE FROM {PENDING} WHERE id IN
-                       (SELECT id FROM {PENDING} ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
-                     RETURNING {columns}"
-                );
-                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(limit)
+                // SKIP LOCKED: two workers take different batches instead of waiting.
+                let batches: Vec<Vec<i64>> = sqlx::query_scalar(
+                    "DELETE FROM rollup_batches WHERE id IN
+                       (SELECT id FROM rollup_batches ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+                     RETURNING row_ids",
+                )
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await?;
+                let ids: Vec<i64> = batches.iter().flatten().copied().collect();
+                let sql = format!("SELECT {select} FROM sensor_data WHERE id = ANY($1)");
+                let readings = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(&ids)
                     .fetch_all(&mut *tx)
-                    .await?;
-                let pending = rows.iter().map(pg_rollup).collect::<Result<Vec<_>, _>>()?;
-                let minutes = regroup(Width::Minute, pending);
-                upsert_pg(&mut tx, Width::Minute, &minutes).await?;
-                upsert_pg(&mut tx, Width::Hour, &regroup(Width::Hour, minutes)).await?;
+                    .await?
+                    .iter()
+                    .map(crate::sensor_rows::pg_reading)
+                    .collect::<Result<Vec<_>, _>>()?;
+                for width in Width::ALL {
+                    upsert_pg(&mut tx, width, &summarise(width, &readings)).await?;
+                }
                 tx.commit().await?;
-                Ok(rows.len() as u64)
+                Ok(batches.len() as u64)
             }
             Pool::Sqlite(pool) => {
                 let mut tx = pool.begin().await?;
-                let sql = format!(
-                    "DELETE FROM {PENDING} WHERE id IN
-                       (SELECT id FROM {PENDING} ORDER BY id LIMIT $1)
-                     RETURNING {columns}"
-                );
-                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(limit)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                let pending = rows
-                    .iter()
-                    .map(sqlite_rollup)
-                    .collect::<Result<Vec<_>, _>>()?;
-                let minutes = regroup(Width::Minute, pending);
-                upsert_sqlite(&mut tx, Width::Minute, &minutes).await?;
-                upsert_sqlite(&mut tx, Width::Hour, &regroup(Width::Hour, minutes)).await?;
+                let batches: Vec<(i64, i64)> = sqlx::query_as(
+                    "DELETE FROM rollup_batches WHERE id IN
+                       (SELECT id FROM rollup_batches ORDER BY id LIMIT $1)
+                     RETURNING first_row, last_row",
+                )
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await?;
+                let sql = format!("SELECT {select} FROM sensor_data WHERE id BETWEEN $1 AND $2");
+                let mut readings = Vec::new();
+                for (first, last) in &batches {
+                    for row in sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                        .bind(first)
+                        .bind(last)
+                        .fetch_all(&mut *tx)
+                        .await?
+                    {
+                        readings.push(crate::sensor_rows::sqlite_reading(&row)?);
+                    }
+                }
+                for width in Width::ALL {
+                    upsert_sqlite(&mut tx, width, &summarise(width, &readings)).await?;
+                }
                 tx.commit().await?;
-                Ok(rows.len() as u64)
+                Ok(batches.len() as u64)
             }
         }
     }

@@ -150,14 +150,15 @@ async fn backfill_rollups(db: Database, shutdown: CancellationToken) {
     }
 }
 
-/// How often pending per-minute summaries are merged into the rollups: a pass merges a few
+/// How often queued batches of sensor rows are added to the rollups: a pass takes a few
 /// seconds of batches, one upsert per car and minute (the longer, the fewer upserts; the
 /// rollups trail the readings by about this much).
 const ROLLUP_INTERVAL: Duration = Duration::from_secs(5);
-/// Pending summaries one rollup transaction takes at most.
-pub const ROLLUP_BATCH: i64 = 20_000;
+/// Queued batches one rollup transaction takes at most (up to 50,000 rows at the default batch
+/// size).
+pub const ROLLUP_BATCH: i64 = 50;
 
-/// Merges pending summaries into the rollups every [`ROLLUP_INTERVAL`], [`ROLLUP_BATCH`] per
+/// Adds queued batches to the rollups every [`ROLLUP_INTERVAL`], [`ROLLUP_BATCH`] per
 /// transaction while there are more, until `done` (the writers stopped); then once more, so a
 /// clean stop leaves none behind. A failure is logged and tried again at the next pass (the summaries stay
 /// pending).
@@ -177,7 +178,7 @@ async fn apply_rollups(db: Database, done: CancellationToken) {
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "merging pending rollups failed; trying again later");
+                    tracing::warn!(%error, "updating the rollups failed; trying again later");
                     break;
                 }
             }
@@ -188,8 +189,8 @@ async fn apply_rollups(db: Database, done: CancellationToken) {
     }
 }
 
-/// Pending per-minute summaries merged into the rollups.
-pub const ROLLUP_APPLIED: &str = "ecars_rollup_pending_applied_total";
+/// Batches of sensor rows added to the rollups.
+pub const ROLLUP_APPLIED: &str = "ecars_rollup_batches_applied_total";
 
 /// Sensor-row ids stored before the rollups existed and not yet summarised.
 pub const ROLLUP_BACKFILL_REMAINING: &str = "ecars_rollup_backfill_remaining_rows";

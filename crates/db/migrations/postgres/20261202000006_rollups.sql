@@ -1,7 +1,7 @@
 -- Each car's readings summarised per minute and per hour, for charts of long ranges: the count,
 -- and for battery, speed and range the count of values, their sum (the mean is sum / n), least
 -- and greatest; the first and last battery and the last position with the event time (date,
--- event id) that chose them. Maintained from each batch of sensor rows through rollup_pending;
+-- event id) that chose them. Maintained from each batch of sensor rows through rollup_batches;
 -- the readings stored before this migration are summarised by the persistence worker from
 -- rollup_backfill.
 CREATE TABLE IF NOT EXISTS rollup_1m (
@@ -35,11 +35,13 @@ CREATE TABLE IF NOT EXISTS rollup_1m (
 
 CREATE TABLE IF NOT EXISTS rollup_1h (LIKE rollup_1m INCLUDING ALL);
 
--- Per-minute summaries of committed batches, appended in each batch's transaction and merged
--- into the rollups (then deleted) by the persistence worker: the write path appends instead of
--- upserting. Same columns as a rollup, and an id to take them in order.
-CREATE TABLE IF NOT EXISTS rollup_pending (LIKE rollup_1m INCLUDING DEFAULTS);
-ALTER TABLE rollup_pending ADD COLUMN id BIGSERIAL PRIMARY KEY;
+-- The sensor rows each committed batch added, by id, appended in the batch's transaction (one
+-- row per batch, not per reading) and taken (deleted) by the persistence worker in the
+-- transaction that adds them to the rollups: exactly once, whatever order batches commit in.
+CREATE TABLE IF NOT EXISTS rollup_batches (
+    id      BIGSERIAL PRIMARY KEY,
+    row_ids BIGINT[] NOT NULL
+);
 
 -- Retention walks buckets by age.
 CREATE INDEX IF NOT EXISTS rollup_1m_bucket ON rollup_1m (bucket);
