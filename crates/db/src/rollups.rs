@@ -647,59 +647,37 @@ impl Rollups {
             "SELECT {} FROM sensor_data WHERE id >= $1 AND id < $2 AND id <= $3",
             crate::sensor_rows::COLUMNS
         );
+        // One step on either backend: `$decode` reads a row, `$upsert` merges into a table.
+        macro_rules! step {
+            ($pool:expr, $decode:path, $upsert:ident) => {{
+                let mut tx = $pool.begin().await?;
+                let Some((from, last)) = sqlx::query_as::<_, (i64, i64)>(CLAIM)
+                    .bind(batch)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                else {
+                    return Ok(0);
+                };
+                let readings = sqlx::query(sqlx::AssertSqlSafe(select))
+                    .bind(from)
+                    .bind(from + batch)
+                    .bind(last)
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .iter()
+                    .map($decode)
+                    .collect::<Result<Vec<_>, _>>()?;
+                for width in Width::ALL {
+                    $upsert(&mut tx, width, &summarise(width, &readings)).await?;
+                }
+                sqlx::query(DONE).execute(&mut *tx).await?;
+                tx.commit().await?;
+                Ok((last - (from + batch) + 1).max(0))
+            }};
+        }
         match &self.db.pool {
-            Pool::Postgres(pool) => {
-                let mut tx = pool.begin().await?;
-                let Some((from, last)) = sqlx::query_as::<_, (i64, i64)>(CLAIM)
-                    .bind(batch)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                else {
-                    return Ok(0);
-                };
-                let rows = sqlx::query(sqlx::AssertSqlSafe(select))
-                    .bind(from)
-                    .bind(from + batch)
-                    .bind(last)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                let readings = rows
-                    .iter()
-                    .map(crate::sensor_rows::pg_reading)
-                    .collect::<Result<Vec<_>, _>>()?;
-                for width in Width::ALL {
-                    upsert_pg(&mut tx, width, &summarise(width, &readings)).await?;
-                }
-                sqlx::query(DONE).execute(&mut *tx).await?;
-                tx.commit().await?;
-                Ok((last - (from + batch) + 1).max(0))
-            }
-            Pool::Sqlite(pool) => {
-                let mut tx = pool.begin().await?;
-                let Some((from, last)) = sqlx::query_as::<_, (i64, i64)>(CLAIM)
-                    .bind(batch)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                else {
-                    return Ok(0);
-                };
-                let rows = sqlx::query(sqlx::AssertSqlSafe(select))
-                    .bind(from)
-                    .bind(from + batch)
-                    .bind(last)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                let readings = rows
-                    .iter()
-                    .map(crate::sensor_rows::sqlite_reading)
-                    .collect::<Result<Vec<_>, _>>()?;
-                for width in Width::ALL {
-                    upsert_sqlite(&mut tx, width, &summarise(width, &readings)).await?;
-                }
-                sqlx::query(DONE).execute(&mut *tx).await?;
-                tx.commit().await?;
-                Ok((last - (from + batch) + 1).max(0))
-            }
+            Pool::Postgres(pool) => step!(pool, crate::sensor_rows::pg_reading, upsert_pg),
+            Pool::Sqlite(pool) => step!(pool, crate::sensor_rows::sqlite_reading, upsert_sqlite),
         }
     }
 
