@@ -20,7 +20,7 @@
 //! in any order, equals the bucket summarised at once ([`Rollup::merge`] in Rust, and the
 //! upsert's SQL, which mirrors it). Sums are floating point, so equal means equal to rounding.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use ecars_model::{TelemetryReading, Vin};
@@ -338,11 +338,10 @@ pub(crate) async fn queue_sqlite(
     Ok(())
 }
 
-/// Writes `rollups` to `table` with one `UNNEST` statement and `on_conflict` (PostgreSQL).
-async fn write_pg(
+/// Merges `rollups` into the table of `width` with one `UNNEST` upsert (PostgreSQL).
+async fn upsert_pg(
     tx: &mut Transaction<'_, Postgres>,
-    table: &str,
-    on_conflict: &str,
+    width: Width,
     rollups: &[Rollup],
 ) -> Result<(), DbError> {
     if rollups.is_empty() {
@@ -380,10 +379,12 @@ async fn write_pg(
         .enumerate()
         .map(|(i, cast)| format!("${}::{cast}[]", i + 1))
         .collect();
+    let table = width.table();
     let sql = format!(
-        "INSERT INTO {table} ({}) SELECT * FROM UNNEST({}){on_conflict}",
+        "INSERT INTO {table} ({}) SELECT * FROM UNNEST({}){}",
         columns().join(", "),
         arrays.join(", "),
+        on_conflict(table, "LEAST", "GREATEST")
     );
     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(rollups.iter().map(|r| r.vin.as_str()).collect::<Vec<_>>())
@@ -451,27 +452,27 @@ async fn write_pg(
     Ok(())
 }
 
-/// Writes `rollups` to `table` with multi-row inserts and `on_conflict` (SQLite).
-async fn write_sqlite(
+/// Merges `rollups` into the table of `width` with multi-row upserts (SQLite).
+async fn upsert_sqlite(
     conn: &mut SqliteConnection,
-    table: &'static str,
-    on_conflict: &'static str,
+    width: Width,
     rollups: &[Rollup],
 ) -> Result<(), DbError> {
     // Built once per table: the statement's text is the key of its prepared statement.
-    static INSERTS: std::sync::OnceLock<HashMap<&'static str, String>> = std::sync::OnceLock::new();
-    let inserts = INSERTS.get_or_init(|| {
-        [Width::Minute.table(), Width::Hour.table()]
-            .into_iter()
-            .map(|table| {
-                (
-                    table,
-                    format!("INSERT INTO {table} ({}) ", columns().join(", ")),
-                )
-            })
-            .collect()
+    static STATEMENTS: std::sync::OnceLock<[(String, String); 2]> = std::sync::OnceLock::new();
+    let statements = STATEMENTS.get_or_init(|| {
+        Width::ALL.map(|width| {
+            let table = width.table();
+            (
+                format!("INSERT INTO {table} ({}) ", columns().join(", ")),
+                on_conflict(table, "MIN", "MAX"),
+            )
+        })
     });
-    let insert = inserts.get(table).map(String::as_str).unwrap_or_default();
+    let (insert, on_conflict) = match width {
+        Width::Minute => &statements[0],
+        Width::Hour => &statements[1],
+    };
     sqlite_insert_in(conn, insert, on_conflict, rollups, |row, r| {
         row.push_bind(r.vin.as_str())
             .push_bind(sqlite_time(&r.bucket))
@@ -494,32 +495,6 @@ async fn write_sqlite(
     })
     .await
     .map(|_| ())
-}
-
-/// Merges `rollups` into the table of `width` (PostgreSQL).
-async fn upsert_pg(
-    tx: &mut Transaction<'_, Postgres>,
-    width: Width,
-    rollups: &[Rollup],
-) -> Result<(), DbError> {
-    let table = width.table();
-    write_pg(tx, table, &on_conflict(table, "LEAST", "GREATEST"), rollups).await
-}
-
-/// Merges `rollups` into the table of `width` (SQLite).
-async fn upsert_sqlite(
-    conn: &mut SqliteConnection,
-    width: Width,
-    rollups: &[Rollup],
-) -> Result<(), DbError> {
-    static ON_CONFLICT: std::sync::OnceLock<[String; 2]> = std::sync::OnceLock::new();
-    let on_conflict =
-        ON_CONFLICT.get_or_init(|| Width::ALL.map(|w| on_conflict(w.table(), "MIN", "MAX")));
-    let i = Width::ALL
-        .iter()
-        .position(|w| *w == width)
-        .unwrap_or_default();
-    write_sqlite(conn, width.table(), &on_conflict[i], rollups).await
 }
 
 /// The rollup tables.

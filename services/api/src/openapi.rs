@@ -73,7 +73,7 @@ fn schemas() -> Value {
     let mut generator = SchemaSettings::draft2020_12()
         .with(|s| s.definitions_path = "/components/schemas".into())
         .into_generator();
-    let mut named: Vec<(&str, schemars::Schema)> = vec![
+    let named: Vec<(&str, schemars::Schema)> = vec![
         (
             "VehiclePage",
             generator.subschema_for::<Vec<VehicleSummary>>(),
@@ -94,7 +94,7 @@ fn schemas() -> Value {
         ("ErrorBody", generator.subschema_for::<ErrorBody>()),
     ];
     let mut schemas: Map<String, Value> = generator.take_definitions(true);
-    for (name, schema) in named.drain(..) {
+    for (name, schema) in named {
         // A named type is a reference to its definition, already among the schemas: the name
         // the routes use is then that reference, unless it is the same name.
         let own = format!("#/components/schemas/{name}");
