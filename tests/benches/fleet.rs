@@ -165,6 +165,15 @@ async fn main() {
     println!("|---|---|---|");
     let http = reqwest::Client::new();
     let url = format!("{}/v1/vehicles", pipeline.http_base());
+    // The fill's days (up to 50,000 s before yesterday) get partitions of their own, as the
+    // persistence worker would have made them while the readings came in.
+    let today = chrono::Utc::now().date_naive();
+    pipeline
+        .db
+        .sensor_rows()
+        .prepare_days(today - chrono::Days::new(3), today)
+        .await
+        .expect("the partitions");
     for rows in sizes {
         fill(&pg, rows);
         // Each car's newest reading, through the product's write path.

@@ -44,8 +44,9 @@ impl DeadLetterRows {
         const AGING: crate::Aging = crate::Aging {
             table: "dead_letters",
             pg_key: "id",
+            time: "received_at",
         };
-        crate::delete_received_before(&self.db, &AGING, cutoff, batch).await
+        crate::delete_older_than(&self.db, &AGING, cutoff, batch).await
     }
 
     /// Inserts dead letters in one transaction, idempotent by id. Returns the rows added.

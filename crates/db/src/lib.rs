@@ -13,6 +13,7 @@
 //! nothing. The backend stays private: callers see tables, not pools.
 
 pub mod case_outbox;
+mod day_partitions;
 pub mod dead_letter_rows;
 pub mod detector_states;
 pub mod rollups;
@@ -31,6 +32,7 @@ use sqlx::sqlite::{
 use uuid::Uuid;
 
 pub use case_outbox::CaseOutbox;
+pub use day_partitions::PreparedDays;
 pub use dead_letter_rows::DeadLetterRows;
 pub use detector_states::DetectorStates;
 pub use rollups::Rollups;
@@ -224,31 +226,36 @@ impl Database {
     }
 }
 
-/// A table whose rows age out ([`crate::SensorRows::delete_received_before`],
-/// [`crate::DeadLetterRows::delete_received_before`]): its name and the key its rows were
-/// added in (roughly arrival order) on each backend.
+/// A table whose rows age out ([`crate::SensorRows::delete_dated_before`] on SQLite,
+/// [`crate::DeadLetterRows::delete_received_before`]): its name, the key its rows were added
+/// in (roughly arrival order) on PostgreSQL, and the time they age by.
 pub(crate) struct Aging {
     pub(crate) table: &'static str,
     pub(crate) pg_key: &'static str,
+    pub(crate) time: &'static str,
 }
 
-/// Deletes up to `batch` of the oldest rows of `aging` (by the key they were added in) that
-/// arrived before `cutoff`; returns how many. Walking the key, not a time column, needs no
+/// Deletes up to `batch` of the oldest rows of `aging` (by the key they were added in) whose
+/// time is before `cutoff`; returns how many. Walking the key, not the time column, needs no
 /// index of its own: rows are added in about the order they arrive, so the oldest are first.
 /// A row that arrived late among older ones waits for the next pass that reaches it.
-pub(crate) async fn delete_received_before(
+pub(crate) async fn delete_older_than(
     db: &Database,
     aging: &Aging,
     cutoff: DateTime<Utc>,
     batch: i64,
 ) -> Result<u64, DbError> {
-    let Aging { table, pg_key } = aging;
+    let Aging {
+        table,
+        pg_key,
+        time,
+    } = aging;
     let deleted = match &db.pool {
         Pool::Postgres(pool) => {
             let sql = format!(
                 "DELETE FROM {table} WHERE {pg_key} IN
                    (SELECT {pg_key} FROM {table} ORDER BY {pg_key} LIMIT $1)
-                 AND received_at < $2"
+                 AND {time} < $2"
             );
             sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(batch)
@@ -261,7 +268,7 @@ pub(crate) async fn delete_received_before(
             let sql = format!(
                 "DELETE FROM {table} WHERE rowid IN
                    (SELECT rowid FROM {table} ORDER BY rowid LIMIT $1)
-                 AND received_at < $2"
+                 AND {time} < $2"
             );
             sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(batch)

@@ -308,19 +308,24 @@ fn on_conflict(table: &str, least: &str, greatest: &str) -> String {
     )
 }
 
-/// Queues the ids of the sensor rows a batch added for the rollups, inside the batch's
-/// transaction (PostgreSQL): one row per batch, whatever its size, so the write path does not
-/// wait for the rollups.
+/// Queues the ids of the sensor rows a batch added for the rollups, with the range of their
+/// dates (which days' partitions hold them), inside the batch's transaction (PostgreSQL): one
+/// row per batch, whatever its size, so the write path does not wait for the rollups.
 pub(crate) async fn queue_pg(
     tx: &mut Transaction<'_, Postgres>,
-    added: &[i64],
+    added: &[(i64, DateTime<Utc>)],
 ) -> Result<(), DbError> {
-    if !added.is_empty() {
-        sqlx::query("INSERT INTO rollup_batches (row_ids) VALUES ($1)")
-            .bind(added)
-            .execute(&mut **tx)
-            .await?;
-    }
+    let dates = added.iter().map(|(_, date)| *date);
+    let (Some(first), Some(last)) = (dates.clone().min(), dates.max()) else {
+        return Ok(());
+    };
+    let ids: Vec<i64> = added.iter().map(|(id, _)| *id).collect();
+    sqlx::query("INSERT INTO rollup_batches (row_ids, first_date, last_date) VALUES ($1, $2, $3)")
+        .bind(ids)
+        .bind(first)
+        .bind(last)
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }
 
@@ -556,18 +561,33 @@ impl Rollups {
             Pool::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
                 // SKIP LOCKED: two workers take different batches instead of waiting.
-                let batches: Vec<Vec<i64>> = sqlx::query_scalar(
+                type Queued = (Vec<i64>, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+                let batches: Vec<Queued> = sqlx::query_as(
                     "DELETE FROM rollup_batches WHERE id IN
                        (SELECT id FROM rollup_batches ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
-                     RETURNING row_ids",
+                     RETURNING row_ids, first_date, last_date",
                 )
                 .bind(limit)
                 .fetch_all(&mut *tx)
                 .await?;
-                let ids: Vec<i64> = batches.iter().flatten().copied().collect();
-                let sql = format!("SELECT {select} FROM sensor_data WHERE id = ANY($1)");
+                let ids: Vec<i64> = batches.iter().flat_map(|b| &b.0).copied().collect();
+                // The days the rows are dated on, so only their partitions are read; a batch
+                // queued before the dates were kept may be on any day.
+                // (None sorts first: any batch without dates leaves the range open.)
+                let first = batches.iter().map(|b| b.1).min().flatten();
+                let last = match batches.iter().all(|b| b.2.is_some()) {
+                    true => batches.iter().map(|b| b.2).max().flatten(),
+                    false => None,
+                };
+                let sql = format!(
+                    "SELECT {select} FROM sensor_data
+                     WHERE id = ANY($1) AND date >= COALESCE($2, '-infinity'::timestamptz)
+                       AND date <= COALESCE($3, 'infinity'::timestamptz)"
+                );
                 let readings = sqlx::query(sqlx::AssertSqlSafe(sql))
                     .bind(&ids)
+                    .bind(first)
+                    .bind(last)
                     .fetch_all(&mut *tx)
                     .await?
                     .iter()

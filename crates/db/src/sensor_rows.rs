@@ -6,6 +6,7 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 
 use uuid::Uuid;
 
+use crate::day_partitions::{self, PreparedDays, DEFAULT_PARTITION};
 use crate::{on_pool, parse_time, parse_uuid, parse_vin, sqlite_time, Database, DbError, Pool};
 use crate::{rollups, vehicle_states};
 
@@ -134,17 +135,19 @@ impl SensorRows {
             Pool::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
                 let arrays = ReadingArrays::of(readings.iter());
+                // (event_id, date): a partitioned table's unique key includes its partition
+                // key; the same as event_id alone, which is derived from the date.
                 let sql = format!(
                     "INSERT INTO sensor_data ({COLUMNS}) SELECT * FROM UNNEST({PG_ARRAYS})
-                     ON CONFLICT (event_id) DO NOTHING RETURNING id"
+                     ON CONFLICT (event_id, date) DO NOTHING RETURNING id, date"
                 );
-                let added: Vec<i64> = arrays
+                let added: Vec<(i64, chrono::DateTime<chrono::Utc>)> = arrays
                     .bind(sqlx::query(sqlx::AssertSqlSafe(sql)))
                     .fetch_all(&mut *tx)
                     .await?
                     .iter()
-                    .map(|row| row.try_get(0))
-                    .collect::<Result<_, _>>()?;
+                    .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+                    .collect::<Result<_, sqlx::Error>>()?;
                 vehicle_states::upsert_pg(&mut tx, readings).await?;
                 rollups::queue_pg(&mut tx, &added).await?;
                 tx.commit().await?;
@@ -252,18 +255,64 @@ impl SensorRows {
         }
     }
 
-    /// Deletes up to `batch` of the oldest rows received before `cutoff` (retention); returns
-    /// how many. Call again while it returns `batch`.
-    pub async fn delete_received_before(
+    /// Makes sure the readings dated on each day from `first` to `last` (UTC, both included)
+    /// have a partition of their own, so retention can drop them whole (PostgreSQL; SQLite has
+    /// no partitions, and nothing to do).
+    pub async fn prepare_days(
+        &self,
+        first: chrono::NaiveDate,
+        last: chrono::NaiveDate,
+    ) -> Result<PreparedDays, DbError> {
+        match &self.db.pool {
+            Pool::Postgres(pool) => day_partitions::prepare(pool, first, last).await,
+            Pool::Sqlite(_) => Ok(PreparedDays::default()),
+        }
+    }
+
+    /// Retention, the whole days: drops the partitions of the days that ended by `cutoff`
+    /// (PostgreSQL; none on SQLite); returns how many.
+    pub async fn drop_days_before(
+        &self,
+        cutoff: chrono::DateTime<chrono::Utc>,
+    ) -> Result<u64, DbError> {
+        match &self.db.pool {
+            Pool::Postgres(pool) => day_partitions::drop_expired(pool, cutoff).await,
+            Pool::Sqlite(_) => Ok(0),
+        }
+    }
+
+    /// Retention, row by row: deletes up to `batch` of the rows dated before `cutoff` that no
+    /// day's partition holds (PostgreSQL: those of the default partition; SQLite: the oldest
+    /// rows, in the order they were added); returns how many. Call again while it returns
+    /// `batch`.
+    pub async fn delete_dated_before(
         &self,
         cutoff: chrono::DateTime<chrono::Utc>,
         batch: i64,
     ) -> Result<u64, DbError> {
-        const AGING: crate::Aging = crate::Aging {
-            table: "sensor_data",
-            pg_key: "id",
-        };
-        crate::delete_received_before(&self.db, &AGING, cutoff, batch).await
+        match &self.db.pool {
+            Pool::Postgres(pool) => {
+                // By ctid: the default partition has no index on its dates, and is small.
+                let sql = format!(
+                    "DELETE FROM {DEFAULT_PARTITION} WHERE ctid = ANY(ARRAY(
+                       SELECT ctid FROM {DEFAULT_PARTITION} WHERE date < $1 LIMIT $2))"
+                );
+                Ok(sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(cutoff)
+                    .bind(batch)
+                    .execute(pool)
+                    .await?
+                    .rows_affected())
+            }
+            Pool::Sqlite(_) => {
+                const AGING: crate::Aging = crate::Aging {
+                    table: "sensor_data",
+                    pg_key: "id",
+                    time: "date",
+                };
+                crate::delete_older_than(&self.db, &AGING, cutoff, batch).await
+            }
+        }
     }
 
     /// Counts the rows (tests and benchmarks).

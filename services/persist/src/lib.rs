@@ -34,8 +34,9 @@ pub struct PersistConfig {
     /// The same in whole milliseconds, as earlier versions took it; wins over --batch-delay.
     #[arg(long = "batch-ms", env = "ECARS_BATCH_MS", value_parser = parse_batch_ms)]
     pub batch_ms: Option<Duration>,
-    /// How long sensor rows and dead letters are kept after they arrive (`30d`); `0s` keeps
-    /// them forever. Older ones are deleted in small batches once a minute, off the write path.
+    /// How long sensor rows are kept after their date, and dead letters after they arrive
+    /// (`30d`); `0s` keeps them forever. Once a minute, off the write path, PostgreSQL drops the
+    /// days (partitions) that ended before, SQLite deletes older rows in small batches.
     #[arg(long = "retention", env = "ECARS_RETENTION", default_value = "30d", value_parser = parse_duration)]
     pub retention: Duration,
     /// How long the per-minute and per-hour rollups of the readings (the history API's long
@@ -55,8 +56,11 @@ const RETENTION_PAUSE: Duration = Duration::from_millis(20);
 /// What one retention pass deleted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RetentionPass {
-    /// Sensor rows deleted.
+    /// Sensor rows deleted one by one (SQLite; on PostgreSQL, those dated on no day of their
+    /// own).
     pub readings: u64,
+    /// Days of sensor rows dropped whole (PostgreSQL's daily partitions).
+    pub days: u64,
     /// Dead letters deleted.
     pub dead_letters: u64,
     /// Rollup buckets deleted (both widths).
@@ -66,7 +70,8 @@ pub struct RetentionPass {
 /// What retention deletes: what is older than these times (`None`: kept forever).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cutoffs {
-    /// Sensor rows and dead letters that arrived before it.
+    /// Sensor rows dated before it (on PostgreSQL, whole days: those that ended by it) and
+    /// dead letters that arrived before it.
     pub readings: Option<chrono::DateTime<chrono::Utc>>,
     /// Rollup buckets that started before it.
     pub rollups: Option<chrono::DateTime<chrono::Utc>>,
@@ -100,8 +105,9 @@ pub async fn apply_retention(db: &Database, cutoffs: Cutoffs) -> Result<Retentio
     if let Some(cutoff) = cutoffs.readings {
         let readings = db.sensor_rows();
         let letters = db.dead_letter_rows();
+        pass.days = readings.drop_days_before(cutoff).await?;
         pass.readings =
-            until_drained(|| readings.delete_received_before(cutoff, RETENTION_BATCH)).await?;
+            until_drained(|| readings.delete_dated_before(cutoff, RETENTION_BATCH)).await?;
         pass.dead_letters =
             until_drained(|| letters.delete_received_before(cutoff, RETENTION_BATCH)).await?;
     }
@@ -160,8 +166,8 @@ pub const ROLLUP_BATCH: i64 = 50;
 
 /// Adds queued batches to the rollups every [`ROLLUP_INTERVAL`], [`ROLLUP_BATCH`] per
 /// transaction while there are more, until `done` (the writers stopped); then once more, so a
-/// clean stop leaves none behind. A failure is logged and tried again at the next pass (the summaries stay
-/// pending).
+/// clean stop leaves none behind. A failure is logged and tried again at the next pass (the batches stay
+/// queued).
 async fn apply_rollups(db: Database, done: CancellationToken) {
     let rollups = db.rollups();
     loop {
@@ -213,24 +219,63 @@ where
     }
 }
 
-/// Applies retention once a minute until `shutdown`; a failed pass is logged and tried again
-/// at the next.
-async fn retain(db: Database, keep: (Duration, Duration), shutdown: CancellationToken) {
+/// Days ahead of today whose partitions of sensor rows (PostgreSQL) are made in advance: a
+/// reading is never dated more than the clock skew allowed ahead, and the margin covers a
+/// worker that was down for a while.
+const DAYS_AHEAD: u64 = 3;
+
+/// Once at start and then once a minute until `shutdown`: makes the partitions of the coming
+/// days, and applies retention if any is set. A failed pass is logged and tried again at the
+/// next.
+async fn upkeep(db: Database, keep: (Duration, Duration), shutdown: CancellationToken) {
+    let mut reported_blocked = std::collections::HashSet::new();
+    let mut first = true;
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(RETENTION_INTERVAL) => {}
+        if !std::mem::take(&mut first) {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(RETENTION_INTERVAL) => {}
+            }
+        }
+        let today = chrono::Utc::now().date_naive();
+        let days = (
+            today - chrono::Days::new(1),
+            today + chrono::Days::new(DAYS_AHEAD),
+        );
+        match db.sensor_rows().prepare_days(days.0, days.1).await {
+            Ok(prepared) => {
+                for day in prepared.created {
+                    tracing::info!(%day, "created the partition of sensor rows dated on {day}");
+                }
+                for day in prepared.blocked {
+                    // Once per day, not once a minute.
+                    if reported_blocked.insert(day) {
+                        tracing::warn!(
+                            %day,
+                            "sensor rows dated on {day} are in the default partition already, \
+                             so the day gets no partition of its own (retention deletes them row \
+                             by row)"
+                        );
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "making the partitions of the coming days failed"),
+        }
+        if keep == (Duration::ZERO, Duration::ZERO) {
+            continue;
         }
         match apply_retention(&db, Cutoffs::at(chrono::Utc::now(), keep.0, keep.1)).await {
             Ok(pass) => {
                 metrics::counter!(RETENTION_DELETED, "table" => "sensor_data")
                     .increment(pass.readings);
+                metrics::counter!(RETENTION_DROPPED_DAYS).increment(pass.days);
                 metrics::counter!(RETENTION_DELETED, "table" => "dead_letters")
                     .increment(pass.dead_letters);
                 metrics::counter!(RETENTION_DELETED, "table" => "rollups").increment(pass.rollups);
                 if pass != RetentionPass::default() {
                     tracing::info!(
                         readings = pass.readings,
+                        days = pass.days,
                         dead_letters = pass.dead_letters,
                         rollups = pass.rollups,
                         "retention deleted rows older than {:?} and rollups older than {:?}",
@@ -243,6 +288,9 @@ async fn retain(db: Database, keep: (Duration, Duration), shutdown: Cancellation
         }
     }
 }
+
+/// Days of sensor rows retention dropped whole (PostgreSQL's daily partitions).
+pub const RETENTION_DROPPED_DAYS: &str = "ecars_retention_dropped_days_total";
 
 /// Rows deleted by retention, labelled by `table`.
 pub const RETENTION_DELETED: &str = "ecars_retention_deleted_rows_total";
@@ -369,17 +417,14 @@ impl PersistWorker {
         // Its own signal: the last pass comes after the writers' last commit.
         let writers_done = CancellationToken::new();
         let rollups = tokio::spawn(apply_rollups(db.clone(), writers_done.clone()));
-        let retention = (!keep.0.is_zero() || !keep.1.is_zero())
-            .then(|| tokio::spawn(retain(db, keep, shutdown.clone())));
+        let upkeep = tokio::spawn(upkeep(db, keep, shutdown.clone()));
         let (a, b, c) = tokio::join!(readings, dead_letters, connectivity);
         // The writers stopped (shutdown, or the bus closed): so does the upkeep, the rollups
         // after a last pass over what the writers committed.
         backfill.abort();
         writers_done.cancel();
         let _ = rollups.await;
-        if let Some(retention) = retention {
-            retention.abort();
-        }
+        upkeep.abort();
         a??;
         b??;
         c??;

@@ -1,0 +1,179 @@
+//! PostgreSQL keeps `sensor_data` in one partition per UTC day of the readings' `date`
+//! (`sensor_data_YYYYMMDD`, and `sensor_data_default` for the days without one): retention
+//! drops a whole day instead of deleting its rows one by one, and a car's history reads only
+//! the days it asks for. The day arithmetic is here, apart from the catalog queries.
+
+use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
+use sqlx::PgPool;
+
+use crate::DbError;
+
+/// The partitioned table.
+const TABLE: &str = "sensor_data";
+
+/// The partition of readings dated on no day of its own: the days before the partitions were
+/// made, or outside the days prepared.
+pub(crate) const DEFAULT_PARTITION: &str = "sensor_data_default";
+
+/// What [`crate::SensorRows::prepare_days`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PreparedDays {
+    /// The days whose partition it created.
+    pub created: Vec<NaiveDate>,
+    /// The days it could not make a partition for: readings of that day are in the default
+    /// partition already (they stay there until retention deletes them).
+    pub blocked: Vec<NaiveDate>,
+}
+
+/// The name of `day`'s partition.
+pub(crate) fn partition_name(day: NaiveDate) -> String {
+    format!("{TABLE}_{}", day.format("%Y%m%d"))
+}
+
+/// The day whose partition is `name`; `None` for any other table (the default partition).
+pub(crate) fn day_of(name: &str) -> Option<NaiveDate> {
+    let digits = name.strip_prefix(TABLE)?.strip_prefix('_')?;
+    if digits.len() != 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    NaiveDate::parse_from_str(digits, "%Y%m%d").ok()
+}
+
+/// When `day` starts (UTC midnight).
+fn start_of(day: NaiveDate) -> DateTime<Utc> {
+    day.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc()
+}
+
+/// Whether every reading of `day` is dated before `cutoff`, so retention may drop its
+/// partition. The day `cutoff` falls in is kept whole: a reading is kept up to a day longer
+/// than the retention, never shorter.
+pub(crate) fn expired(day: NaiveDate, cutoff: DateTime<Utc>) -> bool {
+    day.checked_add_signed(TimeDelta::days(1))
+        .is_some_and(|next| start_of(next) <= cutoff)
+}
+
+/// The days from `first` to `last`, both included.
+pub(crate) fn days(first: NaiveDate, last: NaiveDate) -> impl Iterator<Item = NaiveDate> {
+    first.iter_days().take_while(move |day| *day <= last)
+}
+
+/// The days that have a partition now.
+async fn existing(pool: &PgPool) -> Result<Vec<NaiveDate>, DbError> {
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = 'sensor_data'::regclass",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(names.iter().filter_map(|name| day_of(name)).collect())
+}
+
+/// Creates the partitions of the days from `first` to `last` that have none.
+pub(crate) async fn prepare(
+    pool: &PgPool,
+    first: NaiveDate,
+    last: NaiveDate,
+) -> Result<PreparedDays, DbError> {
+    let have = existing(pool).await?;
+    let mut prepared = PreparedDays::default();
+    for day in days(first, last).filter(|day| !have.contains(day)) {
+        let Some(next) = day.checked_add_signed(TimeDelta::days(1)) else {
+            continue;
+        };
+        let sql = format!(
+            "CREATE TABLE IF NOT EXISTS {} PARTITION OF {TABLE} FOR VALUES FROM ('{}') TO ('{}')",
+            partition_name(day),
+            start_of(day).to_rfc3339(),
+            start_of(next).to_rfc3339(),
+        );
+        match sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await {
+            Ok(_) => prepared.created.push(day),
+            // 23514: the default partition holds readings of that day. 42P07 and 23505:
+            // another worker created it just now.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23514") => {
+                prepared.blocked.push(day)
+            }
+            Err(sqlx::Error::Database(e))
+                if matches!(e.code().as_deref(), Some("42P07") | Some("23505")) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(prepared)
+}
+
+/// Drops the partitions of the days that ended by `cutoff`; returns how many. Dropping takes a
+/// brief exclusive lock on the table: a drop that would wait more than a moment for it (a long
+/// query) is left for the next pass rather than queueing every writer behind it.
+pub(crate) async fn drop_expired(pool: &PgPool, cutoff: DateTime<Utc>) -> Result<u64, DbError> {
+    let mut dropped = 0;
+    for day in existing(pool).await? {
+        if !expired(day, cutoff) {
+            continue;
+        }
+        let mut tx = pool.begin().await?;
+        sqlx::query("SET LOCAL lock_timeout = '2s'")
+            .execute(&mut *tx)
+            .await?;
+        let sql = format!("DROP TABLE IF EXISTS {}", partition_name(day));
+        match sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut *tx)
+            .await
+        {
+            Ok(_) => {
+                tx.commit().await?;
+                dropped += 1;
+            }
+            // 55P03: lock_timeout.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(dropped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn day(text: &str) -> NaiveDate {
+        NaiveDate::parse_from_str(text, "%Y-%m-%d").unwrap()
+    }
+
+    #[test]
+    fn a_partition_is_named_by_its_day_and_only_those_names_are_days() {
+        let d = day("2026-12-02");
+        assert_eq!(partition_name(d), "sensor_data_20261202");
+        assert_eq!(day_of(&partition_name(d)), Some(d));
+        for other in [
+            "sensor_data_default",
+            "sensor_data",
+            "sensor_data_2026120",
+            "sensor_data_202612021",
+            "sensor_data_20261302",
+            "sensor_data_2026-12-",
+            "rollup_1m_20261202",
+        ] {
+            assert_eq!(day_of(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn a_day_expires_once_it_has_ended_by_the_cutoff() {
+        let d = day("2026-11-01");
+        let midnight_after = start_of(day("2026-11-02"));
+        assert!(expired(d, midnight_after));
+        assert!(!expired(d, midnight_after - TimeDelta::microseconds(1)));
+        assert!(!expired(d, start_of(d)), "the cutoff's own day is kept");
+        assert!(!expired(NaiveDate::MAX, midnight_after));
+    }
+
+    #[test]
+    fn days_run_from_first_to_last_inclusive() {
+        let all: Vec<_> = days(day("2026-12-30"), day("2027-01-02")).collect();
+        assert_eq!(
+            all,
+            ["2026-12-30", "2026-12-31", "2027-01-01", "2027-01-02"].map(day)
+        );
+        assert_eq!(days(day("2026-12-02"), day("2026-12-01")).count(), 0);
+    }
+}
