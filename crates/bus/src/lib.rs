@@ -72,15 +72,61 @@ impl Bus {
         Ok(Subscription::new(raw))
     }
 
-    /// Checks that the bus can carry records now (Kafka: the cluster answers).
-    pub async fn check(&self) -> Result<(), BusError> {
-        self.backend.check().await
+    /// How the bus is doing now (Kafka: whether the cluster answers, and the spool).
+    pub async fn health(&self) -> BusHealth {
+        self.backend.health().await
     }
 
     /// Stops accepting records and hands on what was accepted (Kafka: flushes the producer).
     /// In process, subscriptions end once they have delivered everything.
     pub async fn close(&self) {
         self.backend.close().await
+    }
+}
+
+/// How the bus is doing, for readiness and status: whether it answers, and this process's
+/// spool (Kafka), which accepts records while the cluster is away.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BusHealth {
+    /// `Ok` when the bus answers now; why not.
+    pub answers: Result<(), String>,
+    /// This process's spool, when it has one.
+    pub spool: Option<SpoolHealth>,
+}
+
+/// A spool's state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpoolHealth {
+    /// Records go through the spool now (Kafka is away or behind).
+    pub in_use: bool,
+    /// Bytes waiting in it.
+    pub bytes: u64,
+    /// It is full: publishers wait.
+    pub full: bool,
+    /// Where it is.
+    pub dir: std::path::PathBuf,
+}
+
+impl Default for BusHealth {
+    /// Answers, no spool (the in-process bus).
+    fn default() -> Self {
+        BusHealth {
+            answers: Ok(()),
+            spool: None,
+        }
+    }
+}
+
+impl BusHealth {
+    /// Whether a record published now is accepted without waiting for the cluster: it answers,
+    /// or the spool takes the record.
+    pub fn accepts_records(&self) -> bool {
+        self.answers.is_ok() || self.spool.as_ref().is_some_and(|spool| !spool.full)
+    }
+
+    /// Whether consumers can read now: the bus answers.
+    pub fn delivers_records(&self) -> bool {
+        self.answers.is_ok()
     }
 }
 
@@ -100,9 +146,9 @@ pub trait Backend: Send + Sync + 'static {
     async fn tail(&self, stream: Stream, name: &str) -> Result<Box<dyn RawSubscription>, BusError> {
         self.subscribe(stream, name).await
     }
-    /// See [`Bus::check`].
-    async fn check(&self) -> Result<(), BusError> {
-        Ok(())
+    /// See [`Bus::health`].
+    async fn health(&self) -> BusHealth {
+        BusHealth::default()
     }
     /// See [`Bus::close`].
     async fn close(&self);

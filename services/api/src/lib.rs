@@ -15,6 +15,7 @@ pub mod access;
 pub mod history;
 pub mod metrics;
 pub mod openapi;
+pub mod ready;
 pub mod serve;
 
 use std::collections::HashMap;
@@ -115,6 +116,8 @@ pub struct ApiState {
     pub db: Option<Database>,
     /// The bus, checked by `/readyz`.
     pub bus: Option<Bus>,
+    /// What the process needs the bus for: whether an outage makes it unready.
+    pub bus_need: ready::BusNeed,
     /// Prometheus recorder handle for `/metrics`.
     pub metrics: PrometheusHandle,
     /// Readiness of the process's parts.
@@ -245,8 +248,8 @@ pub fn router(state: ApiState) -> Router {
 /// The internal routes: `/healthz`, `/readyz`, `/metrics`.
 pub fn admin_router(state: ApiState) -> Router {
     Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route("/healthz", get(ready::healthz))
+        .route("/readyz", get(ready::readyz))
         .route("/metrics", get(render_metrics))
         .fallback(not_found)
         .with_state(state)
@@ -261,50 +264,6 @@ impl HttpConfig {
             max_header_bytes: self.max_header_bytes as usize,
         }
     }
-}
-
-/// Alive: the process answers (nothing else is checked).
-#[utoipa::path(get, path = "/healthz", tag = "internal",
-    responses((status = 200, description = "`{\"status\": \"ok\"}`")))]
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok" }))
-}
-
-/// "ok", or why a dependency does not answer within 2 s.
-async fn probe<E: std::fmt::Display>(
-    check: impl std::future::Future<Output = Result<(), E>>,
-) -> String {
-    match tokio::time::timeout(Duration::from_secs(2), check).await {
-        Ok(Ok(())) => "ok".to_owned(),
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => "no answer within 2s".to_owned(),
-    }
-}
-
-/// Ready: the database and the bus answer within 2 s and every part of the process is ready.
-#[utoipa::path(get, path = "/readyz", tag = "internal",
-    responses(
-        (status = 200, description = "Ready: `{\"database\": \"ok\", \"bus\": \"ok\", \"parts\": {...}, \"ready\": true}`"),
-        (status = 503, description = "Not ready: the same object, saying which dependency or part is not."),
-    ))]
-async fn readyz(State(state): State<ApiState>) -> Response {
-    let mut body = serde_json::Map::new();
-    if let Some(db) = &state.db {
-        body.insert("database".into(), probe(db.ping()).await.into());
-    }
-    if let Some(bus) = &state.bus {
-        body.insert("bus".into(), probe(bus.check()).await.into());
-    }
-    let parts = state.readiness.snapshot();
-    let ready = body.values().all(|v| v == "ok") && parts.values().all(|ready| *ready);
-    body.insert("parts".into(), serde_json::json!(parts));
-    body.insert("ready".into(), ready.into());
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, Json(serde_json::Value::Object(body))).into_response()
 }
 
 fn db(state: &ApiState) -> Result<&Database, ApiError> {

@@ -33,8 +33,8 @@ use crate::{CasesPage, DeadLetterView, ErrorBody, MintRequest, Retried, VehicleS
         crate::retry_case,
         crate::mint_relay_token,
         crate::openapi_document,
-        crate::healthz,
-        crate::readyz,
+        crate::ready::healthz,
+        crate::ready::readyz,
         crate::render_metrics,
     ),
     tags(

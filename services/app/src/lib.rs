@@ -487,6 +487,7 @@ impl App {
         let state = ApiState {
             db: db.clone(),
             bus: Some(bus.clone()),
+            bus_need: ecars_api::ready::BusNeed::of(ingest_runs, relay.is_some()),
             metrics,
             readiness: readiness.clone(),
             minter: relay.as_ref().and_then(|(r, _)| r.minter().cloned()),

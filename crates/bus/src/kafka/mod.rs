@@ -38,7 +38,7 @@ pub use config::KafkaConfig;
 use consumer::KafkaSubscription;
 use producer::SpoolingProducer;
 
-use crate::{Backend, BusError, Envelope, RawSubscription, Stream};
+use crate::{Backend, BusError, BusHealth, Envelope, RawSubscription, Stream};
 
 /// The Kafka implementation of [`Backend`].
 pub struct KafkaBus {
@@ -207,13 +207,8 @@ impl Backend for KafkaBus {
         Ok(subscription)
     }
 
-    async fn check(&self) -> Result<(), BusError> {
-        if let Some((bytes, dir)) = self.producer.spooled() {
-            return Err(BusError::Unavailable(format!(
-                "Kafka unavailable or behind: {bytes} bytes of accepted records wait in the spool {}; they go to Kafka in order when it takes them",
-                dir.display()
-            )));
-        }
+    async fn health(&self) -> BusHealth {
+        let spool = self.producer.spool_health();
         let producer = self.producer.kafka();
         // One topic's metadata is enough to know the cluster answers (all of a large cluster's
         // would be megabytes per probe); one of ours, so none is created by asking.
@@ -224,17 +219,19 @@ impl Backend for KafkaBus {
             .iter()
             .next()
             .map(|t| self.config.topic(t));
-        tokio::task::spawn_blocking(move || {
+        let answers = match tokio::task::spawn_blocking(move || {
             producer
                 .client()
                 .fetch_metadata(topic.as_deref(), Timeout::After(Duration::from_secs(2)))
                 .map(|_| ())
         })
-        .await?
-        .map_err(|source| BusError::Kafka {
-            context: "the cluster does not answer",
-            source,
-        })
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(format!("the Kafka cluster does not answer: {error}")),
+            Err(error) => Err(format!("the Kafka probe failed: {error}")),
+        };
+        BusHealth { answers, spool }
     }
 
     async fn close(&self) {

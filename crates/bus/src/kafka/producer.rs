@@ -324,10 +324,16 @@ impl SpoolingProducer {
         Arc::clone(&self.producer)
     }
 
-    /// Bytes waiting in the spool, when there is one and it is in use.
-    pub(crate) fn spooled(&self) -> Option<(u64, PathBuf)> {
+    /// The spool, when there is one: whether it is in use, how much waits in it, whether it
+    /// is full.
+    pub(crate) fn spool_health(&self) -> Option<crate::SpoolHealth> {
         let spool = self.shared.spool.as_ref()?;
-        (self.shared.lock().phase != Phase::Direct).then(|| (spool.bytes(), spool.dir().to_owned()))
+        Some(crate::SpoolHealth {
+            in_use: self.shared.lock().phase != Phase::Direct,
+            bytes: spool.bytes(),
+            full: spool.is_full(),
+            dir: spool.dir().to_owned(),
+        })
     }
 
     /// Publishes a record; returns once it is in Kafka or, while Kafka is away, on disk.

@@ -381,6 +381,13 @@ impl Spool {
         self.shared.bytes.load(Ordering::Relaxed)
     }
 
+    /// Whether the spool is (within 1 %) full: appends wait for the drainer, so publishers
+    /// (the cars) are held back.
+    pub fn is_full(&self) -> bool {
+        let max = self.shared.max_bytes;
+        self.bytes() >= max - max / 100
+    }
+
     /// The spool's directory.
     pub fn dir(&self) -> &Path {
         &self.shared.dir
