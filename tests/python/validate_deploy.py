@@ -144,12 +144,32 @@ for label, values in value_sets.items():
     for key in configmap:
         check(not SECRET_NAMES.search(key) or key == "SALESFORCE_PRIVATE_KEY_FILE",
               f"{label}: ConfigMap inlines the secret {key}")
-    check({"Deployment", "Service", "ConfigMap", "Job", "PodDisruptionBudget", "HorizontalPodAutoscaler"} <= set(kinds),
+    check({"Deployment", "StatefulSet", "Service", "ConfigMap", "Job", "PodDisruptionBudget", "HorizontalPodAutoscaler"} <= set(kinds),
           f"{label}: kinds {sorted(kinds)}")
+    # No credential in any ConfigMap, by name or by value.
+    for cm in kinds["ConfigMap"]:
+        for key, value in (cm.get("data") or {}).items():
+            check(not re.search(r"(?i)password|secret=|://[^/@\s]+:[^/@\s]+@", str(value)),
+                  f"{label}: ConfigMap {cm['metadata']['name']} {key} looks like a credential")
     job = kinds["Job"][0]
     check("pre-install" in job["metadata"]["annotations"].get("helm.sh/hook", ""), f"{label}: migrate Job is a pre-install hook")
-    deployments = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in kinds["Deployment"]}
-    check(set(deployments) == {"ingest", "persist", "anomaly", "relay"}, f"{label}: deployments {sorted(deployments)}")
+    # Ingest is a StatefulSet (its spool on a volume per pod), the others Deployments.
+    deployments = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d
+                   for d in kinds["Deployment"] + kinds["StatefulSet"]}
+    check(set(deployments) == {"ingest", "persist", "anomaly", "relay"}, f"{label}: workloads {sorted(deployments)}")
+    check([s["metadata"]["labels"]["app.kubernetes.io/component"] for s in kinds["StatefulSet"]] == ["ingest"],
+          f"{label}: ingest is the StatefulSet")
+    ingest_set = deployments["ingest"]["spec"]
+    claims = {c["metadata"]["name"]: c for c in ingest_set.get("volumeClaimTemplates", [])}
+    check("spool" in claims and claims["spool"]["spec"]["resources"]["requests"]["storage"],
+          f"{label}: each ingest pod claims a volume for its spool")
+    check(not any(v["name"] == "spool" for v in ingest_set["template"]["spec"].get("volumes", [])),
+          f"{label}: the spool is the claimed volume, not an emptyDir")
+    governing = {s["metadata"]["name"]: s for s in kinds["Service"]}.get(ingest_set.get("serviceName"), {})
+    check(governing.get("spec", {}).get("clusterIP") == "None", f"{label}: the StatefulSet's governing Service is headless")
+    for pdb in kinds["PodDisruptionBudget"]:
+        check(pdb["spec"].get("maxUnavailable") and "minAvailable" not in pdb["spec"],
+              f"{label}: PDB {pdb['metadata']['name']} allows drains (maxUnavailable)")
     for component, deployment in deployments.items():
         pod = deployment["spec"]["template"]["spec"]
         container = pod["containers"][0]
@@ -160,6 +180,11 @@ for label, values in value_sets.items():
             check("value" not in entry or not SECRET_NAMES.search(name) or name.endswith("_FILE"),
                   f"{label}: {component} inlines {name}")
             check(known_setting(name, helps[component]), f"{label}: {name} is not a setting of `ecars {component}`")
+        for name, key in [("ECARS_KAFKA_SASL_USERNAME", "kafka-sasl-username"),
+                          ("ECARS_KAFKA_SASL_PASSWORD", "kafka-sasl-password")]:
+            ref = env.get(name, {}).get("valueFrom", {}).get("secretKeyRef", {})
+            check(ref.get("key") == key and ref.get("optional") is True,
+                  f"{label}: {component} gets {name} from the Secret's {key}")
         if component != "ingest":
             ref = env.get("DATABASE_URL", {}).get("valueFrom", {}).get("secretKeyRef", {})
             check(ref.get("key") == "database-url", f"{label}: {component} gets DATABASE_URL from the Secret")
@@ -245,6 +270,10 @@ for label, values in value_sets.items():
     hpas = {h["spec"]["scaleTargetRef"]["name"].rsplit("-", 1)[-1] for h in kinds["HorizontalPodAutoscaler"]}
     check(hpas == {"persist", "relay"}, f"{label}: HPAs for persist and relay, got {hpas}")
     if label == "values-production.yaml":
+        check(configmap.get("ECARS_KAFKA_REPLICATION_FACTOR") == "3" and configmap.get("ECARS_KAFKA_MIN_INSYNC_REPLICAS") == "2",
+              "production values: topics with 3 replicas, 2 in sync")
+        check(configmap.get("ECARS_PUBLIC_URL", "").startswith("https://"),
+              "production values: Case links point to the public relay")
         check("Ingress" in kinds, "production values: the relay has an Ingress")
         ingress = kinds["Ingress"][0]
         check("proxy-read-timeout" in json.dumps(ingress["metadata"].get("annotations", {})),
@@ -252,6 +281,51 @@ for label, values in value_sets.items():
         anomaly = deployments["anomaly"]["spec"]["template"]["spec"]
         check(any(v.get("secret", {}).get("items", [{}])[0].get("key") == "salesforce-private-key" for v in anomaly["volumes"]),
               "production values: the Salesforce key is mounted from the Secret")
+
+# --- the image workflow pushes the image the chart names ---------------------------------------
+workflow = yaml.safe_load(open(os.path.join(ROOT, ".github", "workflows", "image.yml")))
+job = workflow["jobs"]["build-and-push"]
+chart_values = yaml.safe_load(open(os.path.join(chart_dir, "values.yaml")))
+check(job["env"]["IMAGE"].startswith("ghcr.io/") and job["env"]["IMAGE"].endswith("/ecars")
+      and chart_values["image"]["repository"].startswith("ghcr.io/") and chart_values["image"]["repository"].endswith("/ecars"),
+      "the workflow pushes the image the chart names (ghcr.io/<owner>/ecars)")
+check(any(step.get("uses", "").startswith("docker/build-push-action") and step["with"].get("push") is True
+          for step in job["steps"]), "the workflow builds and pushes the image")
+check(workflow[True]["push"]["tags"] if True in workflow else workflow["on"]["push"]["tags"], "the workflow runs on version tags")
+
+# --- values.schema.json: a wrong value is refused before anything renders ---------------------
+extra = helm.values_from_yaml("""
+extraEnv:
+  - name: ECARS_LOG
+    value: debug
+extraEnvFrom:
+  - secretRef:
+      name: more-settings
+image:
+  repository: registry.example.com/ecars
+  digest: sha256:""" + "a" * 64 + """
+""")
+report = helm.lint(chart_dir, extra, strict=True, kube_version="v" + KUBERNETES)
+check(not [m for m in report["messages"] if m["severity"] >= 3] and not report["errors"],
+      f"helm lint with extraEnv, extraEnvFrom and a digest: {report}")
+rendered = helm.Chart.load(chart_dir).render(extra, name="ecars", namespace="fleet", is_install=True)
+workload_docs = [d for path, text in rendered.items() if path.endswith("workloads.yaml") for d in yaml.safe_load_all(text) if d]
+for doc in workload_docs:
+    container = doc["spec"]["template"]["spec"]["containers"][0]
+    check(container["image"] == "registry.example.com/ecars@sha256:" + "a" * 64, f"the image pinned by digest: {container['image']}")
+    check({"name": "ECARS_LOG", "value": "debug"} in container["env"], f"{doc['metadata']['name']}: extraEnv reaches the container")
+    check({"secretRef": {"name": "more-settings"}} in container["envFrom"], f"{doc['metadata']['name']}: extraEnvFrom too")
+for wrong, why in [
+    ("ingest:\n  replicas: three\n", "replicas is an integer"),
+    ("podDisruptionBudget:\n  maxUnavailable: 0\n", "a PDB that blocks drains"),
+    ("kafka:\n  brokers: k:9092\n  partitions: 0\n", "no partitions"),
+    ("publicUrl: relay.example.com\n", "a URL without its scheme"),
+    ("imagee:\n  tag: x\n", "a misspelt key"),
+]:
+    values = helm.values_from_yaml(wrong)
+    report = helm.lint(chart_dir, values, strict=True, kube_version="v" + KUBERNETES)
+    refused = [e for e in report["errors"] if "specifications of the schema" in str(e)]
+    check(refused, f"values.schema.json lets through {why}: {wrong!r} ({report['errors']})")
 
 if failures:
     print("deployment checks failed:")

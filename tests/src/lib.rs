@@ -653,9 +653,25 @@ pub struct TopicReadout {
     pub dates_per_car: std::collections::HashMap<String, Vec<chrono::DateTime<chrono::Utc>>>,
     /// Records seen again with an event id already read (at-least-once redelivery).
     pub duplicates: u64,
+    /// The partition each car's records are in, by VIN.
+    pub partition_of_car: std::collections::HashMap<String, i32>,
 }
 
 impl TopicReadout {
+    /// Panics unless every car is in the partition the Java client's partitioner (murmur2 of
+    /// the VIN) picks among `partitions`.
+    pub fn assert_java_partitioning(&self, partitions: i32) {
+        use ecars_bus::kafka::partitioner::java_partition;
+        assert!(!self.partition_of_car.is_empty());
+        for (vin, partition) in &self.partition_of_car {
+            assert_eq!(
+                *partition,
+                java_partition(vin.as_bytes(), partitions),
+                "{vin} is where a Java producer would put it"
+            );
+        }
+    }
+
     /// Panics unless the topic held `per_car` readings of each of `cars` cars, each car's in
     /// event-time order.
     pub fn assert_complete_and_in_order(&self, cars: u32, per_car: u64) {
@@ -735,6 +751,7 @@ pub async fn read_telemetry_topic(
     }
     .await;
     consumer.unsubscribe();
+    readout.partition_of_car = partition_of_car;
     result.map(|()| readout)
 }
 

@@ -165,6 +165,8 @@ async fn two_replicas(broker: Broker, stop_one: bool) {
     .await
     .unwrap();
     readout.assert_complete_and_in_order(cars, per_car);
+    // Where a Java service producing or joining by VIN expects each car.
+    readout.assert_java_partitioning(4);
 }
 
 /// The path of a published schema file of docs/schemas.

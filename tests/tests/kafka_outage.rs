@@ -153,6 +153,8 @@ async fn kafka_down_for_60s_loses_and_duplicates_nothing() {
     .await
     .unwrap();
     readout.assert_complete_and_in_order(cars, per_car);
+    // Also the records ingest produced from its spool.
+    readout.assert_java_partitioning(4);
     eprintln!(
         "outage: {spooled} readings spooled, {} delivered twice to Kafka (absorbed by event ids)",
         readout.duplicates

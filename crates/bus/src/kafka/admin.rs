@@ -38,14 +38,19 @@ impl KafkaBus {
             .create()
             .map_err(kafka("cannot create an admin client"))?;
         let names: Vec<String> = topics.iter().map(|t| self.config.topic(t)).collect();
+        let min_insync = self.config.min_insync_replicas.map(|n| n.to_string());
         let new_topics: Vec<NewTopic> = names
             .iter()
             .map(|name| {
-                NewTopic::new(
+                let topic = NewTopic::new(
                     name,
                     self.config.partitions,
                     TopicReplication::Fixed(self.config.replication_factor),
-                )
+                );
+                match &min_insync {
+                    Some(n) => topic.set("min.insync.replicas", n),
+                    None => topic,
+                }
             })
             .collect();
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));

@@ -8,11 +8,12 @@ use rdkafka::config::ClientConfig;
 
 /// Environment variables of the form `ECARS_KAFKA_<NAME>` that are our own settings, not
 /// librdkafka properties.
-const OWN_SETTINGS: [&str; 7] = [
+const OWN_SETTINGS: [&str; 8] = [
     "BROKERS",
     "TOPIC_PREFIX",
     "PARTITIONS",
     "REPLICATION_FACTOR",
+    "MIN_INSYNC_REPLICAS",
     "CREATE_TOPICS",
     "SPOOL_DIR",
     "SPOOL_MAX_BYTES",
@@ -40,6 +41,11 @@ pub struct KafkaConfig {
     /// Replication factor of topics created at start (3 on a production cluster).
     #[arg(long = "kafka-replication-factor", env = "ECARS_KAFKA_REPLICATION_FACTOR", default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=100))]
     pub replication_factor: i32,
+    /// `min.insync.replicas` of topics created at start: with the producer's `acks=all`, a
+    /// record is acknowledged once this many replicas have it (2 with a replication factor of
+    /// 3). Unset: the cluster's default.
+    #[arg(long = "kafka-min-insync-replicas", env = "ECARS_KAFKA_MIN_INSYNC_REPLICAS", value_parser = clap::value_parser!(i32).range(1..=100))]
+    pub min_insync_replicas: Option<i32>,
     /// Create missing topics at start (`false` when operators pre-create them).
     #[arg(long = "kafka-create-topics", env = "ECARS_KAFKA_CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub create_topics: bool,

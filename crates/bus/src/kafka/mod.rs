@@ -20,6 +20,7 @@ mod admin;
 pub mod codec;
 mod config;
 mod consumer;
+pub mod partitioner;
 mod producer;
 pub mod spool;
 
@@ -79,6 +80,8 @@ impl KafkaBus {
         client
             .set("enable.idempotence", "true")
             .set("acks", "all")
+            // The Java client's partitioner: other services find each car where we put it.
+            .set("partitioner", partitioner::LIBRDKAFKA_PARTITIONER)
             .set("compression.type", "lz4")
             .set("linger.ms", "5")
             .set("batch.num.messages", "10000")
