@@ -238,8 +238,8 @@ impl Backend for KafkaBus {
     }
 
     async fn close(&self) {
-        // Hand every accepted record to Kafka before the process ends; what is spooled stays on
-        // disk for the next start.
+        // Hand every accepted record to Kafka before the process ends, the spool's included;
+        // what Kafka did not take within the time stays on disk for the next start.
         self.producer.close(Duration::from_secs(30)).await;
     }
 }

@@ -415,9 +415,33 @@ impl SpoolingProducer {
     /// the drainer; the spool keeps what Kafka did not take for the next start.
     pub(crate) async fn close(&self, timeout: Duration) {
         self.shared.closed.store(true, Ordering::Release);
+        let deadline = tokio::time::Instant::now() + timeout;
+        // Hand the spool to Kafka while it answers, before the drainer stops: a pod that goes
+        // away (SIGTERM, a node drain) leaves nothing on a volume that may never come back.
+        if let Some(spool) = self.shared.spool.as_ref().filter(|spool| !spool.is_empty()) {
+            tracing::info!(
+                bytes = spool.bytes(),
+                "handing the spool to Kafka before exit"
+            );
+            let mut poll = tokio::time::interval(Duration::from_millis(100));
+            while !spool.is_empty() && tokio::time::Instant::now() < deadline {
+                poll.tick().await;
+            }
+            if spool.is_empty() {
+                tracing::info!("Kafka took everything spooled");
+            } else {
+                tracing::warn!(
+                    bytes = spool.bytes(),
+                    "Kafka did not take the whole spool in time; the rest stays on disk for the next start"
+                );
+            }
+        }
         let producer = Arc::clone(&self.producer);
+        let left = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_secs(1));
         let flushed =
-            tokio::task::spawn_blocking(move || producer.flush(Timeout::After(timeout))).await;
+            tokio::task::spawn_blocking(move || producer.flush(Timeout::After(left))).await;
         match flushed {
             Ok(Ok(())) => tracing::info!("Kafka producer flushed"),
             Ok(Err(e)) => {
