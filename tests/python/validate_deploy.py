@@ -134,7 +134,8 @@ for label, values in value_sets.items():
             kubernetes_validate.validate(doc, KUBERNETES, strict=True)
         except Exception as e:  # ValidationError, and unknown kinds
             failures.append(f"{label}: {doc['kind']} {doc['metadata']['name']}: {str(e)[:400]}")
-    configmap = kinds["ConfigMap"][0]["data"]
+    settings_map = next(c for c in kinds["ConfigMap"] if c["metadata"]["name"] == "ecars-ecars")
+    configmap = settings_map["data"]
     for name in configmap:
         # The ConfigMap is shared: each key must be a setting of some service.
         check(any(known_setting(name, h) for h in helps.values()), f"{label}: ConfigMap {name} is no setting")
@@ -188,7 +189,7 @@ for label, values in value_sets.items():
         if component != "ingest":
             ref = env.get("DATABASE_URL", {}).get("valueFrom", {}).get("secretKeyRef", {})
             check(ref.get("key") == "database-url", f"{label}: {component} gets DATABASE_URL from the Secret")
-        check(container["envFrom"][0]["configMapRef"]["name"] == kinds["ConfigMap"][0]["metadata"]["name"],
+        check(container["envFrom"][0]["configMapRef"]["name"] == settings_map["metadata"]["name"],
               f"{label}: {component} reads the ConfigMap (Kafka brokers)")
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         check(ports.get("http") == 8080, f"{label}: {component} http port 8080")
@@ -270,6 +271,13 @@ for label, values in value_sets.items():
     hpas = {h["spec"]["scaleTargetRef"]["name"].rsplit("-", 1)[-1] for h in kinds["HorizontalPodAutoscaler"]}
     check(hpas == {"persist", "relay"}, f"{label}: HPAs for persist and relay, got {hpas}")
     if label == "values-production.yaml":
+        alerts = yaml.safe_load(open(os.path.join(chart_dir, "files", "alerts.yml")))
+        rules = kinds.get("PrometheusRule", [{}])[0]
+        check(rules.get("spec", {}).get("groups") == alerts["groups"], "production values: the alert rules as a PrometheusRule")
+        dashboards = [c for c in kinds["ConfigMap"] if c["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
+        dashboard = json.load(open(os.path.join(chart_dir, "files", "grafana-dashboard.json")))
+        check(len(dashboards) == 1 and json.loads(dashboards[0]["data"]["ecars-realtime.json"]) == dashboard,
+              "production values: the Grafana dashboard as a ConfigMap for the sidecar")
         check(configmap.get("ECARS_KAFKA_REPLICATION_FACTOR") == "3" and configmap.get("ECARS_KAFKA_MIN_INSYNC_REPLICAS") == "2",
               "production values: topics with 3 replicas, 2 in sync")
         check(configmap.get("ECARS_PUBLIC_URL", "").startswith("https://"),

@@ -590,6 +590,21 @@ impl CaseOutbox {
         Ok(())
     }
 
+    /// Rows per status, each with the time its oldest row last changed (how long the oldest
+    /// has waited in that status): what the backlog gauges report.
+    pub async fn backlog(&self) -> Result<Vec<(CaseStatus, i64, DateTime<Utc>)>, DbError> {
+        let rows: Vec<(String, i64, i64)> = on_pool!(self.db, |pool| {
+            sqlx::query_as(
+                "SELECT status, COUNT(*), MIN(updated_ms) FROM case_outbox GROUP BY status",
+            )
+            .fetch_all(pool)
+            .await?
+        });
+        rows.into_iter()
+            .map(|(status, n, oldest)| Ok((stored_status(&status)?, n, crate::from_ms(oldest))))
+            .collect()
+    }
+
     /// Rows per status.
     pub async fn counts(&self) -> Result<HashMap<CaseStatus, i64>, DbError> {
         let rows: Vec<(String, i64)> = on_pool!(self.db, |pool| {

@@ -13,6 +13,7 @@
 
 pub mod logging;
 pub mod metrics;
+pub mod process;
 pub mod readiness;
 pub mod reloading;
 pub mod settings;

@@ -13,6 +13,15 @@ pub const BATCH_SIZE: &str = "ecars_batch_rows";
 pub const BATCH_LATENCY: &str = "ecars_batch_write_seconds";
 /// Failed batch writes that will be retried, labelled by `table`.
 pub const BATCH_RETRIES: &str = "ecars_batch_write_retries_total";
+/// Always 1, labelled with the build's `version`: which version each process runs.
+pub const BUILD_INFO: &str = "ecars_build_info";
+/// How old a reading is when it is stored: now minus the date it carries, seconds.
+pub const READING_AGE: &str = "ecars_reading_age_seconds";
+/// HTTP requests answered, labelled by `route` (its pattern), `method` and `status`.
+pub const HTTP_REQUESTS: &str = "ecars_http_requests_total";
+/// Time to answer an HTTP request (to the response's head), labelled by `route`.
+pub const HTTP_REQUEST_SECONDS: &str = "ecars_http_request_seconds";
+
 /// Whether the database answered the last write or health check (1) or not (0).
 pub const DATABASE_UP: &str = "ecars_database_up";
 
@@ -30,6 +39,16 @@ pub fn install_recorder() -> PrometheusHandle {
                     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                     10.0,
                 ])
+                .and_then(|b| {
+                    // A reading's age spans a network hop to a Kafka outage.
+                    b.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(READING_AGE.to_owned()),
+                        &[
+                            0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+                            3600.0, 86400.0,
+                        ],
+                    )
+                })
                 .map(|b| b.build_recorder())
                 .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
             let handle = recorder.handle();
@@ -37,6 +56,7 @@ pub fn install_recorder() -> PrometheusHandle {
             let _ = metrics::set_global_recorder(recorder);
             describe();
             ecars_bus::metrics::describe();
+            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             handle
         })
         .clone()
@@ -58,6 +78,41 @@ pub fn describe() {
     describe_gauge!(
         DATABASE_UP,
         "1 when the database answered the last write or check, else 0"
+    );
+    describe_gauge!(BUILD_INFO, "1, labelled with the version this process runs");
+    describe_histogram!(
+        READING_AGE,
+        Unit::Seconds,
+        "How old each reading is when stored: now minus its date"
+    );
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests answered, by route pattern, method and status"
+    );
+    describe_histogram!(
+        HTTP_REQUEST_SECONDS,
+        Unit::Seconds,
+        "Time to answer an HTTP request, by route pattern"
+    );
+    describe_gauge!(
+        crate::process::RESIDENT_MEMORY,
+        Unit::Bytes,
+        "Resident memory"
+    );
+    describe_gauge!(crate::process::OPEN_FDS, "Open file descriptors");
+    describe_gauge!(
+        crate::process::MAX_FDS,
+        "The most descriptors the process may open"
+    );
+    describe_counter!(
+        crate::process::CPU_SECONDS,
+        Unit::Seconds,
+        "User and system CPU time"
+    );
+    describe_gauge!(
+        crate::process::START_TIME,
+        Unit::Seconds,
+        "When the process started, Unix time"
     );
     describe_counter!(
         crate::reloading::RELOADS,

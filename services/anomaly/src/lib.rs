@@ -134,6 +134,9 @@ impl AnomalyWorker {
             None => RuleSet::default(),
         };
         let outbox = db.case_outbox();
+        // Not paused, until the sync says otherwise (also without Salesforce settings): an
+        // alert on it sees 0 rather than no series.
+        ::metrics::gauge!(metrics::SYNC_PAUSED).set(0.0);
         let wake = Arc::new(Notify::new());
         let events = events::EpisodeEventRelay::new(outbox.clone(), bus.clone());
         let sync = if config.salesforce.is_configured() {
@@ -201,6 +204,10 @@ impl AnomalyWorker {
             .sync
             .map(|sync| tokio::spawn(sync.run(sync_stop.clone())));
         let sweep = tokio::spawn(Arc::clone(&self.detection).sweep_until(sync_stop.clone()));
+        let backlog = tokio::spawn(report_backlog(
+            self.detection.outbox.clone(),
+            sync_stop.clone(),
+        ));
         // Not a child of `shutdown`: the event relay stops after the sync, so it publishes the
         // sync's last outcomes in its final round.
         let events_stop = CancellationToken::new();
@@ -212,10 +219,42 @@ impl AnomalyWorker {
             sync.await??;
         }
         sweep.await?;
+        backlog.await?;
         events_stop.cancel();
         events.await??;
         detected??;
         Ok(())
+    }
+}
+
+/// How often the case outbox's backlog is measured.
+const BACKLOG_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Every [`BACKLOG_INTERVAL`] until `stop`: the outbox's rows per status and how long the
+/// oldest of each has waited in it (the alerts on a stuck Salesforce sync read these). A failed
+/// query is logged and leaves the gauges as they were.
+async fn report_backlog(outbox: CaseOutbox, stop: CancellationToken) {
+    loop {
+        match outbox.backlog().await {
+            Ok(backlog) => {
+                let now = chrono::Utc::now();
+                for status in CaseStatus::ALL {
+                    let (rows, oldest) = backlog
+                        .iter()
+                        .find(|(s, _, _)| *s == status)
+                        .map_or((0, now), |(_, rows, oldest)| (*rows, *oldest));
+                    let status = status.as_str();
+                    ::metrics::gauge!(metrics::OUTBOX_ROWS, "status" => status).set(rows as f64);
+                    ::metrics::gauge!(metrics::OUTBOX_OLDEST, "status" => status)
+                        .set((now - oldest).as_seconds_f64().max(0.0));
+                }
+            }
+            Err(error) => tracing::warn!(%error, "measuring the case outbox failed"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(BACKLOG_INTERVAL) => {}
+        }
     }
 }
 

@@ -23,8 +23,18 @@ pub const SYNC_PAUSES: &str = "ecars_case_sync_pauses_total";
 /// Times the Case sync waited because API usage passed the budget share.
 pub const SYNC_BUDGET_WAITS: &str = "ecars_case_sync_budget_waits_total";
 
+/// Case outbox rows, labelled by `status`.
+pub const OUTBOX_ROWS: &str = "ecars_case_outbox_rows";
+/// How long the oldest case outbox row of each `status` has been in it, seconds (0 when none).
+pub const OUTBOX_OLDEST: &str = "ecars_case_outbox_oldest_seconds";
+
 /// Describes the anomaly worker's metrics to the installed recorder.
 pub fn describe() {
+    describe_gauge!(OUTBOX_ROWS, "Case outbox rows, by status");
+    describe_gauge!(
+        OUTBOX_OLDEST,
+        "Seconds the oldest case outbox row of each status has been in it (0: none)"
+    );
     describe_counter!(
         READINGS_SKIPPED,
         "Readings the anomaly detector skipped as duplicates or late arrivals"

@@ -288,7 +288,10 @@ async fn render_metrics(State(state): State<ApiState>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        {
+            ecars_runtime::process::record();
+            state.metrics.render()
+        },
     )
         .into_response()
 }

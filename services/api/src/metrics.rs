@@ -27,3 +27,30 @@ pub fn describe() {
         "HTTP requests refused for their credentials, by reason"
     );
 }
+
+/// Counts and times each request of a route (`Router::route_layer`, so the route's pattern,
+/// not the path, labels it: `/v1/vehicles/{vin}/history`, a bounded set).
+pub async fn track(
+    matched: Option<axum::extract::MatchedPath>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    let method = request.method().as_str().to_owned();
+    let route = matched
+        .as_ref()
+        .map_or("unmatched", |m| m.as_str())
+        .to_owned();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!(
+        ecars_runtime::metrics::HTTP_REQUESTS,
+        "route" => route.clone(),
+        "method" => method,
+        "status" => status
+    )
+    .increment(1);
+    metrics::histogram!(ecars_runtime::metrics::HTTP_REQUEST_SECONDS, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}

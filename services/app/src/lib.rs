@@ -511,6 +511,8 @@ impl App {
             }
             None => None,
         };
+        // Every route's requests counted and timed, the relay's included.
+        let routes = routes.route_layer(axum::middleware::from_fn(ecars_api::metrics::track));
         let limits = settings.http.limits();
         supervisor.spawn("the HTTP server", move |stop| {
             ecars_api::serve::serve(http, routes, limits, https, stop)

@@ -448,6 +448,12 @@ impl BatchSink for ReadingSink {
 
     async fn write(&self, batch: &[TelemetryReading]) -> Result<u64, DbError> {
         let added = self.db.sensor_rows().insert(batch).await?;
+        // How far behind the cars the stored data is (a queue, an outage, a car's clock).
+        let now = chrono::Utc::now();
+        let age = metrics::histogram!(ecars_runtime::metrics::READING_AGE);
+        for reading in batch {
+            age.record((now - reading.date).as_seconds_f64().max(0.0));
+        }
         if let Some(observer) = &self.observer {
             let _ = observer.send(batch.to_vec()).await;
         }

@@ -91,6 +91,9 @@ impl Drop for Registration {
 impl Hub {
     /// A hub whose clients each queue at most `queue` frames.
     pub fn new(queue: usize) -> Arc<Hub> {
+        // From the start, so alerts and panels see 0 rather than no series.
+        metrics::counter!(crate::metrics::SLOW_CLIENTS).increment(0);
+        metrics::gauge!(crate::metrics::CLIENTS).increment(0.0);
         Arc::new(Hub {
             routes: RwLock::default(),
             next_id: AtomicU64::new(1),

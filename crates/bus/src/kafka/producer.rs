@@ -296,6 +296,12 @@ impl SpoolingProducer {
                 source,
             })?;
         let producer = Arc::new(producer);
+        if let Some(spool) = &shared.spool {
+            // From the start, so an alert sees 0 rather than no series.
+            report_phase(phase);
+            metrics::gauge!(names::SPOOL_BYTES).set(spool.bytes() as f64);
+            metrics::counter!(names::SPOOL_FULL).increment(0);
+        }
         let this = SpoolingProducer {
             producer,
             shared,
