@@ -407,6 +407,17 @@ impl Pipeline {
     }
 }
 
+/// The sum of this process's samples of the Prometheus metric `name` whose line contains
+/// `filter` (`""`: all of them), from the process-wide recorder.
+pub fn metric_sum(name: &str, filter: &str) -> f64 {
+    ecars_runtime::metrics::install_recorder()
+        .render()
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Kafka settings for `brokers`, every other setting at its default.
 pub fn kafka_config(brokers: impl Into<String>) -> ecars_bus::kafka::KafkaConfig {
     ecars_bus::kafka::KafkaConfig {

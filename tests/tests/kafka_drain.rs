@@ -5,19 +5,12 @@
 use std::time::Duration;
 
 use ecars_bus::kafka::spool::Spool;
-use ecars_e2e::{ingest_service, kafka_config, read_telemetry_topic, wait_for, RunningApp};
+use ecars_e2e::{
+    ingest_service, kafka_config, metric_sum, read_telemetry_topic, wait_for, RunningApp,
+};
 use ecars_model::{Record, TelemetryReading};
 use ecars_simulator::SimulatorConfig;
 use tokio_util::sync::CancellationToken;
-
-fn metric(name: &str) -> f64 {
-    ecars_runtime::metrics::install_recorder()
-        .render()
-        .lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_ingest_node_hands_its_spool_to_kafka() {
@@ -52,7 +45,7 @@ async fn a_stopping_ingest_node_hands_its_spool_to_kafka() {
     .unwrap();
     assert_eq!(report.acknowledged, total);
     wait_for("readings on disk", Duration::from_secs(30), || async {
-        metric("ecars_kafka_spool_bytes") > 0.0
+        metric_sum("ecars_kafka_spool_bytes", "") > 0.0
     })
     .await
     .unwrap();

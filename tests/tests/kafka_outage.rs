@@ -7,22 +7,12 @@
 use std::time::Duration;
 
 use ecars_e2e::{
-    ingest_service, kafka_config, persist_service, read_telemetry_topic, wait_for, PgServer,
-    RunningApp,
+    ingest_service, kafka_config, metric_sum, persist_service, read_telemetry_topic, wait_for,
+    PgServer, RunningApp,
 };
 use ecars_model::{Record, TelemetryReading};
 use ecars_simulator::SimulatorConfig;
 use tokio_util::sync::CancellationToken;
-
-/// Sum of a Prometheus metric's samples whose line contains `filter`.
-fn metric(name: &str, filter: &str) -> f64 {
-    ecars_runtime::metrics::install_recorder()
-        .render()
-        .lines()
-        .filter(|l| l.starts_with(name) && l.contains(filter))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_down_for_60s_loses_and_duplicates_nothing() {
@@ -85,7 +75,7 @@ async fn kafka_down_for_60s_loses_and_duplicates_nothing() {
     wait_for(
         "ingest to switch to its spool",
         Duration::from_secs(30),
-        || async { metric("ecars_kafka_spooling", "") == 1.0 },
+        || async { metric_sum("ecars_kafka_spooling", "") == 1.0 },
     )
     .await
     .unwrap();
@@ -108,15 +98,15 @@ async fn kafka_down_for_60s_loses_and_duplicates_nothing() {
     )
     .await
     .unwrap();
-    let spooled_at_start = metric("ecars_kafka_spool_records_total", "written");
+    let spooled_at_start = metric_sum("ecars_kafka_spool_records_total", "written");
     tokio::time::sleep(Duration::from_secs(60)).await;
     // Cars were acknowledged all along: a minute of readings went to disk, not just a window.
-    let spooled = metric("ecars_kafka_spool_records_total", "written") - spooled_at_start;
+    let spooled = metric_sum("ecars_kafka_spool_records_total", "written") - spooled_at_start;
     assert!(
         spooled >= 20_000.0,
         "the cars kept being acknowledged during the outage: {spooled} readings spooled"
     );
-    assert!(metric("ecars_kafka_spool_bytes", "") > 0.0);
+    assert!(metric_sum("ecars_kafka_spool_bytes", "") > 0.0);
     cluster.broker_up(1).unwrap();
 
     let report = simulator.await.unwrap().unwrap();
@@ -130,11 +120,11 @@ async fn kafka_down_for_60s_loses_and_duplicates_nothing() {
     .await
     .unwrap();
     wait_for("the spool to drain", Duration::from_secs(30), || async {
-        metric("ecars_kafka_spooling", "") == 0.0
+        metric_sum("ecars_kafka_spooling", "") == 0.0
     })
     .await
     .unwrap();
-    assert_eq!(metric("ecars_kafka_spool_bytes", ""), 0.0);
+    assert_eq!(metric_sum("ecars_kafka_spool_bytes", ""), 0.0);
     for url in [&readyz, &persist_readyz, &relay_readyz] {
         assert_eq!(reqwest::get(url).await.unwrap().status(), 200, "{url}");
     }

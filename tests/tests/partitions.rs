@@ -229,15 +229,11 @@ async fn retention_drops_old_days_and_keeps_the_rest(url: &str) {
     assert_eq!(store.insert(&batch).await.unwrap(), batch.len() as u64);
     assert_eq!(rows_in(&pool, "sensor_data_default").await, 7);
 
-    let pass = ecars_persist::apply_retention(
-        &db,
-        ecars_persist::Cutoffs {
-            readings: Some(cutoff),
-            rollups: None,
-        },
-    )
-    .await
-    .unwrap();
+    let cutoffs = ecars_persist::Cutoffs {
+        readings: Some(cutoff),
+        rollups: None,
+    };
+    let pass = ecars_persist::apply_retention(&db, cutoffs).await.unwrap();
     let expected_days = (cutoff_day - first).num_days() as u64;
     assert_eq!(pass.days, expected_days, "{pass:?}");
     assert_eq!(
@@ -267,15 +263,7 @@ async fn retention_drops_old_days_and_keeps_the_rest(url: &str) {
     assert!(history.iter().all(|r| r.battery != Some(50.0)));
 
     // Nothing more to drop or delete.
-    let again = ecars_persist::apply_retention(
-        &db,
-        ecars_persist::Cutoffs {
-            readings: Some(cutoff),
-            rollups: None,
-        },
-    )
-    .await
-    .unwrap();
+    let again = ecars_persist::apply_retention(&db, cutoffs).await.unwrap();
     assert_eq!(again, ecars_persist::RetentionPass::default());
 
     // A day whose readings went to the default partition cannot get a partition of its own:

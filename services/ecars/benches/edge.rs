@@ -16,8 +16,14 @@
 //!   per 1,000 readings/s), and 1,000 cars connecting with mutual TLS (client certificates):
 //!   handshakes/s and memory per TLS car. Certificates are made with `openssl` for the run.
 //!
+//! - soak (only with `--only soak`, not part of the default run): 30 minutes at a fixed 10,000
+//!   readings/s from 2,000 cars through `ecars up` on PostgreSQL (anomaly worker on) with 1,000
+//!   live-view sockets following those cars; resident memory and descriptors sampled every
+//!   10 s, every acknowledged reading checked in the database, the slope of memory reported
+//!   (`--quick`: 200 cars, 1,000/s, 100 sockets, 2 minutes).
+//!
 //! Run: `cargo bench -p ecars --bench edge` (`-- --quick` for shorter runs, `-- --only
-//! idle|rate|overload|tls`). Needs Debian's `mosquitto` (`apt-get install mosquitto`; installing it
+//! idle|rate|overload|tls|soak`). Needs Debian's `mosquitto` (`apt-get install mosquitto`; installing it
 //! starts no daemon) and `prlimit` (util-linux).
 
 use std::io::{BufRead, BufReader, Write};
@@ -559,6 +565,123 @@ fn main() {
     if wanted("tls") {
         tls(quick);
     }
+    if only.as_deref() == Some("soak") {
+        soak(quick);
+    }
+}
+
+/// The soak run (see the module's documentation).
+fn soak(quick: bool) {
+    let (cars, rate, seconds, sockets) = if quick {
+        (200u32, 1_000u32, 120u64, 100u32)
+    } else {
+        (2_000, 10_000, 1_800, 1_000)
+    };
+    println!(
+        "\n## soak: {cars} cars, {rate} QoS 1 readings/s for {} min through ecars up on PostgreSQL, {sockets} live-view sockets\n",
+        seconds / 60
+    );
+    let pg = ecars_e2e::PgServer::start().expect("PostgreSQL");
+    let logs = tempfile::NamedTempFile::new().unwrap();
+    let http = free_port();
+    let port = free_port();
+    let child = Command::new(ECARS)
+        .args(["up", "--mqtt-addr", &format!("127.0.0.1:{port}")])
+        .args(["--mqtt-ws-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--http-addr", &format!("127.0.0.1:{http}")])
+        .args(["--admin-addr", &format!("127.0.0.1:{}", free_port())])
+        .env("DATABASE_URL", pg.url())
+        .env("ECARS_LOG", "warn,rumqttd=off")
+        .env_remove("ECARS_DEVICE_SECRET")
+        .stdout(Stdio::null())
+        .stderr(logs.reopen().unwrap())
+        .spawn()
+        .expect("the ecars binary");
+    let mut broker = Broker {
+        name: "ecars up (PostgreSQL)",
+        child,
+        port,
+        tls_port: None,
+        _dir: tempfile::tempdir().unwrap(),
+        database_url: Some(pg.url()),
+    };
+    broker.wait_listening();
+    let mut watchers = generator(&[
+        "sockets".into(),
+        http.to_string(),
+        sockets.to_string(),
+        cars.to_string(),
+        (seconds + 20).to_string(),
+    ]);
+    assert_eq!(first_line(&mut watchers), "connected");
+
+    // Resident memory (MiB) and descriptors every 10 s while the load runs.
+    let samples: std::sync::Arc<std::sync::Mutex<Vec<(f64, f64, usize)>>> = Default::default();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (samples, done, pid) = (samples.clone(), done.clone(), broker.pid());
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let at = started.elapsed().as_secs_f64();
+                let rss = status_field(pid, "VmRSS:") as f64 / 1024.0;
+                let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+                eprintln!("soak: {at:>6.0} s  {rss:>8.1} MiB  {fds:>6} descriptors");
+                samples.lock().unwrap().push((at, rss, fds));
+                std::thread::sleep(Duration::from_secs(10));
+            }
+        })
+    };
+    let mut load = generator(&[
+        "rate".into(),
+        port.to_string(),
+        cars.to_string(),
+        rate.to_string(),
+        seconds.to_string(),
+        "64".into(),
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&first_line(&mut load)).unwrap();
+    let _ = load.wait();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = sampler.join();
+    let watched: serde_json::Value = serde_json::from_str(&first_line(&mut watchers)).unwrap();
+    let _ = watchers.wait();
+    broker.stop();
+    let stored = broker.stored().unwrap_or(-1);
+    let acked = report["acked"].as_i64().unwrap_or(0);
+    let log = std::fs::read_to_string(logs.path()).unwrap_or_default();
+    let errors = log.lines().filter(|l| l.contains("ERROR")).count();
+    let warnings = log.lines().filter(|l| l.contains("WARN")).count();
+
+    let samples = samples.lock().unwrap().clone();
+    let at = |t: f64| {
+        samples
+            .iter()
+            .min_by(|a, b| (a.0 - t).abs().total_cmp(&(b.0 - t).abs()))
+            .map_or((0.0, 0), |s| (s.1, s.2))
+    };
+    // Least-squares slope of memory after the first minute (warm-up), MiB per hour.
+    let steady: Vec<_> = samples.iter().filter(|s| s.0 >= 60.0).collect();
+    let n = steady.len() as f64;
+    let (mean_t, mean_m) = (
+        steady.iter().map(|s| s.0).sum::<f64>() / n,
+        steady.iter().map(|s| s.1).sum::<f64>() / n,
+    );
+    let slope = steady
+        .iter()
+        .map(|s| (s.0 - mean_t) * (s.1 - mean_m))
+        .sum::<f64>()
+        / steady.iter().map(|s| (s.0 - mean_t).powi(2)).sum::<f64>()
+        * 3600.0;
+    let (start, ten, end) = (at(0.0), at(600.0), at(seconds as f64));
+    println!("| readings acknowledged | stored | frames to live-view sockets | memory at start / 10 min / end | memory slope after 1 min | descriptors start / end | errors / warnings logged |");
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| {acked} | {stored} | {} ({} sockets, {} closed early) | {:.0} / {:.0} / {:.0} MiB | {slope:+.1} MiB/h | {} / {} | {errors} / {warnings} |",
+        watched["frames"], watched["connected"], watched["closed_early"], start.0, ten.0, end.0, start.1, end.1
+    );
+    assert_eq!(stored, acked, "every acknowledged reading is stored");
+    std::io::stdout().flush().unwrap();
 }
 
 /// The load generator: raw MQTT 3.1.1 over TCP, pre-encoded packets, little CPU per message.
@@ -643,6 +766,12 @@ mod load {
             "subscribe" => {
                 runtime.block_on(subscribe(port, args[2].parse().unwrap(), args[3] == "true"))
             }
+            "sockets" => runtime.block_on(sockets(
+                port,
+                args[2].parse().unwrap(),
+                args[3].parse().unwrap(),
+                args[4].parse().unwrap(),
+            )),
             other => panic!("unknown generator {other}"),
         }
     }
@@ -864,6 +993,58 @@ mod load {
                 "acked": acked.load(Ordering::Relaxed),
                 "ack_p50_ms": percentile(&latencies, 0.50),
                 "ack_p99_ms": percentile(&latencies, 0.99),
+            })
+        );
+    }
+
+    /// Opens `count` live-view sockets on the relay at `http`, each following one of the rate
+    /// generator's `cars`, prints "connected", counts frames for `seconds`, then prints what
+    /// it saw.
+    async fn sockets(http: u16, count: u32, cars: u32, seconds: u64) {
+        use futures_util::StreamExt;
+        let opened = futures_util::stream::iter(0..count)
+            .map(|i| {
+                let url = format!(
+                    "ws://127.0.0.1:{http}/v1/vehicles/1LOAD0000{:08}/live",
+                    i % cars.max(1)
+                );
+                async move { tokio_tungstenite::connect_async(url).await.map(|(s, _)| s) }
+            })
+            .buffer_unordered(64)
+            .collect::<Vec<_>>()
+            .await;
+        let connected = opened.iter().filter(|s| s.is_ok()).count();
+        println!("connected");
+        let frames = Arc::new(AtomicU64::new(0));
+        let closed_early = Arc::new(AtomicU64::new(0));
+        let until = tokio::time::Instant::now() + Duration::from_secs(seconds);
+        let mut readers = Vec::new();
+        for mut socket in opened.into_iter().flatten() {
+            let (frames, closed_early) = (Arc::clone(&frames), Arc::clone(&closed_early));
+            readers.push(tokio::spawn(async move {
+                loop {
+                    match tokio::time::timeout_at(until, socket.next()).await {
+                        Err(_) => return,
+                        Ok(Some(Ok(_))) => {
+                            frames.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(_) => {
+                            closed_early.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                }
+            }));
+        }
+        for reader in readers {
+            let _ = reader.await;
+        }
+        println!(
+            "{}",
+            serde_json::json!({
+                "connected": connected,
+                "frames": frames.load(Ordering::Relaxed),
+                "closed_early": closed_early.load(Ordering::Relaxed),
             })
         );
     }
