@@ -44,12 +44,16 @@ fn start_of(day: NaiveDate) -> DateTime<Utc> {
     day.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc()
 }
 
+/// When `day` ends (the next UTC midnight); `None` for the last day chrono knows.
+fn end_of(day: NaiveDate) -> Option<DateTime<Utc>> {
+    day.checked_add_signed(TimeDelta::days(1)).map(start_of)
+}
+
 /// Whether every reading of `day` is dated before `cutoff`, so retention may drop its
 /// partition. The day `cutoff` falls in is kept whole: a reading is kept up to a day longer
 /// than the retention, never shorter.
 pub(crate) fn expired(day: NaiveDate, cutoff: DateTime<Utc>) -> bool {
-    day.checked_add_signed(TimeDelta::days(1))
-        .is_some_and(|next| start_of(next) <= cutoff)
+    end_of(day).is_some_and(|end| end <= cutoff)
 }
 
 /// The days from `first` to `last`, both included.
@@ -77,14 +81,14 @@ pub(crate) async fn prepare(
     let have = existing(pool).await?;
     let mut prepared = PreparedDays::default();
     for day in days(first, last).filter(|day| !have.contains(day)) {
-        let Some(next) = day.checked_add_signed(TimeDelta::days(1)) else {
+        let Some(end) = end_of(day) else {
             continue;
         };
         let sql = format!(
             "CREATE TABLE IF NOT EXISTS {} PARTITION OF {TABLE} FOR VALUES FROM ('{}') TO ('{}')",
             partition_name(day),
             start_of(day).to_rfc3339(),
-            start_of(next).to_rfc3339(),
+            end.to_rfc3339(),
         );
         match sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await {
             Ok(_) => prepared.created.push(day),
