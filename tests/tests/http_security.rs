@@ -77,6 +77,7 @@ async fn every_v1_route_needs_a_key_with_its_scope() {
             Some(serde_json::json!({ "vin": car })),
             Scope::RelayTokensMint,
         ),
+        ("GET", "/v1/status".into(), None, Scope::StatusRead),
     ]
     .map(|(method, path, body, scope)| Route {
         method: method.parse().unwrap(),

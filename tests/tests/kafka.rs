@@ -9,8 +9,8 @@ use ecars_bus::kafka::{KafkaBus, KafkaConfig};
 use ecars_bus::Bus;
 use ecars_db::SensorRows;
 use ecars_e2e::{
-    ingest_service, kafka_config, persist_service, read_telemetry_topic, wait_for, KafkaServer,
-    PgServer, RunningApp,
+    ingest_service, kafka_config, metric_sum, persist_service, read_telemetry_topic, wait_for,
+    KafkaServer, PgServer, RunningApp,
 };
 use ecars_model::telemetry::{parse_reading, DeadLetter, RejectReason, Rejection, TelemetryTopic};
 use ecars_model::{Record, TelemetryReading};
@@ -455,4 +455,65 @@ async fn a_new_record_type_is_a_new_topic_with_no_change_to_the_bus() {
         assert_eq!(record["value"]["open"], event.open);
     }
     bus.close().await;
+}
+
+/// `ecars_kafka_consumer_lag`: per partition, the records the group has not committed. Records
+/// read but not acknowledged (not yet in the database) still count; acknowledging them brings
+/// it to 0. librdkafka reports it every 10 s while the consumer reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_lag_counts_what_the_group_has_not_committed() {
+    let kafka_server = KafkaServer::start().unwrap();
+    let kafka = kafka_config(kafka_server.brokers());
+    let bus = Bus::new(KafkaBus::connect(&kafka).await.unwrap());
+    for i in 0..12u32 {
+        bus.publish(DoorEvent {
+            vin: format!("LAGCAR{}", i % 3),
+            open: i % 2 == 0,
+            at: Utc::now(),
+            id: uuid::Uuid::now_v7(),
+        })
+        .await
+        .unwrap();
+    }
+    let mut doors = bus.subscribe::<DoorEvent>("lag-test").await.unwrap();
+    let mut receipts = Vec::new();
+    while receipts.len() < 12 {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), doors.next())
+            .await
+            .expect("the records within 30 s")
+            .unwrap()
+            .unwrap();
+        receipts.push(delivery.receipt);
+    }
+    reads_until(&mut doors, 12.0).await;
+    doors.ack(&receipts).await.unwrap();
+    reads_until(&mut doors, 0.0).await;
+    assert!(
+        ecars_runtime::metrics::install_recorder()
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("ecars_kafka_consumer_lag{") && l.contains("lag-test"))
+            .count()
+            >= 2,
+        "a series per partition"
+    );
+}
+
+fn lag_of_test_group() -> f64 {
+    metric_sum("ecars_kafka_consumer_lag{", "group=\"lag-test\"")
+}
+
+/// Reads on (there is nothing more to read: librdkafka's statistics arrive while the consumer
+/// polls) until the lag metric is `want`, for at most 40 s.
+async fn reads_until(doors: &mut ecars_bus::Subscription<DoorEvent>, want: f64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    while lag_of_test_group() != want {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "lag {} instead of {want}",
+            lag_of_test_group()
+        );
+        let next = tokio::time::timeout(Duration::from_millis(200), doors.next()).await;
+        assert!(next.is_err(), "no record beyond the 12");
+    }
 }

@@ -31,6 +31,7 @@ async fn kafka_down_for_60s_loses_and_duplicates_nothing() {
     let ingest = ingest_service(&kafka).await.unwrap();
     let mqtt_addr = ingest.mqtt_addr().unwrap();
     let readyz = format!("http://{}/readyz", ingest.admin_addr());
+    let status = format!("http://{}/v1/status", ingest.http_addr());
     let ingest = RunningApp::start(ingest);
     let persist = persist_service(&kafka, &pg.url(), 500).await.unwrap();
     let store = persist.database().unwrap().sensor_rows();
@@ -107,6 +108,22 @@ async fn kafka_down_for_60s_loses_and_duplicates_nothing() {
         "the cars kept being acknowledged during the outage: {spooled} readings spooled"
     );
     assert!(metric_sum("ecars_kafka_spool_bytes", "") > 0.0);
+    // The status calls it degraded, and says since when readings wait.
+    let degraded: serde_json::Value = reqwest::get(&status).await.unwrap().json().await.unwrap();
+    assert_eq!(degraded["condition"], "degraded", "{degraded}");
+    let spool = &degraded["bus"]["spool"];
+    assert_eq!(spool["in_use"], true, "{degraded}");
+    let waited = spool["oldest_age_seconds"].as_f64().unwrap();
+    assert!(
+        waited >= 55.0,
+        "the oldest spooled reading is from the outage's start: {degraded}"
+    );
+    let oldest = metric_sum("ecars_kafka_spool_oldest_timestamp_seconds", "");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((55.0..3600.0).contains(&(now - oldest)), "{oldest}");
     cluster.broker_up(1).unwrap();
 
     let report = simulator.await.unwrap().unwrap();
@@ -125,9 +142,15 @@ async fn kafka_down_for_60s_loses_and_duplicates_nothing() {
     .await
     .unwrap();
     assert_eq!(metric_sum("ecars_kafka_spool_bytes", ""), 0.0);
+    assert_eq!(
+        metric_sum("ecars_kafka_spool_oldest_timestamp_seconds", ""),
+        0.0
+    );
     for url in [&readyz, &persist_readyz, &relay_readyz] {
         assert_eq!(reqwest::get(url).await.unwrap().status(), 200, "{url}");
     }
+    let recovered: serde_json::Value = reqwest::get(&status).await.unwrap().json().await.unwrap();
+    assert_eq!(recovered["condition"], "ok", "{recovered}");
     // Unique event ids: the count is "none lost, none twice".
     assert_eq!(store.count().await.unwrap(), total as i64);
 

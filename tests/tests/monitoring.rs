@@ -1,14 +1,14 @@
 //! The Grafana dashboard and the alert rules name only metrics the binary exports: every metric
 //! they query is on `/metrics` of a running process (`ecars up`'s composition, beside an ingest
-//! node on Kafka with its spool, as in a scale-out deployment), once it has seen one reading,
-//! one refused message and one HTTP request.
+//! node on Kafka with its spool and a persistence worker reading it, as in a scale-out
+//! deployment), once it has seen one reading, one refused message and one HTTP request.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use ecars_e2e::{
-    ingest_service, kafka_config, publish_v4, test_vin, wait_for, Pipeline, PipelineOptions,
-    RunningApp,
+    ingest_service, kafka_config, persist_service, publish_v4, test_vin, wait_for, Pipeline,
+    PipelineOptions, RunningApp,
 };
 
 const CHART_FILES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../helm/ecars/files");
@@ -125,6 +125,10 @@ async fn the_dashboard_and_the_alerts_name_only_exported_metrics() {
     kafka.create_topics = false;
     kafka.spool_dir = spool.path().to_owned();
     let ingest = RunningApp::start(ingest_service(&kafka).await.unwrap());
+    // A persistence worker reading it, for the consumer lag.
+    let worker_db = tempfile::tempdir().unwrap();
+    let worker_url = format!("sqlite://{}", worker_db.path().join("worker.db").display());
+    let persist = RunningApp::start(persist_service(&kafka, &worker_url, 100).await.unwrap());
     // `ecars up`'s composition: one reading, one refused message, one request.
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("ecars.db").display());
@@ -188,5 +192,6 @@ async fn the_dashboard_and_the_alerts_name_only_exported_metrics() {
     }
 
     pipeline.shutdown().await.unwrap();
+    persist.shutdown().await.unwrap();
     ingest.shutdown().await.unwrap();
 }

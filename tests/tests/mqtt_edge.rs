@@ -232,3 +232,26 @@ async fn packet_id_0_is_refused() {
     );
     pipeline.shutdown().await.unwrap();
 }
+
+/// A stopping node tells its MQTT 5 cars why (DISCONNECT 0x8B "server shutting down") or, with
+/// `--mqtt-server-reference`, where to go (0x9C "use another server" with the Server
+/// Reference); MQTT 3.1.1 has no DISCONNECT from the server, so those cars see the close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_node_tells_mqtt_5_cars_why_or_where_to_go() {
+    let reference = "mqtt-b.example.com:8883";
+    let mut to_b = vec![0xE0, 28, 0x9C, 26, 0x1C, 0, 23];
+    to_b.extend_from_slice(reference.as_bytes());
+    for (server_reference, expected) in [(None, vec![0xE0, 2, 0x8B, 0]), (Some(reference), to_b)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = PipelineOptions::new(sqlite_url(&dir));
+        options.ingest.server_reference = server_reference.map(str::to_owned);
+        let pipeline = Pipeline::start(options).await.unwrap();
+        let mut v5 = connected(pipeline.mqtt_addr, 5, "stopping-v5", 60).await;
+        let mut v4 = connected(pipeline.mqtt_addr, 4, "stopping-v4", 60).await;
+        pipeline.shutdown().await.unwrap();
+        let (said, _) = until_closed(&mut v5, Duration::from_secs(10)).await;
+        assert_eq!(said, expected, "MQTT 5, reference {server_reference:?}");
+        let (said, _) = until_closed(&mut v4, Duration::from_secs(10)).await;
+        assert!(said.is_empty(), "MQTT 3.1.1: {said:?}");
+    }
+}

@@ -129,6 +129,7 @@ async fn the_openapi_document_is_valid_complete_and_matches_the_answers() {
         ("DeadLetters", format!("{base}/v1/dead-letters")),
         ("CasesPage", format!("{base}/v1/cases")),
         ("ErrorBody", format!("{base}/v1/vehicles?limit=0")),
+        ("ServiceStatus", format!("{base}/v1/status")),
     ];
     let doc_path = dir.path().join("openapi.json");
     std::fs::write(&doc_path, serde_json::to_vec(&doc).unwrap()).unwrap();

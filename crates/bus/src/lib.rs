@@ -103,6 +103,9 @@ pub struct SpoolHealth {
     pub bytes: u64,
     /// It is full: publishers wait.
     pub full: bool,
+    /// When the oldest record waiting in it was written (to within a segment), `None` when it
+    /// is empty.
+    pub oldest: Option<std::time::SystemTime>,
     /// Where it is.
     pub dir: std::path::PathBuf,
 }

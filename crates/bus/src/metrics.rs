@@ -22,6 +22,14 @@ pub const SPOOL_FULL: &str = "ecars_kafka_spool_full_total";
 pub const KAFKA_OUTAGES: &str = "ecars_kafka_outages_total";
 /// 1 while accepted readings go to the spool instead of straight to Kafka.
 pub const KAFKA_SPOOLING: &str = "ecars_kafka_spooling";
+/// Unix time (seconds) at which the oldest record still waiting in the Kafka spool was written
+/// (to its segment: up to one segment older), 0 while the spool is empty. Its age is
+/// `time() - ecars_kafka_spool_oldest_timestamp_seconds`.
+pub const SPOOL_OLDEST: &str = "ecars_kafka_spool_oldest_timestamp_seconds";
+/// Records of a partition not yet processed by this consumer group, labelled by `topic`,
+/// `partition` and `group`: the high watermark minus the committed offset (a tail, which
+/// never commits: minus the position it has read to). 0 for partitions another member holds.
+pub const KAFKA_CONSUMER_LAG: &str = "ecars_kafka_consumer_lag";
 
 /// Describes the bus's metrics to the installed recorder.
 pub fn describe() {
@@ -62,5 +70,14 @@ pub fn describe() {
     describe_gauge!(
         KAFKA_SPOOLING,
         "1 while accepted readings go to the disk spool instead of straight to Kafka"
+    );
+    describe_gauge!(
+        SPOOL_OLDEST,
+        Unit::Seconds,
+        "Unix time at which the oldest record waiting in the Kafka spool was written (to its segment); 0 when empty"
+    );
+    describe_gauge!(
+        KAFKA_CONSUMER_LAG,
+        "Records of a partition not yet processed by this consumer group (high watermark minus committed offset)"
     );
 }

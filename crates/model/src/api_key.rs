@@ -34,16 +34,19 @@ pub enum Scope {
     /// Mint live-view tokens for any car: `POST /v1/relay-tokens` (a Salesforce Named
     /// Credential).
     RelayTokensMint,
+    /// Read how the service is doing: `GET /v1/status` (no car's data).
+    StatusRead,
 }
 
 impl Scope {
     /// Every scope.
-    pub const ALL: [Scope; 5] = [
+    pub const ALL: [Scope; 6] = [
         Scope::FleetRead,
         Scope::DeadLettersRead,
         Scope::CasesRead,
         Scope::CasesWrite,
         Scope::RelayTokensMint,
+        Scope::StatusRead,
     ];
 
     /// The scope's name, as in the file.
@@ -54,6 +57,7 @@ impl Scope {
             Scope::CasesRead => "cases:read",
             Scope::CasesWrite => "cases:write",
             Scope::RelayTokensMint => "relay-tokens:mint",
+            Scope::StatusRead => "status:read",
         }
     }
 
@@ -70,7 +74,7 @@ impl fmt::Display for Scope {
 
 /// A scope name that is not one of [`Scope::ALL`].
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown scope {0:?} (known: fleet:read, dead-letters:read, cases:read, cases:write, relay-tokens:mint)")]
+#[error("unknown scope {0:?} (known: fleet:read, dead-letters:read, cases:read, cases:write, relay-tokens:mint, status:read)")]
 pub struct UnknownScope(pub String);
 
 impl std::str::FromStr for Scope {

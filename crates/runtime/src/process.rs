@@ -65,14 +65,31 @@ fn boot_time(text: &str) -> Option<u64> {
         .ok()
 }
 
+fn read(path: &str) -> Option<String> {
+    std::fs::read_to_string(path).ok()
+}
+
+/// Unix time, in seconds, at which the process started.
+fn start_seconds(stat: &Stat) -> Option<f64> {
+    let boot = read("/proc/stat").as_deref().and_then(boot_time)?;
+    Some(boot as f64 + stat.start_ticks as f64 / TICKS_PER_SECOND)
+}
+
+/// When the process started (`None` without `/proc`).
+pub fn start_time() -> Option<std::time::SystemTime> {
+    let stat = read("/proc/self/stat").as_deref().and_then(parse_stat)?;
+    let seconds = start_seconds(&stat)?;
+    std::time::Duration::try_from_secs_f64(seconds)
+        .ok()
+        .map(|since| std::time::UNIX_EPOCH + since)
+}
+
 /// Reads the process's resources and records them; on a system without `/proc` it records
 /// nothing.
 pub fn record() {
-    let read = |path: &str| std::fs::read_to_string(path).ok();
     if let Some(stat) = read("/proc/self/stat").as_deref().and_then(parse_stat) {
         metrics::counter!(CPU_SECONDS).absolute((stat.cpu_ticks as f64 / TICKS_PER_SECOND) as u64);
-        if let Some(boot) = read("/proc/stat").as_deref().and_then(boot_time) {
-            let start = boot as f64 + stat.start_ticks as f64 / TICKS_PER_SECOND;
+        if let Some(start) = start_seconds(&stat) {
             metrics::gauge!(START_TIME).set(start);
         }
     }
@@ -132,5 +149,10 @@ mod tests {
         assert!(parse_stat(&stat).is_some(), "{stat}");
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
         assert!(status_kb(&status, "VmRSS:").unwrap() > 1024 * 1024);
+        let started = start_time().expect("a start time");
+        let age = std::time::SystemTime::now()
+            .duration_since(started)
+            .expect("started in the past");
+        assert!(age < std::time::Duration::from_secs(3600), "{age:?}");
     }
 }

@@ -3,8 +3,8 @@
 //!
 //! - the public one ([`router`], `--http-addr`): fleet data (`/v1/vehicles`,
 //!   `/v1/vehicles/{vin}/telemetry`, `/v1/vehicles/{vin}/history`, `/v1/dead-letters`), the case outbox (`/v1/cases`,
-//!   `POST /v1/cases/{key}/retry`), live-view tokens (`POST /v1/relay-tokens`) and the built-in
-//!   dashboard at `/`; every `/v1` route checks the caller's credential ([`access`]);
+//!   `POST /v1/cases/{key}/retry`), live-view tokens (`POST /v1/relay-tokens`), the service's
+//!   status (`/v1/status`) and the built-in dashboard at `/`; every `/v1` route checks the caller's credential ([`access`]);
 //! - the internal one ([`admin_router`], `--admin-addr`, loopback by default): `/healthz`,
 //!   `/readyz` and `/metrics`, for the kubelet and Prometheus, never behind an Ingress.
 //!
@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod ready;
 pub mod serve;
+pub mod status;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -238,6 +239,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/cases", get(list_cases))
         .route("/v1/cases/{key}/retry", post(retry_case))
         .route("/v1/relay-tokens", post(mint_relay_token))
+        .route("/v1/status", get(status::service_status))
         .route("/v1/openapi.json", get(openapi_document))
         .route(LEAFLET_JS, get(leaflet_js))
         .route(LEAFLET_CSS, get(leaflet_css))

@@ -12,6 +12,7 @@ use serde_json::{json, Map, Value};
 use utoipa::OpenApi;
 
 use crate::history::HistoryDocument;
+use crate::status::ServiceStatus;
 use crate::{CasesPage, DeadLetterView, ErrorBody, MintRequest, Retried, VehicleSummary};
 
 #[derive(OpenApi)]
@@ -32,6 +33,7 @@ use crate::{CasesPage, DeadLetterView, ErrorBody, MintRequest, Retried, VehicleS
         crate::list_cases,
         crate::retry_case,
         crate::mint_relay_token,
+        crate::status::service_status,
         crate::openapi_document,
         crate::ready::healthz,
         crate::ready::readyz,
@@ -41,6 +43,7 @@ use crate::{CasesPage, DeadLetterView, ErrorBody, MintRequest, Retried, VehicleS
         (name = "fleet", description = "Cars, their readings and history, refused messages."),
         (name = "cases", description = "The Salesforce Case outbox."),
         (name = "live", description = "Live WebSockets and their tokens (served where the relay runs)."),
+        (name = "status", description = "How the service is doing (the detail behind `/readyz`)."),
         (name = "internal", description = "Health, readiness and metrics, on the internal listener."),
         (name = "meta", description = "This document."),
     )
@@ -92,6 +95,7 @@ fn schemas() -> Value {
         ("MintRequest", generator.subschema_for::<MintRequest>()),
         ("MintedToken", generator.subschema_for::<MintedToken>()),
         ("ErrorBody", generator.subschema_for::<ErrorBody>()),
+        ("ServiceStatus", generator.subschema_for::<ServiceStatus>()),
     ];
     let mut schemas: Map<String, Value> = generator.take_definitions(true);
     for (name, schema) in named {

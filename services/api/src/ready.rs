@@ -52,7 +52,7 @@ impl BusNeed {
 }
 
 /// How the bus is doing, in a word or a sentence: "ok", or what is degraded or down.
-fn describe(health: &BusHealth) -> String {
+pub(crate) fn describe(health: &BusHealth) -> String {
     let spool = health.spool.as_ref().filter(|spool| spool.in_use);
     match (&health.answers, spool) {
         (Ok(()), None) => "ok".to_owned(),
@@ -93,6 +93,53 @@ async fn probe<E: std::fmt::Display>(
     }
 }
 
+/// What the probes of the process's dependencies and parts found, for `/readyz` and
+/// `/v1/status`.
+pub(crate) struct Checks {
+    /// "ok" or why the database does not answer; `None` without a database.
+    pub(crate) database: Option<String>,
+    /// How the bus is doing, and whether that lets this process serve; `None` without a bus.
+    pub(crate) bus: Option<(BusHealth, bool)>,
+    /// Every part of the process and whether it is ready.
+    pub(crate) parts: std::collections::BTreeMap<&'static str, bool>,
+}
+
+impl Checks {
+    /// Whether the process can serve: what `/readyz` answers.
+    pub(crate) fn ready(&self) -> bool {
+        self.database.as_deref().is_none_or(|answer| answer == "ok")
+            && self.bus.as_ref().is_none_or(|(_, ready)| *ready)
+            && self.parts.values().all(|ready| *ready)
+    }
+}
+
+/// Probes the database (2 s) and the bus (3 s) and reads the parts' readiness.
+pub(crate) async fn check(state: &ApiState) -> Checks {
+    let database = match &state.db {
+        Some(db) => Some(probe(db.ping()).await),
+        None => None,
+    };
+    let bus = match &state.bus {
+        Some(bus) => {
+            let health = match tokio::time::timeout(Duration::from_secs(3), bus.health()).await {
+                Ok(health) => health,
+                Err(_) => BusHealth {
+                    answers: Err("no answer within 3s".to_owned()),
+                    ..BusHealth::default()
+                },
+            };
+            let ready = state.bus_need.ready(&health);
+            Some((health, ready))
+        }
+        None => None,
+    };
+    Checks {
+        database,
+        bus,
+        parts: state.readiness.snapshot(),
+    }
+}
+
 /// Ready: the database answers within 2 s, the bus serves what this process needs it for
 /// (ingest: records are accepted, by Kafka or the spool; the workers: Kafka answers; the
 /// relay: not needed), and every part of the process is ready.
@@ -102,29 +149,17 @@ async fn probe<E: std::fmt::Display>(
         (status = 503, description = "Not ready: the same object, saying which dependency or part is not."),
     ))]
 pub(crate) async fn readyz(State(state): State<ApiState>) -> Response {
+    let checks = check(&state).await;
+    let ready = checks.ready();
     let mut body = serde_json::Map::new();
-    let mut ready = true;
-    if let Some(db) = &state.db {
-        let answer = probe(db.ping()).await;
-        ready &= answer == "ok";
-        body.insert("database".into(), answer.into());
+    if let Some(answer) = &checks.database {
+        body.insert("database".into(), answer.clone().into());
     }
-    if let Some(bus) = &state.bus {
-        let health = match tokio::time::timeout(Duration::from_secs(3), bus.health()).await {
-            Ok(health) => health,
-            Err(_) => BusHealth {
-                answers: Err("no answer within 3s".to_owned()),
-                ..BusHealth::default()
-            },
-        };
-        let bus_ready = state.bus_need.ready(&health);
-        ready &= bus_ready;
-        body.insert("bus".into(), describe(&health).into());
-        body.insert("bus_ready".into(), bus_ready.into());
+    if let Some((health, bus_ready)) = &checks.bus {
+        body.insert("bus".into(), describe(health).into());
+        body.insert("bus_ready".into(), (*bus_ready).into());
     }
-    let parts = state.readiness.snapshot();
-    ready &= parts.values().all(|ready| *ready);
-    body.insert("parts".into(), serde_json::json!(parts));
+    body.insert("parts".into(), serde_json::json!(checks.parts));
     body.insert("ready".into(), ready.into());
     let status = if ready {
         StatusCode::OK
@@ -150,6 +185,7 @@ mod tests {
                 in_use,
                 bytes: 4096,
                 full,
+                oldest: None,
                 dir: "/var/lib/ecars/spool".into(),
             }),
         }

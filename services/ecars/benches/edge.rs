@@ -674,12 +674,35 @@ fn soak(quick: bool) {
         / steady.iter().map(|s| (s.0 - mean_t).powi(2)).sum::<f64>()
         * 3600.0;
     let (start, ten, end) = (at(0.0), at(600.0), at(seconds as f64));
-    println!("| readings acknowledged | stored | frames to live-view sockets | memory at start / 10 min / end | memory slope after 1 min | descriptors start / end | errors / warnings logged |");
+    println!("| readings acknowledged (per second) | stored | frames to live-view sockets | memory at start / 10 min / end | memory slope after 1 min | descriptors start / end | errors / warnings logged |");
     println!("|---|---|---|---|---|---|---|");
     println!(
-        "| {acked} | {stored} | {} ({} sockets, {} closed early) | {:.0} / {:.0} / {:.0} MiB | {slope:+.1} MiB/h | {} / {} | {errors} / {warnings} |",
+        "| {acked} ({:.0}/s of {rate}/s) | {stored} | {} ({} sockets, {} closed early) | {:.0} / {:.0} / {:.0} MiB | {slope:+.1} MiB/h | {} / {} | {errors} / {warnings} |",
+        acked as f64 / seconds as f64,
         watched["frames"], watched["connected"], watched["closed_early"], start.0, ten.0, end.0, start.1, end.1
     );
+    // What was logged, by message (the first words after the level), most frequent first.
+    let mut messages: std::collections::BTreeMap<String, usize> = Default::default();
+    for line in log
+        .lines()
+        .filter(|l| l.contains("ERROR") || l.contains("WARN"))
+    {
+        let text: String = line.chars().filter(|c| !c.is_ascii_control()).collect();
+        let message = text
+            .split_once("WARN")
+            .or_else(|| text.split_once("ERROR"))
+            .map_or(text.as_str(), |(_, rest)| rest)
+            .split_whitespace()
+            .take(12)
+            .collect::<Vec<_>>()
+            .join(" ");
+        *messages.entry(message).or_default() += 1;
+    }
+    let mut messages: Vec<_> = messages.into_iter().collect();
+    messages.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
+    for (message, count) in messages.iter().take(5) {
+        println!("logged {count} times: {message}");
+    }
     assert_eq!(stored, acked, "every acknowledged reading is stored");
     std::io::stdout().flush().unwrap();
 }

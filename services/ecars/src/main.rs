@@ -192,7 +192,7 @@ enum ApiKeyAction {
         #[arg(long = "name")]
         name: String,
         /// What it may do, repeated or comma-separated: fleet:read, dead-letters:read,
-        /// cases:read, cases:write, relay-tokens:mint.
+        /// cases:read, cases:write, relay-tokens:mint, status:read.
         #[arg(long = "scope", value_delimiter = ',', required = true)]
         scopes: Vec<Scope>,
     },

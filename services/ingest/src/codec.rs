@@ -559,6 +559,29 @@ pub fn disconnect(reason: u8) -> Bytes {
     Bytes::copy_from_slice(&[0xE0, 0x02, reason, 0x00])
 }
 
+/// An MQTT 5 DISCONNECT that sends the client to another server: reason "use another server"
+/// (0x9C) with the Server Reference property (MQTT 5 §4.11: a Server Reference goes with
+/// 0x9C or 0x9D). `reference` is at most 65,535 bytes (the setting checks it).
+pub fn disconnect_to(reference: &str) -> Bytes {
+    let reference = &reference.as_bytes()[..reference.len().min(usize::from(u16::MAX))];
+    let properties = 3 + reference.len();
+    let mut body = BytesMut::with_capacity(8 + properties);
+    body.put_u8(REASON_USE_ANOTHER_SERVER);
+    put_varint(&mut body, properties);
+    body.put_u8(PROPERTY_SERVER_REFERENCE);
+    body.put_u16(reference.len() as u16);
+    body.put_slice(reference);
+    let mut out = BytesMut::with_capacity(body.len() + 5);
+    out.put_u8(0xE0);
+    put_varint(&mut out, body.len());
+    out.put_slice(&body);
+    out.freeze()
+}
+
+/// MQTT 5 reason "use another server".
+pub const REASON_USE_ANOTHER_SERVER: u8 = 0x9C;
+/// MQTT 5 property "Server Reference" (a UTF-8 string).
+const PROPERTY_SERVER_REFERENCE: u8 = 0x1C;
 /// MQTT 5 DISCONNECT reason "keep alive timeout".
 pub const REASON_KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
 /// MQTT 5 DISCONNECT reason "session taken over".
@@ -708,6 +731,32 @@ mod tests {
             &[0x20, 3, 0, 0x97, 0]
         );
         assert_eq!(disconnect(0x82).as_ref(), &[0xE0, 2, 0x82, 0]);
+    }
+
+    #[test]
+    fn a_disconnect_to_another_server_carries_its_reference() {
+        let mut frame = BytesMut::from(disconnect_to("mqtt-b.example.com:8883").as_ref());
+        match V5.read_mut(&mut frame, MAX_PACKET_BYTES) {
+            Ok(Packet::Disconnect(disconnect, Some(properties))) => {
+                assert_eq!(
+                    disconnect.reason_code,
+                    rumqttd::protocol::DisconnectReasonCode::UseAnotherServer
+                );
+                assert_eq!(
+                    properties.server_reference.as_deref(),
+                    Some("mqtt-b.example.com:8883")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(frame.is_empty(), "one whole packet");
+        // A reference long enough for a two-byte remaining length still parses.
+        let long = "a".repeat(300);
+        let mut frame = BytesMut::from(disconnect_to(&long).as_ref());
+        assert!(matches!(
+            V5.read_mut(&mut frame, MAX_PACKET_BYTES),
+            Ok(Packet::Disconnect(_, Some(p))) if p.server_reference.as_deref() == Some(long.as_str())
+        ));
     }
 
     #[tokio::test]

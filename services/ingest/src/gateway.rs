@@ -61,6 +61,9 @@ pub struct Gateway<B> {
     pub max_clock_skew: chrono::TimeDelta,
     /// This ingest node's name in connectivity events.
     pub node: std::sync::Arc<str>,
+    /// Where MQTT 5 clients are sent when this node shuts down; `None`: they are told it shuts
+    /// down.
+    pub server_reference: Option<String>,
     /// Turns to check an account's password (argon2): one at a time.
     pub password_checks: tokio::sync::Semaphore,
     connected: Mutex<HashMap<String, Held>>,
@@ -146,6 +149,7 @@ impl<B: Broker> Gateway<B> {
             retained: RetainedTopics::new(DEFAULT_RETAINED_BYTES, DEFAULT_RETAINED_TOPICS),
             max_clock_skew: chrono::TimeDelta::minutes(DEFAULT_CLOCK_SKEW_MINUTES),
             node: "ecars".into(),
+            server_reference: None,
             password_checks: tokio::sync::Semaphore::new(1),
             connected: Mutex::default(),
             sessions: Mutex::new(Sessions {
@@ -185,6 +189,12 @@ impl<B: Broker> Gateway<B> {
     /// The gateway naming itself `node` in connectivity events.
     pub fn with_node(mut self, node: &str) -> Gateway<B> {
         self.node = node.into();
+        self
+    }
+
+    /// Sends MQTT 5 clients to `reference` when this node shuts down.
+    pub fn with_server_reference(mut self, reference: Option<String>) -> Gateway<B> {
+        self.server_reference = reference;
         self
     }
 

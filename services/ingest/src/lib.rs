@@ -146,6 +146,12 @@ pub struct IngestConfig {
     /// (`HOSTNAME`: a Kubernetes pod's name), else `ecars`.
     #[arg(long = "node-id", env = "ECARS_NODE_ID")]
     pub node_id: Option<String>,
+    /// Where MQTT 5 cars should reconnect when this node shuts down (`mqtt.example.com:8883`):
+    /// their DISCONNECT then says "use another server" (0x9C) with this Server Reference
+    /// instead of "server shutting down" (0x8B). Unset: 0x8B, and cars reconnect through the
+    /// load balancer as they would anyway.
+    #[arg(long = "mqtt-server-reference", env = "ECARS_MQTT_SERVER_REFERENCE", value_parser = parse_server_reference)]
+    pub server_reference: Option<String>,
 }
 
 impl IngestConfig {
@@ -156,6 +162,14 @@ impl IngestConfig {
             .or_else(|| std::env::var("HOSTNAME").ok())
             .filter(|n| !n.trim().is_empty())
             .unwrap_or_else(|| "ecars".to_owned())
+    }
+}
+
+fn parse_server_reference(text: &str) -> Result<String, String> {
+    if text.is_empty() || text.len() > 1024 || text.chars().any(char::is_control) {
+        Err("a host (and port) of at most 1024 characters, no control characters".to_owned())
+    } else {
+        Ok(text.to_owned())
     }
 }
 
@@ -377,6 +391,7 @@ impl BoundIngest {
                 .with_revoked(revoked)
                 .with_max_clock_skew(config.max_clock_skew)
                 .with_node(&config.node())
+                .with_server_reference(config.server_reference.clone())
                 .with_publish_rate(config.max_publish_rate)
                 .with_retained_limits(
                     config.retained_max_bytes as usize,

@@ -36,7 +36,7 @@ use rdkafka::util::Timeout;
 pub use admin::TopicDescription;
 pub use codec::cloud_event_headers;
 pub use config::KafkaConfig;
-use consumer::KafkaSubscription;
+use consumer::{KafkaSubscription, LagReport};
 use producer::SpoolingProducer;
 
 use crate::{Backend, BusError, BusHealth, Envelope, RawSubscription, Stream};
@@ -134,16 +134,26 @@ impl KafkaBus {
         Ok(())
     }
 
-    fn consumer(&self, group: &str, offset_reset: &str) -> Result<StreamConsumer, BusError> {
-        self.config
-            .client_config(&self.brokers)
+    /// A consumer in `group`; `report` names the group in the lag metric and says whether it
+    /// commits.
+    fn consumer(
+        &self,
+        group: &str,
+        offset_reset: &str,
+        report: LagReport,
+    ) -> Result<StreamConsumer<LagReport>, BusError> {
+        let mut config = self.config.client_config(&self.brokers);
+        if config.get("statistics.interval.ms").is_none() {
+            config.set("statistics.interval.ms", consumer::STATISTICS_INTERVAL_MS);
+        }
+        config
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             // librdkafka otherwise remembers the position of every record handed out and commits
             // it by itself when partitions are revoked, which would skip records still in a batch.
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", offset_reset)
-            .create()
+            .create_with_context(report)
             .map_err(|source| BusError::Kafka {
                 context: "cannot create a consumer",
                 source,
@@ -152,7 +162,7 @@ impl KafkaBus {
 
     fn follow(
         &self,
-        consumer: StreamConsumer,
+        consumer: StreamConsumer<LagReport>,
         stream: Stream,
     ) -> Result<Box<dyn RawSubscription>, BusError> {
         let topic = self.config.topic(stream.topic);
@@ -187,7 +197,11 @@ impl Backend for KafkaBus {
         group: &str,
     ) -> Result<Box<dyn RawSubscription>, BusError> {
         self.ensure_topics(&[stream.topic]).await?;
-        let subscription = self.follow(self.consumer(group, "earliest")?, stream)?;
+        let report = LagReport {
+            group: group.to_owned(),
+            commits: true,
+        };
+        let subscription = self.follow(self.consumer(group, "earliest", report)?, stream)?;
         tracing::info!(
             topic = self.config.topic(stream.topic),
             group,
@@ -201,7 +215,11 @@ impl Backend for KafkaBus {
     async fn tail(&self, stream: Stream, name: &str) -> Result<Box<dyn RawSubscription>, BusError> {
         self.ensure_topics(&[stream.topic]).await?;
         let group = format!("{name}-{}", uuid::Uuid::now_v7());
-        let subscription = self.follow(self.consumer(&group, "latest")?, stream)?;
+        let report = LagReport {
+            group: name.to_owned(),
+            commits: false,
+        };
+        let subscription = self.follow(self.consumer(&group, "latest", report)?, stream)?;
         tracing::info!(
             topic = self.config.topic(stream.topic),
             group,

@@ -338,6 +338,7 @@ impl SpoolingProducer {
             in_use: self.shared.lock().phase != Phase::Direct,
             bytes: spool.bytes(),
             full: spool.is_full(),
+            oldest: spool.oldest(),
             dir: spool.dir().to_owned(),
         })
     }

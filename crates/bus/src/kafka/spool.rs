@@ -18,7 +18,7 @@ use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::metrics as names;
 
@@ -182,11 +182,22 @@ enum WriterMessage {
     Stop,
 }
 
+/// A segment on disk.
+#[derive(Clone, Copy, Debug)]
+struct SegmentFile {
+    seq: u64,
+    /// Its durable length.
+    len: u64,
+    /// When its first frame was written (for a segment a previous run left, its last write:
+    /// the run's start is unknown); `None` while it is empty.
+    since: Option<SystemTime>,
+}
+
 struct Positions {
     /// The oldest record not yet delivered.
     head: SpoolPosition,
-    /// Segments on disk, oldest first, with their durable length.
-    segments: VecDeque<(u64, u64)>,
+    /// Segments on disk, oldest first.
+    segments: VecDeque<SegmentFile>,
     /// Records handed to `append` and not yet durable.
     pending: u64,
 }
@@ -196,21 +207,34 @@ impl Positions {
         let (segment, offset) = self
             .segments
             .back()
-            .copied()
-            .unwrap_or((self.head.segment, 0));
+            .map_or((self.head.segment, 0), |file| (file.seq, file.len));
         SpoolPosition { segment, offset }
     }
 
     fn bytes(&self) -> u64 {
-        let total: u64 = self.segments.iter().map(|(_, len)| len).sum();
+        let total: u64 = self.segments.iter().map(|file| file.len).sum();
         total.saturating_sub(self.head.offset)
     }
 
     fn segment_len(&self, segment: u64) -> Option<u64> {
         self.segments
             .iter()
-            .find(|(seq, _)| *seq == segment)
-            .map(|(_, len)| *len)
+            .find(|file| file.seq == segment)
+            .map(|file| file.len)
+    }
+
+    /// When the oldest record still waiting was written (to within its segment), `None` when
+    /// nothing waits.
+    fn oldest(&self) -> Option<SystemTime> {
+        if self.bytes() == 0 {
+            return None;
+        }
+        self.segments
+            .iter()
+            .filter(|file| {
+                file.len > 0 && (file.seq > self.head.segment || file.len > self.head.offset)
+            })
+            .find_map(|file| file.since)
     }
 }
 
@@ -225,6 +249,8 @@ struct Shared {
     data: tokio::sync::Notify,
     /// Bytes on disk, for the metric and status.
     bytes: AtomicU64,
+    /// Unix milliseconds of [`Positions::oldest`], 0 when nothing waits.
+    oldest_ms: AtomicU64,
 }
 
 impl Shared {
@@ -240,6 +266,13 @@ impl Shared {
         let bytes = positions.bytes();
         self.bytes.store(bytes, Ordering::Relaxed);
         metrics::gauge!(names::SPOOL_BYTES).set(bytes as f64);
+        let oldest_ms = positions
+            .oldest()
+            .and_then(|time| time.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0, |since| since.as_millis() as u64);
+        if self.oldest_ms.swap(oldest_ms, Ordering::Relaxed) != oldest_ms {
+            metrics::gauge!(names::SPOOL_OLDEST).set(oldest_ms as f64 / 1000.0);
+        }
     }
 }
 
@@ -297,6 +330,7 @@ impl Spool {
         let last = segments.last().copied();
         for seq in &segments {
             let path = segment_path(dir, *seq);
+            let path_for_time = path.clone();
             let len = if Some(*seq) == last {
                 // Only the last segment can end in a torn write.
                 let valid = valid_length(&path)?;
@@ -309,14 +343,29 @@ impl Spool {
             } else {
                 fs::metadata(&path).map_err(io_error(&path))?.len()
             };
-            lengths.push_back((*seq, len));
+            let since = if len > 0 {
+                fs::metadata(&path_for_time)
+                    .and_then(|meta| meta.modified())
+                    .ok()
+            } else {
+                None
+            };
+            lengths.push_back(SegmentFile {
+                seq: *seq,
+                len,
+                since,
+            });
         }
         if lengths.is_empty() {
             let path = segment_path(dir, head.segment);
             File::create(&path).map_err(io_error(&path))?;
-            lengths.push_back((head.segment, 0));
+            lengths.push_back(SegmentFile {
+                seq: head.segment,
+                len: 0,
+                since: None,
+            });
         }
-        head.offset = head.offset.min(lengths.front().map_or(0, |(_, len)| *len));
+        head.offset = head.offset.min(lengths.front().map_or(0, |file| file.len));
         let positions = Positions {
             head,
             segments: lengths,
@@ -327,6 +376,7 @@ impl Spool {
             max_bytes,
             segment_bytes,
             bytes: AtomicU64::new(0),
+            oldest_ms: AtomicU64::new(u64::MAX),
             positions: Mutex::new(positions),
             space: Condvar::new(),
             data: tokio::sync::Notify::new(),
@@ -379,6 +429,15 @@ impl Spool {
     /// Bytes waiting on disk.
     pub fn bytes(&self) -> u64 {
         self.shared.bytes.load(Ordering::Relaxed)
+    }
+
+    /// When the oldest record still waiting was written (to within one segment: the first
+    /// write into its segment), `None` when nothing waits.
+    pub fn oldest(&self) -> Option<SystemTime> {
+        match self.shared.oldest_ms.load(Ordering::Relaxed) {
+            0 | u64::MAX => None,
+            ms => Some(SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
+        }
     }
 
     /// Whether the spool is (within 1 %) full: appends wait for the drainer, so publishers
@@ -451,7 +510,7 @@ impl Spool {
     fn retire_head_segment(&self, positions: &mut Positions) -> Result<(), SpoolError> {
         let old = positions.head.segment;
         positions.segments.pop_front();
-        let next = positions.segments.front().map_or(old + 1, |(seq, _)| *seq);
+        let next = positions.segments.front().map_or(old + 1, |file| file.seq);
         positions.head = SpoolPosition {
             segment: next,
             offset: 0,
@@ -628,9 +687,17 @@ fn write_loop(shared: &Shared, rx: &mpsc::Receiver<WriterMessage>) {
             let mut positions = shared.lock();
             positions.pending -= count;
             if let (Ok(()), Some(current)) = (&result, segment.as_ref()) {
+                let now = SystemTime::now();
                 match positions.segments.back_mut() {
-                    Some((seq, len)) if *seq == current.seq => *len = current.len,
-                    _ => positions.segments.push_back((current.seq, current.len)),
+                    Some(file) if file.seq == current.seq => {
+                        file.len = current.len;
+                        file.since.get_or_insert(now);
+                    }
+                    _ => positions.segments.push_back(SegmentFile {
+                        seq: current.seq,
+                        len: current.len,
+                        since: Some(now),
+                    }),
                 }
             }
             shared.publish_bytes(&positions);
@@ -657,7 +724,11 @@ fn write_loop(shared: &Shared, rx: &mpsc::Receiver<WriterMessage>) {
                 let path = shared.segment_path(next);
                 segment = match OpenOptions::new().create(true).append(true).open(&path) {
                     Ok(file) => {
-                        shared.lock().segments.push_back((next, 0));
+                        shared.lock().segments.push_back(SegmentFile {
+                            seq: next,
+                            len: 0,
+                            since: None,
+                        });
                         Some(Segment {
                             seq: next,
                             len: 0,
@@ -788,11 +859,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // 256 KiB: segments of 64 KiB, so 3,000 records span several.
         let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(spool.oldest(), None, "nothing waits");
+        let before = SystemTime::now() - Duration::from_millis(1);
         append_all(&spool, (0..3000).map(record));
         assert!(spool.bytes() > 64 * 1024);
+        let oldest = spool.oldest().expect("records wait");
+        assert!(
+            oldest >= before && oldest <= SystemTime::now(),
+            "{oldest:?}"
+        );
         let out = drain(&spool).await;
         assert_eq!(out, (0..3000).map(record).collect::<Vec<_>>());
         assert_eq!(spool.bytes(), 0);
+        assert_eq!(spool.oldest(), None, "everything was delivered");
         let segments = fs::read_dir(dir.path())
             .unwrap()
             .filter(|e| e.as_ref().unwrap().path().extension() == Some("seg".as_ref()))
@@ -816,6 +895,10 @@ mod tests {
         }
         let spool = Spool::open(dir.path(), 1 << 20).unwrap();
         assert!(!spool.is_empty());
+        assert!(
+            spool.oldest().is_some(),
+            "records a previous run left are dated by their segment"
+        );
         append_all(&spool, (100..110).map(record));
         assert_eq!(
             drain(&spool).await,
