@@ -517,3 +517,38 @@ async fn reads_until(doors: &mut ecars_bus::Subscription<DoorEvent>, want: f64) 
         assert!(next.is_err(), "no record beyond the 12");
     }
 }
+
+/// Topics created at start carry `--kafka-min-insync-replicas`: the broker reports it in the
+/// topic's configuration, so `acks=all` waits for that many replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn created_topics_carry_min_insync_replicas() {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+
+    let kafka_server = KafkaServer::start().unwrap();
+    let mut kafka = kafka_config(kafka_server.brokers());
+    kafka.min_insync_replicas = Some(2);
+    let bus = KafkaBus::connect(&kafka).await.unwrap();
+    bus.ensure_topics(&[TelemetryReading::TOPIC]).await.unwrap();
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_server.brokers())
+        .create()
+        .unwrap();
+    let topic = kafka.topic(TelemetryReading::TOPIC);
+    let described = admin
+        .describe_configs(
+            [&ResourceSpecifier::Topic(&topic)],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .unwrap();
+    let config = described
+        .into_iter()
+        .next()
+        .expect("one resource")
+        .expect("the broker describes the topic");
+    let min_insync = config
+        .get("min.insync.replicas")
+        .and_then(|entry| entry.value.clone());
+    assert_eq!(min_insync.as_deref(), Some("2"), "{:?}", config.entries);
+}

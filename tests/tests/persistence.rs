@@ -415,3 +415,77 @@ async fn postgres_store() {
     let url = server.url().replace("/ecars", "/retention");
     retention(Database::connect_lazy(&url).unwrap()).await;
 }
+
+/// The anomaly worker's commits and the event relay's "published" marks touch the same outbox
+/// rows at once; both lock them in key order, so PostgreSQL never has to break a deadlock
+/// (the soak run saw one every few seconds when the marks went in publication order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_outbox_writers_lock_in_one_order() {
+    let server = PgServer::start().expect("throwaway PostgreSQL");
+    let db = Database::connect_lazy(&server.url()).unwrap();
+    db.migrate().await.unwrap();
+    let no_states: &[StoredState<'_, ()>] = &[];
+    let vin = Vin::parse("1HGCM82633A004352").unwrap();
+    let drafts: Vec<CaseDraft> = (0..300)
+        .map(|i| CaseDraft {
+            key: format!("{vin}:battery_drain:{i:04}"),
+            vin: vin.clone(),
+            rule: "battery_drain".into(),
+            started_at: Utc::now(),
+            closed_at: None,
+            fields: serde_json::Map::new(),
+        })
+        .collect();
+    let outbox = db.case_outbox();
+    outbox
+        .commit(no_states, &drafts, CaseStatus::Pending, 0, Utc::now())
+        .await
+        .unwrap();
+    // The worker writes the drafts newest key first, the relay marks them oldest first: the
+    // orders that deadlocked.
+    let mut reversed = drafts.clone();
+    reversed.reverse();
+    let worker = {
+        let outbox = db.case_outbox();
+        tokio::spawn(async move {
+            let no_states: &[StoredState<'static, ()>] = &[];
+            for _ in 0..40 {
+                outbox
+                    .commit(no_states, &reversed, CaseStatus::Pending, 0, Utc::now())
+                    .await?;
+            }
+            Ok::<_, ecars_db::DbError>(())
+        })
+    };
+    let relay = {
+        let outbox = db.case_outbox();
+        let keys: Vec<String> = drafts.iter().map(|d| d.key.clone()).collect();
+        tokio::spawn(async move {
+            for round in 0..40i64 {
+                let published: Vec<(String, i64)> =
+                    keys.iter().map(|k| (k.clone(), round + 2)).collect();
+                outbox.mark_published(&published).await?;
+            }
+            Ok::<_, ecars_db::DbError>(())
+        })
+    };
+    worker
+        .await
+        .unwrap()
+        .expect("the worker's commits never deadlock");
+    relay
+        .await
+        .unwrap()
+        .expect("the relay's marks never deadlock");
+    // A newer version of every row than any mark: all of them wait to be published.
+    outbox
+        .commit(no_states, &drafts, CaseStatus::Pending, 0, Utc::now())
+        .await
+        .unwrap();
+    let pending = outbox.unpublished(1000).await.unwrap();
+    assert_eq!(
+        pending.len(),
+        300,
+        "each key's newest version is unpublished"
+    );
+}

@@ -270,9 +270,14 @@ impl CaseOutbox {
     ) -> Result<(), DbError> {
         let state_rows = detector_states::rows_json(states)?;
         let now_ms = ms(now);
+        // Rows are locked in key order by every writer of the outbox (here and in
+        // `mark_events`): two transactions that lock the same rows in different orders deadlock
+        // on PostgreSQL (the soak run saw it every few seconds).
+        let mut in_key_order: Vec<&CaseDraft> = drafts.iter().collect();
+        in_key_order.sort_unstable_by(|a, b| a.key.cmp(&b.key));
         let case_rows = Value::Array(
-            drafts
-                .iter()
+            in_key_order
+                .into_iter()
                 .map(|d| {
                     json!({
                         "anomaly_key": d.key,
@@ -397,9 +402,12 @@ impl CaseOutbox {
         now: DateTime<Utc>,
     ) -> Result<(), DbError> {
         let now_ms = ms(now);
+        // In key order, as `commit` locks them (see there).
+        let mut in_key_order: Vec<&(CaseRecord, SyncOutcome)> = outcomes.iter().collect();
+        in_key_order.sort_unstable_by(|a, b| a.0.key.cmp(&b.0.key));
         on_pool!(self.db, |pool| {
             let mut tx = pool.begin().await?;
-            for (row, outcome) in outcomes {
+            for (row, outcome) in in_key_order.iter().copied() {
                 match outcome {
                     SyncOutcome::Synced {
                         salesforce_id,
@@ -576,9 +584,12 @@ impl CaseOutbox {
         let sql = format!(
             "UPDATE case_outbox SET {column} = $1 WHERE anomaly_key = $2 AND {column} < $1"
         );
+        // In key order, as `commit` locks them (see there).
+        let mut in_key_order: Vec<&(String, i64)> = published.iter().collect();
+        in_key_order.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         on_pool!(self.db, |pool| {
             let mut tx = pool.begin().await?;
-            for (key, number) in published {
+            for (key, number) in in_key_order {
                 sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
                     .bind(*number)
                     .bind(key)

@@ -75,6 +75,13 @@ fn start_seconds(stat: &Stat) -> Option<f64> {
     Some(boot as f64 + stat.start_ticks as f64 / TICKS_PER_SECOND)
 }
 
+/// The process's resident memory in bytes (`None` without `/proc`).
+pub fn resident_bytes() -> Option<u64> {
+    read("/proc/self/status")
+        .as_deref()
+        .and_then(|text| status_kb(text, "VmRSS:"))
+}
+
 /// When the process started (`None` without `/proc`).
 pub fn start_time() -> Option<std::time::SystemTime> {
     let stat = read("/proc/self/stat").as_deref().and_then(parse_stat)?;
@@ -93,10 +100,7 @@ pub fn record() {
             metrics::gauge!(START_TIME).set(start);
         }
     }
-    if let Some(rss) = read("/proc/self/status")
-        .as_deref()
-        .and_then(|text| status_kb(text, "VmRSS:"))
-    {
+    if let Some(rss) = resident_bytes() {
         metrics::gauge!(RESIDENT_MEMORY).set(rss as f64);
     }
     if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {

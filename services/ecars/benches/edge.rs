@@ -566,17 +566,24 @@ fn main() {
         tls(quick);
     }
     if only.as_deref() == Some("soak") {
-        soak(quick);
+        // `--minutes N`: the full load for a shorter (or longer) time.
+        let minutes = args
+            .iter()
+            .position(|a| a == "--minutes")
+            .and_then(|i| args.get(i + 1))
+            .map(|m| m.parse::<u64>().expect("--minutes takes a whole number"));
+        soak(quick, minutes);
     }
 }
 
 /// The soak run (see the module's documentation).
-fn soak(quick: bool) {
+fn soak(quick: bool, minutes: Option<u64>) {
     let (cars, rate, seconds, sockets) = if quick {
         (200u32, 1_000u32, 120u64, 100u32)
     } else {
         (2_000, 10_000, 1_800, 1_000)
     };
+    let seconds = minutes.map_or(seconds, |m| m * 60);
     println!(
         "\n## soak: {cars} cars, {rate} QoS 1 readings/s for {} min through ecars up on PostgreSQL, {sockets} live-view sockets\n",
         seconds / 60
@@ -681,30 +688,50 @@ fn soak(quick: bool) {
         acked as f64 / seconds as f64,
         watched["frames"], watched["connected"], watched["closed_early"], start.0, ten.0, end.0, start.1, end.1
     );
-    // What was logged, by message (the first words after the level), most frequent first.
-    let mut messages: std::collections::BTreeMap<String, usize> = Default::default();
+    // What was logged, by message (the first words after the level), most frequent first, with
+    // the first whole line of each.
+    let mut messages: std::collections::BTreeMap<String, (usize, String)> = Default::default();
     for line in log
         .lines()
         .filter(|l| l.contains("ERROR") || l.contains("WARN"))
     {
-        let text: String = line.chars().filter(|c| !c.is_ascii_control()).collect();
+        let text = without_colours(line);
         let message = text
             .split_once("WARN")
             .or_else(|| text.split_once("ERROR"))
             .map_or(text.as_str(), |(_, rest)| rest)
             .split_whitespace()
-            .take(12)
+            .take(8)
             .collect::<Vec<_>>()
             .join(" ");
-        *messages.entry(message).or_default() += 1;
+        messages.entry(message).or_insert((0, text.clone())).0 += 1;
     }
     let mut messages: Vec<_> = messages.into_iter().collect();
-    messages.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
-    for (message, count) in messages.iter().take(5) {
-        println!("logged {count} times: {message}");
+    messages.sort_by_key(|(_, (count, _))| std::cmp::Reverse(*count));
+    for (_, (count, first)) in messages.iter().take(5) {
+        let first: String = first.chars().take(600).collect();
+        println!("logged {count} times, first: {first}");
     }
     assert_eq!(stored, acked, "every acknowledged reading is stored");
     std::io::stdout().flush().unwrap();
+}
+
+/// A log line without its ANSI colour sequences (`ESC [ … m`).
+fn without_colours(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The load generator: raw MQTT 3.1.1 over TCP, pre-encoded packets, little CPU per message.
