@@ -255,6 +255,15 @@ const COLUMNS: &str = "anomaly_key, vin, rule, status, salesforce_id, attempts, 
      synced_fields, version, first_error_ms, published_version, synced_version, case_event, \
      case_event_seq, case_event_ms";
 
+/// `rows` in the order every multi-row writer of the outbox locks them: by key. Two
+/// transactions that lock the same rows in different orders deadlock on PostgreSQL (the soak
+/// run saw it every few seconds when the "published" marks went in publication order).
+fn in_key_order<T>(rows: &[T], key: impl Fn(&T) -> &String) -> Vec<&T> {
+    let mut ordered: Vec<&T> = rows.iter().collect();
+    ordered.sort_unstable_by(|a, b| key(a).cmp(key(b)));
+    ordered
+}
+
 impl CaseOutbox {
     /// Stores the cars' new states and the Cases their readings changed, in one transaction.
     /// A draft for a key already in the outbox replaces its fields and bumps its version; a
@@ -270,13 +279,8 @@ impl CaseOutbox {
     ) -> Result<(), DbError> {
         let state_rows = detector_states::rows_json(states)?;
         let now_ms = ms(now);
-        // Rows are locked in key order by every writer of the outbox (here and in
-        // `mark_events`): two transactions that lock the same rows in different orders deadlock
-        // on PostgreSQL (the soak run saw it every few seconds).
-        let mut in_key_order: Vec<&CaseDraft> = drafts.iter().collect();
-        in_key_order.sort_unstable_by(|a, b| a.key.cmp(&b.key));
         let case_rows = Value::Array(
-            in_key_order
+            in_key_order(drafts, |d| &d.key)
                 .into_iter()
                 .map(|d| {
                     json!({
@@ -402,12 +406,10 @@ impl CaseOutbox {
         now: DateTime<Utc>,
     ) -> Result<(), DbError> {
         let now_ms = ms(now);
-        // In key order, as `commit` locks them (see there).
-        let mut in_key_order: Vec<&(CaseRecord, SyncOutcome)> = outcomes.iter().collect();
-        in_key_order.sort_unstable_by(|a, b| a.0.key.cmp(&b.0.key));
+        let outcomes = in_key_order(outcomes, |(row, _)| &row.key);
         on_pool!(self.db, |pool| {
             let mut tx = pool.begin().await?;
-            for (row, outcome) in in_key_order.iter().copied() {
+            for (row, outcome) in outcomes.iter().copied() {
                 match outcome {
                     SyncOutcome::Synced {
                         salesforce_id,
@@ -584,12 +586,10 @@ impl CaseOutbox {
         let sql = format!(
             "UPDATE case_outbox SET {column} = $1 WHERE anomaly_key = $2 AND {column} < $1"
         );
-        // In key order, as `commit` locks them (see there).
-        let mut in_key_order: Vec<&(String, i64)> = published.iter().collect();
-        in_key_order.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let published = in_key_order(published, |(key, _)| key);
         on_pool!(self.db, |pool| {
             let mut tx = pool.begin().await?;
-            for (key, number) in in_key_order {
+            for (key, number) in published.iter().copied() {
                 sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
                     .bind(*number)
                     .bind(key)

@@ -4,7 +4,8 @@
 //! - the public one ([`router`], `--http-addr`): fleet data (`/v1/vehicles`,
 //!   `/v1/vehicles/{vin}/telemetry`, `/v1/vehicles/{vin}/history`, `/v1/dead-letters`), the case outbox (`/v1/cases`,
 //!   `POST /v1/cases/{key}/retry`), live-view tokens (`POST /v1/relay-tokens`), the service's
-//!   status (`/v1/status`) and the built-in dashboard at `/`; every `/v1` route checks the caller's credential ([`access`]);
+//!   status (`/v1/status`) and the built-in dashboard at `/`; every `/v1` route checks the
+//!   caller's credential ([`access`]);
 //! - the internal one ([`admin_router`], `--admin-addr`, loopback by default): `/healthz`,
 //!   `/readyz` and `/metrics`, for the kubelet and Prometheus, never behind an Ingress.
 //!

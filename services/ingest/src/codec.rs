@@ -545,13 +545,18 @@ pub fn accepted_connack(version: Version, accepted: &Accepted) -> Bytes {
             variable.put_u8(0x00);
             put_varint(&mut variable, props.len());
             variable.put_slice(&props);
-            let mut out = BytesMut::with_capacity(variable.len() + 5);
-            out.put_u8(0x20);
-            put_varint(&mut out, variable.len());
-            out.put_slice(&variable);
-            out.freeze()
+            packet(0x20, &variable)
         }
     }
+}
+
+/// A whole packet: its first byte (type and flags), the remaining length, then `body`.
+fn packet(first: u8, body: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(body.len() + 5);
+    out.put_u8(first);
+    put_varint(&mut out, body.len());
+    out.put_slice(body);
+    out.freeze()
 }
 
 /// MQTT 5 DISCONNECT with a reason code, sent by the server before it closes.
@@ -571,11 +576,7 @@ pub fn disconnect_to(reference: &str) -> Bytes {
     body.put_u8(PROPERTY_SERVER_REFERENCE);
     body.put_u16(reference.len() as u16);
     body.put_slice(reference);
-    let mut out = BytesMut::with_capacity(body.len() + 5);
-    out.put_u8(0xE0);
-    put_varint(&mut out, body.len());
-    out.put_slice(&body);
-    out.freeze()
+    packet(0xE0, &body)
 }
 
 /// MQTT 5 reason "use another server".

@@ -38,11 +38,10 @@ use uuid::Uuid;
 use crate::admission::{judge, Verdict};
 use crate::authorization::{Identity, NotAuthorized};
 use crate::codec::{
-    accepted_connack, ack_packet, connect_version, decode, disconnect, disconnect_to, encode,
-    is_broker_private, packet_id, packet_type, parse_publish, protocol_error, refused_connack,
-    Accepted, Frame, FrameReader, Malformed, PacketType, PublishView, ReadError, Refusal, Version,
-    Violation, PINGRESP, REASON_KEEP_ALIVE_TIMEOUT, REASON_NOT_AUTHORIZED,
-    REASON_SERVER_SHUTTING_DOWN, REASON_SESSION_TAKEN_OVER,
+    accepted_connack, ack_packet, connect_version, decode, disconnect, encode, is_broker_private,
+    packet_id, packet_type, parse_publish, protocol_error, refused_connack, Accepted, Frame,
+    FrameReader, Malformed, PacketType, PublishView, ReadError, Refusal, Version, Violation,
+    PINGRESP, REASON_KEEP_ALIVE_TIMEOUT, REASON_NOT_AUTHORIZED, REASON_SESSION_TAKEN_OVER,
 };
 use crate::gateway::{Gateway, Registration};
 use crate::metrics as m;
@@ -1105,11 +1104,7 @@ impl<'g, B: Broker> Connection<'g, B> {
                 Ended::KeepAliveTimeout => Some(disconnect(REASON_KEEP_ALIVE_TIMEOUT)),
                 Ended::TakenOver => Some(disconnect(REASON_SESSION_TAKEN_OVER)),
                 Ended::Revoked => Some(disconnect(REASON_NOT_AUTHORIZED)),
-                // With a reference, the car learns where to reconnect, not only that it must.
-                Ended::ServerShutdown => Some(match &gateway.server_reference {
-                    Some(reference) => disconnect_to(reference),
-                    None => disconnect(REASON_SERVER_SHUTTING_DOWN),
-                }),
+                Ended::ServerShutdown => Some(gateway.shutdown_farewell.clone()),
                 Ended::Violation(m) => Some(disconnect(m.kind.reason_code())),
                 _ => None,
             };

@@ -7,12 +7,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use bytes::Bytes;
 use ecars_bus::Bus;
 use ecars_model::device_auth::DeviceSecret;
 use ecars_runtime::reloading::Reloading;
 use tokio_util::sync::CancellationToken;
 
 use crate::accounts::MqttAccounts;
+use crate::codec::{disconnect, disconnect_to, REASON_SERVER_SHUTTING_DOWN};
 use crate::retained::RetainedTopics;
 use crate::revocation::Revoked;
 
@@ -61,9 +63,9 @@ pub struct Gateway<B> {
     pub max_clock_skew: chrono::TimeDelta,
     /// This ingest node's name in connectivity events.
     pub node: std::sync::Arc<str>,
-    /// Where MQTT 5 clients are sent when this node shuts down; `None`: they are told it shuts
-    /// down.
-    pub server_reference: Option<String>,
+    /// The DISCONNECT MQTT 5 clients get when this node shuts down: "server shutting down", or
+    /// with a server reference, "use another server" and where.
+    pub shutdown_farewell: Bytes,
     /// Turns to check an account's password (argon2): one at a time.
     pub password_checks: tokio::sync::Semaphore,
     connected: Mutex<HashMap<String, Held>>,
@@ -149,7 +151,7 @@ impl<B: Broker> Gateway<B> {
             retained: RetainedTopics::new(DEFAULT_RETAINED_BYTES, DEFAULT_RETAINED_TOPICS),
             max_clock_skew: chrono::TimeDelta::minutes(DEFAULT_CLOCK_SKEW_MINUTES),
             node: "ecars".into(),
-            server_reference: None,
+            shutdown_farewell: disconnect(REASON_SERVER_SHUTTING_DOWN),
             password_checks: tokio::sync::Semaphore::new(1),
             connected: Mutex::default(),
             sessions: Mutex::new(Sessions {
@@ -194,7 +196,9 @@ impl<B: Broker> Gateway<B> {
 
     /// Sends MQTT 5 clients to `reference` when this node shuts down.
     pub fn with_server_reference(mut self, reference: Option<String>) -> Gateway<B> {
-        self.server_reference = reference;
+        if let Some(reference) = reference {
+            self.shutdown_farewell = disconnect_to(&reference);
+        }
         self
     }
 

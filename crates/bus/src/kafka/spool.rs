@@ -330,7 +330,6 @@ impl Spool {
         let last = segments.last().copied();
         for seq in &segments {
             let path = segment_path(dir, *seq);
-            let path_for_time = path.clone();
             let len = if Some(*seq) == last {
                 // Only the last segment can end in a torn write.
                 let valid = valid_length(&path)?;
@@ -344,9 +343,7 @@ impl Spool {
                 fs::metadata(&path).map_err(io_error(&path))?.len()
             };
             let since = if len > 0 {
-                fs::metadata(&path_for_time)
-                    .and_then(|meta| meta.modified())
-                    .ok()
+                fs::metadata(&path).and_then(|meta| meta.modified()).ok()
             } else {
                 None
             };
