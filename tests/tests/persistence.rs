@@ -489,3 +489,88 @@ async fn case_outbox_writers_lock_in_one_order() {
         "each key's newest version is unpublished"
     );
 }
+
+/// A deadlock on PostgreSQL and a locked SQLite file are conflicts (the batch writer retries
+/// them without calling the database down); a refused value is neither a conflict nor
+/// transient.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlocks_and_locked_files_are_conflicts_and_a_bad_value_is_refused() {
+    use sqlx::{Connection, Executor};
+    let server = PgServer::start().expect("throwaway PostgreSQL");
+    let mut setup = sqlx::PgConnection::connect(&server.url()).await.unwrap();
+    setup
+        .execute(
+            "CREATE TABLE pair (id int PRIMARY KEY, n int); INSERT INTO pair VALUES (1, 0), (2, 0)",
+        )
+        .await
+        .unwrap();
+    // Two transactions lock the two rows in opposite orders: PostgreSQL breaks the deadlock by
+    // failing one of them with 40P01.
+    let both_locked = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+    let cross = |first: i32, second: i32| {
+        let (url, both_locked) = (server.url(), std::sync::Arc::clone(&both_locked));
+        tokio::spawn(async move {
+            let mut connection = sqlx::PgConnection::connect(&url).await.unwrap();
+            let mut tx = connection.begin().await.unwrap();
+            sqlx::query("UPDATE pair SET n = n + 1 WHERE id = $1")
+                .bind(first)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            both_locked.wait().await;
+            let second = sqlx::query("UPDATE pair SET n = n + 1 WHERE id = $1")
+                .bind(second)
+                .execute(&mut *tx)
+                .await;
+            match second {
+                Ok(_) => tx.commit().await.map(drop),
+                Err(error) => Err(error),
+            }
+        })
+    };
+    let (one, other) = (cross(1, 2), cross(2, 1));
+    let outcomes = [one.await.unwrap(), other.await.unwrap()];
+    let deadlocked: Vec<ecars_db::DbError> = outcomes
+        .into_iter()
+        .filter_map(Result::err)
+        .map(ecars_db::DbError::from)
+        .collect();
+    assert_eq!(deadlocked.len(), 1, "one side is broken: {deadlocked:?}");
+    assert!(
+        deadlocked[0].is_conflict() && deadlocked[0].is_transient(),
+        "{}",
+        deadlocked[0]
+    );
+    let refused = ecars_db::DbError::from(
+        setup
+            .execute("INSERT INTO pair VALUES (1, 0)")
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        !refused.is_conflict() && !refused.is_transient(),
+        "{refused}"
+    );
+
+    // SQLite: a second connection that finds the file locked past its busy timeout.
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("x.db").display());
+    let mut holder = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    holder
+        .execute("CREATE TABLE t (n INTEGER); BEGIN IMMEDIATE; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let options: sqlx::sqlite::SqliteConnectOptions = url.parse().unwrap();
+    let mut writer = sqlx::SqliteConnection::connect_with(
+        &options.busy_timeout(std::time::Duration::from_millis(50)),
+    )
+    .await
+    .unwrap();
+    let locked = ecars_db::DbError::from(
+        writer
+            .execute("INSERT INTO t VALUES (2)")
+            .await
+            .unwrap_err(),
+    );
+    assert!(locked.is_conflict() && locked.is_transient(), "{locked}");
+}

@@ -82,18 +82,30 @@ impl DbError {
                 | sqlx::Error::WorkerCrashed
                 | sqlx::Error::Tls(_)
                 | sqlx::Error::Protocol(_) => true,
-                sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-                    // 08: connection exception, 53: insufficient resources, 57: operator
-                    // intervention (shutdown), 40: serialization/deadlock; SQLite 5/6: busy/locked.
-                    code.starts_with("08")
-                        || code.starts_with("53")
-                        || code.starts_with("57")
-                        || code.starts_with("40")
-                        || code == "5"
-                        || code == "6"
-                }),
+                sqlx::Error::Database(db) => {
+                    self.is_conflict()
+                        || db.code().is_some_and(|code| {
+                            // 08: connection exception, 53: insufficient resources, 57: operator
+                            // intervention (shutdown).
+                            code.starts_with("08")
+                                || code.starts_with("53")
+                                || code.starts_with("57")
+                        })
+                }
                 _ => false,
             },
+            _ => false,
+        }
+    }
+
+    /// Whether the write lost a race with another transaction and succeeds when retried: a
+    /// serialization failure or deadlock (PostgreSQL's class 40), or a SQLite file that another
+    /// connection kept locked past the busy timeout (5, 6).
+    pub fn is_conflict(&self) -> bool {
+        match self {
+            DbError::Database(sqlx::Error::Database(db)) => db
+                .code()
+                .is_some_and(|code| code.starts_with("40") || code == "5" || code == "6"),
             _ => false,
         }
     }

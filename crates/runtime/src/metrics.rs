@@ -31,7 +31,8 @@ pub const ROWS_WRITTEN: &str = "ecars_rows_written_total";
 pub const BATCH_SIZE: &str = "ecars_batch_rows";
 /// Time to commit one batch, labelled by `table`.
 pub const BATCH_LATENCY: &str = "ecars_batch_write_seconds";
-/// Failed batch writes that will be retried, labelled by `table`.
+/// Failed batch writes that will be retried, labelled by `table` and `reason` (`unavailable`,
+/// `conflict`, `refused`).
 pub const BATCH_RETRIES: &str = "ecars_batch_write_retries_total";
 /// Always 1, labelled with the build's `version`: which version each process runs.
 pub const BUILD_INFO: &str = "ecars_build_info";
@@ -96,7 +97,7 @@ pub fn describe() {
     );
     describe_counter!(
         BATCH_RETRIES,
-        "Failed batch writes that are retried, by table"
+        "Failed batch writes that are retried, by table and reason (unavailable, conflict, refused)"
     );
     describe_gauge!(
         DATABASE_UP,

@@ -56,12 +56,55 @@ pub trait BatchSink: Send + Sync {
     fn table(&self) -> &'static str;
     /// Commits the batch, returning rows added (duplicates add none).
     fn write(&self, batch: &[Self::Item]) -> impl Future<Output = Result<u64, Self::Error>> + Send;
-    /// Whether the database is unavailable (rather than refusing this batch), for the log line:
-    /// the batch is retried either way, since dropping it would lose accepted readings.
-    fn is_transient(&self, _error: &Self::Error) -> bool {
-        true
+    /// What kind of failure `error` is. The batch is retried whatever the answer, since dropping
+    /// it would lose accepted readings; the answer decides what the retry reports.
+    fn failure(&self, _error: &Self::Error) -> WriteFailure {
+        WriteFailure::Unavailable
     }
 }
+
+/// Why a batch write failed, as far as what the writer reports about it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteFailure {
+    /// The database cannot be reached, is out of resources or is shutting down.
+    Unavailable,
+    /// The write lost a race with another transaction (a deadlock, a serialization failure, a
+    /// locked SQLite file): the database is up, and the retry succeeds once the other
+    /// transaction is done.
+    Conflict,
+    /// The database refused this batch (a constraint, a value).
+    Refused,
+}
+
+impl WriteFailure {
+    /// From what the database layer says of an error.
+    pub fn classify(conflict: bool, transient: bool) -> WriteFailure {
+        match (conflict, transient) {
+            (true, _) => WriteFailure::Conflict,
+            (false, true) => WriteFailure::Unavailable,
+            (false, false) => WriteFailure::Refused,
+        }
+    }
+
+    /// The `reason` label of [`m::BATCH_RETRIES`].
+    fn label(self) -> &'static str {
+        match self {
+            WriteFailure::Unavailable => "unavailable",
+            WriteFailure::Conflict => "conflict",
+            WriteFailure::Refused => "refused",
+        }
+    }
+
+    /// Whether the `attempt`th failure in a row of one batch means the database is down for
+    /// [`m::DATABASE_UP`] (and the alert on it). A conflict retried at once is no outage; one
+    /// that keeps coming back after [`CONFLICTS_BEFORE_DOWN`] tries is reported as one.
+    fn database_down(self, attempt: u32) -> bool {
+        self != WriteFailure::Conflict || attempt > CONFLICTS_BEFORE_DOWN
+    }
+}
+
+/// Conflicts in a row on one batch that are retried without calling the database down.
+const CONFLICTS_BEFORE_DOWN: u32 = 5;
 
 /// Runs a writer until the subscription ends (bus closed) or `shutdown` fires; flushes what was
 /// received before returning, so an accepted record is never dropped on shutdown.
@@ -189,21 +232,33 @@ async fn commit<S: BatchSink>(sink: &S, batch: Vec<S::Item>, retry: RetryPolicy)
             }
             Err(error) => {
                 attempt += 1;
-                metrics::gauge!(m::DATABASE_UP).set(0.0);
-                metrics::counter!(m::BATCH_RETRIES, "table" => table).increment(1);
-                let kind = if sink.is_transient(&error) {
-                    "database unavailable"
+                let failure = sink.failure(&error);
+                metrics::counter!(m::BATCH_RETRIES, "table" => table, "reason" => failure.label())
+                    .increment(1);
+                if !failure.database_down(attempt) {
+                    tracing::info!(
+                        table,
+                        rows = batch.len(),
+                        attempt,
+                        %error,
+                        "write conflict with another transaction; retrying the batch"
+                    );
                 } else {
-                    "batch refused"
-                };
-                tracing::warn!(
-                    table,
-                    rows = batch.len(),
-                    attempt,
-                    retry_in_ms = wait.as_millis() as u64,
-                    %error,
-                    "{kind}: holding the batch and intake back, waiting for the database to accept the write"
-                );
+                    metrics::gauge!(m::DATABASE_UP).set(0.0);
+                    let kind = match failure {
+                        WriteFailure::Unavailable => "database unavailable",
+                        WriteFailure::Conflict => "write conflicts persist",
+                        WriteFailure::Refused => "batch refused",
+                    };
+                    tracing::warn!(
+                        table,
+                        rows = batch.len(),
+                        attempt,
+                        retry_in_ms = wait.as_millis() as u64,
+                        %error,
+                        "{kind}: holding the batch and intake back, waiting for the database to accept the write"
+                    );
+                }
                 // Shutdown is no reason to drop accepted rows: keep trying until the database
                 // returns (an operator can still kill the process).
                 tokio::time::sleep(wait).await;
@@ -324,6 +379,17 @@ mod tests {
             CancellationToken::new(),
         ));
         (bus, batches, committed, task)
+    }
+
+    #[test]
+    fn a_conflict_retried_at_once_is_no_outage_but_one_that_persists_is() {
+        use WriteFailure::{Conflict, Refused, Unavailable};
+        assert_eq!(WriteFailure::classify(true, true), Conflict);
+        assert_eq!(WriteFailure::classify(false, true), Unavailable);
+        assert_eq!(WriteFailure::classify(false, false), Refused);
+        assert!((1..=CONFLICTS_BEFORE_DOWN).all(|attempt| !Conflict.database_down(attempt)));
+        assert!(Conflict.database_down(CONFLICTS_BEFORE_DOWN + 1));
+        assert!(Unavailable.database_down(1) && Refused.database_down(1));
     }
 
     #[tokio::test]

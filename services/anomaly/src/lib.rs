@@ -29,7 +29,9 @@ use ecars_db::detector_states::StoredState;
 use ecars_db::{Database, DbError};
 use ecars_model::{TelemetryReading, Vin};
 use ecars_runtime::settings::parse_duration;
-use ecars_runtime::writer::{run_writer, BatchPolicy, BatchSink, RetryPolicy, WriterError};
+use ecars_runtime::writer::{
+    run_writer, BatchPolicy, BatchSink, RetryPolicy, WriteFailure, WriterError,
+};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -424,7 +426,7 @@ impl BatchSink for DetectorSink {
         self.0.process(batch).await
     }
 
-    fn is_transient(&self, error: &DbError) -> bool {
-        error.is_transient()
+    fn failure(&self, error: &DbError) -> WriteFailure {
+        WriteFailure::classify(error.is_conflict(), error.is_transient())
     }
 }

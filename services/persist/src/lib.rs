@@ -11,7 +11,9 @@ use ecars_db::rollups::Width;
 use ecars_db::{Database, DbError};
 use ecars_model::{ConnectivityEvent, DeadLetter, TelemetryReading};
 use ecars_runtime::settings::{parse_duration, parse_millis};
-use ecars_runtime::writer::{run_writer, BatchPolicy, BatchSink, RetryPolicy, WriterError};
+use ecars_runtime::writer::{
+    run_writer, BatchPolicy, BatchSink, RetryPolicy, WriteFailure, WriterError,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -460,8 +462,8 @@ impl BatchSink for ReadingSink {
         Ok(added)
     }
 
-    fn is_transient(&self, error: &DbError) -> bool {
-        error.is_transient()
+    fn failure(&self, error: &DbError) -> WriteFailure {
+        WriteFailure::classify(error.is_conflict(), error.is_transient())
     }
 }
 
@@ -482,8 +484,8 @@ impl BatchSink for DeadLetterSink {
         self.db.dead_letter_rows().insert(batch).await
     }
 
-    fn is_transient(&self, error: &DbError) -> bool {
-        error.is_transient()
+    fn failure(&self, error: &DbError) -> WriteFailure {
+        WriteFailure::classify(error.is_conflict(), error.is_transient())
     }
 }
 
@@ -504,8 +506,8 @@ impl BatchSink for ConnectivitySink {
         self.db.vehicle_states().apply(batch).await
     }
 
-    fn is_transient(&self, error: &DbError) -> bool {
-        error.is_transient()
+    fn failure(&self, error: &DbError) -> WriteFailure {
+        WriteFailure::classify(error.is_conflict(), error.is_transient())
     }
 }
 
