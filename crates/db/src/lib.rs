@@ -82,16 +82,14 @@ impl DbError {
                 | sqlx::Error::WorkerCrashed
                 | sqlx::Error::Tls(_)
                 | sqlx::Error::Protocol(_) => true,
-                sqlx::Error::Database(db) => {
-                    self.is_conflict()
-                        || db.code().is_some_and(|code| {
-                            // 08: connection exception, 53: insufficient resources, 57: operator
-                            // intervention (shutdown).
-                            code.starts_with("08")
-                                || code.starts_with("53")
-                                || code.starts_with("57")
-                        })
-                }
+                sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                    // 08: connection exception, 53: insufficient resources, 57: operator
+                    // intervention (shutdown).
+                    is_conflict_code(&code)
+                        || code.starts_with("08")
+                        || code.starts_with("53")
+                        || code.starts_with("57")
+                }),
                 _ => false,
             },
             _ => false,
@@ -99,16 +97,21 @@ impl DbError {
     }
 
     /// Whether the write lost a race with another transaction and succeeds when retried: a
-    /// serialization failure or deadlock (PostgreSQL's class 40), or a SQLite file that another
-    /// connection kept locked past the busy timeout (5, 6).
+    /// serialization failure or deadlock on PostgreSQL, a locked file on SQLite.
     pub fn is_conflict(&self) -> bool {
         match self {
-            DbError::Database(sqlx::Error::Database(db)) => db
-                .code()
-                .is_some_and(|code| code.starts_with("40") || code == "5" || code == "6"),
+            DbError::Database(sqlx::Error::Database(db)) => {
+                db.code().is_some_and(|code| is_conflict_code(&code))
+            }
             _ => false,
         }
     }
+}
+
+/// A serialization failure or deadlock (PostgreSQL's class 40), or a SQLite file that another
+/// connection kept locked past the busy timeout (5 busy, 6 locked).
+fn is_conflict_code(code: &str) -> bool {
+    code.starts_with("40") || code == "5" || code == "6"
 }
 
 /// The pool of whichever backend `DATABASE_URL` names.

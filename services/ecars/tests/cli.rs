@@ -580,15 +580,13 @@ async fn descriptor_exhaustion_costs_a_bounded_log_and_ingest_recovers() {
         "ingest accepts cars again (last failure: {last_failure}; {} descriptors open)",
         descriptors()
     );
-    let pid = child.id().unwrap().to_string();
-    let stopped = Command::new("kill").args(["-TERM", &pid]).status().await;
-    assert!(stopped.unwrap().success());
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    let status = stop(&mut child).await;
     let logged = logged_since_start();
     let tail = logged[logged.len().saturating_sub(30)..].join("\n");
     match status {
         Ok(Ok(status)) => assert!(status.success(), "{status}; the log ends:\n{tail}"),
-        other => panic!("no exit within 30 s of SIGTERM ({other:?}); the log ends:\n{tail}"),
+        Ok(Err(error)) => panic!("waiting for the process: {error}; the log ends:\n{tail}"),
+        Err(_) => panic!("no exit within 30 s of SIGTERM; the log ends:\n{tail}"),
     }
 }
 
@@ -648,6 +646,17 @@ async fn wait_ready(http: u16) {
 
 /// SIGTERM, then the exit status within 30 s.
 async fn terminate(child: &mut tokio::process::Child) -> std::process::ExitStatus {
+    stop(child)
+        .await
+        .expect("exits within 30 s of SIGTERM")
+        .unwrap()
+}
+
+/// SIGTERM, then waits at most 30 s for the exit (`Err`: it did not come), for a caller that
+/// says more than [`terminate`] when the stop fails.
+async fn stop(
+    child: &mut tokio::process::Child,
+) -> Result<std::io::Result<std::process::ExitStatus>, tokio::time::error::Elapsed> {
     let pid = child.id().unwrap().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
@@ -655,10 +664,7 @@ async fn terminate(child: &mut tokio::process::Child) -> std::process::ExitStatu
         .await
         .unwrap()
         .success());
-    tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("exits within 30 s of SIGTERM")
-        .unwrap()
+    tokio::time::timeout(Duration::from_secs(30), child.wait()).await
 }
 
 /// The scale-out services as separate processes of the same binary: `ecars ingest` and two
