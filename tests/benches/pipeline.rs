@@ -7,7 +7,8 @@
 //!   and the persistence worker reports each committed batch, so commit time minus `date` is
 //!   the publish-to-row latency.
 //!
-//! Run: `cargo bench -p ecars-e2e --bench pipeline` (options: `--quick`, `--only sqlite|postgres`).
+//! Run: `cargo bench -p ecars-e2e --bench pipeline` (options: `--quick`, `--only sqlite|postgres`,
+//! `--without-anomaly`: leave the anomaly worker out, to see what it costs the write path).
 //! Results are printed and written to `bench-results/pipeline.json`.
 
 use std::time::{Duration, Instant};
@@ -35,17 +36,32 @@ struct Latency {
     max_ms: f64,
 }
 
+/// What is measured: `ecars up`'s composition, with or without its anomaly worker.
+#[derive(Clone, Copy)]
+struct Composition {
+    anomaly: bool,
+}
+
 async fn start(
     database_url: &str,
+    composition: Composition,
 ) -> (Pipeline, mpsc::Receiver<Vec<ecars_model::TelemetryReading>>) {
     let (tx, rx) = mpsc::channel(1024);
     let mut options = PipelineOptions::new(database_url);
     options.observer = Some(tx);
+    if !composition.anomaly {
+        options.anomaly = None;
+    }
     (Pipeline::start(options).await.expect("pipeline starts"), rx)
 }
 
-async fn throughput(database_url: &str, vehicles: u32, per_vehicle: u64) -> Throughput {
-    let (pipeline, mut committed) = start(database_url).await;
+async fn throughput(
+    database_url: &str,
+    composition: Composition,
+    vehicles: u32,
+    per_vehicle: u64,
+) -> Throughput {
+    let (pipeline, mut committed) = start(database_url, composition).await;
     let total = u64::from(vehicles) * per_vehicle;
     let config = SimulatorConfig {
         vehicles,
@@ -78,8 +94,14 @@ async fn throughput(database_url: &str, vehicles: u32, per_vehicle: u64) -> Thro
     }
 }
 
-async fn latency(database_url: &str, vehicles: u32, rate: u64, seconds: u64) -> Latency {
-    let (pipeline, mut committed) = start(database_url).await;
+async fn latency(
+    database_url: &str,
+    composition: Composition,
+    vehicles: u32,
+    rate: u64,
+    seconds: u64,
+) -> Latency {
+    let (pipeline, mut committed) = start(database_url, composition).await;
     let interval_ms = u64::from(vehicles) * 1000 / rate;
     let per_vehicle = seconds * 1000 / interval_ms;
     let interval = Duration::from_millis(interval_ms);
@@ -136,6 +158,9 @@ fn main() {
     log.init().expect("log filter");
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
+    let composition = Composition {
+        anomaly: !args.iter().any(|a| a == "--without-anomaly"),
+    };
     let only = args
         .iter()
         .position(|a| a == "--only")
@@ -170,19 +195,20 @@ fn main() {
         if only.as_deref().is_some_and(|o| o != backend) {
             continue;
         }
-        let t = runtime.block_on(throughput(&make_url(1), vehicles, per_vehicle));
+        let t = runtime.block_on(throughput(&make_url(1), composition, vehicles, per_vehicle));
         let rps = t.readings as f64 / t.seconds;
         println!(
             "{backend:>8} throughput: {} readings from {vehicles} cars in {:.2}s = {rps:.0} readings/s",
             t.readings, t.seconds
         );
-        let l = runtime.block_on(latency(&make_url(2), vehicles, rate, seconds));
+        let l = runtime.block_on(latency(&make_url(2), composition, vehicles, rate, seconds));
         println!(
             "{backend:>8} latency at {} readings/s ({} readings after warm-up): p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
             l.rate, l.readings, l.p50_ms, l.p95_ms, l.p99_ms, l.max_ms
         );
         results.push(serde_json::json!({
             "backend": backend,
+            "anomaly_worker": composition.anomaly,
             "vehicles": vehicles,
             "throughput_readings": t.readings,
             "throughput_seconds": t.seconds,

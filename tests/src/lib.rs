@@ -269,6 +269,8 @@ pub struct PipelineOptions {
     pub observer: Option<CommitObserver>,
     /// The live relay.
     pub relay: ecars_relay::RelayConfig,
+    /// The anomaly worker; `None` leaves it out (benchmarks that measure the write path alone).
+    pub anomaly: Option<ecars_app::anomaly::AnomalyConfig>,
     /// The HTTP listeners (free loopback ports by default).
     pub http: ecars_api::HttpConfig,
 }
@@ -287,6 +289,7 @@ impl PipelineOptions {
             persist: PersistConfig::default(),
             observer: None,
             relay: defaults(),
+            anomaly: Some(defaults()),
             http: loopback_http(),
         }
     }
@@ -316,6 +319,7 @@ impl PipelineOptions {
         );
         Ok(Settings {
             tls: self.tls.clone(),
+            anomaly: self.anomaly.clone(),
             ..settings
         })
     }

@@ -574,3 +574,29 @@ async fn deadlocks_and_locked_files_are_conflicts_and_a_bad_value_is_refused() {
     );
     assert!(locked.is_conflict() && locked.is_transient(), "{locked}");
 }
+
+/// On SQLite, commits leave the write-ahead log alone (none of them stops to copy it back into
+/// the database file while the readings behind it wait); `Database::checkpoint`, which the
+/// persistence worker calls every second, copies all of it back.
+#[tokio::test]
+async fn sqlite_commits_leave_checkpoints_to_the_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("log.db").display());
+    let db = Database::connect_lazy(&url).unwrap();
+    db.migrate().await.unwrap();
+    db.checkpoint().await.unwrap();
+    for batch in 0..30 {
+        let readings: Vec<_> = (0..1000)
+            .map(|car| reading(&format!("1HGCM82633A{batch:02}{car:04}"), 1, 50.0))
+            .collect();
+        db.sensor_rows().insert(&readings).await.unwrap();
+    }
+    // SQLite's own default checkpoints in the commit that passes 1,000 pages, and the next
+    // write starts the log over: it would never hold more than about that.
+    let (log, copied) = db.checkpoint().await.unwrap();
+    assert!(
+        log > 1000,
+        "30,000 rows stay in the log until the checkpoint: {log} pages"
+    );
+    assert_eq!(copied, log, "the checkpoint copies the whole log back");
+}

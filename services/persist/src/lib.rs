@@ -197,6 +197,29 @@ async fn apply_rollups(db: Database, done: CancellationToken) {
     }
 }
 
+/// Checkpoints the database's write-ahead log every second (SQLite; commits do not), so a
+/// commit never waits for one. A failure is logged, rate-limited, and tried again.
+async fn checkpoint_every_second(db: Database) {
+    if db.backend() != "sqlite" {
+        return;
+    }
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failures = 0u32;
+    loop {
+        every.tick().await;
+        match db.checkpoint().await {
+            Ok(_) => failures = 0,
+            Err(error) => {
+                failures += 1;
+                if failures.is_power_of_two() {
+                    tracing::warn!(%error, failures, "checkpointing the SQLite log failed; trying again");
+                }
+            }
+        }
+    }
+}
+
 /// Batches of sensor rows added to the rollups.
 pub const ROLLUP_APPLIED: &str = "ecars_rollup_batches_applied_total";
 
@@ -419,6 +442,7 @@ impl PersistWorker {
         // Its own signal: the last pass comes after the writers' last commit.
         let writers_done = CancellationToken::new();
         let rollups = tokio::spawn(apply_rollups(db.clone(), writers_done.clone()));
+        let checkpoints = tokio::spawn(checkpoint_every_second(db.clone()));
         let upkeep = tokio::spawn(upkeep(db, keep, shutdown.clone()));
         let (a, b, c) = tokio::join!(readings, dead_letters, connectivity);
         // The writers stopped (shutdown, or the bus closed): so does the upkeep, the rollups
@@ -427,6 +451,7 @@ impl PersistWorker {
         writers_done.cancel();
         let _ = rollups.await;
         upkeep.abort();
+        checkpoints.abort();
         a??;
         b??;
         c??;
