@@ -8,7 +8,9 @@
 //!   the publish-to-row latency.
 //!
 //! Run: `cargo bench -p ecars-e2e --bench pipeline` (options: `--quick`, `--only sqlite|postgres`,
-//! `--without-anomaly`: leave the anomaly worker out, to see what it costs the write path).
+//! `--without-anomaly`: leave the anomaly worker out, to see what it costs the write path;
+//! `--timeline`: print each second of the latency run, rows committed, their worst latency and
+//! the sensor-row commits' count and mean duration, to see when a run falls behind and why).
 //! Results are printed and written to `bench-results/pipeline.json`.
 
 use std::time::{Duration, Instant};
@@ -94,12 +96,64 @@ async fn throughput(
     }
 }
 
+/// One second of a latency run, by commit time (`--timeline`).
+#[derive(Default)]
+struct Second {
+    rows: u64,
+    max_ms: f64,
+    /// What the process's metrics grew by in this second.
+    metrics: Sample,
+}
+
+/// The counters `--timeline` follows: sensor-row and detector commits (count, seconds) and the
+/// rollup batches applied.
+#[derive(Default, Clone, Copy)]
+struct Sample {
+    sensor_batches: f64,
+    sensor_seconds: f64,
+    detector_batches: f64,
+    detector_seconds: f64,
+    rollup_batches: f64,
+}
+
+impl Sample {
+    fn now() -> Sample {
+        let commits = |table: &str| {
+            let filter = format!("table=\"{table}\"");
+            (
+                ecars_e2e::metric_sum("ecars_batch_write_seconds_count", &filter),
+                ecars_e2e::metric_sum("ecars_batch_write_seconds_sum", &filter),
+            )
+        };
+        let (sensor_batches, sensor_seconds) = commits("sensor_data");
+        let (detector_batches, detector_seconds) = commits("case_outbox");
+        Sample {
+            sensor_batches,
+            sensor_seconds,
+            detector_batches,
+            detector_seconds,
+            rollup_batches: ecars_e2e::metric_sum(ecars_persist::ROLLUP_APPLIED, ""),
+        }
+    }
+
+    fn since(self, before: Sample) -> Sample {
+        Sample {
+            sensor_batches: self.sensor_batches - before.sensor_batches,
+            sensor_seconds: self.sensor_seconds - before.sensor_seconds,
+            detector_batches: self.detector_batches - before.detector_batches,
+            detector_seconds: self.detector_seconds - before.detector_seconds,
+            rollup_batches: self.rollup_batches - before.rollup_batches,
+        }
+    }
+}
+
 async fn latency(
     database_url: &str,
     composition: Composition,
     vehicles: u32,
     rate: u64,
     seconds: u64,
+    timeline: bool,
 ) -> Latency {
     let (pipeline, mut committed) = start(database_url, composition).await;
     let interval_ms = u64::from(vehicles) * 1000 / rate;
@@ -119,20 +173,63 @@ async fn latency(
     let simulator = tokio::spawn(ecars_simulator::run(config, CancellationToken::new()));
     let mut samples: Vec<f64> = Vec::with_capacity(total as usize);
     let mut rows = 0u64;
+    let started = Instant::now();
+    let mut seconds_seen: Vec<Second> = Vec::new();
+    let mut last_sample = Sample::now();
     while rows < total {
         match tokio::time::timeout(Duration::from_secs(60), committed.recv()).await {
             Ok(Some(batch)) => {
                 let now = Utc::now();
                 rows += batch.len() as u64;
-                samples.extend(
-                    batch
+                let latencies = batch
+                    .iter()
+                    .filter(|r| r.date >= measure_from)
+                    .map(|r| (now - r.date).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+                if timeline {
+                    let second = started.elapsed().as_secs() as usize;
+                    while seconds_seen.len() <= second {
+                        // Closes the seconds before: the metrics' growth since the last one.
+                        let sample = Sample::now();
+                        if let Some(previous) = seconds_seen.last_mut() {
+                            previous.metrics = sample.since(last_sample);
+                        }
+                        last_sample = sample;
+                        seconds_seen.push(Second::default());
+                    }
+                    let this = &mut seconds_seen[second];
+                    this.rows += batch.len() as u64;
+                    let before = samples.len();
+                    samples.extend(latencies);
+                    this.max_ms = samples[before..]
                         .iter()
-                        .filter(|r| r.date >= measure_from)
-                        .map(|r| (now - r.date).num_microseconds().unwrap_or(0) as f64 / 1000.0),
-                );
+                        .copied()
+                        .fold(this.max_ms, f64::max);
+                } else {
+                    samples.extend(latencies);
+                }
             }
             _ => panic!("stalled at {rows}/{total} rows"),
         }
+    }
+    let mean_ms = |seconds: f64, count: f64| {
+        if count > 0.0 {
+            seconds / count * 1000.0
+        } else {
+            0.0
+        }
+    };
+    for (second, s) in seconds_seen.iter().enumerate() {
+        let m = s.metrics;
+        println!(
+            "  second {second:>3}: {:>6} rows, worst {:>7.1} ms; commits: {:>3} sensor-row ({:>6.1} ms mean), {:>3} detector ({:>6.1} ms mean); {:>3} rollup batches",
+            s.rows,
+            s.max_ms,
+            m.sensor_batches,
+            mean_ms(m.sensor_seconds, m.sensor_batches),
+            m.detector_batches,
+            mean_ms(m.detector_seconds, m.detector_batches),
+            m.rollup_batches,
+        );
     }
     simulator.await.expect("simulator task").expect("simulator");
     pipeline.shutdown().await.unwrap();
@@ -158,6 +255,7 @@ fn main() {
     log.init().expect("log filter");
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
+    let timeline = args.iter().any(|a| a == "--timeline");
     let composition = Composition {
         anomaly: !args.iter().any(|a| a == "--without-anomaly"),
     };
@@ -201,7 +299,14 @@ fn main() {
             "{backend:>8} throughput: {} readings from {vehicles} cars in {:.2}s = {rps:.0} readings/s",
             t.readings, t.seconds
         );
-        let l = runtime.block_on(latency(&make_url(2), composition, vehicles, rate, seconds));
+        let l = runtime.block_on(latency(
+            &make_url(2),
+            composition,
+            vehicles,
+            rate,
+            seconds,
+            timeline,
+        ));
         println!(
             "{backend:>8} latency at {} readings/s ({} readings after warm-up): p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
             l.rate, l.readings, l.p50_ms, l.p95_ms, l.p99_ms, l.max_ms

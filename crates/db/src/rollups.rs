@@ -600,29 +600,56 @@ impl Rollups {
                 Ok(batches.len() as u64)
             }
             Pool::Sqlite(pool) => {
-                let mut tx = pool.begin().await?;
-                let batches: Vec<(i64, i64)> = sqlx::query_as(
-                    "DELETE FROM rollup_batches WHERE id IN
-                       (SELECT id FROM rollup_batches ORDER BY id LIMIT $1)
-                     RETURNING first_row, last_row",
+                // SQLite has one writer at a time, and every other writer (the sensor rows',
+                // the detector's) waits while one holds the lock: the rows are read and
+                // summarised first, outside any transaction (a reader blocks no one in WAL
+                // mode), and the lock is taken only to claim the batches and merge. Holding it
+                // across the read made every pass stall the readings' commits for most of a
+                // second (the pipeline benchmark's `--timeline`).
+                let batches: Vec<(i64, i64, i64)> = sqlx::query_as(
+                    "SELECT id, first_row, last_row FROM rollup_batches ORDER BY id LIMIT $1",
                 )
                 .bind(limit)
-                .fetch_all(&mut *tx)
+                .fetch_all(pool)
                 .await?;
+                if batches.is_empty() {
+                    return Ok(0);
+                }
                 let sql = format!("SELECT {select} FROM sensor_data WHERE id BETWEEN $1 AND $2");
                 let mut readings = Vec::new();
-                for (first, last) in &batches {
+                let mut conn = pool.acquire().await?;
+                for (_, first, last) in &batches {
                     for row in sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
                         .bind(first)
                         .bind(last)
-                        .fetch_all(&mut *tx)
+                        .fetch_all(&mut *conn)
                         .await?
                     {
                         readings.push(crate::sensor_rows::sqlite_reading(&row)?);
                     }
                 }
-                for width in Width::ALL {
-                    upsert_sqlite(&mut tx, width, &summarise(width, &readings)).await?;
+                drop(conn);
+                let summaries = Width::ALL.map(|width| (width, summarise(width, &readings)));
+                let ids = serde_json::Value::from(
+                    batches.iter().map(|(id, _, _)| *id).collect::<Vec<_>>(),
+                )
+                .to_string();
+                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                let claimed = sqlx::query(
+                    "DELETE FROM rollup_batches WHERE id IN (SELECT value FROM json_each($1))",
+                )
+                .bind(ids)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if claimed != batches.len() as u64 {
+                    // Another worker on this file applied some of them since they were read:
+                    // leave the rest to the next pass, which reads what is still queued.
+                    tx.rollback().await?;
+                    return Ok(0);
+                }
+                for (width, rollups) in &summaries {
+                    upsert_sqlite(&mut tx, *width, rollups).await?;
                 }
                 tx.commit().await?;
                 Ok(batches.len() as u64)
