@@ -198,7 +198,8 @@ async fn apply_rollups(db: Database, done: CancellationToken) {
 }
 
 /// Checkpoints the database's write-ahead log every second (SQLite; commits do not), so a
-/// commit never waits for one. A failure is logged, rate-limited, and tried again.
+/// commit never waits for long, and reports the log's size ([`SQLITE_LOG_PAGES`]). A failure is
+/// logged, rate-limited, and tried again.
 async fn checkpoint_every_second(db: Database) {
     if db.backend() != "sqlite" {
         return;
@@ -209,7 +210,10 @@ async fn checkpoint_every_second(db: Database) {
     loop {
         every.tick().await;
         match db.checkpoint().await {
-            Ok(_) => failures = 0,
+            Ok(checkpoint) => {
+                failures = 0;
+                metrics::gauge!(SQLITE_LOG_PAGES).set(checkpoint.log_pages as f64);
+            }
             Err(error) => {
                 failures += 1;
                 if failures.is_power_of_two() {
@@ -219,6 +223,11 @@ async fn checkpoint_every_second(db: Database) {
         }
     }
 }
+
+/// The SQLite write-ahead log's pages (4 KiB each) at the last checkpoint: it starts over at
+/// about a second of commits; a log that keeps growing means the checkpoints cannot finish (a
+/// reader that never ends).
+pub const SQLITE_LOG_PAGES: &str = "ecars_sqlite_log_pages";
 
 /// Batches of sensor rows added to the rollups.
 pub const ROLLUP_APPLIED: &str = "ecars_rollup_batches_applied_total";
