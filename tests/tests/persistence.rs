@@ -575,6 +575,16 @@ async fn deadlocks_and_locked_files_are_conflicts_and_a_bad_value_is_refused() {
     assert!(locked.is_conflict() && locked.is_transient(), "{locked}");
 }
 
+/// Writes `batches` batches of 1,000 readings, one commit each.
+async fn write_batches(db: &Database, batches: u32) {
+    for batch in 0..batches {
+        let readings: Vec<_> = (0..1000)
+            .map(|car| reading(&format!("1HGCM82633A{batch:02}{car:04}"), 1, 50.0))
+            .collect();
+        db.sensor_rows().insert(&readings).await.unwrap();
+    }
+}
+
 /// On SQLite, commits leave the write-ahead log alone (none of them stops to copy it back into
 /// the database file while the readings behind it wait); `Database::checkpoint`, which the
 /// persistence worker calls every second, copies all of it back.
@@ -584,16 +594,11 @@ async fn sqlite_commits_leave_checkpoints_to_the_worker() {
     let url = format!("sqlite://{}", dir.path().join("log.db").display());
     let db = Database::connect_lazy(&url).unwrap();
     db.migrate().await.unwrap();
-    db.checkpoint().await.unwrap();
-    for batch in 0..30 {
-        let readings: Vec<_> = (0..1000)
-            .map(|car| reading(&format!("1HGCM82633A{batch:02}{car:04}"), 1, 50.0))
-            .collect();
-        db.sensor_rows().insert(&readings).await.unwrap();
-    }
+    db.checkpoint(true).await.unwrap();
+    write_batches(&db, 30).await;
     // SQLite's own default checkpoints in the commit that passes 1,000 pages, and the next
     // write starts the log over: it would never hold more than about that.
-    let checkpoint = db.checkpoint().await.unwrap();
+    let checkpoint = db.checkpoint(true).await.unwrap();
     assert!(
         checkpoint.log_pages > 1000,
         "30,000 rows stay in the log until the checkpoint: {checkpoint:?}"
@@ -602,7 +607,11 @@ async fn sqlite_commits_leave_checkpoints_to_the_worker() {
         checkpoint.copied, checkpoint.log_pages,
         "the checkpoint copies the whole log back"
     );
-    assert!(checkpoint.restarted, "and starts it over: {checkpoint:?}");
+    assert_eq!(
+        checkpoint.restart,
+        ecars_db::LogRestart::Restarted,
+        "and starts it over"
+    );
 }
 
 /// While commits follow each other without a pause, the checkpoints still start the log over:
@@ -641,7 +650,7 @@ async fn sqlite_log_starts_over_under_steady_commits() {
     let mut every = tokio::time::interval(std::time::Duration::from_millis(250));
     while !writers.iter().all(|w| w.is_finished()) {
         every.tick().await;
-        let checkpoint = db.checkpoint().await.unwrap();
+        let checkpoint = db.checkpoint(true).await.unwrap();
         largest = largest.max(checkpoint.log_pages);
         checkpoints.push(checkpoint);
     }
@@ -658,5 +667,46 @@ async fn sqlite_log_starts_over_under_steady_commits() {
         starts >= 2,
         "the log started over {starts} times in {} checkpoints (largest: {largest} pages): {checkpoints:?}",
         checkpoints.len()
+    );
+}
+
+/// A reader that does not end keeps the log from starting over: the `RESTART` step gives up
+/// after its short wait (new writers wait that long, not the 5 s busy timeout) and says so, and
+/// the next try after the reader ended starts the log over.
+#[tokio::test]
+async fn sqlite_log_restart_gives_up_on_a_reader_that_does_not_end() {
+    use sqlx::{Connection, Executor};
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("reader.db").display());
+    let db = Database::connect_lazy(&url).unwrap();
+    db.migrate().await.unwrap();
+    write_batches(&db, 10).await;
+    let mut reader = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    reader
+        .execute("BEGIN; SELECT COUNT(*) FROM sensor_data;")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let checkpoint = db.checkpoint(true).await.unwrap();
+    let waited = started.elapsed();
+    assert!(
+        checkpoint.log_pages >= ecars_db::RESTART_AFTER_PAGES,
+        "{checkpoint:?}"
+    );
+    assert_eq!(
+        checkpoint.restart,
+        ecars_db::LogRestart::Busy,
+        "{checkpoint:?}"
+    );
+    assert!(
+        waited < std::time::Duration::from_secs(2),
+        "the restart gave up after its short wait, not the busy timeout: {waited:?}"
+    );
+    reader.execute("COMMIT").await.unwrap();
+    let checkpoint = db.checkpoint(true).await.unwrap();
+    assert_eq!(
+        checkpoint.restart,
+        ecars_db::LogRestart::Restarted,
+        "{checkpoint:?}"
     );
 }

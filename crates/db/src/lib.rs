@@ -178,8 +178,21 @@ pub struct Checkpoint {
     pub log_pages: i64,
     /// How many of them the `PASSIVE` step copied into the database file.
     pub copied: i64,
-    /// Whether the log was copied completely and the next commit starts it over.
-    pub restarted: bool,
+    /// Whether the `RESTART` step ran and how it ended.
+    pub restart: LogRestart,
+}
+
+/// The `RESTART` step of [`Database::checkpoint`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogRestart {
+    /// Not tried: not asked for, the log below [`RESTART_AFTER_PAGES`], or PostgreSQL.
+    #[default]
+    NotTried,
+    /// The log was copied completely; the next commit starts it over.
+    Restarted,
+    /// A reader (or another process's writer) kept it out for [`RESTART_WAIT`]: new writers
+    /// waited that long for nothing, so a caller backs off before trying again.
+    Busy,
 }
 
 impl Database {
@@ -265,8 +278,9 @@ impl Database {
     /// a zeroed block). So once the log holds [`RESTART_AFTER_PAGES`], a `RESTART` checkpoint
     /// follows: it copies the few pages committed since and makes the next commit start the
     /// log over. It holds new writers back while it waits for readers, so it waits at most
-    /// [`RESTART_WAIT`] and otherwise tries again next time.
-    pub async fn checkpoint(&self) -> Result<Checkpoint, DbError> {
+    /// [`RESTART_WAIT`] and otherwise reports [`LogRestart::Busy`]; `restart: false` skips it
+    /// (a caller backing off from a reader that does not end).
+    pub async fn checkpoint(&self, restart: bool) -> Result<Checkpoint, DbError> {
         let Pool::Sqlite(pool) = &self.pool else {
             return Ok(Checkpoint::default());
         };
@@ -278,9 +292,9 @@ impl Database {
         let mut checkpoint = Checkpoint {
             log_pages,
             copied,
-            restarted: false,
+            restart: LogRestart::NotTried,
         };
-        if log_pages < RESTART_AFTER_PAGES {
+        if !restart || log_pages < RESTART_AFTER_PAGES {
             return Ok(checkpoint);
         }
         let mut short = ShortWait {
@@ -298,7 +312,10 @@ impl Database {
             .execute(&mut *short.conn)
             .await?;
         short.restored = true;
-        checkpoint.restarted = busy == 0;
+        checkpoint.restart = match busy {
+            0 => LogRestart::Restarted,
+            _ => LogRestart::Busy,
+        };
         Ok(checkpoint)
     }
 

@@ -3,12 +3,12 @@
 //! cars' connectivity in `vehicle_state`, in batches (PostgreSQL `UNNEST` arrays or SQLite
 //! multi-row inserts), idempotent, acknowledging only what is committed.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use ecars_bus::{Bus, BusError, Subscription};
 use ecars_db::rollups::Width;
-use ecars_db::{Database, DbError};
+use ecars_db::{Database, DbError, LogRestart};
 use ecars_model::{ConnectivityEvent, DeadLetter, TelemetryReading};
 use ecars_runtime::settings::{parse_duration, parse_millis};
 use ecars_runtime::writer::{
@@ -207,11 +207,14 @@ async fn checkpoint_every_second(db: Database) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failures = 0u32;
+    let mut restarts = RestartBackoff::default();
     loop {
         every.tick().await;
-        match db.checkpoint().await {
+        let now = Instant::now();
+        match db.checkpoint(restarts.allowed(now)).await {
             Ok(checkpoint) => {
                 failures = 0;
+                restarts.record(checkpoint.restart, now);
                 metrics::gauge!(SQLITE_LOG_PAGES).set(checkpoint.log_pages as f64);
             }
             Err(error) => {
@@ -219,6 +222,38 @@ async fn checkpoint_every_second(db: Database) {
                 if failures.is_power_of_two() {
                     tracing::warn!(%error, failures, "checkpointing the SQLite log failed; trying again");
                 }
+            }
+        }
+    }
+}
+
+/// When the checkpoint's `RESTART` step may run. Each try holds new writers back for up to
+/// [`ecars_db::RESTART_WAIT`]; while a reader that does not end (a long history export) keeps
+/// it out, trying every second would cost every second's commits that wait for nothing. After
+/// a busy try the next waits 2 s, then 4, … up to [`RESTART_BACKOFF_MAX`]; a restart resets it.
+#[derive(Debug, Default)]
+struct RestartBackoff {
+    /// The earliest next try (`None`: any time).
+    not_before: Option<Instant>,
+    /// The wait after the last busy try.
+    wait: Duration,
+}
+
+/// The longest wait between two `RESTART` tries a reader kept out.
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(32);
+
+impl RestartBackoff {
+    fn allowed(&self, now: Instant) -> bool {
+        self.not_before.is_none_or(|at| now >= at)
+    }
+
+    fn record(&mut self, restart: LogRestart, now: Instant) {
+        match restart {
+            LogRestart::NotTried => {}
+            LogRestart::Restarted => *self = RestartBackoff::default(),
+            LogRestart::Busy => {
+                self.wait = (self.wait * 2).clamp(Duration::from_secs(2), RESTART_BACKOFF_MAX);
+                self.not_before = Some(now + self.wait);
             }
         }
     }
@@ -581,6 +616,31 @@ mod tests {
         );
         assert!(delay(&["--batch-ms", "20ms"]).is_err());
         assert!(delay(&["--batch-delay", "2m"]).is_err(), "over a minute");
+    }
+
+    #[test]
+    fn a_restart_a_reader_kept_out_waits_longer_each_time_until_one_succeeds() {
+        let start = Instant::now();
+        let at = |seconds: u64| start + Duration::from_secs(seconds);
+        let mut backoff = RestartBackoff::default();
+        assert!(backoff.allowed(at(0)));
+        backoff.record(LogRestart::NotTried, at(0));
+        assert!(backoff.allowed(at(1)), "a small log asks nothing");
+        backoff.record(LogRestart::Busy, at(1));
+        assert!(!backoff.allowed(at(2)));
+        assert!(backoff.allowed(at(3)), "2 s after the first busy try");
+        backoff.record(LogRestart::Busy, at(3));
+        assert!(!backoff.allowed(at(6)));
+        assert!(backoff.allowed(at(7)), "then 4 s");
+        for n in 0..10 {
+            backoff.record(LogRestart::Busy, at(100 * n));
+        }
+        assert!(!backoff.allowed(at(900 + 31)));
+        assert!(backoff.allowed(at(900 + 32)), "at most 32 s");
+        backoff.record(LogRestart::Restarted, at(932));
+        assert!(backoff.allowed(at(933)), "a restart resets it");
+        backoff.record(LogRestart::Busy, at(933));
+        assert!(backoff.allowed(at(935)), "back to 2 s");
     }
 
     #[test]
