@@ -9,8 +9,9 @@
 //!
 //! Run: `cargo bench -p ecars-e2e --bench pipeline` (options: `--quick`, `--only sqlite|postgres`,
 //! `--without-anomaly`: leave the anomaly worker out, to see what it costs the write path;
-//! `--timeline`: print each second of the latency run, rows committed, their worst latency and
-//! the sensor-row commits' count and mean duration, to see when a run falls behind and why).
+//! `--timeline`: print each second of the latency run, rows committed, their worst latency, the
+//! sensor-row and detector commits' count and mean duration and the rollup batches applied, to
+//! see when a run falls behind and why).
 //! Results are printed and written to `bench-results/pipeline.json`.
 
 use std::time::{Duration, Instant};
@@ -147,6 +148,16 @@ impl Sample {
     }
 }
 
+/// Gives the newest second of `seconds` what the metrics grew by since `last` (the sample that
+/// closed the second before), and makes the sample now the new `last`.
+fn close_second(seconds: &mut [Second], last: &mut Sample) {
+    let sample = Sample::now();
+    if let Some(newest) = seconds.last_mut() {
+        newest.metrics = sample.since(*last);
+    }
+    *last = sample;
+}
+
 async fn latency(
     database_url: &str,
     composition: Composition,
@@ -185,32 +196,27 @@ async fn latency(
                     .iter()
                     .filter(|r| r.date >= measure_from)
                     .map(|r| (now - r.date).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+                let before = samples.len();
+                samples.extend(latencies);
                 if timeline {
                     let second = started.elapsed().as_secs() as usize;
                     while seconds_seen.len() <= second {
-                        // Closes the seconds before: the metrics' growth since the last one.
-                        let sample = Sample::now();
-                        if let Some(previous) = seconds_seen.last_mut() {
-                            previous.metrics = sample.since(last_sample);
-                        }
-                        last_sample = sample;
+                        close_second(&mut seconds_seen, &mut last_sample);
                         seconds_seen.push(Second::default());
                     }
                     let this = &mut seconds_seen[second];
                     this.rows += batch.len() as u64;
-                    let before = samples.len();
-                    samples.extend(latencies);
                     this.max_ms = samples[before..]
                         .iter()
                         .copied()
                         .fold(this.max_ms, f64::max);
-                } else {
-                    samples.extend(latencies);
                 }
             }
             _ => panic!("stalled at {rows}/{total} rows"),
         }
     }
+    // The last second ends with the run.
+    close_second(&mut seconds_seen, &mut last_sample);
     let mean_ms = |seconds: f64, count: f64| {
         if count > 0.0 {
             seconds / count * 1000.0

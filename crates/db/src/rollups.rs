@@ -606,18 +606,18 @@ impl Rollups {
                 // mode), and the lock is taken only to claim the batches and merge. Holding it
                 // across the read made every pass stall the readings' commits for most of a
                 // second (the pipeline benchmark's `--timeline`).
+                let mut conn = pool.acquire().await?;
                 let batches: Vec<(i64, i64, i64)> = sqlx::query_as(
                     "SELECT id, first_row, last_row FROM rollup_batches ORDER BY id LIMIT $1",
                 )
                 .bind(limit)
-                .fetch_all(pool)
+                .fetch_all(&mut *conn)
                 .await?;
                 if batches.is_empty() {
                     return Ok(0);
                 }
                 let sql = format!("SELECT {select} FROM sensor_data WHERE id BETWEEN $1 AND $2");
                 let mut readings = Vec::new();
-                let mut conn = pool.acquire().await?;
                 for (_, first, last) in &batches {
                     for row in sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
                         .bind(first)
