@@ -68,7 +68,14 @@ async fn write_path(db: &Database, cars: u32) -> (f64, f64) {
     }
     let written = (200.0 * f64::from(CARS)) / started.elapsed().as_secs_f64();
     let started = Instant::now();
-    while db.rollups().apply_pending(50).await.expect("the rollups") > 0 {}
+    while db
+        .rollups()
+        .apply_pending(50)
+        .await
+        .expect("the rollups")
+        .batches
+        > 0
+    {}
     let rolled = (200.0 * f64::from(CARS)) / started.elapsed().as_secs_f64();
     (written, rolled)
 }

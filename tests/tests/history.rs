@@ -290,7 +290,7 @@ async fn a_clean_stop_leaves_no_rollup_pending() {
     .unwrap();
     let db = pipeline.shutdown().await.unwrap();
     assert_eq!(
-        db.rollups().apply_pending(1_000).await.unwrap(),
+        db.rollups().apply_pending(1_000).await.unwrap().batches,
         0,
         "none pending"
     );

@@ -343,7 +343,7 @@ async fn retention(db: Database) {
         .await
         .unwrap();
     // The rollups take the batches in, as the persistence worker does within seconds.
-    while db.rollups().apply_pending(1_000).await.unwrap() > 0 {}
+    while db.rollups().apply_pending(1_000).await.unwrap().batches > 0 {}
     let cutoffs = ecars_persist::Cutoffs {
         readings: Some(now - ChronoDuration::days(30)),
         rollups: None,

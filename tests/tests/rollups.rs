@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
-use ecars_db::rollups::{summarise, Rollup, Width};
+use ecars_db::rollups::{summarise, Applied, Rollup, Width};
 use ecars_db::Database;
 use ecars_e2e::PgServer;
 use ecars_model::telemetry::{TelemetryReading, Vin};
@@ -142,6 +142,7 @@ async fn check(
         .apply_pending(7)
         .await
         .map_err(|e| e.to_string())?
+        .batches
         > 0
     {}
     rollups_match_raw_rows(db, case, Some(&all)).await
@@ -307,9 +308,9 @@ async fn concurrent_appliers_count_each_row_once(url: &str, case: u32) {
     }
     let (first, second) = (one.rollups(), two.rollups());
     let (a, b) = tokio::join!(first.apply_pending(10), second.apply_pending(10));
-    let mut applied = a.unwrap() + b.unwrap();
+    let mut applied = a.unwrap().batches + b.unwrap().batches;
     loop {
-        let more = one.rollups().apply_pending(10).await.unwrap();
+        let more = one.rollups().apply_pending(10).await.unwrap().batches;
         if more == 0 {
             break;
         }
@@ -332,4 +333,70 @@ async fn sqlite_concurrent_appliers_count_each_row_once() {
 async fn postgres_concurrent_appliers_count_each_row_once() {
     let server = PgServer::start().expect("throwaway PostgreSQL");
     concurrent_appliers_count_each_row_once(&server.url(), 920_000).await;
+}
+
+/// The batches a process queued are summarised from memory when it applies them; a batch with a
+/// redelivered reading (its summary would count a row the insert skipped) and a batch another
+/// process queued have their rows read back; the rollups equal the raw rows either way, and a
+/// summary kept of a batch another process applied is not applied again.
+async fn summaries_come_from_memory_where_this_process_queued_them(url: &str, case: u32) {
+    let (one, two) = (
+        Database::connect_lazy(url).unwrap(),
+        Database::connect_lazy(url).unwrap(),
+    );
+    one.migrate().await.unwrap();
+    let specs: Vec<Spec> = (0..150)
+        .map(|i| {
+            (
+                i % 3,
+                (i as i64 * 71) % 10_800,
+                Some(i as f64 / 2.0),
+                (i % 4 != 0).then_some(i as f64),
+                i % 5 != 0,
+            )
+        })
+        .collect();
+    let all = readings(case, &specs);
+    for batch in all[..60].chunks(20) {
+        one.sensor_rows().insert(batch).await.unwrap();
+    }
+    let mut again = all[60..90].to_vec();
+    again.push(all[0].clone());
+    assert_eq!(one.sensor_rows().insert(&again).await.unwrap(), 30);
+    two.sensor_rows().insert(&all[90..120]).await.unwrap();
+    assert_eq!(
+        one.rollups().apply_pending(100).await.unwrap(),
+        Applied {
+            batches: 5,
+            from_memory: 3
+        }
+    );
+    rollups_match_raw_rows(&one, case, Some(&all[..120]))
+        .await
+        .unwrap();
+    // `two` still keeps the summary of its batch, which `one` applied.
+    two.sensor_rows().insert(&all[120..]).await.unwrap();
+    assert_eq!(
+        two.rollups().apply_pending(100).await.unwrap(),
+        Applied {
+            batches: 1,
+            from_memory: 1
+        }
+    );
+    rollups_match_raw_rows(&two, case, Some(&all))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn sqlite_summaries_come_from_memory_where_this_process_queued_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("memory.db").display());
+    summaries_come_from_memory_where_this_process_queued_them(&url, 930_000).await;
+}
+
+#[tokio::test]
+async fn postgres_summaries_come_from_memory_where_this_process_queued_them() {
+    let server = PgServer::start().expect("throwaway PostgreSQL");
+    summaries_come_from_memory_where_this_process_queued_them(&server.url(), 940_000).await;
 }

@@ -139,6 +139,8 @@ pub(crate) use on_pool;
 #[derive(Clone, Debug)]
 pub struct Database {
     pool: Pool,
+    /// The minute buckets of the sensor-row batches this process queued for the rollups.
+    queued: std::sync::Arc<rollups::QueuedSummaries>,
 }
 
 /// How long a SQLite statement waits for a lock another connection holds.
@@ -238,7 +240,10 @@ impl Database {
                 redact_url(url)
             )));
         };
-        Ok(Database { pool })
+        Ok(Database {
+            pool,
+            queued: Default::default(),
+        })
     }
 
     /// Which backend, for logs.

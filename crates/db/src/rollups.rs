@@ -13,14 +13,23 @@
 //! half of its throughput where every car has one reading per batch (see
 //! `docs/BENCHMARKS.md`).
 //!
+//! The process that queued a batch keeps its minute buckets in memory ([`QueuedSummaries`],
+//! bounded) until a pass applies it, so a pass reads back only the rows of batches it does not
+//! have: another process's, a batch that had redelivered readings (its summary would count
+//! rows the insert skipped), or one queued before a restart. Reading the rows back and decoding
+//! them was most of a pass's work, and on PostgreSQL each pass stalled the batches' commits
+//! (the pipeline benchmark's `--timeline`). Hours are merged from the minutes.
+//!
 //! A queued batch whose rows retention deleted before it was applied (a worker stopped for
-//! longer than `ECARS_RETENTION`) adds only the rows that remain.
+//! longer than `ECARS_RETENTION`) adds only the rows that remain when it is read back; one
+//! summarised in memory adds all of its readings.
 //!
 //! The merge is associative: a bucket summarised from any split of its readings into batches,
 //! in any order, equals the bucket summarised at once ([`Rollup::merge`] in Rust, and the
 //! upsert's SQL, which mirrors it). Sums are floating point, so equal means equal to rounding.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use ecars_model::{TelemetryReading, Vin};
@@ -242,6 +251,105 @@ pub fn summarise<'a>(
     buckets.into_values().collect()
 }
 
+/// The buckets of both widths from minute buckets (of any batches, in any order): minutes of
+/// one car and minute merge, hours merge the minutes they hold. Sorted by VIN then bucket, the
+/// order every writer upserts them in.
+fn by_width(minutes: impl IntoIterator<Item = Rollup>) -> [(Width, Vec<Rollup>); 2] {
+    let mut merged: BTreeMap<(Vin, DateTime<Utc>), Rollup> = BTreeMap::new();
+    for minute in minutes {
+        match merged.entry((minute.vin.clone(), minute.bucket)) {
+            std::collections::btree_map::Entry::Occupied(mut kept) => kept.get_mut().merge(&minute),
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(minute);
+            }
+        }
+    }
+    let mut hours: BTreeMap<(&Vin, DateTime<Utc>), Rollup> = BTreeMap::new();
+    for ((vin, bucket), minute) in &merged {
+        let hour = Width::Hour.bucket(*bucket);
+        hours
+            .entry((vin, hour))
+            .or_insert_with(|| Rollup::empty(vin.clone(), hour))
+            .merge(minute);
+    }
+    let hours = hours.into_values().collect();
+    [
+        (Width::Minute, merged.into_values().collect()),
+        (Width::Hour, hours),
+    ]
+}
+
+/// The minute buckets this many queued batches may hold in memory at once, all batches
+/// together (about 30 MB); past it, new batches are read back when applied.
+const KEPT_BUCKETS: usize = 100_000;
+
+/// The minute buckets of the batches this process queued and no pass has applied yet, by queue
+/// id: [`Rollups::apply_pending`] merges them instead of reading their rows back.
+#[derive(Debug, Default)]
+pub(crate) struct QueuedSummaries {
+    kept: Mutex<KeptBatches>,
+}
+
+#[derive(Debug, Default)]
+struct KeptBatches {
+    by_id: HashMap<i64, Vec<Rollup>>,
+    buckets: usize,
+}
+
+impl QueuedSummaries {
+    /// Keeps the minute buckets of queued batch `id` (committed), whose rows are exactly
+    /// `readings`; not when [`KEPT_BUCKETS`] are kept already.
+    pub(crate) fn keep(&self, id: i64, readings: &[TelemetryReading]) {
+        let minutes = summarise(Width::Minute, readings);
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.buckets + minutes.len() > KEPT_BUCKETS {
+            return;
+        }
+        kept.buckets += minutes.len();
+        kept.by_id.insert(id, minutes);
+    }
+
+    /// Takes the kept buckets of the batches `ids` (sorted, the queue's oldest first) and
+    /// returns them with the ids it had none for. Batches older than the first of `ids` are
+    /// no longer queued (a batch is kept after it committed, so it was queued when the queue
+    /// was read): another process applied them, and they are dropped.
+    fn take(&self, ids: &[i64]) -> (Vec<Rollup>, Vec<i64>) {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let mut minutes = Vec::new();
+        let mut missing = Vec::new();
+        for id in ids {
+            match kept.by_id.remove(id) {
+                Some(batch) => {
+                    kept.buckets -= batch.len();
+                    minutes.extend(batch);
+                }
+                None => missing.push(*id),
+            }
+        }
+        if let Some(&oldest) = ids.first() {
+            let mut dropped = 0;
+            kept.by_id.retain(|id, batch| {
+                let stale = *id < oldest;
+                if stale {
+                    dropped += batch.len();
+                }
+                !stale
+            });
+            kept.buckets -= dropped;
+        }
+        (minutes, missing)
+    }
+}
+
+/// What one [`Rollups::apply_pending`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Queued batches added to the rollups.
+    pub batches: u64,
+    /// How many of them were summarised from memory (the rest had their rows read back).
+    pub from_memory: u64,
+}
+
 /// The measures with [`Stats`], as their columns are named.
 const MEASURES: [&str; 3] = ["battery", "speed", "range"];
 
@@ -310,37 +418,42 @@ fn on_conflict(table: &str, least: &str, greatest: &str) -> String {
 
 /// Queues the ids of the sensor rows a batch added for the rollups, with the range of their
 /// dates (which days' partitions hold them), inside the batch's transaction (PostgreSQL): one
-/// row per batch, whatever its size, so the write path does not wait for the rollups.
+/// row per batch, whatever its size, so the write path does not wait for the rollups. Returns
+/// the queued batch's id (`None` when the batch added no row).
 pub(crate) async fn queue_pg(
     tx: &mut Transaction<'_, Postgres>,
     added: &[(i64, DateTime<Utc>)],
-) -> Result<(), DbError> {
+) -> Result<Option<i64>, DbError> {
     let dates = added.iter().map(|(_, date)| *date);
     let (Some(first), Some(last)) = (dates.clone().min(), dates.max()) else {
-        return Ok(());
+        return Ok(None);
     };
     let ids: Vec<i64> = added.iter().map(|(id, _)| *id).collect();
-    sqlx::query("INSERT INTO rollup_batches (row_ids, first_date, last_date) VALUES ($1, $2, $3)")
-        .bind(ids)
-        .bind(first)
-        .bind(last)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
+    let id = sqlx::query_scalar(
+        "INSERT INTO rollup_batches (row_ids, first_date, last_date) VALUES ($1, $2, $3)
+         RETURNING id",
+    )
+    .bind(ids)
+    .bind(first)
+    .bind(last)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(Some(id))
 }
 
-/// The same for SQLite, where one writer at a time makes a batch's ids a range.
+/// The same for SQLite, where one writer at a time makes a batch's ids a range. Returns the
+/// queued batch's id.
 pub(crate) async fn queue_sqlite(
     conn: &mut SqliteConnection,
     first: i64,
     last: i64,
-) -> Result<(), DbError> {
-    sqlx::query("INSERT INTO rollup_batches (first_row, last_row) VALUES ($1, $2)")
+) -> Result<i64, DbError> {
+    let queued = sqlx::query("INSERT INTO rollup_batches (first_row, last_row) VALUES ($1, $2)")
         .bind(first)
         .bind(last)
         .execute(&mut *conn)
         .await?;
-    Ok(())
+    Ok(queued.last_insert_rowid())
 }
 
 /// Merges `rollups` into the table of `width` with one `UNNEST` upsert (PostgreSQL).
@@ -552,52 +665,65 @@ impl Rollups {
 
     /// Adds up to `limit` queued batches of sensor rows to the minute and hour rollups, in one
     /// transaction that also takes them off the queue: each row counts once, whichever worker
-    /// applies it, and a crash leaves the batches queued. The rows of many batches of one car
-    /// and minute make one upsert. Returns how many batches were applied; call again while it
-    /// returns `limit`.
-    pub async fn apply_pending(&self, limit: i64) -> Result<u64, DbError> {
+    /// applies it, and a crash leaves the batches queued. The batches this process queued are
+    /// summarised from memory, the others from their rows read back; many batches of one car
+    /// and minute make one upsert. Call again while it applies `limit`.
+    pub async fn apply_pending(&self, limit: i64) -> Result<Applied, DbError> {
         let select = crate::sensor_rows::COLUMNS;
         match &self.db.pool {
             Pool::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
                 // SKIP LOCKED: two workers take different batches instead of waiting.
-                type Queued = (Vec<i64>, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
-                let batches: Vec<Queued> = sqlx::query_as(
+                type Queued = (i64, Vec<i64>, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+                let mut batches: Vec<Queued> = sqlx::query_as(
                     "DELETE FROM rollup_batches WHERE id IN
                        (SELECT id FROM rollup_batches ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
-                     RETURNING row_ids, first_date, last_date",
+                     RETURNING id, row_ids, first_date, last_date",
                 )
                 .bind(limit)
                 .fetch_all(&mut *tx)
                 .await?;
-                let ids: Vec<i64> = batches.iter().flat_map(|b| &b.0).copied().collect();
-                // The days the rows are dated on, so only their partitions are read; a batch
-                // queued before the dates were kept may be on any day.
-                // (None sorts first: any batch without dates leaves the range open.)
-                let first = batches.iter().map(|b| b.1).min().flatten();
-                let last = match batches.iter().all(|b| b.2.is_some()) {
-                    true => batches.iter().map(|b| b.2).max().flatten(),
-                    false => None,
-                };
-                let sql = format!(
-                    "SELECT {select} FROM sensor_data
-                     WHERE id = ANY($1) AND date >= COALESCE($2, '-infinity'::timestamptz)
-                       AND date <= COALESCE($3, 'infinity'::timestamptz)"
-                );
-                let readings = sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(&ids)
-                    .bind(first)
-                    .bind(last)
-                    .fetch_all(&mut *tx)
-                    .await?
+                batches.sort_unstable_by_key(|b| b.0);
+                let ids: Vec<i64> = batches.iter().map(|b| b.0).collect();
+                let (mut minutes, missing) = self.db.queued.take(&ids);
+                let unread: Vec<&Queued> = batches
                     .iter()
-                    .map(crate::sensor_rows::pg_reading)
-                    .collect::<Result<Vec<_>, _>>()?;
-                for width in Width::ALL {
-                    upsert_pg(&mut tx, width, &summarise(width, &readings)).await?;
+                    .filter(|b| missing.binary_search(&b.0).is_ok())
+                    .collect();
+                if !unread.is_empty() {
+                    let rows: Vec<i64> = unread.iter().flat_map(|b| &b.1).copied().collect();
+                    // The days the rows are dated on, so only their partitions are read; a
+                    // batch queued before the dates were kept may be on any day.
+                    // (None sorts first: any batch without dates leaves the range open.)
+                    let first = unread.iter().map(|b| b.2).min().flatten();
+                    let last = match unread.iter().all(|b| b.3.is_some()) {
+                        true => unread.iter().map(|b| b.3).max().flatten(),
+                        false => None,
+                    };
+                    let sql = format!(
+                        "SELECT {select} FROM sensor_data
+                         WHERE id = ANY($1) AND date >= COALESCE($2, '-infinity'::timestamptz)
+                           AND date <= COALESCE($3, 'infinity'::timestamptz)"
+                    );
+                    let readings = sqlx::query(sqlx::AssertSqlSafe(sql))
+                        .bind(&rows)
+                        .bind(first)
+                        .bind(last)
+                        .fetch_all(&mut *tx)
+                        .await?
+                        .iter()
+                        .map(crate::sensor_rows::pg_reading)
+                        .collect::<Result<Vec<_>, _>>()?;
+                    minutes.extend(summarise(Width::Minute, &readings));
+                }
+                for (width, rollups) in by_width(minutes) {
+                    upsert_pg(&mut tx, width, &rollups).await?;
                 }
                 tx.commit().await?;
-                Ok(batches.len() as u64)
+                Ok(Applied {
+                    batches: ids.len() as u64,
+                    from_memory: (ids.len() - missing.len()) as u64,
+                })
             }
             Pool::Sqlite(pool) => {
                 // SQLite has one writer at a time, and every other writer (the sensor rows',
@@ -614,11 +740,13 @@ impl Rollups {
                 .fetch_all(&mut *conn)
                 .await?;
                 if batches.is_empty() {
-                    return Ok(0);
+                    return Ok(Applied::default());
                 }
+                let ids: Vec<i64> = batches.iter().map(|b| b.0).collect();
+                let (mut minutes, missing) = self.db.queued.take(&ids);
                 let sql = format!("SELECT {select} FROM sensor_data WHERE id BETWEEN $1 AND $2");
                 let mut readings = Vec::new();
-                for (_, first, last) in &batches {
+                for (_, first, last) in batches.iter().filter(|b| missing.contains(&b.0)) {
                     for row in sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
                         .bind(first)
                         .bind(last)
@@ -629,30 +757,31 @@ impl Rollups {
                     }
                 }
                 drop(conn);
-                let summaries = Width::ALL.map(|width| (width, summarise(width, &readings)));
-                let ids = serde_json::Value::from(
-                    batches.iter().map(|(id, _, _)| *id).collect::<Vec<_>>(),
-                )
-                .to_string();
+                minutes.extend(summarise(Width::Minute, &readings));
+                let summaries = by_width(minutes);
+                let list = serde_json::Value::from(ids.clone()).to_string();
                 let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
                 let claimed = sqlx::query(
                     "DELETE FROM rollup_batches WHERE id IN (SELECT value FROM json_each($1))",
                 )
-                .bind(ids)
+                .bind(list)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
-                if claimed != batches.len() as u64 {
+                if claimed != ids.len() as u64 {
                     // Another worker on this file applied some of them since they were read:
                     // leave the rest to the next pass, which reads what is still queued.
                     tx.rollback().await?;
-                    return Ok(0);
+                    return Ok(Applied::default());
                 }
                 for (width, rollups) in &summaries {
                     upsert_sqlite(&mut tx, *width, rollups).await?;
                 }
                 tx.commit().await?;
-                Ok(batches.len() as u64)
+                Ok(Applied {
+                    batches: ids.len() as u64,
+                    from_memory: (ids.len() - missing.len()) as u64,
+                })
             }
         }
     }

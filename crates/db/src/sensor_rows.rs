@@ -149,8 +149,9 @@ impl SensorRows {
                     .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
                     .collect::<Result<_, sqlx::Error>>()?;
                 vehicle_states::upsert_pg(&mut tx, readings).await?;
-                rollups::queue_pg(&mut tx, &added).await?;
+                let queued = rollups::queue_pg(&mut tx, &added).await?;
                 tx.commit().await?;
+                self.keep_summary(queued, added.len() as u64, readings);
                 Ok(added.len() as u64)
             }
             Pool::Sqlite(pool) => {
@@ -171,12 +172,25 @@ impl SensorRows {
                 )
                 .await?;
                 vehicle_states::upsert_sqlite(&mut tx, readings).await?;
+                let mut queued = None;
                 if added > 0 {
                     let after: i64 = sqlx::query_scalar(LAST_ID).fetch_one(&mut *tx).await?;
-                    rollups::queue_sqlite(&mut tx, before + 1, after).await?;
+                    queued = Some(rollups::queue_sqlite(&mut tx, before + 1, after).await?);
                 }
                 tx.commit().await?;
+                self.keep_summary(queued, added, readings);
                 Ok(added)
+            }
+        }
+    }
+
+    /// After the commit of a batch queued for the rollups as `queued`: keeps its summary in
+    /// memory when its rows are exactly `readings` (every one was added; a redelivered reading
+    /// would be counted twice), so the rollup pass needn't read them back.
+    fn keep_summary(&self, queued: Option<i64>, added: u64, readings: &[TelemetryReading]) {
+        if let Some(id) = queued {
+            if added == readings.len() as u64 {
+                self.db.queued.keep(id, readings);
             }
         }
     }

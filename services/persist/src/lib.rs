@@ -180,8 +180,11 @@ async fn apply_rollups(db: Database, done: CancellationToken) {
         loop {
             match rollups.apply_pending(ROLLUP_BATCH).await {
                 Ok(applied) => {
-                    metrics::counter!(ROLLUP_APPLIED).increment(applied);
-                    if applied < ROLLUP_BATCH as u64 {
+                    let read_back = applied.batches - applied.from_memory;
+                    metrics::counter!(ROLLUP_APPLIED, "from" => "memory")
+                        .increment(applied.from_memory);
+                    metrics::counter!(ROLLUP_APPLIED, "from" => "rows").increment(read_back);
+                    if applied.batches < ROLLUP_BATCH as u64 {
                         break;
                     }
                 }
@@ -264,7 +267,8 @@ impl RestartBackoff {
 /// reader that never ends).
 pub const SQLITE_LOG_PAGES: &str = "ecars_sqlite_log_pages";
 
-/// Batches of sensor rows added to the rollups.
+/// Batches of sensor rows added to the rollups, by where their summary came from (`from`:
+/// `memory`, this process queued it; `rows`, its rows were read back).
 pub const ROLLUP_APPLIED: &str = "ecars_rollup_batches_applied_total";
 
 /// Sensor-row ids stored before the rollups existed and not yet summarised.
