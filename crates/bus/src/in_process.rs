@@ -52,10 +52,14 @@ type GroupQueue = Arc<tokio::sync::Mutex<mpsc::Receiver<Queued>>>;
 
 #[derive(Clone)]
 struct GroupSender {
-    group: String,
     sender: mpsc::Sender<Queued>,
     /// A consumer group whose acknowledgement the publisher waits for; false for a live tail.
     durable: bool,
+    /// The group's [`BUS_QUEUE_DEPTH`], looked up once: a lookup per record (its labels hashed,
+    /// the group's name copied) was a visible part of a busy `ecars up`'s profile.
+    depth: metrics::Gauge,
+    /// The stream's [`BUS_BACKPRESSURE`].
+    backpressure: metrics::Counter,
 }
 
 #[derive(Default)]
@@ -92,16 +96,11 @@ impl InProcessBus {
         }
     }
 
-    async fn send_to(
-        &self,
-        stream: Stream,
-        target: &GroupSender,
-        item: Queued,
-    ) -> Result<(), BusError> {
+    async fn send_to(&self, target: &GroupSender, item: Queued) -> Result<(), BusError> {
         match target.sender.try_send(item) {
             Ok(()) => {}
             Err(TrySendError::Full(item)) => {
-                metrics::counter!(BUS_BACKPRESSURE, "stream" => stream.name).increment(1);
+                target.backpressure.increment(1);
                 target
                     .sender
                     .send(item)
@@ -110,7 +109,8 @@ impl InProcessBus {
             }
             Err(TrySendError::Closed(_)) => return Err(BusError::Closed),
         }
-        metrics::gauge!(BUS_QUEUE_DEPTH, "stream" => stream.name, "group" => target.group.clone())
+        target
+            .depth
             .set((self.capacity - target.sender.capacity()) as f64);
         Ok(())
     }
@@ -149,7 +149,7 @@ impl Backend for InProcessBus {
             } else {
                 None
             };
-            self.send_to(stream, target, (offset, Arc::clone(&envelope.record), acks))
+            self.send_to(target, (offset, Arc::clone(&envelope.record), acks))
                 .await?;
         }
         // The senders must not outlive the sending: a closed bus ends its subscriptions once
@@ -198,9 +198,10 @@ impl InProcessBus {
                 let queue: GroupQueue = Arc::new(tokio::sync::Mutex::new(receiver));
                 let mut senders = state.senders.as_ref().clone();
                 senders.push(GroupSender {
-                    group: group.to_owned(),
                     sender,
                     durable,
+                    depth: metrics::gauge!(BUS_QUEUE_DEPTH, "stream" => stream.name, "group" => group.to_owned()),
+                    backpressure: metrics::counter!(BUS_BACKPRESSURE, "stream" => stream.name),
                 });
                 state.senders = Arc::new(senders);
                 state.queues.insert(group.to_owned(), Arc::clone(&queue));

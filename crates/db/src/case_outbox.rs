@@ -17,7 +17,7 @@ use serde_json::{json, Map, Value};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use crate::detector_states::{self, StoredState};
-use crate::{from_ms as time, ms, on_pool, Database, DbError, Pool};
+use crate::{from_ms as time, ms, on_pool, on_write_pool, Database, DbError, Pool};
 
 /// Where an outbox row stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
@@ -335,7 +335,7 @@ impl CaseOutbox {
              {drafts_rows}
              {upsert_tail}"
         );
-        on_pool!(self.db, |pool| {
+        on_write_pool!(self.db, |pool| {
             let mut tx = pool.begin().await?;
             sqlx::query(states_sql)
                 .bind(&state_rows)

@@ -123,6 +123,21 @@ enum Pool {
     Sqlite(SqlitePool),
 }
 
+/// [`on_pool!`] for a batch writer's transaction: on SQLite, the writers' own connection
+/// ([`Database`]'s `sqlite_writer`).
+macro_rules! on_write_pool {
+    ($db:expr, |$pool:ident| $body:expr) => {
+        match &$db.pool {
+            $crate::Pool::Postgres($pool) => $body,
+            $crate::Pool::Sqlite($pool) => {
+                let $pool = $db.sqlite_writer.as_ref().unwrap_or($pool);
+                $body
+            }
+        }
+    };
+}
+pub(crate) use on_write_pool;
+
 /// Runs `$body` with `$pool` bound to whichever pool the database has: for SQL written once for
 /// both backends.
 macro_rules! on_pool {
@@ -139,6 +154,12 @@ pub(crate) use on_pool;
 #[derive(Clone, Debug)]
 pub struct Database {
     pool: Pool,
+    /// SQLite: one connection for the batch writers (sensor rows, the detector's states and
+    /// Cases, the rollups). SQLite has one writer at a time anyway, and a connection discards
+    /// its whole page cache whenever another connection wrote since its last transaction: with
+    /// the writers on pooled connections in turn, every batch started cold and read its pages
+    /// back from the files. `None` on PostgreSQL.
+    sqlite_writer: Option<SqlitePool>,
     /// The minute buckets of the sensor-row batches this process queued for the rollups.
     queued: std::sync::Arc<rollups::QueuedSummaries>,
 }
@@ -201,6 +222,7 @@ impl Database {
     /// Connects lazily: no connection is made until first use, so a service can start while the
     /// database is still down and report it on `/readyz`.
     pub fn connect_lazy(url: &str) -> Result<Database, DbError> {
+        let mut sqlite_writer = None;
         let pool = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let options =
                 PgConnectOptions::from_str(url).map_err(|e| DbError::InvalidUrl(e.to_string()))?;
@@ -228,6 +250,14 @@ impl Database {
                 // cut back to this size when it starts over, rather than kept at its largest.
                 .pragma("journal_size_limit", JOURNAL_SIZE_LIMIT.to_string())
                 .busy_timeout(SQLITE_BUSY_TIMEOUT);
+            // Waiting for the writer is waiting for SQLite's write lock, which a batch holds
+            // for its commit: as long as a busy timeout.
+            sqlite_writer = Some(
+                SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(SQLITE_BUSY_TIMEOUT)
+                    .connect_lazy_with(options.clone()),
+            );
             Pool::Sqlite(
                 SqlitePoolOptions::new()
                     .max_connections(4)
@@ -242,6 +272,7 @@ impl Database {
         };
         Ok(Database {
             pool,
+            sqlite_writer,
             queued: Default::default(),
         })
     }
@@ -324,8 +355,11 @@ impl Database {
         Ok(checkpoint)
     }
 
-    /// Closes the pool, waiting for connections to be returned.
+    /// Closes the pools, waiting for connections to be returned.
     pub async fn close(&self) {
+        if let Some(writer) = &self.sqlite_writer {
+            writer.close().await;
+        }
         on_pool!(self, |pool| pool.close().await)
     }
 

@@ -13,7 +13,7 @@
 //! half of its throughput where every car has one reading per batch (see
 //! `docs/BENCHMARKS.md`).
 //!
-//! The process that queued a batch keeps its minute buckets in memory ([`QueuedSummaries`],
+//! The process that queued a batch keeps its minute buckets in memory (`QueuedSummaries`,
 //! bounded) until a pass applies it, so a pass reads back only the rows of batches it does not
 //! have: another process's, a batch that had redelivered readings (its summary would count
 //! rows the insert skipped), or one queued before a restart. Reading the rows back and decoding
@@ -760,7 +760,8 @@ impl Rollups {
                 minutes.extend(summarise(Width::Minute, &readings));
                 let summaries = by_width(minutes);
                 let list = serde_json::Value::from(ids.clone()).to_string();
-                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                let writer = self.db.sqlite_writer.as_ref().unwrap_or(pool);
+                let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
                 let claimed = sqlx::query(
                     "DELETE FROM rollup_batches WHERE id IN (SELECT value FROM json_each($1))",
                 )

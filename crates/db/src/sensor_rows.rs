@@ -155,6 +155,7 @@ impl SensorRows {
                 Ok(added.len() as u64)
             }
             Pool::Sqlite(pool) => {
+                let pool = self.db.sqlite_writer.as_ref().unwrap_or(pool);
                 // One writer at a time, and a new row's id is the greatest so far plus one: the
                 // rows this transaction adds are the ids after the greatest before it (no
                 // RETURNING, which cost SQLite a quarter of its throughput).

@@ -296,14 +296,12 @@ impl Detector {
             while state.battery.front().is_some_and(|p| p.date < oldest) {
                 state.battery.pop_front();
             }
-            if drain.enabled {
+            // Too few points cannot fire: not fitted.
+            if drain.enabled && state.battery.len() >= drain.min_readings {
                 if let Some((rate, span)) = drain_rate(&state.battery) {
                     // "Sustained over the window": the readings must cover most of it.
                     let covered = span >= drain.window.mul_f64(0.75);
-                    if covered
-                        && state.battery.len() >= drain.min_readings
-                        && rate > drain.max_percent_per_minute
-                    {
+                    if covered && rate > drain.max_percent_per_minute {
                         let first = state.battery.front().map_or(percent, |p| p.percent);
                         fired.push((
                             RuleKind::BatteryDrain,
@@ -368,9 +366,12 @@ fn drain_rate(points: &VecDeque<BatteryPoint>) -> Option<(f64, Duration)> {
         return None;
     }
     let n = points.len() as f64;
+    // Minutes since the first point, from integer milliseconds: a chrono subtraction per point
+    // and pass was a visible share of a busy `ecars up`'s profile (every reading refits).
+    let start = first.date.timestamp_millis();
     let xs = points
         .iter()
-        .map(|p| (p.date - first.date).as_seconds_f64() / 60.0);
+        .map(|p| (p.date.timestamp_millis() - start) as f64 / 60_000.0);
     let mean_x = xs.clone().sum::<f64>() / n;
     let mean_y = points.iter().map(|p| p.percent).sum::<f64>() / n;
     let (mut sxy, mut sxx) = (0.0, 0.0);

@@ -729,7 +729,7 @@ impl<'g, B: Broker> Connection<'g, B> {
                 let bus = &self.gateway.bus;
                 match verdict {
                     Verdict::Accepted(reading) => {
-                        metrics::counter!(m::READINGS_RECEIVED).increment(1);
+                        self.gateway.readings.received.increment(1);
                         let owed = Owed {
                             slot: self.answers.await_bus(),
                             qos: publish.qos,
@@ -744,7 +744,7 @@ impl<'g, B: Broker> Connection<'g, B> {
                         letter,
                         reason_code,
                     } => {
-                        metrics::counter!(m::READINGS_RECEIVED).increment(1);
+                        self.gateway.readings.received.increment(1);
                         metrics::counter!(m::READINGS_REJECTED, "reason" => letter.reason.code())
                             .increment(1);
                         self.gateway.log_rejection(&letter);
@@ -912,7 +912,7 @@ impl<'g, B: Broker> Connection<'g, B> {
         let Some(publish) = owed.fanout else {
             return Ok(());
         };
-        metrics::counter!(m::READINGS_ACCEPTED).increment(1);
+        self.gateway.readings.accepted.increment(1);
         let fanout = &self.gateway.fanout;
         if !fanout.wanted(publish.retain) {
             return Ok(());

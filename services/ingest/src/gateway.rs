@@ -68,9 +68,20 @@ pub struct Gateway<B> {
     pub shutdown_farewell: Bytes,
     /// Turns to check an account's password (argon2): one at a time.
     pub password_checks: tokio::sync::Semaphore,
+    /// The counters every reading moves, looked up once rather than per reading.
+    pub(crate) readings: ReadingCounters,
     connected: Mutex<HashMap<String, Held>>,
     sessions: Mutex<Sessions>,
     registrations: AtomicU64,
+}
+
+/// Handles of the per-reading counters ([`crate::metrics`]).
+#[derive(Debug)]
+pub(crate) struct ReadingCounters {
+    /// [`crate::metrics::READINGS_RECEIVED`].
+    pub(crate) received: metrics::Counter,
+    /// [`crate::metrics::READINGS_ACCEPTED`].
+    pub(crate) accepted: metrics::Counter,
 }
 
 impl<B> std::fmt::Debug for Gateway<B> {
@@ -161,6 +172,10 @@ impl<B: Broker> Gateway<B> {
                 ..Sessions::default()
             }),
             registrations: AtomicU64::new(1),
+            readings: ReadingCounters {
+                received: metrics::counter!(crate::metrics::READINGS_RECEIVED),
+                accepted: metrics::counter!(crate::metrics::READINGS_ACCEPTED),
+            },
         }
     }
 
