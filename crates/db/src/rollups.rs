@@ -283,8 +283,19 @@ fn by_width(minutes: impl IntoIterator<Item = Rollup>) -> [(Width, Vec<Rollup>);
 /// together (about 30 MB); past it, new batches are read back when applied.
 const KEPT_BUCKETS: usize = 100_000;
 
-/// The minute buckets of the batches this process queued and no pass has applied yet, by queue
-/// id: [`Rollups::apply_pending`] merges them instead of reading their rows back.
+/// A queued batch of sensor rows: its queue id and the first row id it added. SQLite reuses a
+/// deleted greatest id, so the id alone could name another process's batch after this one was
+/// applied elsewhere; with its first row, it cannot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct QueuedBatch {
+    /// `rollup_batches.id`.
+    pub(crate) id: i64,
+    /// The least `sensor_data.id` of its rows.
+    pub(crate) first_row: i64,
+}
+
+/// The minute buckets of the batches this process queued and no pass has applied yet:
+/// [`Rollups::apply_pending`] merges them instead of reading their rows back.
 #[derive(Debug, Default)]
 pub(crate) struct QueuedSummaries {
     kept: Mutex<KeptBatches>,
@@ -292,46 +303,48 @@ pub(crate) struct QueuedSummaries {
 
 #[derive(Debug, Default)]
 struct KeptBatches {
-    by_id: HashMap<i64, Vec<Rollup>>,
+    batches: HashMap<QueuedBatch, Vec<Rollup>>,
     buckets: usize,
 }
 
 impl QueuedSummaries {
-    /// Keeps the minute buckets of queued batch `id` (committed), whose rows are exactly
-    /// `readings`; not when [`KEPT_BUCKETS`] are kept already.
-    pub(crate) fn keep(&self, id: i64, readings: &[TelemetryReading]) {
+    /// Keeps the minute buckets of `batch` (committed), whose rows are exactly `readings`; not
+    /// when [`KEPT_BUCKETS`] are kept already.
+    pub(crate) fn keep(&self, batch: QueuedBatch, readings: &[TelemetryReading]) {
         let minutes = summarise(Width::Minute, readings);
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         if kept.buckets + minutes.len() > KEPT_BUCKETS {
             return;
         }
         kept.buckets += minutes.len();
-        kept.by_id.insert(id, minutes);
+        if let Some(replaced) = kept.batches.insert(batch, minutes) {
+            kept.buckets -= replaced.len();
+        }
     }
 
-    /// Takes the kept buckets of the batches `ids` (sorted, the queue's oldest first) and
-    /// returns them with the ids it had none for. Batches older than the first of `ids` are
-    /// no longer queued (a batch is kept after it committed, so it was queued when the queue
-    /// was read): another process applied them, and they are dropped.
-    fn take(&self, ids: &[i64]) -> (Vec<Rollup>, Vec<i64>) {
+    /// Takes the kept buckets of `listed` (the queue's oldest batches, by id) and returns them
+    /// with the batches it had none for. Kept batches up to the last listed id that are not
+    /// listed are dropped: another process applied them, or (PostgreSQL) they committed after
+    /// the queue was read, and a later pass reads their rows back.
+    fn take(&self, listed: &[QueuedBatch]) -> (Vec<Rollup>, Vec<QueuedBatch>) {
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         let mut minutes = Vec::new();
         let mut missing = Vec::new();
-        for id in ids {
-            match kept.by_id.remove(id) {
-                Some(batch) => {
-                    kept.buckets -= batch.len();
-                    minutes.extend(batch);
+        for batch in listed {
+            match kept.batches.remove(batch) {
+                Some(buckets) => {
+                    kept.buckets -= buckets.len();
+                    minutes.extend(buckets);
                 }
-                None => missing.push(*id),
+                None => missing.push(*batch),
             }
         }
-        if let Some(&oldest) = ids.first() {
+        if let Some(last) = listed.iter().map(|b| b.id).max() {
             let mut dropped = 0;
-            kept.by_id.retain(|id, batch| {
-                let stale = *id < oldest;
+            kept.batches.retain(|batch, buckets| {
+                let stale = batch.id <= last;
                 if stale {
-                    dropped += batch.len();
+                    dropped += buckets.len();
                 }
                 !stale
             });
@@ -684,11 +697,17 @@ impl Rollups {
                 .fetch_all(&mut *tx)
                 .await?;
                 batches.sort_unstable_by_key(|b| b.0);
-                let ids: Vec<i64> = batches.iter().map(|b| b.0).collect();
-                let (mut minutes, missing) = self.db.queued.take(&ids);
+                let listed: Vec<QueuedBatch> = batches
+                    .iter()
+                    .map(|b| QueuedBatch {
+                        id: b.0,
+                        first_row: b.1.iter().copied().min().unwrap_or_default(),
+                    })
+                    .collect();
+                let (mut minutes, missing) = self.db.queued.take(&listed);
                 let unread: Vec<&Queued> = batches
                     .iter()
-                    .filter(|b| missing.binary_search(&b.0).is_ok())
+                    .filter(|b| missing.iter().any(|m| m.id == b.0))
                     .collect();
                 if !unread.is_empty() {
                     let rows: Vec<i64> = unread.iter().flat_map(|b| &b.1).copied().collect();
@@ -721,8 +740,8 @@ impl Rollups {
                 }
                 tx.commit().await?;
                 Ok(Applied {
-                    batches: ids.len() as u64,
-                    from_memory: (ids.len() - missing.len()) as u64,
+                    batches: listed.len() as u64,
+                    from_memory: (listed.len() - missing.len()) as u64,
                 })
             }
             Pool::Sqlite(pool) => {
@@ -743,10 +762,17 @@ impl Rollups {
                     return Ok(Applied::default());
                 }
                 let ids: Vec<i64> = batches.iter().map(|b| b.0).collect();
-                let (mut minutes, missing) = self.db.queued.take(&ids);
+                let listed: Vec<QueuedBatch> = batches
+                    .iter()
+                    .map(|&(id, first_row, _)| QueuedBatch { id, first_row })
+                    .collect();
+                let (mut minutes, missing) = self.db.queued.take(&listed);
                 let sql = format!("SELECT {select} FROM sensor_data WHERE id BETWEEN $1 AND $2");
                 let mut readings = Vec::new();
-                for (_, first, last) in batches.iter().filter(|b| missing.contains(&b.0)) {
+                for (_, first, last) in batches
+                    .iter()
+                    .filter(|b| missing.iter().any(|m| m.id == b.0))
+                {
                     for row in sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
                         .bind(first)
                         .bind(last)

@@ -149,7 +149,13 @@ impl SensorRows {
                     .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
                     .collect::<Result<_, sqlx::Error>>()?;
                 vehicle_states::upsert_pg(&mut tx, readings).await?;
-                let queued = rollups::queue_pg(&mut tx, &added).await?;
+                let queued =
+                    rollups::queue_pg(&mut tx, &added)
+                        .await?
+                        .map(|id| rollups::QueuedBatch {
+                            id,
+                            first_row: added.iter().map(|(row, _)| *row).min().unwrap_or_default(),
+                        });
                 tx.commit().await?;
                 self.keep_summary(queued, added.len() as u64, readings);
                 Ok(added.len() as u64)
@@ -176,7 +182,10 @@ impl SensorRows {
                 let mut queued = None;
                 if added > 0 {
                     let after: i64 = sqlx::query_scalar(LAST_ID).fetch_one(&mut *tx).await?;
-                    queued = Some(rollups::queue_sqlite(&mut tx, before + 1, after).await?);
+                    queued = Some(rollups::QueuedBatch {
+                        id: rollups::queue_sqlite(&mut tx, before + 1, after).await?,
+                        first_row: before + 1,
+                    });
                 }
                 tx.commit().await?;
                 self.keep_summary(queued, added, readings);
@@ -188,10 +197,15 @@ impl SensorRows {
     /// After the commit of a batch queued for the rollups as `queued`: keeps its summary in
     /// memory when its rows are exactly `readings` (every one was added; a redelivered reading
     /// would be counted twice), so the rollup pass needn't read them back.
-    fn keep_summary(&self, queued: Option<i64>, added: u64, readings: &[TelemetryReading]) {
-        if let Some(id) = queued {
+    fn keep_summary(
+        &self,
+        queued: Option<rollups::QueuedBatch>,
+        added: u64,
+        readings: &[TelemetryReading],
+    ) {
+        if let Some(batch) = queued {
             if added == readings.len() as u64 {
-                self.db.queued.keep(id, readings);
+                self.db.queued.keep(batch, readings);
             }
         }
     }
