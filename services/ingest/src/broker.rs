@@ -18,12 +18,11 @@ use std::time::Duration;
 
 use ecars_model::telemetry::TelemetryTopic;
 use rand::distr::{Alphanumeric, SampleString};
-use rumqttd::local::LinkTx;
 use rumqttd::protocol::{Packet, Publish, PublishProperties};
 use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::codec::{packet_type, FrameReader, PacketType, Version};
 use crate::connection::{Broker, BrokerLink, ConnectRequest, LinkError};
@@ -77,8 +76,17 @@ const FANOUT_BATCH: usize = 1024;
 /// match a telemetry topic. Retained readings always go, so a later subscriber finds them.
 #[derive(Clone, Debug)]
 pub struct TelemetryFanout {
-    queue: mpsc::Sender<Packet>,
+    queue: mpsc::Sender<QueuedPublish>,
     subscriptions: Arc<TelemetrySubscriptions>,
+}
+
+/// A PUBLISH waiting for the router, and who waits for it to be there.
+#[derive(Debug)]
+struct QueuedPublish {
+    packet: Packet,
+    /// Fired once the packet is in the router's event channel (a retained message's PUBACK
+    /// waits for it).
+    in_router: Option<oneshot::Sender<()>>,
 }
 
 /// Which sessions hold a subscription that can match a telemetry topic.
@@ -199,7 +207,9 @@ impl TelemetryFanout {
     }
 
     /// Queues one accepted PUBLISH (topic, payload, retain flag and MQTT 5 properties are kept)
-    /// for the broker's subscribers; waits while the queue is full.
+    /// for the broker's subscribers; waits while the queue is full. A retained one is waited
+    /// for until it is in the router: the router takes events in order, so a SUBSCRIBE that
+    /// reaches it afterwards (a client that saw the PUBACK) is sent the retained message.
     pub async fn publish(
         &self,
         topic: bytes::Bytes,
@@ -207,30 +217,48 @@ impl TelemetryFanout {
         retain: bool,
         properties: Option<PublishProperties>,
     ) -> Result<(), FanoutClosed> {
-        let publish = Publish::new(topic, payload, retain);
-        self.queue
-            .send(Packet::Publish(publish, properties))
-            .await
-            .map_err(|_| FanoutClosed)
+        let (in_router, delivered) = if retain {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let queued = QueuedPublish {
+            packet: Packet::Publish(Publish::new(topic, payload, retain), properties),
+            in_router,
+        };
+        self.queue.send(queued).await.map_err(|_| FanoutClosed)?;
+        match delivered {
+            Some(delivered) => delivered.await.map_err(|_| FanoutClosed),
+            None => Ok(()),
+        }
     }
 
-    /// Moves queued packets into the router's link, a batch per wake-up, on its own thread:
-    /// the link's send blocks when the router's event channel is full.
+    /// Moves queued packets into the router, a batch per wake-up, on its own thread:
+    /// `into_router` blocks when the router's event channel is full, and says whether the router
+    /// is still there.
     fn forward(
-        runtime: tokio::runtime::Handle,
-        mut link: LinkTx,
-        mut queue: mpsc::Receiver<Packet>,
+        mut queue: mpsc::Receiver<QueuedPublish>,
+        mut into_router: impl FnMut(&mut Vec<Packet>) -> bool,
     ) {
         let mut batch = Vec::with_capacity(FANOUT_BATCH);
+        let mut packets = Vec::with_capacity(FANOUT_BATCH);
+        let mut waiting = Vec::new();
         while queue.blocking_recv_many(&mut batch, FANOUT_BATCH) > 0 {
-            let Some(last) = batch.pop() else { continue };
-            link.buffer().extend(batch.drain(..));
-            // One event makes the router take everything in the link's buffer.
-            if runtime.block_on(link.send(last)).is_err() {
+            for queued in batch.drain(..) {
+                packets.push(queued.packet);
+                waiting.extend(queued.in_router);
+            }
+            if !into_router(&mut packets) {
                 tracing::error!(
                     "embedded broker's router stopped: MQTT subscribers get no telemetry"
                 );
                 return;
+            }
+            packets.clear();
+            for in_router in waiting.drain(..) {
+                // The publisher may have gone; then nobody is waiting.
+                let _ = in_router.send(());
             }
         }
     }
@@ -261,7 +289,7 @@ impl EmbeddedBroker {
         let mut broker = rumqttd::Broker::new(config);
         // The link never subscribes, so nothing arrives on its receiving half; it is kept open
         // (moved into the fan-out thread) so the router never sees it disconnect.
-        let (link, link_rx) = broker
+        let (mut link, link_rx) = broker
             .link("ecars-gateway-fanout")
             .map_err(|e| BrokerError::Start(format!("fan-out link: {e}")))?;
         std::thread::Builder::new()
@@ -277,7 +305,14 @@ impl EmbeddedBroker {
         std::thread::Builder::new()
             .name("mqtt-fanout".into())
             .spawn(move || {
-                TelemetryFanout::forward(runtime, link, queued);
+                TelemetryFanout::forward(queued, |packets| {
+                    let Some(last) = packets.pop() else {
+                        return true;
+                    };
+                    link.buffer().extend(packets.drain(..));
+                    // One event makes the router take everything in the link's buffer.
+                    runtime.block_on(link.send(last)).is_ok()
+                });
                 drop(link_rx);
             })
             .map_err(|e| BrokerError::Start(e.to_string()))?;
@@ -457,6 +492,48 @@ mod tests {
             queue: mpsc::channel(1).0,
             subscriptions: Arc::default(),
         }
+    }
+
+    /// A retained reading's PUBLISH returns only once the router has it (its PUBACK waits for
+    /// that); another returns once queued.
+    #[tokio::test]
+    async fn a_retained_reading_is_published_once_it_is_in_the_router() {
+        let (queue, queued) = mpsc::channel(8);
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (router, routed) = std::sync::mpsc::channel::<usize>();
+        let forward = std::thread::spawn(move || {
+            TelemetryFanout::forward(queued, |packets| {
+                // The router takes nothing until the test lets it.
+                released.recv().is_ok() && router.send(packets.len()).is_ok()
+            })
+        });
+        let fanout = TelemetryFanout {
+            queue,
+            subscriptions: Arc::default(),
+        };
+        let publish = |retain| {
+            let fanout = fanout.clone();
+            async move {
+                let topic = bytes::Bytes::from_static(b"vehicles/1HGCM82633A004352/telemetry");
+                let payload = bytes::Bytes::from_static(br#"{"battery":80}"#);
+                fanout.publish(topic, payload, retain, None).await
+            }
+        };
+        publish(false).await.expect("queued without the router");
+        let mut retained = tokio::spawn(publish(true));
+        let early = tokio::time::timeout(Duration::from_millis(300), &mut retained).await;
+        assert!(early.is_err(), "returned before the router had it");
+        release.send(()).unwrap();
+        let mut in_router = routed.recv().unwrap();
+        if in_router < 2 {
+            release.send(()).unwrap();
+            in_router += routed.recv().unwrap();
+        }
+        assert_eq!(in_router, 2);
+        retained.await.unwrap().expect("in the router");
+        drop(fanout);
+        drop(release);
+        forward.join().unwrap();
     }
 
     #[test]

@@ -907,20 +907,35 @@ impl<'g, B: Broker> Connection<'g, B> {
             }
             _ => None,
         };
+        if owed.fanout.is_some() {
+            self.gateway.readings.accepted.increment(1);
+        }
+        let fanout = &self.gateway.fanout;
+        let publish = owed.fanout.filter(|publish| fanout.wanted(publish.retain));
+        // A retained reading is in the router before its acknowledgement goes out, so a client
+        // that subscribes after seeing it is sent the reading. Others are answered first: the
+        // fan-out's queue may make this wait.
+        let (before, after) = match publish {
+            Some(publish) if publish.retain => (Some(publish), None),
+            publish => (None, publish),
+        };
+        if let Some(publish) = before {
+            self.fan_out(publish).await?;
+        }
         self.answers.bus_done(owed.slot, answer);
         self.answers.take_ready(&mut out.buffer);
-        let Some(publish) = owed.fanout else {
-            return Ok(());
-        };
-        self.gateway.readings.accepted.increment(1);
-        let fanout = &self.gateway.fanout;
-        if !fanout.wanted(publish.retain) {
-            return Ok(());
+        if let Some(publish) = after {
+            self.fan_out(publish).await?;
         }
+        Ok(())
+    }
+
+    /// Hands an accepted reading to the broker's MQTT subscribers.
+    async fn fan_out(&self, publish: PublishView) -> Result<(), Ended> {
         let properties = publish.properties()?;
         // Boxed: only readings someone subscribed to take this path, and its future (a whole
         // broker packet on its way into a channel) would otherwise sit in every car's task.
-        Box::pin(fanout.publish(
+        Box::pin(self.gateway.fanout.publish(
             publish.topic_bytes,
             publish.payload,
             publish.retain,
