@@ -21,8 +21,37 @@ use ecars_runtime::settings::defaults;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// A free TCP port on loopback (bound, then released).
+/// A free TCP port on loopback for a process the test starts (bound, then released; the
+/// process binds it again).
+///
+/// Taken below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`): a released port
+/// of that range can meanwhile become the local port of any outgoing connection (a test with
+/// 1,000 cars makes thousands) or of another `bind` to port 0, and the process then fails with
+/// "address in use" (seen in CI). Each port is handed out once per test process.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOWEST: u32 = 10_000;
+    static TRIED: AtomicU32 = AtomicU32::new(0);
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if ephemeral > LOWEST + 1_000 {
+        let span = ephemeral - LOWEST;
+        // Test processes run one after another; a start of their own keeps one from meeting
+        // the ports the previous one left in TIME_WAIT or to its children still stopping.
+        let start = std::process::id().wrapping_mul(7_919) % span;
+        for _ in 0..span {
+            let n = TRIED.fetch_add(1, Ordering::Relaxed);
+            let port = LOWEST + (start + n) % span;
+            let Ok(port) = u16::try_from(port) else {
+                continue;
+            };
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

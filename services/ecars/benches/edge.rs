@@ -30,14 +30,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const ECARS: &str = env!("CARGO_BIN_EXE_ecars");
+use ecars_e2e::free_port;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+const ECARS: &str = env!("CARGO_BIN_EXE_ecars");
 
 /// A broker under test, in its own process.
 struct Broker {
