@@ -885,64 +885,62 @@ impl<'g, B: Broker> Connection<'g, B> {
         out: &mut ClientWriter<W>,
     ) -> Result<(), Ended> {
         result?;
-        let version = self.request.version;
-        let answer = match owed.qos {
-            1 => Some(ack_packet(
-                PacketType::PubAck,
-                owed.pkid,
-                version,
-                owed.reason,
-            )),
-            2 => {
-                // MQTT 5 ends the exchange at a failing PUBREC; otherwise a PUBREL follows.
-                if owed.reason < 0x80 || version == Version::V4 {
-                    self.releases.hold(owed.pkid);
-                }
-                Some(ack_packet(
-                    PacketType::PubRec,
-                    owed.pkid,
-                    version,
-                    owed.reason,
-                ))
-            }
-            _ => None,
-        };
         if owed.fanout.is_some() {
             self.gateway.readings.accepted.increment(1);
         }
         let fanout = &self.gateway.fanout;
         let publish = owed.fanout.filter(|publish| fanout.wanted(publish.retain));
-        // A retained reading is in the router before its acknowledgement goes out, so a client
-        // that subscribes after seeing it is sent the reading. Others are answered first: the
-        // fan-out's queue may make this wait.
-        let (before, after) = match publish {
-            Some(publish) if publish.retain => (Some(publish), None),
-            publish => (None, publish),
-        };
-        if let Some(publish) = before {
-            self.fan_out(publish).await?;
-        }
-        self.answers.bus_done(owed.slot, answer);
-        self.answers.take_ready(&mut out.buffer);
-        if let Some(publish) = after {
-            self.fan_out(publish).await?;
+        // Boxed: only readings someone subscribed to take this path, and its future (a whole
+        // broker packet on its way into a channel) would otherwise sit in every car's task.
+        match publish {
+            // In the router before its acknowledgement goes out, so a client that subscribes
+            // after seeing it is sent the reading.
+            Some(retained) if retained.retain => {
+                Box::pin(self.fan_out(retained)).await?;
+                self.answer(owed.slot, owed.qos, owed.pkid, owed.reason, out);
+            }
+            // Answered first: the fan-out's queue may make this wait.
+            publish => {
+                self.answer(owed.slot, owed.qos, owed.pkid, owed.reason, out);
+                if let Some(publish) = publish {
+                    Box::pin(self.fan_out(publish)).await?;
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Acknowledges an admitted PUBLISH (QoS 1: PUBACK; QoS 2: PUBREC) in its turn.
+    fn answer<W>(&mut self, slot: u64, qos: u8, pkid: u16, reason: u8, out: &mut ClientWriter<W>) {
+        let version = self.request.version;
+        let answer = match qos {
+            1 => Some(ack_packet(PacketType::PubAck, pkid, version, reason)),
+            2 => {
+                // MQTT 5 ends the exchange at a failing PUBREC; otherwise a PUBREL follows.
+                if reason < 0x80 || version == Version::V4 {
+                    self.releases.hold(pkid);
+                }
+                Some(ack_packet(PacketType::PubRec, pkid, version, reason))
+            }
+            _ => None,
+        };
+        self.answers.bus_done(slot, answer);
+        self.answers.take_ready(&mut out.buffer);
     }
 
     /// Hands an accepted reading to the broker's MQTT subscribers.
     async fn fan_out(&self, publish: PublishView) -> Result<(), Ended> {
         let properties = publish.properties()?;
-        // Boxed: only readings someone subscribed to take this path, and its future (a whole
-        // broker packet on its way into a channel) would otherwise sit in every car's task.
-        Box::pin(self.gateway.fanout.publish(
-            publish.topic_bytes,
-            publish.payload,
-            publish.retain,
-            properties,
-        ))
-        .await
-        .map_err(|e| Ended::Broker(LinkError::Protocol(e.to_string())))
+        self.gateway
+            .fanout
+            .publish(
+                publish.topic_bytes,
+                publish.payload,
+                publish.retain,
+                properties,
+            )
+            .await
+            .map_err(|e| Ended::Broker(LinkError::Protocol(e.to_string())))
     }
 
     /// One packet from the broker: an answer takes its slot; anything else goes to the client.
