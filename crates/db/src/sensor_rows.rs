@@ -168,12 +168,17 @@ impl SensorRows {
                 const LAST_ID: &str = "SELECT COALESCE(MAX(id), 0) FROM sensor_data";
                 let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
                 let before: i64 = sqlx::query_scalar(LAST_ID).fetch_one(&mut *tx).await?;
+                // OR IGNORE: the only constraint a row can break is the event id's uniqueness
+                // (the NOT NULL columns are bound from required fields), where it does what
+                // ON CONFLICT DO NOTHING does. A statement that can abort instead (a NOT NULL
+                // check's default) makes SQLite copy every page it changes into a statement
+                // journal first, to undo it alone: a quarter more CPU per batch, measured.
                 let added = sqlite_insert_in(
                     &mut tx,
-                    r#"INSERT INTO sensor_data
+                    r#"INSERT OR IGNORE INTO sensor_data
                          (event_id, received_at, vin, name, profile, "range", mpge, battery,
                           malfunction, speed, latitude, longitude, date) "#,
-                    " ON CONFLICT (event_id) DO NOTHING",
+                    "",
                     readings,
                     push_reading,
                 )

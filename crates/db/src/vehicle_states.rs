@@ -178,7 +178,13 @@ pub(crate) async fn upsert_sqlite(
     static STATEMENT: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
     let (insert, on_conflict) = STATEMENT.get_or_init(|| {
         (
-            format!("INSERT INTO vehicle_state ({}) ", reading_columns()),
+            // OR IGNORE for the one constraint besides the key, the VIN's NOT NULL (bound from
+            // a required field): a statement that cannot abort needs no statement journal
+            // (see the sensor rows' insert). The key's conflict is the upsert's.
+            format!(
+                "INSERT OR IGNORE INTO vehicle_state ({}) ",
+                reading_columns()
+            ),
             on_conflict("MAX"),
         )
     });

@@ -50,6 +50,11 @@ pub struct VehicleState {
     pub last_date: Option<DateTime<Utc>>,
     /// Battery levels inside the drain window.
     battery: VecDeque<BatteryPoint>,
+    /// The drain fitted to `battery` as it is, while it is unchanged: a car reporting many
+    /// times a second adds a point every fraction of the window, and refitting the whole
+    /// window for every reading in between was most of the detector's own CPU. Not stored.
+    #[serde(skip)]
+    fitted: Option<Option<(f64, Duration)>>,
     /// Open episodes, one per rule at most.
     pub episodes: BTreeMap<RuleKind, Episode>,
 }
@@ -282,6 +287,7 @@ impl Detector {
                 .battery
                 .back()
                 .is_none_or(|last| reading.date - last.date >= resolution);
+            let points = state.battery.len();
             if spaced {
                 // Kept to a thousandth of a percent: a car's 87.53333333333333 is 17 digits in
                 // the stored state, rewritten for the car with every batch (a full window was
@@ -296,9 +302,15 @@ impl Detector {
             while state.battery.front().is_some_and(|p| p.date < oldest) {
                 state.battery.pop_front();
             }
+            if spaced || state.battery.len() != points {
+                state.fitted = None;
+            }
             // Too few points cannot fire: not fitted.
             if drain.enabled && state.battery.len() >= drain.min_readings {
-                if let Some((rate, span)) = drain_rate(&state.battery) {
+                let fitted = *state
+                    .fitted
+                    .get_or_insert_with(|| drain_rate(&state.battery));
+                if let Some((rate, span)) = fitted {
                     // "Sustained over the window": the readings must cover most of it.
                     let covered = span >= drain.window.mul_f64(0.75);
                     if covered && rate > drain.max_percent_per_minute {
@@ -498,6 +510,36 @@ mod tests {
         // One reading every 20 s: at most 4 in a 60 s window, under the 5 required.
         let changes = drive(&detector, &mut state, 0, 600, 20, 90.0, 5.0);
         assert!(opened(&changes).is_empty(), "{changes:?}");
+    }
+
+    /// A car reporting ten times a second, its state kept in memory between readings (the fit
+    /// reused while the window is unchanged) and its state stored and loaded before every
+    /// reading (fitted afresh each time), gives the same changes; the drain does fire.
+    #[test]
+    fn a_reused_fit_decides_as_a_fresh_one() {
+        let detector = Detector::new(RuleSet::default());
+        let (mut kept, mut stored) = (VehicleState::default(), String::new());
+        let (mut from_kept, mut from_stored) = (Vec::new(), Vec::new());
+        for tenth in 0..12_000 {
+            let battery = 90.0 - 3.0 * f64::from(tenth) / 600.0;
+            let mut r = reading(0, battery, false);
+            r.date += TimeDelta::milliseconds(i64::from(tenth) * 100);
+            from_kept.extend(detector.observe(&mut kept, &r));
+            let mut loaded: VehicleState = match stored.as_str() {
+                "" => VehicleState::default(),
+                json => serde_json::from_str(json).unwrap(),
+            };
+            from_stored.extend(detector.observe(&mut loaded, &r));
+            stored = serde_json::to_string(&loaded).unwrap();
+        }
+        assert_eq!(opened(&from_kept), vec![RuleKind::BatteryDrain]);
+        let dates = |changes: &[EpisodeChange]| {
+            changes
+                .iter()
+                .map(|c| (c.kind, c.episode.last_fired_at, c.episode.firings))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(dates(&from_kept), dates(&from_stored));
     }
 
     #[test]

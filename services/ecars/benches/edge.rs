@@ -23,7 +23,8 @@
 //!   (`--quick`: 200 cars, 1,000/s, 100 sockets, 2 minutes).
 //!
 //! Run: `cargo bench -p ecars --bench edge` (`-- --quick` for shorter runs, `-- --only
-//! idle|rate|overload|tls|soak`). Needs Debian's `mosquitto` (`apt-get install mosquitto`; installing it
+//! idle|rate|overload|tls|soak`; `-- --ecars-only` leaves mosquitto out of the rate run, to compare
+//! builds of ecars in turns). Needs Debian's `mosquitto` (`apt-get install mosquitto`; installing it
 //! starts no daemon) and `prlimit` (util-linux).
 
 use std::io::{BufRead, BufReader, Write};
@@ -382,16 +383,17 @@ fn idle(quick: bool) {
     }
 }
 
-fn rate(quick: bool) {
+fn rate(quick: bool, ecars_only: bool) {
     let (cars, rate, seconds) = (100u32, 40_000u32, if quick { 20 } else { 60 });
     println!(
         "\n## rate: {cars} cars, {rate} QoS 1 readings/s for {seconds} s, one `#` subscriber\n"
     );
     println!("| broker | acknowledged | delivered to `#` | stored | PUBACK p50 / p99 | to subscriber p50 / p99 | CPU | CPU per 1,000/s |");
     println!("|---|---|---|---|---|---|---|---|");
-    for make in [Broker::mosquitto as fn() -> Broker, Broker::ecars] {
-        run_load(make(), cars, rate, seconds, 64, false, &[]);
+    if !ecars_only {
+        run_load(Broker::mosquitto(), cars, rate, seconds, 64, false, &[]);
     }
+    run_load(Broker::ecars(), cars, rate, seconds, 64, false, &[]);
 }
 
 fn tls(quick: bool) {
@@ -552,7 +554,7 @@ fn main() {
         idle(quick);
     }
     if wanted("rate") {
-        rate(quick);
+        rate(quick, args.iter().any(|a| a == "--ecars-only"));
     }
     if wanted("overload") {
         overload(quick);
