@@ -180,6 +180,25 @@ impl TelemetryFanout {
         }
     }
 
+    /// A fan-out into a router played by the test: each batch waits for a `()` on `release`
+    /// before the router takes it, then its number of packets is sent on `routed`.
+    #[cfg(test)]
+    pub(crate) fn held_by_test(
+        release: std::sync::mpsc::Receiver<()>,
+        routed: std::sync::mpsc::Sender<usize>,
+    ) -> TelemetryFanout {
+        let (queue, queued) = mpsc::channel(8);
+        std::thread::spawn(move || {
+            TelemetryFanout::forward(queued, |packets| {
+                release.recv().is_ok() && routed.send(packets.len()).is_ok()
+            })
+        });
+        TelemetryFanout {
+            queue,
+            subscriptions: Arc::default(),
+        }
+    }
+
     /// Registers a client connection. A clean session starts without the subscriptions a
     /// previous session of the same client id held.
     pub fn session(&self, client_id: &str, clean_session: bool) -> SubscriberSession {
@@ -498,19 +517,10 @@ mod tests {
     /// that); another returns once queued.
     #[tokio::test]
     async fn a_retained_reading_is_published_once_it_is_in_the_router() {
-        let (queue, queued) = mpsc::channel(8);
         let (release, released) = std::sync::mpsc::channel::<()>();
         let (router, routed) = std::sync::mpsc::channel::<usize>();
-        let forward = std::thread::spawn(move || {
-            TelemetryFanout::forward(queued, |packets| {
-                // The router takes nothing until the test lets it.
-                released.recv().is_ok() && router.send(packets.len()).is_ok()
-            })
-        });
-        let fanout = TelemetryFanout {
-            queue,
-            subscriptions: Arc::default(),
-        };
+        // The router takes nothing until the test lets it.
+        let fanout = TelemetryFanout::held_by_test(released, router);
         let publish = |retain| {
             let fanout = fanout.clone();
             async move {
@@ -531,9 +541,6 @@ mod tests {
         }
         assert_eq!(in_router, 2);
         retained.await.unwrap().expect("in the router");
-        drop(fanout);
-        drop(release);
-        forward.join().unwrap();
     }
 
     #[test]

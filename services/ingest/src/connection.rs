@@ -1325,6 +1325,19 @@ mod tests {
         max_keep_alive: Option<Duration>,
         device_secret: Option<DeviceSecret>,
     ) -> Harness {
+        harness_with_fanout(
+            max_keep_alive,
+            device_secret,
+            TelemetryFanout::disconnected(),
+        )
+        .await
+    }
+
+    async fn harness_with_fanout(
+        max_keep_alive: Option<Duration>,
+        device_secret: Option<DeviceSecret>,
+        fanout: TelemetryFanout,
+    ) -> Harness {
         let bus = ecars_bus::Bus::in_process(1000);
         let readings = committing::<TelemetryReading>(&bus, "test").await;
         // Dead letters need a consumer too, or the in-process bus refuses them.
@@ -1332,7 +1345,7 @@ mod tests {
         let gateway = Arc::new(Gateway::new(
             bus,
             PipeBroker::default(),
-            TelemetryFanout::disconnected(),
+            fanout,
             device_secret,
             max_keep_alive,
             100,
@@ -1462,6 +1475,43 @@ mod tests {
         let mut rest = Vec::new();
         let _ = client.read_to_end(&mut rest).await;
         rest
+    }
+
+    /// A retained reading is acknowledged only once the broker's router has it, so a client
+    /// that subscribes after the PUBACK is sent it as retained; another reading's PUBACK does
+    /// not wait for the router.
+    #[tokio::test]
+    async fn a_retained_readings_puback_waits_until_the_router_has_it() {
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (router, routed) = std::sync::mpsc::channel::<usize>();
+        let fanout = TelemetryFanout::held_by_test(released, router);
+        // The fan-out takes readings only while someone could receive them (or they are
+        // retained): a subscriber elsewhere.
+        let listener = fanout.session("listener", true);
+        listener.subscribed(["vehicles/#"]);
+        let h = harness_with_fanout(None, None, fanout).await;
+        let (mut car, _task) = h.connect(true);
+        car.write_all(&connect_packet(Version::V4, "car", 60))
+            .await
+            .unwrap();
+        assert_eq!(read_exactly(&mut car, 4).await, [0x20, 2, 0, 0]);
+        let topic = format!("vehicles/{VIN}/telemetry");
+        car.write_all(&publish_packet(Version::V4, &topic, 1, &reading(1)))
+            .await
+            .unwrap();
+        assert_eq!(read_exactly(&mut car, 4).await, [0x40, 2, 0, 1]);
+        let mut retained = publish_packet(Version::V4, &topic, 2, &reading(2));
+        retained[0] |= 0x01;
+        car.write_all(&retained).await.unwrap();
+        let mut puback = [0u8; 4];
+        let early = tokio::time::timeout(Duration::from_millis(300), car.read_exact(&mut puback));
+        assert!(early.await.is_err(), "PUBACK before the router had it");
+        let mut in_router = 0;
+        while in_router < 2 {
+            release.send(()).unwrap();
+            in_router += routed.recv().unwrap();
+        }
+        assert_eq!(read_exactly(&mut car, 4).await, [0x40, 2, 0, 2]);
     }
 
     #[tokio::test(start_paused = true)]
