@@ -15,9 +15,22 @@ use crate::metrics as m;
 #[derive(Clone, Copy, Debug)]
 pub struct BatchPolicy {
     /// Flush once this many rows are waiting.
-    pub max_rows: usize,
+    pub flush_rows: usize,
     /// Flush once the oldest waiting row has waited this long.
     pub max_delay: Duration,
+    /// The most rows one batch holds (at least `flush_rows`). While the commit before it runs,
+    /// a batch keeps filling past `flush_rows`: a database that falls behind the intake gets
+    /// fewer, larger batches, which cost it less per row (SQLite rewrites each car's index
+    /// page once per commit, however many of its rows the commit adds), rather than a queue
+    /// of full small ones.
+    pub max_rows: usize,
+}
+
+impl BatchPolicy {
+    /// The most rows one batch holds.
+    fn cap(&self) -> usize {
+        self.max_rows.max(self.flush_rows).max(1)
+    }
 }
 
 /// How long to wait between retries of a failed write.
@@ -121,17 +134,18 @@ pub async fn run_writer<S: BatchSink>(
     shutdown: CancellationToken,
 ) -> Result<(), WriterError> {
     let table = sink.table();
-    let mut batch: Vec<S::Item> = Vec::with_capacity(policy.max_rows);
-    let mut receipts: Vec<Receipt> = Vec::with_capacity(policy.max_rows);
+    let mut batch: Vec<S::Item> = Vec::with_capacity(policy.flush_rows);
+    let mut receipts: Vec<Receipt> = Vec::with_capacity(policy.flush_rows);
     let mut deadline: Option<Instant> = None;
     // The batch being committed, and the receipts to acknowledge once it is.
     let mut committing: Option<Commit<'_>> = None;
-    let mut committing_receipts: Vec<Receipt> = Vec::with_capacity(policy.max_rows);
+    let mut committing_receipts: Vec<Receipt> = Vec::with_capacity(policy.flush_rows);
+    let cap = policy.cap();
     loop {
         let due = !batch.is_empty()
-            && (batch.len() >= policy.max_rows || deadline.is_some_and(|d| Instant::now() >= d));
+            && (batch.len() >= policy.flush_rows || deadline.is_some_and(|d| Instant::now() >= d));
         if due && committing.is_none() {
-            let full = std::mem::replace(&mut batch, Vec::with_capacity(policy.max_rows));
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(policy.flush_rows));
             std::mem::swap(&mut receipts, &mut committing_receipts);
             committing = Some(Box::pin(commit(&sink, full, retry)));
             deadline = None;
@@ -148,8 +162,8 @@ pub async fn run_writer<S: BatchSink>(
             }
             // Only worth waking for while nothing commits: a commit's end checks it too.
             _ = sleep_until(deadline), if committing.is_none() => continue,
-            // A full batch waits for the commit before it (backpressure onto the bus).
-            delivery = subscription.next(), if batch.len() < policy.max_rows => delivery?,
+            // A batch at its cap waits for the commit before it (backpressure onto the bus).
+            delivery = subscription.next(), if batch.len() < cap => delivery?,
         };
         match next {
             // Stream ended or shutdown: finish the commit in flight, flush the rest and stop.
@@ -395,8 +409,9 @@ mod tests {
     #[tokio::test]
     async fn flushes_at_the_row_limit_and_at_close() {
         let policy = BatchPolicy {
-            max_rows: 1000,
+            flush_rows: 1000,
             max_delay: Duration::from_secs(3600),
+            max_rows: 1000,
         };
         let (bus, batches, _, task) = start(policy, 0).await;
         // A publish returns once the writer acknowledged it: publish them all at once.
@@ -412,8 +427,9 @@ mod tests {
     #[tokio::test]
     async fn flushes_a_small_batch_once_it_waited_long_enough() {
         let policy = BatchPolicy {
-            max_rows: 1000,
+            flush_rows: 1000,
             max_delay: Duration::from_millis(30),
+            max_rows: 1000,
         };
         let (bus, batches, committed, task) = start(policy, 0).await;
         let publishes = publish_all(&bus, 3).await;
@@ -456,17 +472,14 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn the_next_batch_fills_while_the_one_before_commits() {
+    /// Publishes `records` at once to a writer with `policy` on a [`SlowSink`]; returns when each
+    /// commit began (milliseconds after the publishing) and its rows.
+    async fn slow_commits(policy: BatchPolicy, records: usize) -> Vec<(u128, usize)> {
         let bus = Bus::in_process(10_000);
         let subscription = bus.subscribe::<TelemetryReading>("test").await.unwrap();
         let commits = Arc::new(Mutex::new(Vec::new()));
         let sink = SlowSink {
             commits: Arc::clone(&commits),
-        };
-        let policy = BatchPolicy {
-            max_rows: 1000,
-            max_delay: Duration::from_millis(30),
         };
         let task = tokio::spawn(run_writer(
             sink,
@@ -476,28 +489,53 @@ mod tests {
             CancellationToken::new(),
         ));
         let started = Instant::now();
-        let publishes = publish_all(&bus, 1005).await;
+        let publishes = publish_all(&bus, records).await;
         for publish in publishes {
             publish.await.unwrap().unwrap();
         }
+        bus.close().await;
+        task.await.unwrap().unwrap();
         let commits = commits.lock().unwrap().clone();
-        let shape: Vec<(u128, usize)> = commits
+        commits
             .iter()
             .map(|(at, rows)| ((*at - started).as_millis(), *rows))
-            .collect();
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_next_batch_fills_while_the_one_before_commits() {
+        let policy = BatchPolicy {
+            flush_rows: 1000,
+            max_delay: Duration::from_millis(30),
+            max_rows: 1000,
+        };
         // The 5 after the full batch were taken during its commit and waited out their 30 ms
         // there: their commit follows the first one at once (taking them only afterwards would
         // start it at 130 ms).
-        assert_eq!(shape, vec![(0, 1000), (100, 5)]);
-        bus.close().await;
-        task.await.unwrap().unwrap();
+        assert_eq!(slow_commits(policy, 1005).await, vec![(0, 1000), (100, 5)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_grows_past_the_flush_size_while_the_one_before_commits() {
+        let policy = BatchPolicy {
+            flush_rows: 1000,
+            max_delay: Duration::from_millis(30),
+            max_rows: 3000,
+        };
+        // The first batch commits at its flush size; the next takes what waited during that
+        // commit, up to the cap, and the rest follows.
+        assert_eq!(
+            slow_commits(policy, 5000).await,
+            vec![(0, 1000), (100, 3000), (200, 1000)]
+        );
     }
 
     #[tokio::test]
     async fn retries_a_failed_batch_without_losing_or_splitting_it() {
         let policy = BatchPolicy {
-            max_rows: 10,
+            flush_rows: 10,
             max_delay: Duration::from_secs(3600),
+            max_rows: 10,
         };
         let (bus, batches, _, task) = start(policy, 3).await;
         let publishes = publish_all(&bus, 25).await;

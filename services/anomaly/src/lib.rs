@@ -193,10 +193,12 @@ impl AnomalyWorker {
             self.subscription,
             // Each batch reads and writes the state of every car in it: larger batches carry
             // more readings per state round trip. In process, a car's PUBACK waits for this
-            // commit too, so a batch waits at most 100 ms.
+            // commit too, so a batch waits at most 100 ms (and grows while the commit before it
+            // runs, when the database falls behind).
             BatchPolicy {
-                max_rows: 5000,
+                flush_rows: 5000,
                 max_delay: Duration::from_millis(100),
+                max_rows: 20_000,
             },
             RetryPolicy::default(),
             shutdown.clone(),

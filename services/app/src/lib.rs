@@ -753,7 +753,7 @@ mod tests {
             IngestConfig::default().max_keep_alive,
             Duration::from_secs(600)
         );
-        assert_eq!(PersistConfig::default().batch_rows, 1000);
+        assert_eq!(PersistConfig::default().batch_rows, 5000);
         assert_eq!(
             AnomalyConfig::default().case_update_interval,
             Duration::from_secs(300)

@@ -268,6 +268,7 @@ async fn help_explains_every_setting_with_its_environment_variable() {
         "ECARS_DEVICE_SECRET",
         "ECARS_BATCH_ROWS",
         "ECARS_BATCH_DELAY",
+        "ECARS_BATCH_MAX_ROWS",
         "ECARS_BATCH_MS",
         "--simulate",
         "ECARS_SIMULATE_INTERVAL",

@@ -383,6 +383,10 @@ impl BrokerLink for TcpLink {
     async fn next(&mut self) -> Result<Option<crate::codec::Frame>, LinkError> {
         Ok(self.reader.next().await?)
     }
+
+    fn has_whole_packet(&self) -> bool {
+        self.reader.has_whole_packet()
+    }
 }
 
 impl Broker for EmbeddedBroker {

@@ -27,9 +27,15 @@ pub const CONNECTIVITY_GROUP: &str = "ecars-persist.connectivity";
 /// Settings of the persistence worker.
 #[derive(Clone, Debug, Args)]
 pub struct PersistConfig {
-    /// Flush a batch once it holds this many rows.
-    #[arg(long = "batch-rows", env = "ECARS_BATCH_ROWS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=50_000))]
+    /// Flush a batch once it holds this many rows (below about 100,000 readings/s,
+    /// --batch-delay flushes first).
+    #[arg(long = "batch-rows", env = "ECARS_BATCH_ROWS", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=50_000))]
     pub batch_rows: u32,
+    /// The most rows one batch holds: while the commit before it runs, a batch keeps filling
+    /// past --batch-rows up to this many, so a database that falls behind gets fewer, larger
+    /// batches (cheaper per row) instead of a queue of small ones. At least --batch-rows.
+    #[arg(long = "batch-max-rows", env = "ECARS_BATCH_MAX_ROWS", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=50_000))]
+    pub batch_max_rows: u32,
     /// Flush a batch once its oldest row has waited this long (`50ms`, `1s`).
     #[arg(long = "batch-delay", env = "ECARS_BATCH_DELAY", default_value = "50ms", value_parser = parse_batch_delay)]
     pub batch_delay: Duration,
@@ -394,8 +400,9 @@ impl PersistConfig {
     /// When batches are flushed.
     pub fn policy(&self) -> BatchPolicy {
         BatchPolicy {
-            max_rows: self.batch_rows as usize,
+            flush_rows: self.batch_rows as usize,
             max_delay: self.batch_ms.unwrap_or(self.batch_delay),
+            max_rows: self.batch_max_rows.max(self.batch_rows) as usize,
         }
     }
 }
@@ -601,7 +608,8 @@ mod tests {
             PersistConfig::default().policy().max_delay,
             Duration::from_millis(50)
         );
-        assert_eq!(PersistConfig::default().policy().max_rows, 1000);
+        assert_eq!(PersistConfig::default().policy().flush_rows, 5000);
+        assert_eq!(PersistConfig::default().policy().max_rows, 20_000);
         let delay = |args: &[&str]| {
             Cli::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
                 .map(|cli| cli.persist.policy().max_delay)
