@@ -402,7 +402,8 @@ impl PersistConfig {
         BatchPolicy {
             flush_rows: self.batch_rows as usize,
             max_delay: self.batch_ms.unwrap_or(self.batch_delay),
-            max_rows: self.batch_max_rows.max(self.batch_rows) as usize,
+            // BatchPolicy holds a batch to at least its flush size.
+            max_rows: self.batch_max_rows as usize,
         }
     }
 }
