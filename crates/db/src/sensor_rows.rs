@@ -21,19 +21,23 @@ pub(crate) const COLUMNS: &str = r#"event_id, received_at, vin, name, profile, "
 
 /// Binds a reading's columns, in [`COLUMNS`] order, to a row of a SQLite multi-row insert.
 pub(crate) fn push_reading(row: &mut Separated<'_, Sqlite, &'static str>, r: &TelemetryReading) {
-    row.push_bind(r.event_id.to_string())
-        .push_bind(sqlite_time(&r.received_at))
-        .push_bind(r.vin.as_str())
-        .push_bind(r.name.as_deref())
-        .push_bind(r.profile.as_deref())
-        .push_bind(r.range)
-        .push_bind(r.mpge)
-        .push_bind(r.battery)
-        .push_bind(r.malfunction)
-        .push_bind(r.speed)
-        .push_bind(r.latitude)
-        .push_bind(r.longitude)
-        .push_bind(sqlite_time(&r.date));
+    // Encoded straight into its text: `to_string` goes through the formatting machinery.
+    let event_id = r.event_id.hyphenated();
+    row.push_bind(String::from(
+        &*event_id.encode_lower(&mut Uuid::encode_buffer()),
+    ))
+    .push_bind(sqlite_time(&r.received_at))
+    .push_bind(r.vin.as_str())
+    .push_bind(r.name.as_deref())
+    .push_bind(r.profile.as_deref())
+    .push_bind(r.range)
+    .push_bind(r.mpge)
+    .push_bind(r.battery)
+    .push_bind(r.malfunction)
+    .push_bind(r.speed)
+    .push_bind(r.latitude)
+    .push_bind(r.longitude)
+    .push_bind(sqlite_time(&r.date));
 }
 
 /// The `UNNEST` arrays of a reading's columns, in [`COLUMNS`] order (PostgreSQL).

@@ -291,15 +291,35 @@ struct Detection {
     states: tokio::sync::Mutex<()>,
 }
 
-/// The Cases of a run of changes, one per episode (the newest change wins).
+/// The changes of a run of readings, one per episode (the newest change wins), drafted into
+/// Cases only at the commit: a car in an episode changes it with every reading, and drafting
+/// each change (text formatted for Salesforce) cost more than the detection itself.
 #[derive(Default)]
-struct Drafts {
-    drafts: Vec<CaseDraft>,
+struct NewestChanges {
+    changes: Vec<detector::EpisodeChange>,
     index: HashMap<String, usize>,
 }
 
+impl NewestChanges {
+    /// Keeps `change` in place of any earlier change of its episode.
+    fn keep(&mut self, change: detector::EpisodeChange) {
+        match self.index.get(&change.episode.key) {
+            Some(&i) => self.changes[i] = change,
+            None => {
+                self.index
+                    .insert(change.episode.key.clone(), self.changes.len());
+                self.changes.push(change);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.changes.len()
+    }
+}
+
 impl Detection {
-    fn record(&self, change: &detector::EpisodeChange, drafts: &mut Drafts) {
+    fn record(&self, change: detector::EpisodeChange, changes: &mut NewestChanges) {
         ::metrics::counter!(
             metrics::EPISODES,
             "rule" => change.episode.rule.name(),
@@ -309,20 +329,13 @@ impl Detection {
         if change.kind == ecars_model::AnomalyChange::Opened {
             tracing::info!(vin = %change.vin, rule = %change.episode.rule, key = change.episode.key, "anomaly episode opened");
         }
-        let draft = case::draft(change, self.detector.rules(), &self.settings);
-        match drafts.index.get(&draft.key) {
-            Some(&i) => drafts.drafts[i] = draft,
-            None => {
-                drafts.index.insert(draft.key.clone(), drafts.drafts.len());
-                drafts.drafts.push(draft);
-            }
-        }
+        changes.keep(change);
     }
 
     async fn commit(
         &self,
         states: &HashMap<Vin, VehicleState>,
-        drafts: &Drafts,
+        changes: &NewestChanges,
     ) -> Result<(), DbError> {
         let states: Vec<StoredState<'_, VehicleState>> = states
             .iter()
@@ -332,16 +345,21 @@ impl Detection {
                 last_date: state.last_date,
             })
             .collect();
+        let drafts: Vec<CaseDraft> = changes
+            .changes
+            .iter()
+            .map(|change| case::draft(change, self.detector.rules(), &self.settings))
+            .collect();
         self.outbox
             .commit(
                 &states,
-                &drafts.drafts,
+                &drafts,
                 self.new_status,
                 self.update_after_ms,
                 Utc::now(),
             )
             .await?;
-        if !drafts.drafts.is_empty() {
+        if !drafts.is_empty() {
             self.wake.notify_one();
             self.events_wake.notify_one();
         }
@@ -357,15 +375,15 @@ impl Detection {
         vins.sort();
         vins.dedup();
         let mut states: HashMap<Vin, VehicleState> = self.db.detector_states().load(&vins).await?;
-        let mut drafts = Drafts::default();
+        let mut changes = NewestChanges::default();
         for reading in batch {
             let state = states.entry(reading.vin.clone()).or_default();
             for change in self.detector.observe(state, reading) {
-                self.record(&change, &mut drafts);
+                self.record(change, &mut changes);
             }
         }
-        self.commit(&states, &drafts).await?;
-        Ok(drafts.drafts.len() as u64)
+        self.commit(&states, &changes).await?;
+        Ok(changes.len() as u64)
     }
 
     /// Opens `telemetry_silent` episodes for cars quiet for longer than the rule allows (wall
@@ -375,22 +393,22 @@ impl Detection {
         let quiet_since = now - chrono::TimeDelta::from_std(rule.after).unwrap_or_default();
         let _turn = self.states.lock().await;
         let mut states = HashMap::new();
-        let mut drafts = Drafts::default();
+        let mut changes = NewestChanges::default();
         let quiet: Vec<(Vin, VehicleState)> =
             self.db.detector_states().quiet(quiet_since, 1000).await?;
         for (vin, mut state) in quiet {
-            let changes = self.detector.sweep(&vin, &mut state, now);
-            if !changes.is_empty() {
-                for change in &changes {
-                    self.record(change, &mut drafts);
+            let swept = self.detector.sweep(&vin, &mut state, now);
+            if !swept.is_empty() {
+                for change in swept {
+                    self.record(change, &mut changes);
                 }
                 states.insert(vin, state);
             }
         }
         if !states.is_empty() {
-            self.commit(&states, &drafts).await?;
+            self.commit(&states, &changes).await?;
         }
-        Ok(drafts.drafts.len())
+        Ok(changes.len())
     }
 
     /// Sweeps for silent cars every quarter of the rule's threshold (at most every 30 s) until
