@@ -701,8 +701,9 @@ impl crate::Record for DeadLetter {
 /// chrono writes its own way, go through chrono.
 pub fn format_timestamp(time: &DateTime<Utc>) -> String {
     use chrono::{Datelike, Timelike};
-    let year = time.year();
-    let nanos = time.nanosecond();
+    let naive = time.naive_utc();
+    let year = naive.year();
+    let nanos = naive.nanosecond();
     if !(0..=9999).contains(&year) || nanos >= 1_000_000_000 {
         return time.to_rfc3339_opts(SecondsFormat::Micros, true);
     }
@@ -715,13 +716,17 @@ pub fn format_timestamp(time: &DateTime<Utc>) -> String {
         }
     };
     put(0, 4, year as u32);
-    put(5, 2, time.month());
-    put(8, 2, time.day());
-    put(11, 2, time.hour());
-    put(14, 2, time.minute());
-    put(17, 2, time.second());
+    put(5, 2, naive.month());
+    put(8, 2, naive.day());
+    put(11, 2, naive.hour());
+    put(14, 2, naive.minute());
+    put(17, 2, naive.second());
     put(20, 6, nanos / 1_000);
-    text.iter().map(|&b| char::from(b)).collect()
+    match std::str::from_utf8(&text) {
+        Ok(text) => text.to_owned(),
+        // Not reached: the text is ASCII digits and separators.
+        Err(_) => time.to_rfc3339_opts(SecondsFormat::Micros, true),
+    }
 }
 
 mod base64_bytes {

@@ -1485,6 +1485,15 @@ mod tests {
     }
 
     /// Reads until the server closes the connection; returns what came before.
+    /// Sends a 3.1.1 CONNECT and expects the CONNACK that accepts it (no session present).
+    async fn connect_v4(client: &mut DuplexStream, client_id: &str, keep_alive: u16) {
+        client
+            .write_all(&connect_packet(Version::V4, client_id, keep_alive))
+            .await
+            .unwrap();
+        assert_eq!(read_exactly(client, 4).await, [0x20, 2, 0, 0], "CONNACK");
+    }
+
     async fn read_to_close(client: &mut DuplexStream) -> Vec<u8> {
         let mut rest = Vec::new();
         let _ = client.read_to_end(&mut rest).await;
@@ -1505,10 +1514,7 @@ mod tests {
         listener.subscribed(["vehicles/#"]);
         let h = harness_with_fanout(None, None, fanout).await;
         let (mut car, _task) = h.connect(true);
-        car.write_all(&connect_packet(Version::V4, "car", 60))
-            .await
-            .unwrap();
-        assert_eq!(read_exactly(&mut car, 4).await, [0x20, 2, 0, 0]);
+        connect_v4(&mut car, "car", 60).await;
         let topic = format!("vehicles/{VIN}/telemetry");
         car.write_all(&publish_packet(Version::V4, &topic, 1, &reading(1)))
             .await
@@ -1532,10 +1538,7 @@ mod tests {
     async fn a_car_that_publishes_without_pinging_stays_and_needs_no_broker() {
         let mut h = harness(None).await;
         let (mut car, task) = h.connect(true);
-        car.write_all(&connect_packet(Version::V4, "car", 2))
-            .await
-            .unwrap();
-        assert_eq!(read_exactly(&mut car, 4).await, [0x20, 2, 0, 0]);
+        connect_v4(&mut car, "car", 2).await;
         // A reading every 200 ms for 10 s, never a PINGREQ: every packet is activity.
         let topic = format!("vehicles/{VIN}/telemetry");
         for n in 1..=50u16 {
@@ -1590,10 +1593,7 @@ mod tests {
 
         let uncapped = harness(None).await;
         let (mut car, task) = uncapped.connect(true);
-        car.write_all(&connect_packet(Version::V4, "car", 0))
-            .await
-            .unwrap();
-        assert_eq!(read_exactly(&mut car, 4).await, [0x20, 2, 0, 0]);
+        connect_v4(&mut car, "car", 0).await;
         tokio::time::sleep(Duration::from_secs(3600)).await;
         assert!(
             !task.is_finished(),
@@ -1605,10 +1605,7 @@ mod tests {
     async fn subscribe_ping_and_telemetry_in_one_write_are_answered_in_order() {
         let mut h = harness(None).await;
         let (mut car, _task) = h.connect(true);
-        car.write_all(&connect_packet(Version::V4, "app", 60))
-            .await
-            .unwrap();
-        assert_eq!(read_exactly(&mut car, 4).await, [0x20, 2, 0, 0]);
+        connect_v4(&mut car, "app", 60).await;
         let mut burst = subscribe_packet(7, "fleet/notices");
         burst.extend_from_slice(&[0xC0, 0x00]); // PINGREQ
         burst.extend_from_slice(&publish_packet(
@@ -1700,10 +1697,7 @@ mod tests {
             None,
             h.shutdown.clone(),
         ));
-        app.write_all(&connect_packet(Version::V4, "app", 60))
-            .await
-            .unwrap();
-        assert_eq!(read_exactly(&mut app, 4).await, [0x20, 2, 0, 0]);
+        connect_v4(&mut app, "app", 60).await;
         app.write_all(&subscribe_packet(7, "fleet/notices"))
             .await
             .unwrap();
@@ -1834,11 +1828,7 @@ mod tests {
         let connack = read_exactly(&mut first, 2).await;
         read_exactly(&mut first, usize::from(connack[1])).await;
         let (mut second, second_task) = h.connect(true);
-        second
-            .write_all(&connect_packet(Version::V4, "car-1", 60))
-            .await
-            .unwrap();
-        assert_eq!(read_exactly(&mut second, 4).await, [0x20, 2, 0, 0]);
+        connect_v4(&mut second, "car-1", 60).await;
         assert_eq!(read_to_close(&mut first).await, [0xE0, 2, 0x8E, 0]);
         assert!(matches!(first_task.await.unwrap(), Ended::TakenOver));
         assert!(!second_task.is_finished(), "the new connection stays");
@@ -1848,10 +1838,7 @@ mod tests {
     async fn a_connect_its_client_abandoned_takes_nothing_over() {
         let mut h = harness(None).await;
         let (mut live, live_task) = h.connect(true);
-        live.write_all(&connect_packet(Version::V4, "car-1", 60))
-            .await
-            .unwrap();
-        assert_eq!(read_exactly(&mut live, 4).await, [0x20, 2, 0, 0]);
+        connect_v4(&mut live, "car-1", 60).await;
         // An earlier attempt of the same car that gave up before the gateway read it.
         let (mut stale, stale_task) = h.connect(true);
         stale
