@@ -1484,7 +1484,6 @@ mod tests {
         buf
     }
 
-    /// Reads until the server closes the connection; returns what came before.
     /// Sends a 3.1.1 CONNECT and expects the CONNACK that accepts it (no session present).
     async fn connect_v4(client: &mut DuplexStream, client_id: &str, keep_alive: u16) {
         client
@@ -1494,6 +1493,7 @@ mod tests {
         assert_eq!(read_exactly(client, 4).await, [0x20, 2, 0, 0], "CONNACK");
     }
 
+    /// Reads until the server closes the connection; returns what came before.
     async fn read_to_close(client: &mut DuplexStream) -> Vec<u8> {
         let mut rest = Vec::new();
         let _ = client.read_to_end(&mut rest).await;
