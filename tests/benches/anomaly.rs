@@ -169,7 +169,14 @@ async fn api_economy(cars: u32) -> (Economy, Economy) {
         for chunk in drafts.chunks(250) {
             let no_states: &[StoredState<'_, ()>] = &[];
             outbox
-                .commit(no_states, chunk, CaseStatus::Pending, 300_000, Utc::now())
+                .commit(
+                    no_states,
+                    chunk,
+                    None,
+                    CaseStatus::Pending,
+                    300_000,
+                    Utc::now(),
+                )
                 .await
                 .unwrap();
         }

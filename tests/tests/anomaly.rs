@@ -168,3 +168,90 @@ async fn a_car_that_goes_quiet_opens_a_silence_episode_and_closes_it_when_it_rep
     worker.finish().await;
     assert_eq!(outbox.list(None, 10).await.unwrap().len(), 1);
 }
+
+/// The worker of `ecars up` reads the batches the persistence worker committed; what its feed
+/// did not carry it reads back from `sensor_data`: a batch committed while it was not looking
+/// (the rows before a batch that does not follow on), a batch whose readings were partly stored
+/// before (its rows, not its readings), and at start everything after its stored cursor.
+#[tokio::test]
+async fn after_persist_it_reads_back_what_its_feed_did_not_carry() {
+    use ecars_db::sensor_rows::CommittedReadings;
+
+    let (_dir, db) = sqlite().await;
+    let (rows, cursors, outbox) = (db.sensor_rows(), db.sensor_cursors(), db.case_outbox());
+    let group = ecars_anomaly::CONSUMER_GROUP;
+    let car = |n: u32| Vin::parse(&ecars_e2e::test_vin(40 + n)).unwrap();
+    let malfunction = |n: u32| vec![reading(&car(n), Utc::now(), 70.0, true)];
+    let start = |db: &Database| {
+        let (feed, committed) = tokio::sync::mpsc::channel(4);
+        let worker = AnomalyWorker::after_persist(
+            &AnomalyConfig::default(),
+            db.clone(),
+            Bus::in_process(100),
+            committed,
+            |_| {},
+        )
+        .unwrap();
+        (feed, tokio::spawn(worker.run(CancellationToken::new())))
+    };
+    let cases_of = |cases: &[ecars_db::case_outbox::CaseRecord]| -> Vec<String> {
+        let mut vins: Vec<String> = cases.iter().map(|c| c.vin.clone()).collect();
+        vins.sort();
+        vins
+    };
+
+    let (feed, worker) = start(&db);
+    wait_for("the worker's cursor", Duration::from_secs(10), || async {
+        cursors.get(group).await.is_ok_and(|c| c == Some(0))
+    })
+    .await
+    .unwrap();
+    // Car 1's batch is committed but never handed on; car 2's is, and does not follow on.
+    rows.insert_batch(&malfunction(1)).await.unwrap();
+    let second = malfunction(2);
+    let ids = rows.insert_batch(&second).await.unwrap();
+    feed.send(CommittedReadings {
+        ids,
+        readings: Some(second.clone()),
+    })
+    .await
+    .unwrap();
+    // Car 3's batch repeats car 2's reading: handed on without readings, as the persistence
+    // worker does when not every reading was added.
+    let mut third = malfunction(3);
+    third.extend(second);
+    let ids = rows.insert_batch(&third).await.unwrap();
+    assert_eq!(ids.added, 1);
+    feed.send(CommittedReadings {
+        ids,
+        readings: None,
+    })
+    .await
+    .unwrap();
+    drop(feed);
+    worker.await.unwrap().unwrap();
+    let cases = outbox.list(None, 10).await.unwrap();
+    assert_eq!(
+        cases_of(&cases),
+        vec![car(1).to_string(), car(2).to_string(), car(3).to_string()],
+        "one Case per car, the missed batch's included"
+    );
+    assert!(cases.iter().all(|c| c.rule == "malfunction_reported"));
+    assert_eq!(
+        cursors.get(group).await.unwrap(),
+        Some(rows.last_id().await.unwrap())
+    );
+
+    // Stopped, car 4's reading is stored: the next start reads it.
+    rows.insert_batch(&malfunction(4)).await.unwrap();
+    let (feed, worker) = start(&db);
+    drop(feed);
+    worker.await.unwrap().unwrap();
+    let cases = outbox.list(None, 10).await.unwrap();
+    assert_eq!(cases.len(), 4, "{:?}", cases_of(&cases));
+    assert!(cases_of(&cases).contains(&car(4).to_string()));
+    assert_eq!(
+        cursors.get(group).await.unwrap(),
+        Some(rows.last_id().await.unwrap())
+    );
+}

@@ -134,6 +134,7 @@ async fn exercise(db: Database) {
         .commit(
             no_states,
             std::slice::from_ref(&episode),
+            None,
             CaseStatus::Pending,
             0,
             Utc::now(),
@@ -168,7 +169,14 @@ async fn exercise(db: Database) {
         ..episode
     };
     db.case_outbox()
-        .commit(no_states, &[closed], CaseStatus::Pending, 0, Utc::now())
+        .commit(
+            no_states,
+            &[closed],
+            None,
+            CaseStatus::Pending,
+            0,
+            Utc::now(),
+        )
         .await
         .unwrap();
     let anomalous = fleet
@@ -398,6 +406,82 @@ async fn retention(db: Database) {
     assert_eq!(buckets(Width::Hour).await.iter().sum::<i64>(), 10);
 }
 
+/// A reader of the sensor rows in commit order (the anomaly worker of `ecars up`): the ids each
+/// committed batch took, the rows read back by id, and a cursor that starts at the newest row
+/// and is stored with the outbox's commit.
+async fn reading_in_commit_order(db: Database) {
+    db.migrate().await.unwrap();
+    let (rows, cursors) = (db.sensor_rows(), db.sensor_cursors());
+    let a = "3HGCM82633A004352";
+    let old = vec![reading(a, 9, 80.0), reading(a, 8, 79.0)];
+    rows.insert(&old).await.unwrap();
+    let newest = rows.last_id().await.unwrap();
+    assert!(newest > 0);
+    assert_eq!(cursors.get("reader").await.unwrap(), None);
+    assert_eq!(
+        cursors.start("reader").await.unwrap(),
+        newest,
+        "a new reader starts after the rows stored before it"
+    );
+
+    let batch = vec![
+        reading(a, 3, 70.0),
+        reading(a, 2, 69.0),
+        reading(a, 1, 68.0),
+    ];
+    let stored = rows.insert_batch(&batch).await.unwrap();
+    assert_eq!(stored.added, 3);
+    assert_eq!(stored.after, newest, "the batch follows on");
+    assert!(stored.through >= stored.after + 3, "{stored:?}");
+    let read = rows
+        .between(stored.after, stored.through, 100)
+        .await
+        .unwrap();
+    let ids = |readings: &[TelemetryReading]| -> Vec<Uuid> {
+        readings.iter().map(|r| r.event_id).collect()
+    };
+    let read_readings: Vec<TelemetryReading> = read.iter().map(|(_, r)| r.clone()).collect();
+    assert_eq!(ids(&read_readings), ids(&batch), "in commit (id) order");
+    assert_eq!(read_readings[0], batch[0], "every field read back");
+    assert!(read.windows(2).all(|w| w[0].0 < w[1].0));
+    assert_eq!(read.last().unwrap().0, stored.through);
+    let page = rows.between(stored.after, stored.through, 2).await.unwrap();
+    assert_eq!(page.len(), 2, "a page at a time");
+
+    // Two readings stored before and one new: only the new one is in the batch's ids.
+    let mixed = vec![batch[0].clone(), reading(a, 0, 67.0), batch[1].clone()];
+    let again = rows.insert_batch(&mixed).await.unwrap();
+    assert_eq!(again.added, 1);
+    assert!(again.after >= stored.through, "{again:?} after {stored:?}");
+    let read = rows.between(again.after, again.through, 100).await.unwrap();
+    assert_eq!(read.len(), 1);
+    assert_eq!(read[0].1.event_id, mixed[1].event_id);
+    assert_eq!(rows.insert_batch(&mixed).await.unwrap().added, 0);
+
+    // The cursor moves with the states it was read into, in one transaction.
+    let no_states: &[StoredState<'_, ()>] = &[];
+    db.case_outbox()
+        .commit(
+            no_states,
+            &[],
+            Some(ecars_db::sensor_cursors::SensorCursor {
+                consumer: "reader",
+                through_id: again.through,
+            }),
+            CaseStatus::Pending,
+            0,
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(cursors.get("reader").await.unwrap(), Some(again.through));
+    assert_eq!(
+        cursors.start("reader").await.unwrap(),
+        again.through,
+        "a reader that has a cursor starts there"
+    );
+}
+
 #[tokio::test]
 async fn sqlite_store() {
     let dir = tempfile::tempdir().unwrap();
@@ -405,6 +489,8 @@ async fn sqlite_store() {
     exercise(Database::connect_lazy(&url).unwrap()).await;
     let url = format!("sqlite://{}", dir.path().join("retention.db").display());
     retention(Database::connect_lazy(&url).unwrap()).await;
+    let url = format!("sqlite://{}", dir.path().join("cursor.db").display());
+    reading_in_commit_order(Database::connect_lazy(&url).unwrap()).await;
 }
 
 #[tokio::test]
@@ -414,6 +500,9 @@ async fn postgres_store() {
     server.psql("CREATE DATABASE retention").unwrap();
     let url = server.url().replace("/ecars", "/retention");
     retention(Database::connect_lazy(&url).unwrap()).await;
+    server.psql("CREATE DATABASE cursor").unwrap();
+    let url = server.url().replace("/ecars", "/cursor");
+    reading_in_commit_order(Database::connect_lazy(&url).unwrap()).await;
 }
 
 /// The anomaly worker's commits and the event relay's "published" marks touch the same outbox
@@ -438,7 +527,7 @@ async fn case_outbox_writers_lock_in_one_order() {
         .collect();
     let outbox = db.case_outbox();
     outbox
-        .commit(no_states, &drafts, CaseStatus::Pending, 0, Utc::now())
+        .commit(no_states, &drafts, None, CaseStatus::Pending, 0, Utc::now())
         .await
         .unwrap();
     // The worker writes the drafts newest key first, the relay marks them oldest first: the
@@ -451,7 +540,14 @@ async fn case_outbox_writers_lock_in_one_order() {
             let no_states: &[StoredState<'static, ()>] = &[];
             for _ in 0..40 {
                 outbox
-                    .commit(no_states, &reversed, CaseStatus::Pending, 0, Utc::now())
+                    .commit(
+                        no_states,
+                        &reversed,
+                        None,
+                        CaseStatus::Pending,
+                        0,
+                        Utc::now(),
+                    )
                     .await?;
             }
             Ok::<_, ecars_db::DbError>(())
@@ -479,7 +575,7 @@ async fn case_outbox_writers_lock_in_one_order() {
         .expect("the relay's marks never deadlock");
     // A newer version of every row than any mark: all of them wait to be published.
     outbox
-        .commit(no_states, &drafts, CaseStatus::Pending, 0, Utc::now())
+        .commit(no_states, &drafts, None, CaseStatus::Pending, 0, Utc::now())
         .await
         .unwrap();
     let pending = outbox.unpublished(1000).await.unwrap();

@@ -113,7 +113,14 @@ impl Harness {
     async fn add(&self, drafts: &[CaseDraft]) {
         let no_states: &[StoredState<'_, ()>] = &[];
         self.outbox
-            .commit(no_states, drafts, CaseStatus::Pending, 200, Utc::now())
+            .commit(
+                no_states,
+                drafts,
+                None,
+                CaseStatus::Pending,
+                200,
+                Utc::now(),
+            )
             .await
             .unwrap();
     }

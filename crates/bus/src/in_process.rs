@@ -3,9 +3,9 @@
 //!
 //! The queues are memory, so a record only survives a crash of the process (`kill -9`) once a
 //! consumer has committed it to the database. A publish therefore waits for the
-//! acknowledgements of every consumer group (the persistence worker's after its commit, the
-//! anomaly worker's after its outbox commit); live tails (the relay) are not waited for. A car's
-//! PUBACK follows the publish, so it means the reading is stored.
+//! acknowledgements of every consumer group (in `ecars up`, the persistence worker's after its
+//! commit; the anomaly worker reads what that commit stored); live tails (the relay) are not
+//! waited for. A car's PUBACK follows the publish, so it means the reading is stored.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};

@@ -17,6 +17,7 @@ use serde_json::{json, Map, Value};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use crate::detector_states::{self, StoredState};
+use crate::sensor_cursors::{self, SensorCursor};
 use crate::{from_ms as time, ms, on_pool, on_write_pool, Database, DbError, Pool};
 
 /// Where an outbox row stands.
@@ -269,10 +270,14 @@ impl CaseOutbox {
     /// A draft for a key already in the outbox replaces its fields and bumps its version; a
     /// synced row becomes pending again, not before `update_after_ms` after its last sync (so a
     /// busy episode costs one API call per interval, not one per reading).
+    ///
+    /// With a `cursor`, the reader of the sensor rows that made these states
+    /// ([`crate::sensor_cursors`]) stores its position in the same transaction.
     pub async fn commit<S: Serialize>(
         &self,
         states: &[StoredState<'_, S>],
         drafts: &[CaseDraft],
+        cursor: Option<SensorCursor<'_>>,
         new_status: CaseStatus,
         update_after_ms: i64,
         now: DateTime<Utc>,
@@ -351,6 +356,13 @@ impl CaseOutbox {
                     .execute(&mut *tx)
                     .await?;
             }
+            if let Some(cursor) = cursor {
+                sqlx::query(sensor_cursors::UPSERT)
+                    .bind(cursor.consumer)
+                    .bind(cursor.through_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             tx.commit().await?;
         });
         Ok(())
@@ -371,7 +383,7 @@ impl CaseOutbox {
                  ORDER BY created_ms, anomaly_key LIMIT $3)
              RETURNING {COLUMNS}"
         );
-        let mut records = on_pool!(self.db, |pool| {
+        let mut records = on_write_pool!(self.db, |pool| {
             let rows = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
                 .bind(ms(lease_until))
                 .bind(ms(now))
@@ -407,7 +419,7 @@ impl CaseOutbox {
     ) -> Result<(), DbError> {
         let now_ms = ms(now);
         let outcomes = in_key_order(outcomes, |(row, _)| &row.key);
-        on_pool!(self.db, |pool| {
+        on_write_pool!(self.db, |pool| {
             let mut tx = pool.begin().await?;
             for (row, outcome) in outcomes.iter().copied() {
                 match outcome {
@@ -477,7 +489,7 @@ impl CaseOutbox {
     /// Moves every row in status `from` to `to` (not configured → pending when Salesforce is
     /// set; pending ↔ paused while authentication fails). Returns the rows moved.
     pub async fn move_status(&self, from: CaseStatus, to: CaseStatus) -> Result<u64, DbError> {
-        let done = on_pool!(self.db, |pool| {
+        let done = on_write_pool!(self.db, |pool| {
             sqlx::query("UPDATE case_outbox SET status = $1, lease_until_ms = 0 WHERE status = $2")
                 .bind(to.as_str())
                 .bind(from.as_str())
@@ -491,7 +503,7 @@ impl CaseOutbox {
     /// Re-queues a failed row after a fix (`ecars cases retry KEY`); false when no failed row
     /// has that key.
     pub async fn retry(&self, key: &str, now: DateTime<Utc>) -> Result<bool, DbError> {
-        let done = on_pool!(self.db, |pool| {
+        let done = on_write_pool!(self.db, |pool| {
             sqlx::query(
                 "UPDATE case_outbox SET status = 'pending', attempts = 0, first_error_ms = NULL,
                      next_attempt_ms = $1, lease_until_ms = 0, updated_ms = $1
@@ -587,7 +599,7 @@ impl CaseOutbox {
             "UPDATE case_outbox SET {column} = $1 WHERE anomaly_key = $2 AND {column} < $1"
         );
         let published = in_key_order(published, |(key, _)| key);
-        on_pool!(self.db, |pool| {
+        on_write_pool!(self.db, |pool| {
             let mut tx = pool.begin().await?;
             for (key, number) in published.iter().copied() {
                 sqlx::query(sqlx::AssertSqlSafe(sql.clone()))

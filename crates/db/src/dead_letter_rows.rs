@@ -79,7 +79,7 @@ impl DeadLetterRows {
                 Ok(result.rows_affected())
             }
             Pool::Sqlite(pool) => sqlite_insert(
-                pool,
+                self.db.sqlite_writer.as_ref().unwrap_or(pool),
                 "INSERT INTO dead_letters (id, received_at, topic, client_id, reason, payload) ",
                 " ON CONFLICT (id) DO NOTHING",
                 letters,

@@ -17,6 +17,7 @@ mod day_partitions;
 pub mod dead_letter_rows;
 pub mod detector_states;
 pub mod rollups;
+pub mod sensor_cursors;
 pub mod sensor_rows;
 pub mod vehicle_states;
 
@@ -36,6 +37,7 @@ pub use day_partitions::PreparedDays;
 pub use dead_letter_rows::DeadLetterRows;
 pub use detector_states::DetectorStates;
 pub use rollups::Rollups;
+pub use sensor_cursors::SensorCursors;
 pub use sensor_rows::SensorRows;
 pub use vehicle_states::VehicleStates;
 
@@ -154,11 +156,15 @@ pub(crate) use on_pool;
 #[derive(Clone, Debug)]
 pub struct Database {
     pool: Pool,
-    /// SQLite: one connection for the batch writers (sensor rows, the detector's states and
-    /// Cases, the rollups). SQLite has one writer at a time anyway, and a connection discards
-    /// its whole page cache whenever another connection wrote since its last transaction: with
-    /// the writers on pooled connections in turn, every batch started cold and read its pages
-    /// back from the files. `None` on PostgreSQL.
+    /// SQLite: one connection for every write (sensor rows, the detector's states and Cases,
+    /// the Case sync's and the event relay's marks, connectivity, dead letters, the rollups,
+    /// retention). SQLite has one writer at a time anyway, and a connection discards its whole
+    /// page cache whenever another connection wrote since its last transaction: with the
+    /// writers on pooled connections in turn, every batch started cold and read its pages back
+    /// from the files. A write from another connection also waits for the lock in SQLite's busy
+    /// handler, which sleeps up to 100 ms between tries: the sensor rows' commits behind it
+    /// waited that long, and a busy writer kept it out for seconds. On this connection writes
+    /// queue in order instead. `None` on PostgreSQL.
     sqlite_writer: Option<SqlitePool>,
     /// The minute buckets of the sensor-row batches this process queued for the rollups.
     queued: std::sync::Arc<rollups::QueuedSummaries>,
@@ -368,6 +374,11 @@ impl Database {
         SensorRows { db: self.clone() }
     }
 
+    /// How far readers of the sensor rows in id order got.
+    pub fn sensor_cursors(&self) -> SensorCursors {
+        SensorCursors { db: self.clone() }
+    }
+
     /// The refused messages.
     pub fn dead_letter_rows(&self) -> DeadLetterRows {
         DeadLetterRows { db: self.clone() }
@@ -433,6 +444,7 @@ pub(crate) async fn delete_older_than(
                 .rows_affected()
         }
         Pool::Sqlite(pool) => {
+            let pool = db.sqlite_writer.as_ref().unwrap_or(pool);
             let sql = format!(
                 "DELETE FROM {table} WHERE rowid IN
                    (SELECT rowid FROM {table} ORDER BY rowid LIMIT $1)

@@ -855,7 +855,11 @@ impl Rollups {
         }
         match &self.db.pool {
             Pool::Postgres(pool) => step!(pool, crate::sensor_rows::pg_reading, upsert_pg),
-            Pool::Sqlite(pool) => step!(pool, crate::sensor_rows::sqlite_reading, upsert_sqlite),
+            Pool::Sqlite(pool) => step!(
+                self.db.sqlite_writer.as_ref().unwrap_or(pool),
+                crate::sensor_rows::sqlite_reading,
+                upsert_sqlite
+            ),
         }
     }
 
@@ -882,6 +886,7 @@ impl Rollups {
                     .rows_affected()
             }
             Pool::Sqlite(pool) => {
+                let pool = self.db.sqlite_writer.as_ref().unwrap_or(pool);
                 let sql = format!(
                     "DELETE FROM {table} WHERE (vin, bucket) IN
                        (SELECT vin, bucket FROM {table} WHERE bucket < $1 LIMIT $2)"

@@ -120,6 +120,30 @@ impl<'a> ReadingArrays<'a> {
     }
 }
 
+/// The ids one committed insert gave the rows it added: every one is in `(after, through]`
+/// (PostgreSQL may leave ids in between unused), and a writer that commits one batch at a time
+/// (`ecars up`) commits the next batch's rows after `through`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoredBatch {
+    /// Rows added (duplicates add none).
+    pub added: u64,
+    /// The ids of the rows added are greater than this.
+    pub after: i64,
+    /// The greatest id of a row added (`after` when none was).
+    pub through: i64,
+}
+
+/// A batch the persistence worker committed, handed on to a reader of the sensor rows in
+/// commit order (the anomaly worker in `ecars up`).
+#[derive(Clone, Debug)]
+pub struct CommittedReadings {
+    /// The ids its rows took.
+    pub ids: StoredBatch,
+    /// Its readings when they are exactly the rows added (`None` when some were stored already:
+    /// the reader reads the rows instead).
+    pub readings: Option<Vec<TelemetryReading>>,
+}
+
 /// The `sensor_data` table.
 #[derive(Clone, Debug)]
 pub struct SensorRows {
@@ -132,8 +156,16 @@ impl SensorRows {
     /// ([`crate::rollups`]); a reading whose `event_id` is stored already adds nothing.
     /// Returns the number of rows added.
     pub async fn insert(&self, readings: &[TelemetryReading]) -> Result<u64, DbError> {
+        Ok(self.insert_batch(readings).await?.added)
+    }
+
+    /// [`SensorRows::insert`], saying which ids the rows it added took.
+    pub async fn insert_batch(
+        &self,
+        readings: &[TelemetryReading],
+    ) -> Result<StoredBatch, DbError> {
         if readings.is_empty() {
-            return Ok(0);
+            return Ok(StoredBatch::default());
         }
         match &self.db.pool {
             Pool::Postgres(pool) => {
@@ -162,7 +194,17 @@ impl SensorRows {
                         });
                 tx.commit().await?;
                 self.keep_summary(queued, added.len() as u64, readings);
-                Ok(added.len() as u64)
+                // A sequence hands out ids in order, also to rows ON CONFLICT then skips: the
+                // rows added are within (least - 1, greatest], with unused ids between them.
+                let ids = added.iter().map(|(id, _)| *id);
+                Ok(match (ids.clone().min(), ids.max()) {
+                    (Some(least), Some(greatest)) => StoredBatch {
+                        added: added.len() as u64,
+                        after: least - 1,
+                        through: greatest,
+                    },
+                    _ => StoredBatch::default(),
+                })
             }
             Pool::Sqlite(pool) => {
                 let pool = self.db.sqlite_writer.as_ref().unwrap_or(pool);
@@ -189,16 +231,21 @@ impl SensorRows {
                 .await?;
                 vehicle_states::upsert_sqlite(&mut tx, readings).await?;
                 let mut queued = None;
+                let mut through = before;
                 if added > 0 {
-                    let after: i64 = sqlx::query_scalar(LAST_ID).fetch_one(&mut *tx).await?;
+                    through = sqlx::query_scalar(LAST_ID).fetch_one(&mut *tx).await?;
                     queued = Some(rollups::QueuedBatch {
-                        id: rollups::queue_sqlite(&mut tx, before + 1, after).await?,
+                        id: rollups::queue_sqlite(&mut tx, before + 1, through).await?,
                         first_row: before + 1,
                     });
                 }
                 tx.commit().await?;
                 self.keep_summary(queued, added, readings);
-                Ok(added)
+                Ok(StoredBatch {
+                    added,
+                    after: before,
+                    through,
+                })
             }
         }
     }
@@ -217,6 +264,52 @@ impl SensorRows {
                 self.db.queued.keep(batch, readings);
             }
         }
+    }
+
+    /// Up to `limit` rows with an id in `(after, through]`, in id order, with their ids: what a
+    /// reader of the table in commit order ([`crate::sensor_cursors`]) missed.
+    pub async fn between(
+        &self,
+        after: i64,
+        through: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, TelemetryReading)>, DbError> {
+        let sql = format!(
+            "SELECT id, {COLUMNS} FROM sensor_data WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3"
+        );
+        match &self.db.pool {
+            Pool::Postgres(pool) => {
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(after)
+                    .bind(through)
+                    .bind(limit)
+                    .fetch_all(pool)
+                    .await?;
+                rows.iter()
+                    .map(|row| Ok((row.try_get("id")?, pg_reading(row)?)))
+                    .collect()
+            }
+            Pool::Sqlite(pool) => {
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(after)
+                    .bind(through)
+                    .bind(limit)
+                    .fetch_all(pool)
+                    .await?;
+                rows.iter()
+                    .map(|row| Ok((row.try_get("id")?, sqlite_reading(row)?)))
+                    .collect()
+            }
+        }
+    }
+
+    /// The greatest id of a stored row (0 when there is none).
+    pub async fn last_id(&self) -> Result<i64, DbError> {
+        on_pool!(self.db, |pool| Ok(sqlx::query_scalar::<_, i64>(
+            "SELECT COALESCE(MAX(id), 0) FROM sensor_data"
+        )
+        .fetch_one(pool)
+        .await?))
     }
 
     /// The newest `limit` readings of one car, newest first.

@@ -230,7 +230,7 @@ impl VehicleStates {
                 static ON_CONFLICT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
                 let on_conflict = ON_CONFLICT.get_or_init(on_connectivity_conflict);
                 crate::sensor_rows::sqlite_insert(
-                    pool,
+                    self.db.sqlite_writer.as_ref().unwrap_or(pool),
                     "INSERT INTO vehicle_state (vin, online, session_id, connectivity_changed_at,
                         connectivity_reason, node) ",
                     on_conflict,

@@ -69,6 +69,11 @@ pub trait BatchSink: Send + Sync {
     fn table(&self) -> &'static str;
     /// Commits the batch, returning rows added (duplicates add none).
     fn write(&self, batch: &[Self::Item]) -> impl Future<Output = Result<u64, Self::Error>> + Send;
+    /// Called with each batch once it is committed, before its records are acknowledged (a
+    /// hand-off to the next stage; waiting here holds the writer back).
+    fn committed(&self, _batch: Vec<Self::Item>) -> impl Future<Output = ()> + Send {
+        async {}
+    }
     /// What kind of failure `error` is. The batch is retried whatever the answer, since dropping
     /// it would lose accepted readings; the answer decides what the retry reports.
     fn failure(&self, _error: &Self::Error) -> WriteFailure {
@@ -189,7 +194,8 @@ pub async fn run_writer<S: BatchSink>(
 /// A batch's commit in flight (it owns the batch).
 type Commit<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
-async fn sleep_until(deadline: Option<Instant>) {
+/// Sleeps until `deadline`; forever without one (a `select!` branch that never fires).
+pub async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
@@ -209,7 +215,7 @@ async fn acknowledge<T: Record>(
 }
 
 /// Commits the batch, retrying with backoff while the database is unavailable (holding back the
-/// subscription, which is the backpressure).
+/// subscription, which is the backpressure), then hands it to [`BatchSink::committed`].
 async fn commit<S: BatchSink>(sink: &S, batch: Vec<S::Item>, retry: RetryPolicy) {
     let table = sink.table();
     if batch.is_empty() {
@@ -242,7 +248,8 @@ async fn commit<S: BatchSink>(sink: &S, batch: Vec<S::Item>, retry: RetryPolicy)
                     ?elapsed,
                     "batch committed"
                 );
-                break;
+                sink.committed(batch).await;
+                return;
             }
             Err(error) => {
                 attempt += 1;

@@ -2,15 +2,17 @@
 //! fast, a reported malfunction, ...), keeps each finding as an episode, and opens one Salesforce
 //! Service Cloud Case per episode through a durable outbox.
 //!
-//! Data flow: bus (consumer group `ecars-anomaly`) → [`detector::Detector`] → the car's state and
-//! the episode's [`CaseDraft`], committed together in the case outbox ([`ecars_db::case_outbox`])
-//! → acknowledgement; then, apart, [`sync::CaseSync`] → [`salesforce::SalesforceClient`]
+//! Data flow: bus (consumer group `ecars-anomaly`; in `ecars up`, the batches the persistence
+//! worker committed, in commit order, see [`AnomalyWorker::after_persist`]) → [`detector::Detector`] → the car's state and the episode's
+//! [`CaseDraft`], committed together in the case outbox ([`ecars_db::case_outbox`]) →
+//! acknowledgement; then, apart, [`sync::CaseSync`] → [`salesforce::SalesforceClient`]
 //! (Collections upsert by external id), and [`events::EpisodeEventRelay`] → the anomalies and
 //! cases streams.
 
 pub mod case;
 pub mod detector;
 pub mod events;
+mod follow;
 pub mod metrics;
 pub mod rules;
 pub mod salesforce;
@@ -26,13 +28,15 @@ use clap::Args;
 use ecars_bus::{Bus, BusError, Subscription};
 use ecars_db::case_outbox::{CaseDraft, CaseOutbox, CaseStatus};
 use ecars_db::detector_states::StoredState;
+use ecars_db::sensor_cursors::SensorCursor;
+use ecars_db::sensor_rows::CommittedReadings;
 use ecars_db::{Database, DbError};
 use ecars_model::{TelemetryReading, Vin};
 use ecars_runtime::settings::parse_duration;
 use ecars_runtime::writer::{
     run_writer, BatchPolicy, BatchSink, RetryPolicy, WriteFailure, WriterError,
 };
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::case::CaseSettings;
@@ -60,6 +64,12 @@ pub struct AnomalyConfig {
         default_value = "http://127.0.0.1:8080"
     )]
     pub public_url: String,
+    /// How long the detector gathers readings before it commits the cars' states (`500ms`; at
+    /// most 20,000 readings). Longer: fewer, larger commits. In `ecars up` nothing waits for
+    /// this commit (the worker reads what the persistence worker committed, and a crash makes
+    /// it read the rows again); on Kafka the offsets are committed after it.
+    #[arg(id = "anomaly_batch_delay", long = "anomaly-batch-delay", env = "ECARS_ANOMALY_BATCH_DELAY", default_value = "500ms", value_parser = parse_duration)]
+    pub batch_delay: Duration,
     /// Least time between two updates of one Case while its episode keeps firing (`5m`).
     #[arg(long = "case-update-interval", env = "ECARS_CASE_UPDATE_INTERVAL", default_value = "5m", value_parser = parse_duration)]
     pub case_update_interval: Duration,
@@ -117,9 +127,18 @@ pub enum AnomalyError {
 /// The worker, checked and subscribed, ready to run.
 pub struct AnomalyWorker {
     detection: Arc<Detection>,
-    subscription: Subscription<TelemetryReading>,
+    input: Input,
+    policy: BatchPolicy,
     sync: Option<CaseSync>,
     events: events::EpisodeEventRelay,
+}
+
+/// Where the worker's readings come from.
+enum Input {
+    /// Its consumer group on the bus.
+    Bus(Subscription<TelemetryReading>),
+    /// The batches the persistence worker of this process committed, in commit order.
+    Committed(mpsc::Receiver<CommittedReadings>),
 }
 
 impl AnomalyWorker {
@@ -129,6 +148,31 @@ impl AnomalyWorker {
         config: &AnomalyConfig,
         db: Database,
         bus: Bus,
+        readiness: impl Fn(bool) + Send + Sync + 'static,
+    ) -> Result<AnomalyWorker, AnomalyError> {
+        let input = Input::Bus(bus.subscribe(CONSUMER_GROUP).await?);
+        AnomalyWorker::new(config, db, bus, input, readiness)
+    }
+
+    /// Checks the settings, and reads the batches of readings the persistence worker of this
+    /// process commits (its `feeding`) instead of the bus, storing how far it got with the
+    /// cars' states; after a crash it reads the rows stored since. `bus` still carries the
+    /// anomaly and Case events.
+    pub fn after_persist(
+        config: &AnomalyConfig,
+        db: Database,
+        bus: Bus,
+        committed: mpsc::Receiver<CommittedReadings>,
+        readiness: impl Fn(bool) + Send + Sync + 'static,
+    ) -> Result<AnomalyWorker, AnomalyError> {
+        AnomalyWorker::new(config, db, bus, Input::Committed(committed), readiness)
+    }
+
+    fn new(
+        config: &AnomalyConfig,
+        db: Database,
+        bus: Bus,
+        input: Input,
         readiness: impl Fn(bool) + Send + Sync + 'static,
     ) -> Result<AnomalyWorker, AnomalyError> {
         let rules = match &config.rules {
@@ -179,7 +223,14 @@ impl AnomalyWorker {
         });
         Ok(AnomalyWorker {
             detection,
-            subscription: bus.subscribe(CONSUMER_GROUP).await?,
+            input,
+            // Each batch reads and writes the state of every car in it: larger batches carry
+            // more readings per state round trip.
+            policy: BatchPolicy {
+                flush_rows: 20_000,
+                max_delay: config.batch_delay,
+                max_rows: 20_000,
+            },
             sync,
             events,
         })
@@ -188,21 +239,23 @@ impl AnomalyWorker {
     /// Detects and syncs until the bus closes or `shutdown` fires; the detector flushes what it
     /// received before returning.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AnomalyError> {
-        let detector = tokio::spawn(run_writer(
-            DetectorSink(Arc::clone(&self.detection)),
-            self.subscription,
-            // Each batch reads and writes the state of every car in it: larger batches carry
-            // more readings per state round trip. In process, a car's PUBACK waits for this
-            // commit too, so a batch waits at most 100 ms (and grows while the commit before it
-            // runs, when the database falls behind).
-            BatchPolicy {
-                flush_rows: 5000,
-                max_delay: Duration::from_millis(100),
-                max_rows: 20_000,
-            },
-            RetryPolicy::default(),
-            shutdown.clone(),
-        ));
+        let detector = match self.input {
+            Input::Bus(subscription) => tokio::spawn(run_writer(
+                DetectorSink(Arc::clone(&self.detection)),
+                subscription,
+                self.policy,
+                RetryPolicy::default(),
+                shutdown.clone(),
+            )),
+            Input::Committed(feed) => {
+                let detection = Arc::clone(&self.detection);
+                let (policy, stop) = (self.policy, shutdown.clone());
+                tokio::spawn(async move {
+                    follow::follow(detection, feed, policy, stop).await;
+                    Ok(())
+                })
+            }
+        };
         let sync_stop = shutdown.child_token();
         let sync = self
             .sync
@@ -336,6 +389,7 @@ impl Detection {
         &self,
         states: &HashMap<Vin, VehicleState>,
         changes: &NewestChanges,
+        cursor: Option<SensorCursor<'_>>,
     ) -> Result<(), DbError> {
         let states: Vec<StoredState<'_, VehicleState>> = states
             .iter()
@@ -354,6 +408,7 @@ impl Detection {
             .commit(
                 &states,
                 &drafts,
+                cursor,
                 self.new_status,
                 self.update_after_ms,
                 Utc::now(),
@@ -366,8 +421,13 @@ impl Detection {
         Ok(())
     }
 
-    /// Runs a batch of readings through the detector; returns the Cases changed.
-    async fn process(&self, batch: &[TelemetryReading]) -> Result<u64, DbError> {
+    /// Runs a batch of readings through the detector; returns the Cases changed. With a
+    /// `cursor`, the sensor rows it read are stored as handled in the same transaction.
+    async fn process(
+        &self,
+        batch: &[TelemetryReading],
+        cursor: Option<SensorCursor<'_>>,
+    ) -> Result<u64, DbError> {
         let _turn = self.states.lock().await;
         // The states are read fresh for every batch: after a rebalance or restart, another
         // worker's progress on these cars is what counts.
@@ -382,7 +442,7 @@ impl Detection {
                 self.record(change, &mut changes);
             }
         }
-        self.commit(&states, &changes).await?;
+        self.commit(&states, &changes, cursor).await?;
         Ok(changes.len() as u64)
     }
 
@@ -406,7 +466,7 @@ impl Detection {
             }
         }
         if !states.is_empty() {
-            self.commit(&states, &changes).await?;
+            self.commit(&states, &changes, None).await?;
         }
         Ok(changes.len())
     }
@@ -443,7 +503,7 @@ impl BatchSink for DetectorSink {
     }
 
     async fn write(&self, batch: &[TelemetryReading]) -> Result<u64, DbError> {
-        self.0.process(batch).await
+        self.0.process(batch, None).await
     }
 
     fn failure(&self, error: &DbError) -> WriteFailure {

@@ -23,6 +23,13 @@ pub const SYNC_PAUSES: &str = "ecars_case_sync_pauses_total";
 /// Times the Case sync waited because API usage passed the budget share.
 pub const SYNC_BUDGET_WAITS: &str = "ecars_case_sync_budget_waits_total";
 
+/// Batches of stored readings the worker of `ecars up` took, labelled by `from`: `memory` (as
+/// the persistence worker committed them) or `rows` (read back from `sensor_data`).
+pub const INPUT_BATCHES: &str = "ecars_anomaly_stored_batches_total";
+/// Sensor rows the persistence worker committed that the anomaly worker of `ecars up` has not
+/// committed its states for yet.
+pub const ROWS_BEHIND: &str = "ecars_anomaly_rows_behind";
+
 /// Case outbox rows, labelled by `status`.
 pub const OUTBOX_ROWS: &str = "ecars_case_outbox_rows";
 /// How long the oldest case outbox row of each `status` has been in it, seconds (0 when none).
@@ -38,6 +45,14 @@ pub fn describe() {
     describe_counter!(
         READINGS_SKIPPED,
         "Readings the anomaly detector skipped as duplicates or late arrivals"
+    );
+    describe_counter!(
+        INPUT_BATCHES,
+        "Batches of stored readings the anomaly worker took, by from (memory, rows read back)"
+    );
+    describe_gauge!(
+        ROWS_BEHIND,
+        "Sensor rows stored that the anomaly worker has not committed its states for yet"
     );
     describe_counter!(EPISODES, "Anomaly episode changes, by rule and change");
     describe_counter!(SALESFORCE_CALLS, "Salesforce requests, by endpoint");

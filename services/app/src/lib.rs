@@ -12,6 +12,10 @@
 //! HTTP API ◀── database, bus, readiness, metrics
 //! ```
 //!
+//! In process, the anomaly worker reads the batches the persistence worker committed rather than
+//! the bus, so a car's PUBACK waits for one commit; it stores how far it got with its states and
+//! reads the rows after that again after a crash.
+//!
 //! Parts stop in the reverse order of the data: the simulator and ingest first (no new
 //! readings), then the bus is closed, the workers drain it into the database, and the relay
 //! and the HTTP listener go last.
@@ -288,6 +292,18 @@ impl App {
         let bus = connect_bus(&settings).await?;
 
         // Workers subscribe before ingest publishes, so nothing is published to nobody.
+        let in_process = settings.kafka.brokers.is_none();
+        // In process, the anomaly worker reads what the persistence worker committed instead
+        // of a queue of its own: a car's PUBACK waits for one commit, not two, and the
+        // detector's states are committed at their own pace (a crash replays the rows stored
+        // after its cursor). A few batches in hand; more hold the persistence worker back.
+        let (committed, committed_feed) = match (in_process, &settings.persist, &settings.anomaly) {
+            (true, Some(_), Some(_)) => {
+                let (feed, committed) = tokio::sync::mpsc::channel(4);
+                (Some(committed), Some(feed))
+            }
+            _ => (None, None),
+        };
         let persist = match &settings.persist {
             Some(config) => Some(
                 PersistWorker::subscribe(
@@ -296,22 +312,25 @@ impl App {
                     &bus,
                     hooks.on_commit,
                 )
-                .await?,
+                .await
+                .map(|worker| match committed_feed {
+                    Some(feed) => worker.feeding(feed),
+                    None => worker,
+                })?,
             ),
             None => None,
         };
         let anomaly = match &settings.anomaly {
             Some(config) => {
                 let sync_readiness = readiness.clone();
-                Some(
-                    AnomalyWorker::subscribe(
-                        config,
-                        needs_db("the anomaly worker")?,
-                        bus.clone(),
-                        move |ready| sync_readiness.set("salesforce_sync", ready),
-                    )
-                    .await?,
-                )
+                let db = needs_db("the anomaly worker")?;
+                let readiness = move |ready| sync_readiness.set("salesforce_sync", ready);
+                Some(match committed {
+                    Some(committed) => {
+                        AnomalyWorker::after_persist(config, db, bus.clone(), committed, readiness)?
+                    }
+                    None => AnomalyWorker::subscribe(config, db, bus.clone(), readiness).await?,
+                })
             }
             None => None,
         };
@@ -396,7 +415,6 @@ impl App {
             bind_http(settings.http.admin_addr, "--admin-addr / ECARS_ADMIN_ADDR").await?;
 
         // Parts in the order they stop: sources first, sinks last.
-        let in_process = settings.kafka.brokers.is_none();
         let mut supervisor = Supervisor::new(readiness.clone());
         if let (Some(simulation), Some(addr), Some(ingest_config)) =
             (&settings.simulation, mqtt_addr, &settings.ingest)

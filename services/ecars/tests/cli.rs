@@ -268,6 +268,7 @@ async fn help_explains_every_setting_with_its_environment_variable() {
         "ECARS_DEVICE_SECRET",
         "ECARS_BATCH_ROWS",
         "ECARS_BATCH_DELAY",
+        "ECARS_ANOMALY_BATCH_DELAY",
         "ECARS_BATCH_MAX_ROWS",
         "ECARS_BATCH_MS",
         "--simulate",
@@ -441,6 +442,93 @@ async fn kill_9_of_up_loses_no_acknowledged_reading() {
     );
     let rows = db.sensor_rows().count().await.unwrap();
     assert_eq!(rows as usize, stored.len(), "no reading stored twice");
+}
+
+/// `ecars up` on this SQLite file, with these extra environment variables; its MQTT and HTTP
+/// ports.
+fn spawn_up(url: &str, env: &[(&str, &str)]) -> (tokio::process::Child, u16, u16) {
+    let (mqtt, ws, http) = (free_port(), free_port(), free_port());
+    let up = Command::new(ECARS)
+        .args(["up", "--mqtt-addr", &format!("127.0.0.1:{mqtt}")])
+        .args(["--mqtt-ws-addr", &format!("127.0.0.1:{ws}")])
+        .args(["--http-addr", &format!("127.0.0.1:{http}")])
+        .env("ECARS_ADMIN_ADDR", ecars_e2e::admin_addr_for(http))
+        .env("DATABASE_URL", url)
+        .envs(env.iter().copied())
+        .env_remove("ECARS_DEVICE_SECRET")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    (up, mqtt, http)
+}
+
+/// In `ecars up` the anomaly worker reads what the persistence worker committed and stores how
+/// far it got with the cars' states, so a car's PUBACK waits for one commit. A reading stored
+/// (PUBACKed) but not yet in the detector's states when `ecars up` is killed is read back at the
+/// next start, and the malfunction it reports opens its Case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_up_loses_no_anomaly_of_a_stored_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("a.db").display());
+    // The detector gathers readings for a minute: it has committed nothing when it is killed.
+    let (mut up, mqtt, http) = spawn_up(&url, &[("ECARS_ANOMALY_BATCH_DELAY", "60s")]);
+    wait_ready(http).await;
+    let vin = ecars_e2e::test_vin(900);
+    let out = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &mqtt.to_string(), "-q", "1"])
+        .args(["-t", &format!("vehicles/{vin}/telemetry")])
+        .args([
+            "-m",
+            &format!(r#"{{"vin":"{vin}","battery":50,"malfunction":true}}"#),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let db = Database::connect_lazy(&url).unwrap();
+    let (rows, outbox, cursors) = (db.sensor_rows(), db.case_outbox(), db.sensor_cursors());
+    assert_eq!(rows.count().await.unwrap(), 1, "a PUBACK means stored");
+    assert_eq!(
+        cursors
+            .get(ecars_app::anomaly::CONSUMER_GROUP)
+            .await
+            .unwrap(),
+        Some(0),
+        "the detector started on an empty table and has not committed since"
+    );
+    assert!(outbox.list(None, 10).await.unwrap().is_empty());
+    up.start_kill().unwrap();
+    up.wait().await.unwrap();
+
+    let (mut up, _, http) = spawn_up(&url, &[]);
+    wait_ready(http).await;
+    wait_for(
+        "the malfunction's Case",
+        Duration::from_secs(30),
+        || async {
+            outbox.list(None, 10).await.is_ok_and(|cases| {
+                cases
+                    .iter()
+                    .any(|c| c.vin == vin && c.rule == "malfunction_reported")
+            })
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        cursors
+            .get(ecars_app::anomaly::CONSUMER_GROUP)
+            .await
+            .unwrap(),
+        Some(rows.last_id().await.unwrap()),
+        "the cursor moved past the row read back"
+    );
+    assert_eq!(outbox.list(None, 10).await.unwrap().len(), 1, "one Case");
+    assert!(terminate(&mut up).await.success());
 }
 
 /// When the process runs out of descriptors, MQTT accepts fail; they must pause and be logged

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use ecars_bus::{Bus, BusError, Subscription};
 use ecars_db::rollups::Width;
+use ecars_db::sensor_rows::{CommittedReadings, StoredBatch};
 use ecars_db::{Database, DbError, LogRestart};
 use ecars_model::{ConnectivityEvent, DeadLetter, TelemetryReading};
 use ecars_runtime::settings::{parse_duration, parse_millis};
@@ -426,6 +427,11 @@ pub enum PersistError {
 /// publish-to-row latency with it).
 pub type CommitObserver = mpsc::Sender<Vec<TelemetryReading>>;
 
+/// Where committed batches of readings go next, in commit order: the anomaly worker of
+/// `ecars up` ([`PersistWorker::feeding`]). Bounded: a reader that falls behind holds the
+/// writer back.
+pub type CommittedFeed = mpsc::Sender<CommittedReadings>;
+
 /// The persistence worker, subscribed and ready to run.
 #[derive(Debug)]
 pub struct PersistWorker {
@@ -450,6 +456,8 @@ impl PersistWorker {
                 ReadingSink {
                     db: db.clone(),
                     observer,
+                    feed: None,
+                    stored: std::sync::Mutex::new(StoredBatch::default()),
                 },
                 bus.subscribe(CONSUMER_GROUP).await?,
             ),
@@ -464,6 +472,13 @@ impl PersistWorker {
             policy: config.policy(),
             retention: (db, (config.retention, config.rollup_retention)),
         })
+    }
+
+    /// Hands every committed batch of readings to `feed`, in commit order, before the batch is
+    /// acknowledged.
+    pub fn feeding(mut self, feed: CommittedFeed) -> PersistWorker {
+        self.readings.0.feed = Some(feed);
+        self
     }
 
     /// Writes until the bus closes or `shutdown` fires, then flushes and returns.
@@ -519,6 +534,9 @@ impl PersistWorker {
 struct ReadingSink {
     db: Database,
     observer: Option<CommitObserver>,
+    feed: Option<CommittedFeed>,
+    /// The ids of the last batch written, for [`BatchSink::committed`] (one commit at a time).
+    stored: std::sync::Mutex<StoredBatch>,
 }
 
 impl BatchSink for ReadingSink {
@@ -530,7 +548,9 @@ impl BatchSink for ReadingSink {
     }
 
     async fn write(&self, batch: &[TelemetryReading]) -> Result<u64, DbError> {
-        let added = self.db.sensor_rows().insert(batch).await?;
+        let stored = self.db.sensor_rows().insert_batch(batch).await?;
+        let added = stored.added;
+        *self.stored.lock().unwrap_or_else(|p| p.into_inner()) = stored;
         // How far behind the cars the stored data is (a queue, an outage, a car's clock).
         let now = chrono::Utc::now();
         let age = metrics::histogram!(ecars_runtime::metrics::READING_AGE);
@@ -541,6 +561,21 @@ impl BatchSink for ReadingSink {
             let _ = observer.send(batch.to_vec()).await;
         }
         Ok(added)
+    }
+
+    async fn committed(&self, batch: Vec<TelemetryReading>) {
+        let Some(feed) = &self.feed else {
+            return;
+        };
+        let ids = std::mem::take(&mut *self.stored.lock().unwrap_or_else(|p| p.into_inner()));
+        if ids.added == 0 {
+            // Every reading was stored before: the reader had them then.
+            return;
+        }
+        let readings = (ids.added == batch.len() as u64).then_some(batch);
+        // The reader gone (it stopped) loses nothing: it reads the rows after its cursor when
+        // it starts again.
+        let _ = feed.send(CommittedReadings { ids, readings }).await;
     }
 
     fn failure(&self, error: &DbError) -> WriteFailure {
