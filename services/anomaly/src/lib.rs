@@ -68,7 +68,7 @@ pub struct AnomalyConfig {
     /// most 20,000 readings). Longer: fewer, larger commits. In `ecars up` nothing waits for
     /// this commit (the worker reads what the persistence worker committed, and a crash makes
     /// it read the rows again); on Kafka the offsets are committed after it.
-    #[arg(id = "anomaly_batch_delay", long = "anomaly-batch-delay", env = "ECARS_ANOMALY_BATCH_DELAY", default_value = "500ms", value_parser = parse_duration)]
+    #[arg(id = "anomaly_batch_delay", value_name = "ANOMALY_BATCH_DELAY", long = "anomaly-batch-delay", env = "ECARS_ANOMALY_BATCH_DELAY", default_value = "500ms", value_parser = parse_duration)]
     pub batch_delay: Duration,
     /// Least time between two updates of one Case while its episode keeps firing (`5m`).
     #[arg(long = "case-update-interval", env = "ECARS_CASE_UPDATE_INTERVAL", default_value = "5m", value_parser = parse_duration)]
