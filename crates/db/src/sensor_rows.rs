@@ -144,6 +144,9 @@ pub struct CommittedReadings {
     pub readings: Option<Vec<TelemetryReading>>,
 }
 
+/// The greatest id of a stored row, 0 when there is none.
+const LAST_ID: &str = "SELECT COALESCE(MAX(id), 0) FROM sensor_data";
+
 /// The `sensor_data` table.
 #[derive(Clone, Debug)]
 pub struct SensorRows {
@@ -211,7 +214,6 @@ impl SensorRows {
                 // One writer at a time, and a new row's id is the greatest so far plus one: the
                 // rows this transaction adds are the ids after the greatest before it (no
                 // RETURNING, which cost SQLite a quarter of its throughput).
-                const LAST_ID: &str = "SELECT COALESCE(MAX(id), 0) FROM sensor_data";
                 let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
                 let before: i64 = sqlx::query_scalar(LAST_ID).fetch_one(&mut *tx).await?;
                 // OR IGNORE: the only constraint a row can break is the event id's uniqueness
@@ -305,11 +307,9 @@ impl SensorRows {
 
     /// The greatest id of a stored row (0 when there is none).
     pub async fn last_id(&self) -> Result<i64, DbError> {
-        on_pool!(self.db, |pool| Ok(sqlx::query_scalar::<_, i64>(
-            "SELECT COALESCE(MAX(id), 0) FROM sensor_data"
-        )
-        .fetch_one(pool)
-        .await?))
+        on_pool!(self.db, |pool| Ok(sqlx::query_scalar::<_, i64>(LAST_ID)
+            .fetch_one(pool)
+            .await?))
     }
 
     /// The newest `limit` readings of one car, newest first.

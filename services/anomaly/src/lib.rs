@@ -3,11 +3,11 @@
 //! Service Cloud Case per episode through a durable outbox.
 //!
 //! Data flow: bus (consumer group `ecars-anomaly`; in `ecars up`, the batches the persistence
-//! worker committed, in commit order, see [`AnomalyWorker::after_persist`]) → [`detector::Detector`] → the car's state and the episode's
-//! [`CaseDraft`], committed together in the case outbox ([`ecars_db::case_outbox`]) →
-//! acknowledgement; then, apart, [`sync::CaseSync`] → [`salesforce::SalesforceClient`]
-//! (Collections upsert by external id), and [`events::EpisodeEventRelay`] → the anomalies and
-//! cases streams.
+//! worker committed, in commit order, see [`AnomalyWorker::after_persist`]) →
+//! [`detector::Detector`] → the car's state and the episode's [`CaseDraft`], committed together
+//! in the case outbox ([`ecars_db::case_outbox`]) → acknowledgement; then, apart,
+//! [`sync::CaseSync`] → [`salesforce::SalesforceClient`] (Collections upsert by external id), and
+//! [`events::EpisodeEventRelay`] → the anomalies and cases streams.
 
 pub mod case;
 pub mod detector;

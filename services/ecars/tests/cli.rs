@@ -11,6 +11,22 @@ use tokio::process::Command;
 
 const ECARS: &str = env!("CARGO_BIN_EXE_ecars");
 
+/// Debian's mosquitto_pub sends `message` to `topic` at QoS 1 on the loopback port `mqtt`; it
+/// exits 0 once the broker acknowledged it.
+async fn mosquitto_pub(mqtt: u16, topic: &str, message: &str) {
+    let out = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &mqtt.to_string(), "-q", "1"])
+        .args(["-t", topic, "-m", message])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 async fn run_to_end(args: &[&str]) -> std::process::Output {
     tokio::time::timeout(
         Duration::from_secs(30),
@@ -58,42 +74,22 @@ async fn up_stores_what_mosquitto_pub_sends_and_exits_zero_on_ctrl_c() {
         tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{http}/v1/vehicles/{vin}/live"))
             .await
             .unwrap();
-    let publish = |topic: String, message: String| async move {
-        let out = Command::new("mosquitto_pub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &mqtt.to_string(),
-                "-q",
-                "1",
-                "-t",
-                &topic,
-                "-m",
-                &message,
-            ])
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    publish(
-        format!("vehicles/{vin}/telemetry"),
-        format!(r#"{{"vin":"{vin}","battery":80.5,"speed":12}}"#),
+    mosquitto_pub(
+        mqtt,
+        &format!("vehicles/{vin}/telemetry"),
+        &format!(r#"{{"vin":"{vin}","battery":80.5,"speed":12}}"#),
     )
     .await;
-    publish(
-        format!("vehicles/{vin}/telemetry"),
-        r#"{"vin":"1HGCM82633A004352","battery":"lots"}"#.into(),
+    mosquitto_pub(
+        mqtt,
+        &format!("vehicles/{vin}/telemetry"),
+        r#"{"vin":"1HGCM82633A004352","battery":"lots"}"#,
     )
     .await;
-    publish(
-        "ecars/data".into(),
-        r#"{"vin":"5YJ3E1EA7KF000001","latitude":"37.1","longitude":"-122.3"}"#.into(),
+    mosquitto_pub(
+        mqtt,
+        "ecars/data",
+        r#"{"vin":"5YJ3E1EA7KF000001","latitude":"37.1","longitude":"-122.3"}"#,
     )
     .await;
 
@@ -474,21 +470,12 @@ async fn kill_9_of_up_loses_no_anomaly_of_a_stored_reading() {
     let (mut up, mqtt, http) = spawn_up(&url, &[("ECARS_ANOMALY_BATCH_DELAY", "60s")]);
     wait_ready(http).await;
     let vin = ecars_e2e::test_vin(900);
-    let out = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &mqtt.to_string(), "-q", "1"])
-        .args(["-t", &format!("vehicles/{vin}/telemetry")])
-        .args([
-            "-m",
-            &format!(r#"{{"vin":"{vin}","battery":50,"malfunction":true}}"#),
-        ])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    mosquitto_pub(
+        mqtt,
+        &format!("vehicles/{vin}/telemetry"),
+        &format!(r#"{{"vin":"{vin}","battery":50,"malfunction":true}}"#),
+    )
+    .await;
     let db = Database::connect_lazy(&url).unwrap();
     let (rows, outbox, cursors) = (db.sensor_rows(), db.case_outbox(), db.sensor_cursors());
     assert_eq!(rows.count().await.unwrap(), 1, "a PUBACK means stored");
@@ -778,22 +765,12 @@ async fn ingest_and_two_persist_processes_over_kafka() {
 
     let vin = "1HGCM82633A004352";
     for battery in 0..20 {
-        let out = Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &mqtt.to_string(), "-q", "1"])
-            .args([
-                "-t",
-                &format!("vehicles/{vin}/telemetry"),
-                "-m",
-                &format!(r#"{{"battery":{battery}}}"#),
-            ])
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        mosquitto_pub(
+            mqtt,
+            &format!("vehicles/{vin}/telemetry"),
+            &format!(r#"{{"battery":{battery}}}"#),
+        )
+        .await;
     }
     let store = Database::connect_lazy(&pg.url()).unwrap();
     wait_for("20 rows through Kafka", Duration::from_secs(60), || async {
