@@ -493,6 +493,93 @@ async fn sqlite_store() {
     reading_in_commit_order(Database::connect_lazy(&url).unwrap()).await;
 }
 
+/// A SQLite database from before the idempotence key became (date, event id) is rebuilt with
+/// every row and id kept; redelivered readings still add nothing, and new rows go on after the
+/// old ids.
+#[tokio::test]
+async fn the_sqlite_migration_keys_readings_by_date_and_event_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("old.db").display());
+    let options: sqlx::sqlite::SqliteConnectOptions = url.parse().unwrap();
+    let pool = sqlx::SqlitePool::connect_with(options.create_if_missing(true))
+        .await
+        .unwrap();
+    let migrations =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/db/migrations/sqlite");
+    let migrator = sqlx::migrate::Migrator::new(migrations).await.unwrap();
+    let before = migrator
+        .iter()
+        .map(|m| m.version)
+        .filter(|v| *v < 20261203000009)
+        .max()
+        .unwrap();
+    migrator.run_to(before, &pool).await.unwrap();
+
+    let old = [
+        reading("1HGCM82633A004352", 3, 90.0),
+        reading("1HGCM82633A004352", 2, 89.0),
+        reading("2HGCM82633A004352", 1, 50.0),
+    ];
+    let text = |t: chrono::DateTime<Utc>| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
+    // Written as the previous version wrote, with a gap in the ids (a deleted row).
+    for (r, id) in old.iter().zip([1i64, 2, 5]) {
+        sqlx::query(
+            "INSERT INTO sensor_data (id, event_id, received_at, vin, battery, date)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .bind(id)
+        .bind(r.event_id.to_string())
+        .bind(text(r.received_at))
+        .bind(r.vin.as_str())
+        .bind(r.battery)
+        .bind(text(r.date))
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+
+    let db = Database::connect_lazy(&url).unwrap();
+    db.migrate().await.unwrap();
+
+    let kept: Vec<(i64, String)> =
+        sqlx::query_as("SELECT id, event_id FROM sensor_data ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let expected: Vec<(i64, String)> = old
+        .iter()
+        .zip([1i64, 2, 5])
+        .map(|(r, id)| (id, r.event_id.to_string()))
+        .collect();
+    assert_eq!(kept, expected);
+    let unique: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM pragma_index_list('sensor_data') WHERE \"unique\" = 1 ORDER BY name",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        unique,
+        ["sensor_data_date_event"],
+        "no index on the event id alone"
+    );
+    let store = db.sensor_rows();
+    assert_eq!(
+        store.insert(&old).await.unwrap(),
+        0,
+        "redelivered: nothing added"
+    );
+    let new = reading("2HGCM82633A004352", 0, 49.0);
+    let stored = store
+        .insert_batch(std::slice::from_ref(&new))
+        .await
+        .unwrap();
+    assert_eq!((stored.added, stored.after, stored.through), (1, 5, 6));
+    let newest = store.of_vehicle(&new.vin, 1).await.unwrap();
+    assert_eq!(newest[0].event_id, new.event_id);
+    db.close().await;
+}
+
 #[tokio::test]
 async fn postgres_store() {
     let server = PgServer::start().expect("throwaway PostgreSQL");

@@ -216,9 +216,9 @@ impl SensorRows {
                 // RETURNING, which cost SQLite a quarter of its throughput).
                 let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
                 let before: i64 = sqlx::query_scalar(LAST_ID).fetch_one(&mut *tx).await?;
-                // OR IGNORE: the only constraint a row can break is the event id's uniqueness
-                // (the NOT NULL columns are bound from required fields), where it does what
-                // ON CONFLICT DO NOTHING does. A statement that can abort instead (a NOT NULL
+                // OR IGNORE: the only constraint a row can break is the idempotence key's
+                // uniqueness, (date, event id) (the NOT NULL columns are bound from required
+                // fields), where it does what ON CONFLICT DO NOTHING does. A statement that can abort instead (a NOT NULL
                 // check's default) makes SQLite copy every page it changes into a statement
                 // journal first, to undo it alone: a quarter more CPU per batch, measured.
                 let added = sqlite_insert_in(

@@ -6,9 +6,10 @@
 //! - idle: as many connected, idle cars as the descriptor limit allows (15,000; keep-alive 300 s):
 //!   the broker's resident memory and descriptors per car;
 //! - rate: 100 cars publishing a fixed 40,000 QoS 1 readings/s for 60 s with one `#` subscriber
-//!   on each broker: what was acknowledged, delivered and (for ecars) stored; PUBACK latency
-//!   (for ecars, publish to committed row) and publish-to-subscriber latency; the broker's CPU per
-//!   1,000 readings/s;
+//!   on each broker (64 in flight per car; a car with a full window queues the readings due,
+//!   as an MQTT client does): what was acknowledged, delivered and (for ecars) stored; PUBACK
+//!   latency (for ecars, publish to committed row) from the PUBLISH and from when the reading was
+//!   due, and publish-to-subscriber latency; the broker's CPU per 1,000 readings/s;
 //! - overload: 100 cars publishing as fast as they are acknowledged (256 in flight each) for 20 s
 //!   to a subscriber that reads slowly: what was acknowledged, delivered and stored, and the
 //!   broker's peak memory;
@@ -388,8 +389,8 @@ fn rate(quick: bool, ecars_only: bool) {
     println!(
         "\n## rate: {cars} cars, {rate} QoS 1 readings/s for {seconds} s, one `#` subscriber\n"
     );
-    println!("| broker | acknowledged | delivered to `#` | stored | PUBACK p50 / p99 | to subscriber p50 / p99 | CPU | CPU per 1,000/s |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| broker | acknowledged | delivered to `#` | stored | PUBACK p50 / p99 | PUBACK p99 / max from due | to subscriber p50 / p99 | CPU | CPU per 1,000/s |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     if !ecars_only {
         run_load(Broker::mosquitto(), cars, rate, seconds, 64, false, &[]);
     }
@@ -402,8 +403,8 @@ fn tls(quick: bool) {
     println!(
         "\n## tls: {cars} cars, {rate} QoS 1 readings/s for {seconds} s over plain TCP and TLS, one `#` subscriber\n"
     );
-    println!("| broker | acknowledged | delivered to `#` | stored | PUBACK p50 / p99 | to subscriber p50 / p99 | CPU | CPU per 1,000/s |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| broker | acknowledged | delivered to `#` | stored | PUBACK p50 / p99 | PUBACK p99 / max from due | to subscriber p50 / p99 | CPU | CPU per 1,000/s |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     run_load(Broker::mosquitto(), cars, rate, seconds, 64, false, &[]);
     run_load(
         Broker::mosquitto_with(Some(&certificates)),
@@ -466,8 +467,8 @@ fn tls(quick: bool) {
 fn overload(quick: bool) {
     let seconds = if quick { 10 } else { 20 };
     println!("\n## overload: 100 cars as fast as acknowledged (256 in flight each) for {seconds} s, a slow `#` subscriber\n");
-    println!("| broker | acknowledged | delivered to `#` | stored | PUBACK p50 / p99 | to subscriber p50 / p99 | CPU | peak memory |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| broker | acknowledged | delivered to `#` | stored | PUBACK p50 / p99 | PUBACK p99 / max from due | to subscriber p50 / p99 | CPU | peak memory |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for make in [Broker::mosquitto as fn() -> Broker, Broker::ecars] {
         run_load(make(), 100, 0, seconds, 256, true, &[]);
     }
@@ -521,14 +522,28 @@ fn run_load(
     } else {
         format!("{:.2} % of a core", cores * 100.0 / (acked / wall / 1000.0))
     };
+    // At a fixed rate: acknowledged of the readings due, and the wait from when each was due
+    // (it includes the time a car held it back for a full window).
+    let (acknowledged, from_due) = match report["due"].as_u64() {
+        Some(due) => (
+            format!("{} of {due}", report["acked"]),
+            format!(
+                "{:.1} / {:.1} ms",
+                report["due_p99_ms"].as_f64().unwrap_or(0.0),
+                report["due_max_ms"].as_f64().unwrap_or(0.0)
+            ),
+        ),
+        None => (report["acked"].to_string(), "-".to_owned()),
+    };
     println!(
-        "| {} | {} | {} | {} | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.0} % of a core | {} |",
+        "| {} | {} | {} | {} | {:.1} / {:.1} ms | {} | {:.1} / {:.1} ms | {:.0} % of a core | {} |",
         broker.name,
-        report["acked"],
+        acknowledged,
         delivered["received"],
         stored,
         report["ack_p50_ms"].as_f64().unwrap_or(0.0),
         report["ack_p99_ms"].as_f64().unwrap_or(0.0),
+        from_due,
         delivered["p50_ms"].as_f64().unwrap_or(0.0),
         delivered["p99_ms"].as_f64().unwrap_or(0.0),
         cores * 100.0,
@@ -912,11 +927,23 @@ mod load {
 
     /// `cars` cars publishing `rate` readings/s in all (0: as fast as acknowledged) for
     /// `seconds`, each with at most `window` unacknowledged.
+    ///
+    /// At a fixed rate each reading has a time it is due, and a car whose window is full holds
+    /// its due readings back until acknowledgements make room, as an MQTT client's queue does:
+    /// every reading is sent, and a broker that stalls shows in `due_p99_ms` (due to
+    /// acknowledged) instead of in readings never sent or latencies never measured
+    /// ("coordinated omission"). The cars stop sending 30 s after `seconds` whatever is left
+    /// (`sent` then falls short of `due`).
     async fn rate(port: u16, cars: u32, rate: u32, seconds: u64, window: u32) {
-        let latencies: Arc<Mutex<Vec<f64>>> = Arc::default();
+        let latencies: Arc<Mutex<Vec<(f64, f64)>>> = Arc::default();
         let acked = Arc::new(AtomicU64::new(0));
         let sent = Arc::new(AtomicU64::new(0));
-        let until = Instant::now() + Duration::from_secs(seconds);
+        let start = Instant::now();
+        let until = start + Duration::from_secs(seconds);
+        let give_up = until + Duration::from_secs(30);
+        // Readings per second of each car, and how many each sends in all.
+        let per_car = f64::from(rate) / f64::from(cars);
+        let total = (per_car * seconds as f64).round() as u64;
         let mut tasks = Vec::new();
         for car in 0..cars {
             let (latencies, acked, sent) = (
@@ -929,15 +956,20 @@ mod load {
                 let topic = format!("vehicles/{vin}/telemetry");
                 let socket = connected(port, &format!("load-{car}"), 60).await;
                 let (mut read, mut write) = tokio::io::split(socket);
-                let in_flight: Arc<Mutex<std::collections::HashMap<u16, Instant>>> =
+                // Packet id → (sent, due).
+                let in_flight: Arc<Mutex<std::collections::HashMap<u16, (Instant, Instant)>>> =
                     Arc::default();
                 let room = Arc::new(tokio::sync::Semaphore::new(window as usize));
+                // Set before the last PUBLISH is written, so the reader that finds nothing in
+                // flight after it knows the car is done.
+                let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let reader = {
-                    let (in_flight, room, latencies, acked) = (
+                    let (in_flight, room, latencies, acked, finished) = (
                         Arc::clone(&in_flight),
                         Arc::clone(&room),
                         Arc::clone(&latencies),
                         Arc::clone(&acked),
+                        Arc::clone(&finished),
                     );
                     tokio::spawn(async move {
                         let mut buf = vec![0u8; 64 * 1024];
@@ -955,13 +987,21 @@ mod load {
                                 let mut in_flight = in_flight.lock().unwrap();
                                 for ack in buf[..whole].chunks_exact(4) {
                                     let pkid = u16::from_be_bytes([ack[2], ack[3]]);
-                                    if let Some(at) = in_flight.remove(&pkid) {
-                                        mine.push(now.duration_since(at).as_secs_f64() * 1000.0);
+                                    if let Some((at, due)) = in_flight.remove(&pkid) {
+                                        let ms = |t: Instant| {
+                                            now.duration_since(t).as_secs_f64() * 1000.0
+                                        };
+                                        mine.push((ms(at), ms(due)));
                                         acked.fetch_add(1, Ordering::Relaxed);
                                         room.add_permits(1);
                                     }
                                 }
-                                if in_flight.is_empty() && Instant::now() > until {
+                                let done = if rate == 0 {
+                                    Instant::now() > until
+                                } else {
+                                    finished.load(Ordering::Acquire)
+                                };
+                                if in_flight.is_empty() && done {
                                     break;
                                 }
                             }
@@ -972,25 +1012,32 @@ mod load {
                         latencies.lock().unwrap().extend(mine);
                     })
                 };
-                // Paced in ticks of 10 ms: `per_tick` readings per car per tick.
-                let per_tick = (f64::from(rate) / f64::from(cars) / 100.0).max(0.0);
-                let mut owed = 0.0;
+                // Paced in ticks of 10 ms: each tick sends the readings due by then.
                 let mut tick = tokio::time::interval(Duration::from_millis(10));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut n: u64 = 0;
                 let mut out = Vec::with_capacity(64 * 1024);
-                'send: while Instant::now() < until {
-                    let burst = if rate == 0 {
-                        window as usize
+                'send: loop {
+                    let now = Instant::now();
+                    let due = if rate == 0 {
+                        if now >= until {
+                            break;
+                        }
+                        n + 1
                     } else {
-                        tick.tick().await;
-                        owed += per_tick;
-                        let whole = owed.floor();
-                        owed -= whole;
-                        whole as usize
+                        if n >= total || now >= give_up {
+                            break;
+                        }
+                        let by_now = (now.duration_since(start).as_secs_f64() * per_car) as u64;
+                        if by_now <= n {
+                            tick.tick().await;
+                            continue;
+                        }
+                        by_now.min(total)
                     };
                     out.clear();
-                    for _ in 0..burst {
+                    let mut window_full = false;
+                    while n < due {
                         let permit = if rate == 0 {
                             match room.clone().acquire_owned().await {
                                 Ok(p) => p,
@@ -999,11 +1046,20 @@ mod load {
                         } else {
                             match room.clone().try_acquire_owned() {
                                 Ok(p) => p,
-                                // The window is full: the broker holds us back.
-                                Err(_) => break,
+                                Err(tokio::sync::TryAcquireError::NoPermits) => {
+                                    window_full = true;
+                                    break;
+                                }
+                                Err(tokio::sync::TryAcquireError::Closed) => break 'send,
                             }
                         };
                         permit.forget();
+                        // When this reading was due (as fast as acknowledged: now).
+                        let due_at = if rate == 0 {
+                            Instant::now()
+                        } else {
+                            start + Duration::from_secs_f64(n as f64 / per_car)
+                        };
                         n += 1;
                         let pkid = (n % 65_535 + 1) as u16;
                         let date = chrono::Utc::now()
@@ -1012,17 +1068,33 @@ mod load {
                             r#"{{"vin":"{vin}","battery":{:.2},"speed":42,"latitude":37.77,"longitude":-122.42,"date":"{date}"}}"#,
                             80.0 - (n % 5000) as f64 / 100.0
                         );
-                        in_flight.lock().unwrap().insert(pkid, Instant::now());
+                        in_flight
+                            .lock()
+                            .unwrap()
+                            .insert(pkid, (Instant::now(), due_at));
                         out.extend_from_slice(&publish_packet(&topic, pkid, &payload));
                         sent.fetch_add(1, Ordering::Relaxed);
-                        if rate == 0 {
-                            break;
-                        }
+                    }
+                    if rate > 0 && n >= total {
+                        finished.store(true, Ordering::Release);
                     }
                     if !out.is_empty() && write.write_all(&out).await.is_err() {
                         break;
                     }
+                    if window_full {
+                        // Wait for room (and give it back: the next pass takes it).
+                        match tokio::time::timeout_at(
+                            give_up.into(),
+                            room.clone().acquire_owned(),
+                        )
+                        .await
+                        {
+                            Ok(Ok(permit)) => drop(permit),
+                            Ok(Err(_)) | Err(_) => break,
+                        }
+                    }
                 }
+                finished.store(true, Ordering::Release);
                 // The last acknowledgements, for at most 30 s.
                 let _ = tokio::time::timeout(Duration::from_secs(30), reader).await;
                 let _ = write.write_all(&[0xE0, 0]).await;
@@ -1032,14 +1104,20 @@ mod load {
             let _ = task.await;
         }
         let mut latencies = std::mem::take(&mut *latencies.lock().unwrap());
-        latencies.sort_by(f64::total_cmp);
+        let mut from_due: Vec<f64> = latencies.iter().map(|(_, due)| *due).collect();
+        latencies.sort_by(|a, b| a.0.total_cmp(&b.0));
+        from_due.sort_by(f64::total_cmp);
+        let from_sent: Vec<f64> = latencies.iter().map(|(sent, _)| *sent).collect();
         println!(
             "{}",
             serde_json::json!({
+                "due": if rate == 0 { serde_json::Value::Null } else { (total * u64::from(cars)).into() },
                 "sent": sent.load(Ordering::Relaxed),
                 "acked": acked.load(Ordering::Relaxed),
-                "ack_p50_ms": percentile(&latencies, 0.50),
-                "ack_p99_ms": percentile(&latencies, 0.99),
+                "ack_p50_ms": percentile(&from_sent, 0.50),
+                "ack_p99_ms": percentile(&from_sent, 0.99),
+                "due_p99_ms": percentile(&from_due, 0.99),
+                "due_max_ms": from_due.last().copied().unwrap_or(0.0),
             })
         );
     }
