@@ -885,6 +885,12 @@ async fn sqlite_log_restart_gives_up_on_a_reader_that_does_not_end() {
         waited < std::time::Duration::from_secs(2),
         "the restart gave up after its short wait, not the busy timeout: {waited:?}"
     );
+    // What the step reports (the histogram `ecars_sqlite_checkpoint_seconds`) is that wait.
+    assert!(
+        checkpoint.restart_took >= ecars_db::RESTART_WAIT
+            && checkpoint.restart_took + checkpoint.passive_took <= waited,
+        "{checkpoint:?} in {waited:?}"
+    );
     reader.execute("COMMIT").await.unwrap();
     let checkpoint = db.checkpoint(true).await.unwrap();
     assert_eq!(

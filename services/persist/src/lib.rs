@@ -226,6 +226,12 @@ async fn checkpoint_every_second(db: Database) {
                 failures = 0;
                 restarts.record(checkpoint.restart, now);
                 metrics::gauge!(SQLITE_LOG_PAGES).set(checkpoint.log_pages as f64);
+                metrics::histogram!(SQLITE_CHECKPOINT_SECONDS, "step" => "passive")
+                    .record(checkpoint.passive_took.as_secs_f64());
+                if checkpoint.restart != LogRestart::NotTried {
+                    metrics::histogram!(SQLITE_CHECKPOINT_SECONDS, "step" => "restart")
+                        .record(checkpoint.restart_took.as_secs_f64());
+                }
             }
             Err(error) => {
                 failures += 1;
@@ -273,6 +279,11 @@ impl RestartBackoff {
 /// about a second of commits; a log that keeps growing means the checkpoints cannot finish (a
 /// reader that never ends).
 pub const SQLITE_LOG_PAGES: &str = "ecars_sqlite_log_pages";
+
+/// How long each step of the SQLite checkpoint took (`step`: `passive`, copying the log into
+/// the database beside the commits; `restart`, which holds new commits back while it finishes
+/// the copy and waits for readers, at most 100 ms of waiting).
+pub const SQLITE_CHECKPOINT_SECONDS: &str = "ecars_sqlite_checkpoint_seconds";
 
 /// Batches of sensor rows added to the rollups, by where their summary came from (`from`:
 /// `memory`, this process queued it; `rows`, its rows were read back).
