@@ -250,6 +250,17 @@ async fn exercise(db: Database) {
     let c_state = state(c);
     assert!(c_state.connectivity.unwrap().online);
     assert_eq!((c_state.latest, c_state.last_seen), (None, None));
+    // What a crash of ingest-0 would leave open: a and c, each in its newest session.
+    let open = |list: Vec<(Vin, Uuid)>| {
+        list.into_iter()
+            .map(|(vin, session)| (vin.to_string(), session))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        open(fleet.online_on_node("ingest-0").await.unwrap()),
+        [(a.to_owned(), a_new), (c.to_owned(), c_session)]
+    );
+    assert!(fleet.online_on_node("ingest-1").await.unwrap().is_empty());
     // A reading of c after its connection: the row gets its reading, keeps its connectivity.
     assert_eq!(store.insert(&[reading(c, 0, 70.0)]).await.unwrap(), 1);
     let c_state = fleet

@@ -76,7 +76,8 @@ pub struct ConnectivityEvent {
     pub session_id: Uuid,
     /// The ingest node that served the connection (`ECARS_NODE_ID`).
     pub node: String,
-    /// The MQTT client id of the connection.
+    /// The MQTT client id of the connection; empty in the `disconnected` event a restarted
+    /// node sends for a session it left open when it crashed (the id was not kept).
     pub client_id: String,
     /// When it happened.
     pub time: DateTime<Utc>,

@@ -49,6 +49,7 @@ use ecars_db::{Database, DatabaseConfig, DbError};
 use ecars_ingest::{BoundIngest, IngestConfig, IngestError};
 use ecars_model::api_key::{ApiKeyHolder, ApiKeys, Scope, Scopes};
 use ecars_model::record::published;
+use ecars_model::{Connectivity, ConnectivityEvent, DisconnectReason};
 use ecars_persist::{CommitObserver, PersistConfig, PersistError, PersistWorker};
 use ecars_relay::{Relay, RelayConfig};
 use ecars_runtime::reloading::Reloading;
@@ -451,6 +452,15 @@ impl App {
                 accounts.watch(interval, ecars_ingest::accounts::MqttAccounts::parse, stop)
             });
         }
+        // Where ingest shares the process with the database (`ecars up`, one node per bus).
+        if let (Some(config), Some(db), true) =
+            (&settings.ingest, &db, ingest.is_some() && in_process)
+        {
+            let (db, bus, node) = (db.clone(), bus.clone(), config.node());
+            supervisor.spawn_auxiliary("ending the sessions a crash left open", move |_| {
+                end_sessions_left_open(db, bus, node)
+            });
+        }
         if let Some(ingest) = ingest {
             readiness.set("ingest", true);
             let run = |stop| async move {
@@ -661,6 +671,53 @@ impl ecars_relay::LiveKeys for KeysForLiveSockets {
             }),
         }
     }
+}
+
+/// Ends the sessions this ingest node left open when it stopped without ending them (`kill -9`,
+/// a lost machine): its cars still online in `vehicle_state` get a `disconnected` event
+/// (`server_shutdown`, at the time of this start) for the session they were in, through the
+/// bus like any other, so the relay and other readers see it too. A car that reconnected since
+/// has a newer session, which the event does not override. Where the database cannot be read
+/// the cars stay as they were (logged): a start does not wait for it.
+async fn end_sessions_left_open(
+    db: Database,
+    bus: Bus,
+    node: String,
+) -> Result<(), std::convert::Infallible> {
+    let open = match db.vehicle_states().online_on_node(&node).await {
+        Ok(open) => open,
+        Err(error) => {
+            tracing::warn!(%error, node, "could not read the sessions a crash may have left open");
+            return Ok(());
+        }
+    };
+    if open.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(
+        cars = open.len(),
+        node,
+        "ending the sessions a crash left open"
+    );
+    let now = chrono::Utc::now();
+    for (vin, session_id) in open {
+        let ended = ConnectivityEvent {
+            event_id: uuid::Uuid::now_v7(),
+            vin,
+            state: Connectivity::Disconnected,
+            reason: Some(DisconnectReason::ServerShutdown),
+            session_id,
+            node: node.clone(),
+            // Not kept in the car's state; the session id names the connection.
+            client_id: String::new(),
+            time: now,
+        };
+        if let Err(error) = bus.publish(ended).await {
+            tracing::warn!(%error, "could not end the sessions a crash left open");
+            break;
+        }
+    }
+    Ok(())
 }
 
 async fn bind_http(

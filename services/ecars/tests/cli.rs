@@ -440,6 +440,77 @@ async fn kill_9_of_up_loses_no_acknowledged_reading() {
     assert_eq!(rows as usize, stored.len(), "no reading stored twice");
 }
 
+/// A car connected when `ecars up` is killed with `kill -9` was left online in `vehicle_state`
+/// (nobody ended its session); the next start ends it (`server_shutdown`), and a car that
+/// connects after the restart is online.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_after_kill_9_ends_the_sessions_left_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("s.db").display());
+    let db = Database::connect_lazy(&url).unwrap();
+    let states = db.vehicle_states();
+    let state_of = |vin: &'static str| {
+        let states = states.clone();
+        async move {
+            let page = states
+                .page(&ecars_db::vehicle_states::FleetQuery {
+                    limit: 10,
+                    ..Default::default()
+                })
+                .await
+                .unwrap_or_default();
+            page.into_iter()
+                .find(|v| v.vin.as_str() == vin)
+                .and_then(|v| v.connectivity)
+        }
+    };
+    // A car (anonymous on loopback: the VIN is its client id) that stays connected.
+    let car = |mqtt: u16, vin: &str| {
+        Command::new("mosquitto_sub")
+            .args(["-p", &mqtt.to_string(), "-i", vin, "-q", "1", "-k", "30"])
+            .args(["-t", &format!("vehicles/{vin}/commands")])
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    const A: &str = "1HGCM82633A004352";
+    const B: &str = "2HGCM82633A004352";
+
+    let (mut up, mqtt, http) = spawn_up(&url, &[("ECARS_NODE_ID", "node-a")]);
+    wait_ready(http).await;
+    let _a = car(mqtt, A);
+    wait_for("A online", Duration::from_secs(20), || async {
+        state_of(A).await.is_some_and(|c| c.online)
+    })
+    .await
+    .unwrap();
+    up.kill().await.unwrap();
+    up.wait().await.unwrap();
+    let left = state_of(A).await.unwrap();
+    assert!(left.online, "nobody ended the session: {left:?}");
+
+    let (mut up, mqtt, http) = spawn_up(&url, &[("ECARS_NODE_ID", "node-a")]);
+    wait_ready(http).await;
+    wait_for("A's session ended", Duration::from_secs(20), || async {
+        state_of(A).await.is_some_and(|c| !c.online)
+    })
+    .await
+    .unwrap();
+    let ended = state_of(A).await.unwrap();
+    assert_eq!(ended.reason.as_deref(), Some("server_shutdown"));
+    assert_eq!(ended.session_id, left.session_id, "the session it was in");
+    assert!(ended.since > left.since);
+    let _b = car(mqtt, B);
+    wait_for("B online", Duration::from_secs(20), || async {
+        state_of(B).await.is_some_and(|c| c.online)
+    })
+    .await
+    .unwrap();
+    terminate(&mut up).await;
+    db.close().await;
+}
+
 /// `ecars up` on this SQLite file, with these extra environment variables; its MQTT and HTTP
 /// ports.
 fn spawn_up(url: &str, env: &[(&str, &str)]) -> (tokio::process::Child, u16, u16) {

@@ -234,7 +234,16 @@ impl<B: Broker> Gateway<B> {
                 metrics::counter!(crate::metrics::CONNECTIVITY_EVENTS_FAILED, "state" => state)
                     .increment(1);
                 if CONNECTIVITY_LOG.allow() {
-                    tracing::warn!(%error, state, "a connectivity event was not published");
+                    if matches!(error, ecars_bus::BusError::Closed) {
+                        // In `ecars up` the bus closes before the sessions end at shutdown
+                        // (their last readings are committed first); the next start ends them.
+                        tracing::info!(
+                            state,
+                            "the bus closed before this event: the next start of this node ends the session"
+                        );
+                    } else {
+                        tracing::warn!(%error, state, "a connectivity event was not published");
+                    }
                 }
             }
         }
