@@ -36,7 +36,7 @@ pub enum DisconnectReason {
     ConnectionError,
     /// A newer connection with the car's client id took the session over.
     TakenOver,
-    /// The ingest node shut down.
+    /// The ingest node shut down, or crashed and reported the end when it started again.
     ServerShutdown,
     /// The car, or the certificate it connected with, was revoked.
     Revoked,
@@ -97,6 +97,51 @@ impl ConnectivityEvent {
                         && self.state == Connectivity::Disconnected
                         && state == Connectivity::Connected)
             }
+        }
+    }
+}
+
+/// A connectivity change as the live relay sends it to a WebSocket client that asked for them
+/// (`?connectivity=true`), beside the readings: tagged `"type": "connectivity"`, which no
+/// reading has, so a client tells the two apart.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct LiveConnectivityFrame {
+    /// Always `connectivity`.
+    #[serde(rename = "type")]
+    pub kind: LiveFrameKind,
+    /// The car.
+    pub vin: Vin,
+    /// Connected now.
+    pub online: bool,
+    /// Why the connection ended (`null` while online).
+    pub reason: Option<DisconnectReason>,
+    /// The connection the change belongs to (UUIDv7; a later connection has a greater one).
+    pub session_id: Uuid,
+    /// The ingest node that served the connection.
+    pub node: String,
+    /// When it happened.
+    pub time: DateTime<Utc>,
+}
+
+/// The tag of a live connectivity frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LiveFrameKind {
+    /// A connectivity change.
+    Connectivity,
+}
+
+impl LiveConnectivityFrame {
+    /// The frame of a connectivity event.
+    pub fn of(event: &ConnectivityEvent) -> LiveConnectivityFrame {
+        LiveConnectivityFrame {
+            kind: LiveFrameKind::Connectivity,
+            vin: event.vin.clone(),
+            online: event.state == Connectivity::Connected,
+            reason: event.reason,
+            session_id: event.session_id,
+            node: event.node.clone(),
+            time: event.time,
         }
     }
 }

@@ -1,5 +1,6 @@
-//! JSON Schemas of the values on our Kafka topics, generated from the Rust types, so another
-//! team can validate or generate code without reading ours. The files in `docs/schemas/` are
+//! JSON Schemas of the values on our Kafka topics and of the live relay's WebSocket frames,
+//! generated from the Rust types, so another team can validate or generate code without reading
+//! ours. The files in `docs/schemas/` are
 //! these; a test fails when they drift (`ECARS_WRITE_SCHEMAS=1 cargo test -p ecars-model`
 //! rewrites them).
 
@@ -42,6 +43,24 @@ pub fn topic_schemas() -> Vec<TopicSchema> {
     published().iter().map(TopicSchema::of).collect()
 }
 
+/// The schemas of the live relay's frames other than readings (a reading's frame is the
+/// telemetry topic's value), described with the relay's WebSocket in `docs/asyncapi-live.yaml`.
+pub fn live_frame_schemas() -> Vec<TopicSchema> {
+    let event_type = "com.ecars.live.connectivity.v1";
+    let mut schema = schemars::schema_for!(crate::connectivity::LiveConnectivityFrame).to_value();
+    if let Some(object) = schema.as_object_mut() {
+        object.insert(
+            "$id".into(),
+            format!("urn:ecars:schema:{event_type}").into(),
+        );
+    }
+    vec![TopicSchema {
+        event_type,
+        file: format!("{event_type}.json"),
+        schema,
+    }]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,7 +73,7 @@ mod tests {
     fn published_schemas_match_the_types() {
         let dir = repository_root().join(SCHEMA_DIR);
         let write = std::env::var_os("ECARS_WRITE_SCHEMAS").is_some();
-        for topic in topic_schemas() {
+        for topic in topic_schemas().into_iter().chain(live_frame_schemas()) {
             let text = serde_json::to_string_pretty(&topic.schema).unwrap() + "\n";
             let path = dir.join(&topic.file);
             if write {
@@ -90,6 +109,22 @@ mod tests {
             );
             assert!(asyncapi.contains(&format!("name: {}\n", topic.event_type)));
             assert!(root.join(SCHEMA_DIR).join(&topic.file).exists());
+        }
+    }
+
+    /// The live relay's AsyncAPI document points at the schemas of both kinds of frame.
+    #[test]
+    fn the_live_asyncapi_document_points_at_the_frame_schemas() {
+        let root = repository_root();
+        let asyncapi = std::fs::read_to_string(root.join("docs/asyncapi-live.yaml")).unwrap();
+        let reading = &topic_schemas()[0];
+        for frame in std::iter::once(reading).chain(&live_frame_schemas()) {
+            let reference = format!("$ref: './schemas/{}'", frame.file);
+            assert!(
+                asyncapi.contains(&reference),
+                "asyncapi-live.yaml lacks {reference}"
+            );
+            assert!(root.join(SCHEMA_DIR).join(&frame.file).exists());
         }
     }
 

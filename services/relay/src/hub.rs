@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
-use ecars_model::{Connectivity, ConnectivityEvent, TelemetryReading, Vin};
+use ecars_model::connectivity::LiveConnectivityFrame;
+use ecars_model::{ConnectivityEvent, TelemetryReading, Vin};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::sync::CancellationToken;
@@ -35,18 +36,10 @@ impl Frame {
     /// The frame of a connectivity change, for clients that asked for them: tagged
     /// `"type": "connectivity"` so it is never taken for a reading.
     pub fn of_connectivity(event: &ConnectivityEvent) -> Frame {
-        let text = serde_json::json!({
-            "type": "connectivity",
-            "vin": event.vin,
-            "online": event.state == Connectivity::Connected,
-            "reason": event.reason.map(|r| r.code()),
-            "session_id": event.session_id,
-            "node": event.node,
-            "time": event.time,
-        });
+        let frame = LiveConnectivityFrame::of(event);
         Frame {
             event_id: event.event_id,
-            text: Utf8Bytes::from(text.to_string()),
+            text: Utf8Bytes::from(serde_json::to_string(&frame).unwrap_or_default()),
         }
     }
 }
@@ -224,6 +217,7 @@ fn deliver<'a>(clients: impl Iterator<Item = &'a Client>, frame: &Frame) {
 mod tests {
     use super::*;
     use chrono::Utc;
+    use ecars_model::Connectivity;
 
     fn reading(vin: &Vin) -> TelemetryReading {
         TelemetryReading {
