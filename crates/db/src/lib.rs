@@ -324,9 +324,10 @@ impl Database {
     /// one-minute benchmark at 30,000 readings/s, and every new page of it cost the filesystem
     /// a zeroed block). So once the log holds [`RESTART_AFTER_PAGES`], a `RESTART` checkpoint
     /// follows (after a second `PASSIVE`): it copies the few pages committed since and makes
-    /// the next commit start the log over. It holds new writers back while it waits for readers, so it waits at most
-    /// [`RESTART_WAIT`] and otherwise reports [`LogRestart::Busy`]; `restart: false` skips it
-    /// (a caller backing off from a reader that does not end).
+    /// the next commit start the log over. It holds new writers back while it waits for
+    /// readers, so it waits at most [`RESTART_WAIT`] and otherwise reports
+    /// [`LogRestart::Busy`]; `restart: false` skips it (a caller backing off from a reader that
+    /// does not end).
     pub async fn checkpoint(&self, restart: bool) -> Result<Checkpoint, DbError> {
         let Pool::Sqlite(pool) = &self.pool else {
             return Ok(Checkpoint::default());

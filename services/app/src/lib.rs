@@ -453,13 +453,19 @@ impl App {
             });
         }
         // Where ingest shares the process with the database (`ecars up`, one node per bus).
+        // Read before ingest accepts anyone: a car that reconnects at once has a new session,
+        // which must not be taken for one left open.
         if let (Some(config), Some(db), true) =
             (&settings.ingest, &db, ingest.is_some() && in_process)
         {
-            let (db, bus, node) = (db.clone(), bus.clone(), config.node());
-            supervisor.spawn_auxiliary("ending the sessions a crash left open", move |_| {
-                end_sessions_left_open(db, bus, node)
-            });
+            let node = config.node();
+            let open = sessions_left_open(db, &node).await;
+            if !open.is_empty() {
+                let bus = bus.clone();
+                supervisor.spawn_auxiliary("ending the sessions a crash left open", move |_| {
+                    end_sessions(bus, node, open)
+                });
+            }
         }
         if let Some(ingest) = ingest {
             readiness.set("ingest", true);
@@ -673,27 +679,36 @@ impl ecars_relay::LiveKeys for KeysForLiveSockets {
     }
 }
 
-/// Ends the sessions this ingest node left open when it stopped without ending them (`kill -9`,
-/// a lost machine): its cars still online in `vehicle_state` get a `disconnected` event
-/// (`server_shutdown`, at the time of this start) for the session they were in, through the
-/// bus like any other, so the relay and other readers see it too. A car that reconnected since
-/// has a newer session, which the event does not override. Where the database cannot be read
-/// the cars stay as they were (logged): a start does not wait for it.
-async fn end_sessions_left_open(
-    db: Database,
+/// The sessions this ingest node left open when it stopped without ending them (`kill -9`, a
+/// lost machine): its cars still online in `vehicle_state`, each with its session. Where the
+/// database cannot be read soon, none (logged): a start does not wait for it.
+async fn sessions_left_open(db: &Database, node: &str) -> Vec<(ecars_model::Vin, uuid::Uuid)> {
+    let states = db.vehicle_states();
+    match tokio::time::timeout(Duration::from_secs(5), states.online_on_node(node)).await {
+        Ok(Ok(open)) => open,
+        Ok(Err(error)) => {
+            tracing::warn!(%error, node, "could not read the sessions a crash may have left open");
+            Vec::new()
+        }
+        Err(_) => {
+            tracing::warn!(
+                node,
+                "could not read the sessions a crash may have left open in 5 s"
+            );
+            Vec::new()
+        }
+    }
+}
+
+/// Ends the sessions [`sessions_left_open`] found: a `disconnected` event (`server_shutdown`,
+/// at the time of this start) for each, through the bus like any other, so the relay and
+/// other readers see it too. A car that reconnected since has a newer session, which the event
+/// does not override.
+async fn end_sessions(
     bus: Bus,
     node: String,
+    open: Vec<(ecars_model::Vin, uuid::Uuid)>,
 ) -> Result<(), std::convert::Infallible> {
-    let open = match db.vehicle_states().online_on_node(&node).await {
-        Ok(open) => open,
-        Err(error) => {
-            tracing::warn!(%error, node, "could not read the sessions a crash may have left open");
-            return Ok(());
-        }
-    };
-    if open.is_empty() {
-        return Ok(());
-    }
     tracing::info!(
         cars = open.len(),
         node,
