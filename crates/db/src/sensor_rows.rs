@@ -218,9 +218,10 @@ impl SensorRows {
                 let before: i64 = sqlx::query_scalar(LAST_ID).fetch_one(&mut *tx).await?;
                 // OR IGNORE: the only constraint a row can break is the idempotence key's
                 // uniqueness, (date, event id) (the NOT NULL columns are bound from required
-                // fields), where it does what ON CONFLICT DO NOTHING does. A statement that can abort instead (a NOT NULL
-                // check's default) makes SQLite copy every page it changes into a statement
-                // journal first, to undo it alone: a quarter more CPU per batch, measured.
+                // fields), where it does what ON CONFLICT DO NOTHING does. A statement that
+                // can abort instead (a NOT NULL check's default) makes SQLite copy every page
+                // it changes into a statement journal first, to undo it alone: a quarter more
+                // CPU per batch, measured.
                 let added = sqlite_insert_in(
                     &mut tx,
                     r#"INSERT OR IGNORE INTO sensor_data

@@ -16,7 +16,7 @@ use crate::sensor_rows::{
     pg_reading, push_reading, sqlite_insert_in, sqlite_reading, ReadingArrays, PG_ARRAYS,
 };
 use crate::{
-    parse_time, parse_uuid, parse_vin, replaced_when, sqlite_time, Database, DbError, Pool,
+    on_pool, parse_time, parse_uuid, parse_vin, replaced_when, sqlite_time, Database, DbError, Pool,
 };
 
 /// One car's latest state.
@@ -255,24 +255,16 @@ impl VehicleStates {
     /// that node stopped without ending its sessions (`kill -9`, a lost machine), these are
     /// the ones it left online. Each with that session's id.
     pub async fn online_on_node(&self, node: &str) -> Result<Vec<(Vin, Uuid)>, DbError> {
-        const SQL: &str = "SELECT vin, session_id FROM vehicle_state WHERE node = $1 AND online \
-             ORDER BY vin";
-        match &self.db.pool {
-            Pool::Postgres(pool) => sqlx::query(SQL)
-                .bind(node)
-                .fetch_all(pool)
-                .await?
-                .into_iter()
-                .map(|row| Ok((parse_vin(row.try_get(0)?)?, row.try_get(1)?)))
-                .collect(),
-            Pool::Sqlite(pool) => sqlx::query(SQL)
-                .bind(node)
-                .fetch_all(pool)
-                .await?
-                .into_iter()
-                .map(|row| Ok((parse_vin(row.try_get(0)?)?, parse_uuid(row.try_get(1)?)?)))
-                .collect(),
-        }
+        // The session id as text from both backends (a UUID on PostgreSQL), so one decoding.
+        const SQL: &str = "SELECT vin, CAST(session_id AS TEXT) FROM vehicle_state \
+             WHERE node = $1 AND online ORDER BY vin";
+        on_pool!(self.db, |pool| sqlx::query(SQL)
+            .bind(node)
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .map(|row| Ok((parse_vin(row.try_get(0)?)?, parse_uuid(row.try_get(1)?)?)))
+            .collect())
     }
 
     /// A page of the fleet, by VIN.

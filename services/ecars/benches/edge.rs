@@ -384,13 +384,18 @@ fn idle(quick: bool) {
     }
 }
 
+/// The columns of a fixed-rate run's table ([`run_load`] prints its rows).
+fn print_rate_header() {
+    println!("| broker | acknowledged | delivered to `#` | stored | PUBACK p50 / p99 | PUBACK p99 / max from due | to subscriber p50 / p99 | CPU | CPU per 1,000/s |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+}
+
 fn rate(quick: bool, ecars_only: bool) {
     let (cars, rate, seconds) = (100u32, 40_000u32, if quick { 20 } else { 60 });
     println!(
         "\n## rate: {cars} cars, {rate} QoS 1 readings/s for {seconds} s, one `#` subscriber\n"
     );
-    println!("| broker | acknowledged | delivered to `#` | stored | PUBACK p50 / p99 | PUBACK p99 / max from due | to subscriber p50 / p99 | CPU | CPU per 1,000/s |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    print_rate_header();
     if !ecars_only {
         run_load(Broker::mosquitto(), cars, rate, seconds, 64, false, &[]);
     }
@@ -403,8 +408,7 @@ fn tls(quick: bool) {
     println!(
         "\n## tls: {cars} cars, {rate} QoS 1 readings/s for {seconds} s over plain TCP and TLS, one `#` subscriber\n"
     );
-    println!("| broker | acknowledged | delivered to `#` | stored | PUBACK p50 / p99 | PUBACK p99 / max from due | to subscriber p50 / p99 | CPU | CPU per 1,000/s |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    print_rate_header();
     run_load(Broker::mosquitto(), cars, rate, seconds, 64, false, &[]);
     run_load(
         Broker::mosquitto_with(Some(&certificates)),
@@ -1103,11 +1107,12 @@ mod load {
         for task in tasks {
             let _ = task.await;
         }
-        let mut latencies = std::mem::take(&mut *latencies.lock().unwrap());
-        let mut from_due: Vec<f64> = latencies.iter().map(|(_, due)| *due).collect();
-        latencies.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (mut from_sent, mut from_due): (Vec<f64>, Vec<f64>) =
+            std::mem::take(&mut *latencies.lock().unwrap())
+                .into_iter()
+                .unzip();
+        from_sent.sort_by(f64::total_cmp);
         from_due.sort_by(f64::total_cmp);
-        let from_sent: Vec<f64> = latencies.iter().map(|(sent, _)| *sent).collect();
         println!(
             "{}",
             serde_json::json!({
