@@ -9,18 +9,28 @@
 //!   with `EXPLAIN ANALYZE`, for contrast;
 //! - write: 200 batches of 1,000 readings through `SensorRows::insert`, as the persistence
 //!   worker writes them, from 1,000 cars (one reading each: the most state rows a batch can
-//!   have) and from 100 cars (ten each); rows per second.
+//!   have) and from 100 cars (ten each); rows per second. Event ids are what ingest gives a
+//!   reading (a hash of its content, so random), and on PostgreSQL today's partition already
+//!   holds `--day-rows` readings (default 4,000,000: about an hour of 1,000 cars reporting once
+//!   a second, or seven minutes of 10,000), because how an index takes new rows shows only
+//!   once it is large. Beside it, in turns, the write path as it was before the fleet state
+//!   (issue 15):
+//!   the same batches in one `INSERT … ON CONFLICT (event_id) DO NOTHING` into a table of the
+//!   first migration's shape (not partitioned, unique event id), holding as many rows. Each
+//!   PostgreSQL run starts right after a checkpoint and is reported with the WAL it wrote per
+//!   row.
 //!
 //! Run: `cargo bench -p ecars-e2e --bench fleet` (`-- --quick`: smaller tables; `-- --rows
-//! 1000000,10000000`: the sizes).
+//! 1000000,10000000`: the sizes of the list's table; `-- --day-rows N`).
 
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use ecars_db::Database;
 use ecars_e2e::{PgServer, Pipeline, PipelineOptions};
+use ecars_model::telemetry::content_event_id;
 use ecars_model::{TelemetryReading, Vin};
-use uuid::Uuid;
+use sqlx::PgPool;
 
 const CARS: u32 = 1_000;
 
@@ -32,9 +42,11 @@ fn vin(car: u32) -> Vin {
 fn batch_of(round: u32, cars: u32) -> Vec<TelemetryReading> {
     let now = Utc::now();
     (0..CARS)
-        .map(|n| n % cars)
-        .map(|car| TelemetryReading {
-            event_id: Uuid::now_v7(),
+        .map(|n| (n, n % cars))
+        .map(|(n, car)| TelemetryReading {
+            // As ingest makes it: a hash, so random (a time-ordered id would hide what a
+            // unique index led by it costs).
+            event_id: content_event_id(&vin(car), now, format!("{round}/{n}").as_bytes()),
             received_at: now,
             vin: vin(car),
             name: Some(format!("Car {car}")),
@@ -56,17 +68,24 @@ fn batch(round: u32) -> Vec<TelemetryReading> {
     batch_of(round, CARS)
 }
 
+/// Readings in a run of the write path: 200 batches of 1,000.
+const RUN: f64 = 200.0 * CARS as f64;
+
 /// Rows per second of 200 batches of 1,000 readings from `cars` cars through the product's
-/// write path, then rows per second of adding the queued batches to the rollups (the
-/// persistence worker's background step).
-async fn write_path(db: &Database, cars: u32) -> (f64, f64) {
+/// write path.
+async fn write_path(db: &Database, cars: u32) -> f64 {
     let rows = db.sensor_rows();
     let batches: Vec<_> = (0..200).map(|round| batch_of(round, cars)).collect();
     let started = Instant::now();
     for b in &batches {
         rows.insert(b).await.expect("the batch is written");
     }
-    let written = (200.0 * f64::from(CARS)) / started.elapsed().as_secs_f64();
+    RUN / started.elapsed().as_secs_f64()
+}
+
+/// Rows per second of adding the batches queued by a run of the write path to the rollups (the
+/// persistence worker's background step).
+async fn roll_up(db: &Database) -> f64 {
     let started = Instant::now();
     while db
         .rollups()
@@ -76,8 +95,89 @@ async fn write_path(db: &Database, cars: u32) -> (f64, f64) {
         .batches
         > 0
     {}
-    let rolled = (200.0 * f64::from(CARS)) / started.elapsed().as_secs_f64();
-    (written, rolled)
+    RUN / started.elapsed().as_secs_f64()
+}
+
+/// Runs `run` (a write path, giving its rows per second) right after a checkpoint, as every
+/// row would in a day's index far larger than the rows added between two checkpoints; returns
+/// its rows per second and the bytes of WAL it wrote per row.
+async fn after_checkpoint(
+    pool: &PgPool,
+    run: impl std::future::Future<Output = f64>,
+) -> (f64, f64) {
+    const WAL_POSITION: &str = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint";
+    sqlx::query("CHECKPOINT")
+        .execute(pool)
+        .await
+        .expect("a checkpoint");
+    let from: i64 = sqlx::query_scalar(WAL_POSITION)
+        .fetch_one(pool)
+        .await
+        .expect("the WAL");
+    let rate = run.await;
+    let to: i64 = sqlx::query_scalar(WAL_POSITION)
+        .fetch_one(pool)
+        .await
+        .expect("the WAL");
+    (rate, (to - from) as f64 / RUN)
+}
+
+/// The table the write path before issue 15 wrote: `sensor_data` as the first migration made it
+/// (its statements up to the next table's), under another name.
+fn before_table() -> String {
+    const FIRST_MIGRATION: &str =
+        include_str!("../../crates/db/migrations/postgres/20261122000001_initial.sql");
+    let next = FIRST_MIGRATION
+        .find("CREATE TABLE IF NOT EXISTS dead_letters")
+        .expect("the first migration creates dead_letters after sensor_data");
+    FIRST_MIGRATION[..next].replace("sensor_data", "sensor_data_before_issue_15")
+}
+
+/// Rows per second of 200 batches of 1,000 readings from `cars` cars written as before issue
+/// 15: one statement per batch, the sensor rows alone (the statement of that time, verbatim).
+async fn write_path_before_issue_15(pool: &PgPool, cars: u32) -> f64 {
+    let batches: Vec<_> = (0..200).map(|round| batch_of(round, cars)).collect();
+    let started = Instant::now();
+    for b in &batches {
+        let column = |f: fn(&TelemetryReading) -> Option<f64>| b.iter().map(f).collect::<Vec<_>>();
+        sqlx::query(
+            r#"INSERT INTO sensor_data_before_issue_15
+                 (event_id, received_at, vin, name, profile, "range", mpge, battery,
+                  malfunction, speed, latitude, longitude, date)
+               SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::text[],
+                  $5::text[], $6::float8[], $7::float8[], $8::float8[], $9::bool[],
+                  $10::float8[], $11::float8[], $12::float8[], $13::timestamptz[])
+               ON CONFLICT (event_id) DO NOTHING"#,
+        )
+        .bind(b.iter().map(|r| r.event_id).collect::<Vec<_>>())
+        .bind(b.iter().map(|r| r.received_at).collect::<Vec<_>>())
+        .bind(b.iter().map(|r| r.vin.as_str()).collect::<Vec<_>>())
+        .bind(b.iter().map(|r| r.name.as_deref()).collect::<Vec<_>>())
+        .bind(b.iter().map(|r| r.profile.as_deref()).collect::<Vec<_>>())
+        .bind(column(|r| r.range))
+        .bind(column(|r| r.mpge))
+        .bind(column(|r| r.battery))
+        .bind(b.iter().map(|r| r.malfunction).collect::<Vec<_>>())
+        .bind(column(|r| r.speed))
+        .bind(column(|r| r.latitude))
+        .bind(column(|r| r.longitude))
+        .bind(b.iter().map(|r| r.date).collect::<Vec<_>>())
+        .execute(pool)
+        .await
+        .expect("the batch is written");
+    }
+    RUN / started.elapsed().as_secs_f64()
+}
+
+/// Adds `rows` readings dated today (the last `rows` / 1,000 seconds, not before midnight) to
+/// `table`.
+fn fill_today(pg: &PgServer, table: &str, rows: u64) {
+    generate(
+        pg,
+        table,
+        0..rows,
+        &format!("GREATEST(date_trunc('day', now(), 'UTC'), now() - make_interval(secs => i / {CARS}.0))"),
+    );
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -94,22 +194,32 @@ fn fill(pg: &PgServer, rows: u64) {
         .trim()
         .parse()
         .expect("a number");
-    let mut from = have;
-    while from < rows {
-        let to = (from + 1_000_000).min(rows);
+    generate(
+        pg,
+        "sensor_data",
+        have..rows,
+        &format!("now() - interval '1 day' - make_interval(secs => i / {CARS}.0)"),
+    );
+}
+
+/// Adds the readings numbered `numbers` to `table`, server-side, a million at a time: 1,000
+/// cars, random event ids, reading `i` dated `date` (SQL over `i`); then analyzes the table.
+fn generate(pg: &PgServer, table: &str, numbers: std::ops::Range<u64>, date: &str) {
+    let mut from = numbers.start;
+    while from < numbers.end {
+        let to = (from + 1_000_000).min(numbers.end);
         pg.psql(&format!(
-            r#"INSERT INTO sensor_data (event_id, received_at, vin, name, profile, "range", mpge,
+            r#"INSERT INTO {table} (event_id, received_at, vin, name, profile, "range", mpge,
                    battery, malfunction, speed, latitude, longitude, date)
                SELECT gen_random_uuid(), t, '1BENCH' || lpad((i % {CARS})::text, 11, '0'), 'Car',
                    'short', 200, 110, 50 + i % 50, false, 40, 37.7, -122.4, t
-               FROM generate_series({from}, {to} - 1) AS i,
-                    LATERAL (SELECT now() - interval '1 day' - make_interval(secs => i / {CARS}.0)) AS d(t)"#
+               FROM generate_series({from}, {to} - 1) AS i, LATERAL (SELECT {date}) AS d(t)"#
         ))
         .expect("the fill");
         from = to;
         eprint!(".");
     }
-    pg.psql("ANALYZE sensor_data").expect("analyze");
+    pg.psql(&format!("ANALYZE {table}")).expect("analyze");
     eprintln!();
 }
 
@@ -117,6 +227,12 @@ fn fill(pg: &PgServer, rows: u64) {
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
+    let day_rows: u64 = args
+        .iter()
+        .position(|a| a == "--day-rows")
+        .and_then(|i| args.get(i + 1))
+        .map(|n| n.parse().expect("a row count"))
+        .unwrap_or(if quick { 400_000 } else { 4_000_000 });
     let sizes: Vec<u64> = args
         .iter()
         .position(|a| a == "--rows")
@@ -145,27 +261,54 @@ async fn main() {
     ))
     .expect("SQLite");
     sqlite.migrate().await.expect("migrations");
-    let (a, b) = (
-        write_path(&sqlite, CARS).await,
-        write_path(&sqlite, 100).await,
-    );
+    let a = (write_path(&sqlite, CARS).await, roll_up(&sqlite).await);
+    let b = (write_path(&sqlite, 100).await, roll_up(&sqlite).await);
     println!(
         "| SQLite | {:.0} rows/s | {:.0} rows/s | {:.0} / {:.0} rows/s |",
         a.0, b.0, a.1, b.1
     );
 
+    // A server of its own, so the fleet list's table below holds only the rows it is sized to.
+    let pg = PgServer::start().expect("PostgreSQL");
+    let db = Database::connect_lazy(&pg.url()).expect("PostgreSQL");
+    db.migrate().await.expect("migrations");
+    pg.psql(&before_table()).expect("the table before issue 15");
+    eprint!("filling today's partition and the table before issue 15 with {day_rows} rows each");
+    fill_today(&pg, "sensor_data", day_rows);
+    fill_today(&pg, "sensor_data_before_issue_15", day_rows);
+    let pool = PgPool::connect(&pg.url()).await.expect("a pool");
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let old = after_checkpoint(&pool, write_path_before_issue_15(&pool, CARS)).await;
+        let a = after_checkpoint(&pool, write_path(&db, CARS)).await;
+        let a_rolled = roll_up(&db).await;
+        let old_b = after_checkpoint(&pool, write_path_before_issue_15(&pool, 100)).await;
+        let b = after_checkpoint(&pool, write_path(&db, 100)).await;
+        let b_rolled = roll_up(&db).await;
+        println!(
+            "| PostgreSQL | {:.0} rows/s | {:.0} rows/s | {a_rolled:.0} / {b_rolled:.0} rows/s |",
+            a.0, b.0
+        );
+        runs.push([old, a, old_b, b]);
+    }
+    println!("\n## PostgreSQL write path against the one before issue 15 (sensor rows only, not partitioned, unique event id), in turns, each run right after a checkpoint, {day_rows} rows of today stored before\n");
+    println!("| before, 1,000 cars a batch | now, 1,000 cars | before, 100 cars a batch | now, 100 cars |");
+    println!("|---|---|---|---|");
+    for run in runs {
+        let cells: Vec<String> = run
+            .iter()
+            .map(|(rate, wal)| format!("{rate:.0} rows/s, {wal:.0} B of WAL a row"))
+            .collect();
+        println!("| {} |", cells.join(" | "));
+    }
+    pool.close().await;
+    db.close().await;
+    drop(pg);
+
     let pg = PgServer::start().expect("PostgreSQL");
     let pipeline = Pipeline::start(PipelineOptions::new(pg.url()))
         .await
         .expect("the pipeline starts");
-    let (a, b) = (
-        write_path(&pipeline.db, CARS).await,
-        write_path(&pipeline.db, 100).await,
-    );
-    println!(
-        "| PostgreSQL | {:.0} rows/s | {:.0} rows/s | {:.0} / {:.0} rows/s |",
-        a.0, b.0, a.1, b.1
-    );
 
     println!("\n## GET /v1/vehicles, {CARS} cars, PostgreSQL\n");
     println!("| sensor_data rows | GET /v1/vehicles p50 / p99 | before: ranking every reading (EXPLAIN ANALYZE, median of 3) |");
