@@ -152,6 +152,22 @@ async fn every_v1_route_needs_a_key_with_its_scope() {
         );
     }
 
+    // The API's description: any key of the server, whatever its scopes; nobody else.
+    let openapi = format!("{base}/v1/openapi.json");
+    let none = http.get(&openapi).send().await.unwrap();
+    assert_eq!(none.status(), StatusCode::UNAUTHORIZED);
+    let body: serde_json::Value = none.json().await.unwrap();
+    assert_eq!(body["reason"], "missing_credential", "{body}");
+    let wrong = http.get(&openapi).bearer_auth("ecars_not-a-key").send();
+    assert_eq!(wrong.await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    for scope in Scope::ALL {
+        let read = http.get(&openapi).bearer_auth(key_of(scope)).send();
+        let read = read.await.unwrap();
+        assert_eq!(read.status(), StatusCode::OK, "with {scope}");
+        let doc: serde_json::Value = read.json().await.unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
+    }
+
     // A relay token reads the telemetry of its own car, and nothing else.
     let authority = TokenAuthority::new(SECRET.as_bytes());
     let token = authority.mint(&car, Duration::from_secs(60)).unwrap();

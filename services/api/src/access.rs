@@ -22,6 +22,9 @@ pub enum Need<'a> {
     /// Minting a live-view token: a key with `relay-tokens:mint` or `fleet:read` (which may
     /// read the same data already).
     Mint,
+    /// Any credential of this server, whatever it grants: an API key or a valid relay token.
+    /// For what holds no data but is nobody else's business either (the API's description).
+    Credential,
 }
 
 /// Who called.
@@ -120,6 +123,7 @@ impl HttpAccess {
                     holder.scopes.contains(Scope::RelayTokensMint)
                         || holder.scopes.contains(Scope::FleetRead)
                 }
+                Need::Credential => true,
             };
             return if granted {
                 Ok(Caller::Key(holder.name.clone()))
@@ -139,6 +143,7 @@ impl HttpAccess {
             // A token never mints another (no chains of ever-renewed tokens), nor reaches
             // dead letters or Cases.
             Need::Scope(_) | Need::Mint => false,
+            Need::Credential => true,
         };
         if granted {
             Ok(Caller::Token(claims.sub))
@@ -154,6 +159,7 @@ fn needed(need: Need<'_>) -> &'static str {
         Need::Scope(scope) => scope.as_str(),
         Need::Vehicle(_) => "fleet:read (or a relay token for this car)",
         Need::Mint => "relay-tokens:mint or fleet:read",
+        Need::Credential => "a credential of this server",
     }
 }
 
@@ -218,6 +224,32 @@ mod tests {
         );
         assert_eq!(
             access.check(Some("readex"), Need::Scope(Scope::FleetRead)),
+            Err(Refusal::Invalid)
+        );
+    }
+
+    #[test]
+    fn any_credential_of_the_server_is_a_credential_and_nothing_else_is() {
+        let (access, authority) = access();
+        let car = authority
+            .mint(vin(1).as_str(), Duration::from_secs(60))
+            .unwrap();
+        for holder in ["reader", "salesforce", car.as_str()] {
+            assert!(
+                access.check(Some(holder), Need::Credential).is_ok(),
+                "{holder}"
+            );
+        }
+        assert_eq!(access.check(None, Need::Credential), Err(Refusal::Missing));
+        assert_eq!(
+            access.check(Some("readex"), Need::Credential),
+            Err(Refusal::Invalid)
+        );
+        let forged = TokenAuthority::new(b"another secret of 32 bytes......")
+            .mint(vin(1).as_str(), Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(
+            access.check(Some(&forged), Need::Credential),
             Err(Refusal::Invalid)
         );
     }

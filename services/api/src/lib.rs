@@ -796,15 +796,23 @@ fn static_asset(content_type: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
-/// This document: the OpenAPI 3.1 description of the whole HTTP API.
+/// This document: the OpenAPI 3.1 description of the whole HTTP API. Any credential of the
+/// server may read it (it holds no data, but which routes and versions run is an attacker's
+/// map).
 #[utoipa::path(get, path = "/v1/openapi.json", tag = "meta",
-    responses((status = 200, description = "The OpenAPI document.", content_type = "application/json")))]
-async fn openapi_document(State(state): State<ApiState>) -> Response {
-    (
+    responses((status = 200, description = "The OpenAPI document.", content_type = "application/json"),
+        (status = 401, description = "No valid credential.", body = ref("#/components/schemas/ErrorBody"))),
+    security(("bearer" = [])))]
+async fn openapi_document(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers, Need::Credential)?;
+    Ok((
         [(header::CONTENT_TYPE, "application/json")],
         state.openapi.clone(),
     )
-        .into_response()
+        .into_response())
 }
 
 async fn not_found() -> ApiError {
