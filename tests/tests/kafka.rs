@@ -459,7 +459,8 @@ async fn a_new_record_type_is_a_new_topic_with_no_change_to_the_bus() {
 
 /// `ecars_kafka_consumer_lag`: per partition, the records the group has not committed. Records
 /// read but not acknowledged (not yet in the database) still count; acknowledging them brings
-/// it to 0. librdkafka reports it every 10 s while the consumer reads.
+/// it to 0. librdkafka reports it every 10 s while the consumer reads, and only then: the time
+/// of the last report says how stale the figure is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_lag_counts_what_the_group_has_not_committed() {
     let kafka_server = KafkaServer::start().unwrap();
@@ -488,6 +489,35 @@ async fn consumer_lag_counts_what_the_group_has_not_committed() {
     reads_until(&mut doors, 12.0).await;
     doors.ack(&receipts).await.unwrap();
     reads_until(&mut doors, 0.0).await;
+
+    // When it last reported: recent while it reads; unchanged while it does not read (the
+    // absence of a report can only be waited out: two and a half statistics intervals); moving
+    // again once it reads.
+    let reported = || {
+        metric_sum(
+            "ecars_kafka_consumer_lag_timestamp_seconds{",
+            "group=\"lag-test\"",
+        )
+    };
+    let last = reported();
+    let now = Utc::now().timestamp() as f64;
+    assert!((now - last).abs() < 60.0, "reported at {last}, now {now}");
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    assert_eq!(
+        reported(),
+        last,
+        "no report while the consumer does not read"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    while reported() == last {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no report after reading again"
+        );
+        let next = tokio::time::timeout(Duration::from_millis(200), doors.next()).await;
+        assert!(next.is_err(), "no record beyond the 12");
+    }
+
     assert!(
         ecars_runtime::metrics::install_recorder()
             .render()

@@ -30,6 +30,11 @@ pub const SPOOL_OLDEST: &str = "ecars_kafka_spool_oldest_timestamp_seconds";
 /// `partition` and `group`: the high watermark minus the committed offset (a tail, which
 /// never commits: minus the position it has read to). 0 for partitions another member holds.
 pub const KAFKA_CONSUMER_LAG: &str = "ecars_kafka_consumer_lag";
+/// Unix time (seconds) at which a consumer last reported its lag, labelled by `group`.
+/// librdkafka hands a consumer its statistics only while the consumer reads, so a worker held up
+/// by its sink (a database that does not answer) stops reporting, and [`KAFKA_CONSUMER_LAG`]
+/// keeps its last value: the age of this one says how stale that is.
+pub const KAFKA_CONSUMER_LAG_REPORTED: &str = "ecars_kafka_consumer_lag_timestamp_seconds";
 
 /// Describes the bus's metrics to the installed recorder.
 pub fn describe() {
@@ -79,5 +84,10 @@ pub fn describe() {
     describe_gauge!(
         KAFKA_CONSUMER_LAG,
         "Records of a partition not yet processed by this consumer group (high watermark minus committed offset)"
+    );
+    describe_gauge!(
+        KAFKA_CONSUMER_LAG_REPORTED,
+        Unit::Seconds,
+        "Unix time at which this consumer last reported its lag (only while it reads)"
     );
 }

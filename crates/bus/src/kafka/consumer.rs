@@ -12,6 +12,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::metrics::{
     BUS_COMMIT_FAILURES, BUS_CONSUME_ERRORS, BUS_UNDECODABLE, KAFKA_CONSUMER_LAG,
+    KAFKA_CONSUMER_LAG_REPORTED,
 };
 use crate::{BusError, RawDelivery, RawSubscription, Receipt, Stream};
 
@@ -20,7 +21,8 @@ use crate::{BusError, RawDelivery, RawSubscription, Receipt, Stream};
 pub(crate) const STATISTICS_INTERVAL_MS: &str = "10000";
 
 /// A consumer's librdkafka context: it turns the statistics librdkafka reports every
-/// [`STATISTICS_INTERVAL_MS`] into [`KAFKA_CONSUMER_LAG`] per partition.
+/// [`STATISTICS_INTERVAL_MS`] into [`KAFKA_CONSUMER_LAG`] per partition, and the time of the
+/// report into [`KAFKA_CONSUMER_LAG_REPORTED`].
 pub(crate) struct LagReport {
     /// The group as operators know it (a tail's per-process suffix left out, so restarts do not
     /// add series).
@@ -48,6 +50,10 @@ impl ClientContext for LagReport {
                 .set(lag as f64);
             }
         }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |since| since.as_secs_f64());
+        metrics::gauge!(KAFKA_CONSUMER_LAG_REPORTED, "group" => self.group.clone()).set(now);
     }
 }
 
