@@ -508,15 +508,12 @@ async fn consumer_lag_counts_what_the_group_has_not_committed() {
         last,
         "no report while the consumer does not read"
     );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
-    while reported() == last {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no report after reading again"
-        );
-        let next = tokio::time::timeout(Duration::from_millis(200), doors.next()).await;
-        assert!(next.is_err(), "no record beyond the 12");
-    }
+    reads_while(
+        &mut doors,
+        || reported() == last,
+        || "no report after reading again".into(),
+    )
+    .await;
 
     assert!(
         ecars_runtime::metrics::install_recorder()
@@ -533,16 +530,26 @@ fn lag_of_test_group() -> f64 {
     metric_sum("ecars_kafka_consumer_lag{", "group=\"lag-test\"")
 }
 
-/// Reads on (there is nothing more to read: librdkafka's statistics arrive while the consumer
-/// polls) until the lag metric is `want`, for at most 40 s.
+/// Reads on until the lag metric is `want`, for at most 40 s.
 async fn reads_until(doors: &mut ecars_bus::Subscription<DoorEvent>, want: f64) {
+    reads_while(
+        doors,
+        || lag_of_test_group() != want,
+        || format!("lag {} instead of {want}", lag_of_test_group()),
+    )
+    .await;
+}
+
+/// Reads on (there is nothing more to read: librdkafka's statistics arrive while the consumer
+/// polls) while `waiting` holds, for at most 40 s; then fails with `failure`.
+async fn reads_while(
+    doors: &mut ecars_bus::Subscription<DoorEvent>,
+    waiting: impl Fn() -> bool,
+    failure: impl Fn() -> String,
+) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
-    while lag_of_test_group() != want {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "lag {} instead of {want}",
-            lag_of_test_group()
-        );
+    while waiting() {
+        assert!(tokio::time::Instant::now() < deadline, "{}", failure());
         let next = tokio::time::timeout(Duration::from_millis(200), doors.next()).await;
         assert!(next.is_err(), "no record beyond the 12");
     }

@@ -1,8 +1,7 @@
 //! JSON Schemas of the values on our Kafka topics and of the live relay's WebSocket frames,
 //! generated from the Rust types, so another team can validate or generate code without reading
-//! ours. The files in `docs/schemas/` are
-//! these; a test fails when they drift (`ECARS_WRITE_SCHEMAS=1 cargo test -p ecars-model`
-//! rewrites them).
+//! ours. The files in `docs/schemas/` are these; a test fails when they drift
+//! (`ECARS_WRITE_SCHEMAS=1 cargo test -p ecars-model` rewrites them).
 
 use crate::record::{published, RecordInfo};
 
@@ -23,16 +22,20 @@ pub struct TopicSchema {
 impl TopicSchema {
     /// The published schema of one stream's values.
     pub fn of(info: &RecordInfo) -> TopicSchema {
-        let mut schema = (info.schema)();
+        TopicSchema::named(info.event_type, (info.schema)())
+    }
+
+    /// `schema` published for `event_type`: given its `$id` and its file name.
+    fn named(event_type: &'static str, mut schema: serde_json::Value) -> TopicSchema {
         if let Some(object) = schema.as_object_mut() {
             object.insert(
                 "$id".into(),
-                format!("urn:ecars:schema:{}", info.event_type).into(),
+                format!("urn:ecars:schema:{event_type}").into(),
             );
         }
         TopicSchema {
-            event_type: info.event_type,
-            file: format!("{}.json", info.event_type),
+            event_type,
+            file: format!("{event_type}.json"),
             schema,
         }
     }
@@ -46,19 +49,10 @@ pub fn topic_schemas() -> Vec<TopicSchema> {
 /// The schemas of the live relay's frames other than readings (a reading's frame is the
 /// telemetry topic's value), described with the relay's WebSocket in `docs/asyncapi-live.yaml`.
 pub fn live_frame_schemas() -> Vec<TopicSchema> {
-    let event_type = "com.ecars.live.connectivity.v1";
-    let mut schema = schemars::schema_for!(crate::connectivity::LiveConnectivityFrame).to_value();
-    if let Some(object) = schema.as_object_mut() {
-        object.insert(
-            "$id".into(),
-            format!("urn:ecars:schema:{event_type}").into(),
-        );
-    }
-    vec![TopicSchema {
-        event_type,
-        file: format!("{event_type}.json"),
-        schema,
-    }]
+    vec![TopicSchema::named(
+        "com.ecars.live.connectivity.v1",
+        schemars::schema_for!(crate::connectivity::LiveConnectivityFrame).to_value(),
+    )]
 }
 
 #[cfg(test)]
