@@ -14,11 +14,10 @@
 //!   holds `--day-rows` readings (default 4,000,000: about an hour of 1,000 cars reporting once
 //!   a second, or seven minutes of 10,000), because how an index takes new rows shows only
 //!   once it is large. Beside it, in turns, the write path as it was before the fleet state
-//!   (issue 15):
-//!   the same batches in one `INSERT … ON CONFLICT (event_id) DO NOTHING` into a table of the
-//!   first migration's shape (not partitioned, unique event id), holding as many rows. Each
-//!   PostgreSQL run starts right after a checkpoint and is reported with the WAL it wrote per
-//!   row.
+//!   (issue 15): the same batches in one `INSERT … ON CONFLICT (event_id) DO NOTHING` into a
+//!   table of the first migration's shape (not partitioned, unique event id), holding as many
+//!   rows. Each PostgreSQL run starts right after a checkpoint and is reported with the WAL it
+//!   wrote per row.
 //!
 //! Run: `cargo bench -p ecars-e2e --bench fleet` (`-- --quick`: smaller tables; `-- --rows
 //! 1000000,10000000`: the sizes of the list's table; `-- --day-rows N`).
