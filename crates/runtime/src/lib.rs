@@ -11,6 +11,7 @@
 //! - [`supervisor`]: a process's parts, started and stopped in a declared order;
 //! - [`signal`]: the shutdown signal.
 
+pub mod accept;
 pub mod logging;
 pub mod metrics;
 pub mod process;

@@ -15,7 +15,7 @@ use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use ecars_runtime::logging::LogBudget;
+use ecars_runtime::accept::{self, AcceptFailures};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -39,9 +39,6 @@ pub struct HttpLimits {
 /// At most this many headers in a request.
 const MAX_HEADERS: usize = 64;
 
-/// Accept failures a second that are logged (out of descriptors, they come in a flood).
-static ACCEPT_LOG: LogBudget = LogBudget::per_second(1);
-
 /// Serves `router` on a bound listener until `shutdown` fires, then lets requests in flight
 /// finish (idle connections close at once).
 /// With `tls`, the listener speaks HTTPS (the handshake has the header timeout).
@@ -58,20 +55,26 @@ pub async fn serve(
         answer_within(request_timeout, request, next)
     }));
     let connections = TaskTracker::new();
+    let mut failures = AcceptFailures::default();
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    failures.succeeded();
+                    stream
+                }
                 Err(error) => {
-                    // Mostly the descriptor limit: pause rather than spin on the error.
+                    // Mostly the descriptor limit: pause rather than spin on the error, and
+                    // say how many failed once per interval rather than once per failure.
                     ::metrics::counter!(metrics::ACCEPT_FAILURES).increment(1);
-                    if ACCEPT_LOG.allow() {
-                        tracing::warn!(%error, "HTTP accept failing; pausing before the next");
+                    let after = failures.failed(accept::is_exhaustion(&error), tokio::time::Instant::now());
+                    if let Some(count) = after.log {
+                        tracing::warn!(%error, failures = count, pause = ?after.pause, "HTTP accept failing; pausing before the next");
                     }
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                        _ = tokio::time::sleep(after.pause) => continue,
                     }
                 }
             },

@@ -606,6 +606,10 @@ async fn descriptor_exhaustion_costs_a_bounded_log_and_ingest_recovers() {
         .args(["up", "--mqtt-addr", &format!("127.0.0.1:{mqtt}")])
         .args(["--mqtt-ws-addr", &format!("127.0.0.1:{ws}")])
         .args(["--http-addr", &format!("127.0.0.1:{http}")])
+        // The test holds idle HTTP connections to use up the descriptors: the header timeout
+        // that closes idle connections after 10 s would free them while the test still counts
+        // on them (a CI run once saw 529 of 1,400 descriptors open at the assertion).
+        .args(["--http-header-timeout", "10m"])
         .env("ECARS_ADMIN_ADDR", ecars_e2e::admin_addr_for(http))
         .env(
             "DATABASE_URL",
@@ -626,10 +630,10 @@ async fn descriptor_exhaustion_costs_a_bounded_log_and_ingest_recovers() {
             .skip(lines_before)
             .collect()
     };
-    let accept_lines = |lines: &[String]| {
+    let accept_lines = |lines: &[String], listener: &str| {
         lines
             .iter()
-            .filter(|l| l.contains("MQTT accept failing"))
+            .filter(|l| l.contains(&format!("{listener} accept failing")))
             .count()
     };
     let descriptors = || {
@@ -667,7 +671,8 @@ async fn descriptor_exhaustion_costs_a_bounded_log_and_ingest_recovers() {
         }
     };
     let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
-    while accept_lines(&logged_since_start()) == 0 && tokio::time::Instant::now() < give_up {
+    while accept_lines(&logged_since_start(), "MQTT") == 0 && tokio::time::Instant::now() < give_up
+    {
         waiting.extend(car_arrives().await);
     }
     let until = tokio::time::Instant::now() + Duration::from_secs(6);
@@ -675,15 +680,19 @@ async fn descriptor_exhaustion_costs_a_bounded_log_and_ingest_recovers() {
         waiting.extend(car_arrives().await);
     }
     let exhausted = logged_since_start();
-    let accept_lines = accept_lines(&exhausted);
-    assert!(
-        (1..=3).contains(&accept_lines),
-        "one line per 10 s about failing accepts, got {accept_lines} ({} descriptors open, {} \
-         HTTP connections held):\n{}",
-        descriptors(),
-        held.len(),
-        exhausted.join("\n")
-    );
+    for listener in ["MQTT", "HTTP"] {
+        // (HTTP fails from when the descriptors run out, up to 36 s before the end.)
+        let lines = accept_lines(&exhausted, listener);
+        let most = if listener == "MQTT" { 3 } else { 5 };
+        assert!(
+            (1..=most).contains(&lines),
+            "{listener}: one line per 10 s about failing accepts, got {lines} ({} descriptors \
+             open, {} HTTP connections held):\n{}",
+            descriptors(),
+            held.len(),
+            exhausted.join("\n")
+        );
+    }
     assert!(
         exhausted.len() <= 40,
         "a bounded log while exhausted, got {} lines:\n{}",

@@ -44,8 +44,8 @@ use tokio_util::task::TaskTracker;
 use broker::{BrokerError, EmbeddedBroker};
 use connection::Ended;
 pub use ecars_model::device_auth::DeviceSecret;
+use ecars_runtime::accept::{self, AcceptFailures};
 use gateway::Gateway;
-use limits::AcceptFailures;
 
 /// Settings of MQTT ingest.
 #[derive(Clone, Debug, Args)]
@@ -475,7 +475,7 @@ impl BoundIngest {
                     accepted
                 }
                 Err(error) => {
-                    let exhaustion = limits::is_exhaustion(&error);
+                    let exhaustion = accept::is_exhaustion(&error);
                     let reason = if exhaustion {
                         "descriptors_or_memory"
                     } else {
