@@ -187,6 +187,8 @@ async fn each_end_of_a_connection_gives_its_reason_and_the_newest_session_decide
             && find(&fleet, &dropped).is_some_and(|v| v["online"] == false)
             && find(&fleet, &silent).is_some_and(|v| v["online"] == false)
             && find(&fleet, &clean).is_some_and(|v| v["online"] == false)
+            // (Its reading comes with the rollup pass, up to a second after its row.)
+            && find(&fleet, &clean).is_some_and(|v| v["latest"]["battery"] == 50.0)
     })
     .await
     .unwrap();

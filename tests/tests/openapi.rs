@@ -35,6 +35,16 @@ async fn the_openapi_document_is_valid_complete_and_matches_the_answers() {
                     .map(|d| d.len())
                     .unwrap_or(0)
                     == 1
+                // The car's state, from the persistence worker's next pass.
+                && pipeline
+                    .db
+                    .vehicle_states()
+                    .page(&ecars_db::vehicle_states::FleetQuery {
+                        limit: 1,
+                        ..Default::default()
+                    })
+                    .await
+                    .is_ok_and(|page| !page.is_empty())
         },
     )
     .await

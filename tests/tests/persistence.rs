@@ -30,6 +30,12 @@ fn reading(vin: &str, minutes_ago: i64, battery: f64) -> TelemetryReading {
     }
 }
 
+/// Applies every queued batch to the rollups and the cars' states, as the persistence worker
+/// does every second.
+async fn apply_pending(db: &Database) {
+    while db.rollups().apply_pending(1_000).await.unwrap().batches > 0 {}
+}
+
 async fn exercise(db: Database) {
     db.migrate().await.unwrap();
     // Migrations are re-runnable.
@@ -67,12 +73,18 @@ async fn exercise(db: Database) {
         "a reading reads back exactly as written"
     );
 
-    // Each car's latest state: its newest reading by event time, whatever the arrival order.
+    // Each car's latest state: its newest reading by event time, whatever the arrival order,
+    // once the rollup pass (every second in the persistence worker) took the batches in.
     let fleet = db.vehicle_states();
     let all = FleetQuery {
         limit: 10,
         ..FleetQuery::default()
     };
+    assert!(
+        fleet.page(&all).await.unwrap().is_empty(),
+        "not before the pass"
+    );
+    apply_pending(&db).await;
     let latest = fleet.page(&all).await.unwrap();
     assert_eq!(latest.len(), 2);
     assert_eq!(
@@ -98,6 +110,7 @@ async fn exercise(db: Database) {
     // was seen later.
     let late = reading(a, 30, 10.0);
     assert_eq!(store.insert(std::slice::from_ref(&late)).await.unwrap(), 1);
+    apply_pending(&db).await;
     let a_state = &fleet.page(&all).await.unwrap()[0];
     assert_eq!(a_state.latest.as_ref().unwrap().battery, Some(88.0));
     assert_eq!(a_state.last_seen, Some(late.received_at));
@@ -263,6 +276,7 @@ async fn exercise(db: Database) {
     assert!(fleet.online_on_node("ingest-1").await.unwrap().is_empty());
     // A reading of c after its connection: the row gets its reading, keeps its connectivity.
     assert_eq!(store.insert(&[reading(c, 0, 70.0)]).await.unwrap(), 1);
+    apply_pending(&db).await;
     let c_state = fleet
         .page(&FleetQuery {
             after: Some(Vin::parse(b).unwrap()),
@@ -362,7 +376,7 @@ async fn retention(db: Database) {
         .await
         .unwrap();
     // The rollups take the batches in, as the persistence worker does within seconds.
-    while db.rollups().apply_pending(1_000).await.unwrap().batches > 0 {}
+    apply_pending(&db).await;
     let cutoffs = ecars_persist::Cutoffs {
         readings: Some(now - ChronoDuration::days(30)),
         rollups: None,
@@ -776,6 +790,9 @@ async fn write_batches(db: &Database, batches: u32) {
             .map(|car| reading(&format!("1HGCM82633A{batch:02}{car:04}"), 1, 50.0))
             .collect();
         db.sensor_rows().insert(&readings).await.unwrap();
+        // And the pass that writes their rollups and the cars' states, as the persistence
+        // worker's would.
+        apply_pending(db).await;
     }
 }
 

@@ -112,14 +112,30 @@ async fn rumqttc_v4_and_v5_clients_reach_the_database_and_the_api() {
         rows[0]["latitude"], 37.7749,
         "string coordinates are stored as numbers"
     );
+    // Each car's state follows its rows within the persistence worker's next pass (a second).
+    let car2 = || async {
+        get_json(&format!("{base}/v1/vehicles"))
+            .await
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["vin"] == test_vin(2).as_str())
+            .cloned()
+    };
+    wait_for(
+        "the fleet list has car 2's newest reading",
+        WAIT,
+        || async {
+            car2()
+                .await
+                .is_some_and(|car| car["latest"]["battery"] == 71.0)
+        },
+    )
+    .await
+    .unwrap();
     let vehicles = get_json(&format!("{base}/v1/vehicles")).await;
-    let vehicles = vehicles.as_array().unwrap();
-    assert_eq!(vehicles.len(), 6);
-    let car2 = vehicles
-        .iter()
-        .find(|v| v["vin"] == test_vin(2).as_str())
-        .unwrap();
-    assert_eq!(car2["latest"]["battery"], 71.0, "{car2}");
+    assert_eq!(vehicles.as_array().unwrap().len(), 6);
+    let car2 = car2().await.unwrap();
     assert!(car2["last_seen"].is_string(), "{car2}");
     assert_eq!(car2["open_anomalies"], serde_json::json!([]));
     // Pages of 4, linked (RFC 8288): the second holds the rest and links nothing.

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use ecars_db::rollups::{summarise, Applied, Rollup, Width};
+use ecars_db::vehicle_states::FleetQuery;
 use ecars_db::Database;
 use ecars_e2e::PgServer;
 use ecars_model::telemetry::{TelemetryReading, Vin};
@@ -159,6 +160,14 @@ async fn rollups_match_raw_rows(
         DateTime::from_timestamp(1_780_000_000, 0).unwrap(),
         DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
     );
+    let states = db
+        .vehicle_states()
+        .page(&FleetQuery {
+            limit: 100_000,
+            ..FleetQuery::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
     for car in 0..3 {
         let vin = vin(case, car);
         let raw = db
@@ -172,6 +181,18 @@ async fn rollups_match_raw_rows(
                 return Err(format!(
                     "{} raw rows of {vin}, {expected_count} written",
                     raw.len()
+                ));
+            }
+            // The same passes keep the car's state: its newest row by event time, seen when
+            // the last of its rows was received.
+            let state = states.iter().find(|s| s.vin == vin);
+            let newest = raw.iter().max_by_key(|r| (r.date, r.event_id));
+            let last_seen = raw.iter().map(|r| r.received_at).max();
+            let kept = state.map(|s| (s.latest.as_ref(), s.last_seen));
+            if kept.unwrap_or((None, None)) != (newest, last_seen) {
+                return Err(format!(
+                    "the state of {vin} is {kept:?}, its rows say {:?}",
+                    (newest, last_seen)
                 ));
             }
         }

@@ -13,7 +13,11 @@
 //! half of its throughput where every car has one reading per batch (see
 //! `docs/BENCHMARKS.md`).
 //!
-//! The process that queued a batch keeps its minute buckets in memory (`QueuedSummaries`,
+//! The same pass writes each car's latest state (`vehicle_state`'s newest reading and
+//! `last_seen`, [`crate::vehicle_states`]) from the same batches, in the same transaction, so
+//! a car's state costs one upsert per pass instead of one per batch.
+//!
+//! The process that queued a batch keeps its minute buckets and newest readings in memory (`QueuedSummaries`,
 //! bounded) until a pass applies it, so a pass reads back only the rows of batches it does not
 //! have: another process's, a batch that had redelivered readings (its summary would count
 //! rows the insert skipped), or one queued before a restart. Reading the rows back and decoding
@@ -37,6 +41,7 @@ use sqlx::{Postgres, Row, SqliteConnection, Transaction};
 use uuid::Uuid;
 
 use crate::sensor_rows::sqlite_insert_in;
+use crate::vehicle_states::{self, merge_newest, newest_per_vehicle, NewestReading};
 use crate::{
     parse_time, parse_uuid, parse_vin, replaced_when, sqlite_time, Database, DbError, Pool,
 };
@@ -279,8 +284,8 @@ fn by_width(minutes: impl IntoIterator<Item = Rollup>) -> [(Width, Vec<Rollup>);
     ]
 }
 
-/// The minute buckets this many queued batches may hold in memory at once, all batches
-/// together (about 30 MB); past it, new batches are read back when applied.
+/// The minute buckets and cars' newest readings this many queued batches may hold in memory at
+/// once, all batches together (about 30 MB); past it, new batches are read back when applied.
 const KEPT_BUCKETS: usize = 100_000;
 
 /// A queued batch of sensor rows: its queue id and the first row id it added. SQLite reuses a
@@ -294,7 +299,7 @@ pub(crate) struct QueuedBatch {
     pub(crate) first_row: i64,
 }
 
-/// The minute buckets of the batches this process queued and no pass has applied yet:
+/// The summaries of the batches this process queued and no pass has applied yet:
 /// [`Rollups::apply_pending`] merges them instead of reading their rows back.
 #[derive(Debug, Default)]
 pub(crate) struct QueuedSummaries {
@@ -303,54 +308,80 @@ pub(crate) struct QueuedSummaries {
 
 #[derive(Debug, Default)]
 struct KeptBatches {
-    batches: HashMap<QueuedBatch, Vec<Rollup>>,
+    batches: HashMap<QueuedBatch, BatchSummary>,
     buckets: usize,
 }
 
-impl QueuedSummaries {
-    /// Keeps the minute buckets of `batch` (committed), whose rows are exactly `readings`; not
-    /// when [`KEPT_BUCKETS`] are kept already.
-    pub(crate) fn keep(&self, batch: QueuedBatch, readings: &[TelemetryReading]) {
-        let minutes = summarise(Width::Minute, readings);
-        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        if kept.buckets + minutes.len() > KEPT_BUCKETS {
-            return;
-        }
-        kept.buckets += minutes.len();
-        if let Some(replaced) = kept.batches.insert(batch, minutes) {
-            kept.buckets -= replaced.len();
+/// What a batch adds: its minute buckets and each car's newest reading.
+#[derive(Debug, Default)]
+struct BatchSummary {
+    minutes: Vec<Rollup>,
+    newest: Vec<NewestReading>,
+}
+
+impl BatchSummary {
+    fn of(readings: &[TelemetryReading]) -> BatchSummary {
+        BatchSummary {
+            minutes: summarise(Width::Minute, readings),
+            newest: newest_per_vehicle(readings),
         }
     }
 
-    /// Takes the kept buckets of `listed` (the queue's oldest batches, by id) and returns them
-    /// with the batches it had none for. Kept batches up to the last listed id that are not
-    /// listed are dropped: another process applied them, or (PostgreSQL) they committed after
-    /// the queue was read, and a later pass reads their rows back.
-    fn take(&self, listed: &[QueuedBatch]) -> (Vec<Rollup>, Vec<QueuedBatch>) {
+    /// Its size against [`KEPT_BUCKETS`].
+    fn buckets(&self) -> usize {
+        self.minutes.len() + self.newest.len()
+    }
+
+    fn extend(&mut self, other: BatchSummary) {
+        self.minutes.extend(other.minutes);
+        self.newest.extend(other.newest);
+    }
+}
+
+impl QueuedSummaries {
+    /// Keeps the summary of `batch` (committed), whose rows are exactly `readings`; not when
+    /// [`KEPT_BUCKETS`] are kept already.
+    pub(crate) fn keep(&self, batch: QueuedBatch, readings: &[TelemetryReading]) {
+        let summary = BatchSummary::of(readings);
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        let mut minutes = Vec::new();
+        if kept.buckets + summary.buckets() > KEPT_BUCKETS {
+            return;
+        }
+        kept.buckets += summary.buckets();
+        if let Some(replaced) = kept.batches.insert(batch, summary) {
+            kept.buckets -= replaced.buckets();
+        }
+    }
+
+    /// Takes the kept summaries of `listed` (the queue's oldest batches, by id) and returns
+    /// them with the batches it had none for. Kept batches up to the last listed id that are
+    /// not listed are dropped: another process applied them, or (PostgreSQL) they committed
+    /// after the queue was read, and a later pass reads their rows back.
+    fn take(&self, listed: &[QueuedBatch]) -> (BatchSummary, Vec<QueuedBatch>) {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let mut taken = BatchSummary::default();
         let mut missing = Vec::new();
         for batch in listed {
             match kept.batches.remove(batch) {
-                Some(buckets) => {
-                    kept.buckets -= buckets.len();
-                    minutes.extend(buckets);
+                Some(summary) => {
+                    kept.buckets -= summary.buckets();
+                    taken.extend(summary);
                 }
                 None => missing.push(*batch),
             }
         }
         if let Some(last) = listed.iter().map(|b| b.id).max() {
             let mut dropped = 0;
-            kept.batches.retain(|batch, buckets| {
+            kept.batches.retain(|batch, summary| {
                 let stale = batch.id <= last;
                 if stale {
-                    dropped += buckets.len();
+                    dropped += summary.buckets();
                 }
                 !stale
             });
             kept.buckets -= dropped;
         }
-        (minutes, missing)
+        (taken, missing)
     }
 }
 
@@ -704,7 +735,7 @@ impl Rollups {
                         first_row: b.1.iter().copied().min().unwrap_or_default(),
                     })
                     .collect();
-                let (mut minutes, missing) = self.db.queued.take(&listed);
+                let (mut taken, missing) = self.db.queued.take(&listed);
                 let unread: Vec<&Queued> = batches
                     .iter()
                     .filter(|b| missing.iter().any(|m| m.id == b.0))
@@ -733,11 +764,14 @@ impl Rollups {
                         .iter()
                         .map(crate::sensor_rows::pg_reading)
                         .collect::<Result<Vec<_>, _>>()?;
-                    minutes.extend(summarise(Width::Minute, &readings));
+                    taken.extend(BatchSummary::of(&readings));
                 }
-                for (width, rollups) in by_width(minutes) {
+                // The same order as every other writer of these tables: the minutes, the
+                // hours, then the cars' states (each by VIN).
+                for (width, rollups) in by_width(taken.minutes) {
                     upsert_pg(&mut tx, width, &rollups).await?;
                 }
+                vehicle_states::upsert_pg(&mut tx, &merge_newest(taken.newest)).await?;
                 tx.commit().await?;
                 Ok(Applied {
                     batches: listed.len() as u64,
@@ -766,7 +800,7 @@ impl Rollups {
                     .iter()
                     .map(|&(id, first_row, _)| QueuedBatch { id, first_row })
                     .collect();
-                let (mut minutes, missing) = self.db.queued.take(&listed);
+                let (mut taken, missing) = self.db.queued.take(&listed);
                 let sql = format!("SELECT {select} FROM sensor_data WHERE id BETWEEN $1 AND $2");
                 let mut readings = Vec::new();
                 for (_, first, last) in batches
@@ -783,8 +817,9 @@ impl Rollups {
                     }
                 }
                 drop(conn);
-                minutes.extend(summarise(Width::Minute, &readings));
-                let summaries = by_width(minutes);
+                taken.extend(BatchSummary::of(&readings));
+                let summaries = by_width(taken.minutes);
+                let newest = merge_newest(taken.newest);
                 let list = serde_json::Value::from(ids.clone()).to_string();
                 let writer = self.db.sqlite_writer.as_ref().unwrap_or(pool);
                 let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
@@ -804,6 +839,7 @@ impl Rollups {
                 for (width, rollups) in &summaries {
                     upsert_sqlite(&mut tx, *width, rollups).await?;
                 }
+                vehicle_states::upsert_sqlite(&mut tx, &newest).await?;
                 tx.commit().await?;
                 Ok(Applied {
                     batches: ids.len() as u64,

@@ -7,8 +7,8 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
 use crate::day_partitions::{self, PreparedDays, DEFAULT_PARTITION};
+use crate::rollups;
 use crate::{on_pool, parse_time, parse_uuid, parse_vin, sqlite_time, Database, DbError, Pool};
-use crate::{rollups, vehicle_states};
 
 /// Rows per SQLite statement. A fixed size lets one prepared statement serve every full chunk
 /// (preparing a statement of thousands of parameters per batch cost more than the insert).
@@ -154,10 +154,10 @@ pub struct SensorRows {
 }
 
 impl SensorRows {
-    /// Inserts readings in one transaction, with each car's latest state
-    /// ([`crate::vehicle_states`]) and the ids of the rows it added queued for the rollups
-    /// ([`crate::rollups`]); a reading whose `event_id` is stored already adds nothing.
-    /// Returns the number of rows added.
+    /// Inserts readings in one transaction, with the ids of the rows it added queued for the
+    /// rollups and the cars' latest state ([`crate::rollups`], [`crate::vehicle_states`]); a
+    /// reading whose `event_id` is stored already adds nothing. Returns the number of rows
+    /// added.
     pub async fn insert(&self, readings: &[TelemetryReading]) -> Result<u64, DbError> {
         Ok(self.insert_batch(readings).await?.added)
     }
@@ -187,7 +187,6 @@ impl SensorRows {
                     .iter()
                     .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
                     .collect::<Result<_, sqlx::Error>>()?;
-                vehicle_states::upsert_pg(&mut tx, readings).await?;
                 let queued =
                     rollups::queue_pg(&mut tx, &added)
                         .await?
@@ -232,7 +231,6 @@ impl SensorRows {
                     push_reading,
                 )
                 .await?;
-                vehicle_states::upsert_sqlite(&mut tx, readings).await?;
                 let mut queued = None;
                 let mut through = before;
                 if added > 0 {

@@ -1,9 +1,14 @@
 //! `vehicle_state`: each car's latest state, one row per car. Its newest reading by event time
-//! and when a reading last arrived are written in the same transaction as the batch of sensor
-//! rows that brought them ([`crate::SensorRows::insert`]), with one set-based upsert per batch;
-//! whether it is connected comes from the connectivity stream ([`VehicleStates::apply`]), by
-//! session; its open anomalies come from the case outbox. The fleet list reads this table, so
-//! its cost does not grow with `sensor_data`.
+//! and when a reading last arrived are written by the rollup pass
+//! ([`crate::Rollups::apply_pending`]), from the same durable queue of committed batches and in
+//! the same transaction as the rollups: exactly once per batch, one set-based upsert per car
+//! for many batches, and after a crash from the batches still queued. Written in each batch's
+//! own transaction, a second row per reading cost PostgreSQL 42–43 % of its write path where
+//! every car has one reading per batch (docs/BENCHMARKS.md, session 22); now the state trails
+//! the sensor rows by about the pass's interval (a second). Whether it is connected comes from
+//! the connectivity stream ([`VehicleStates::apply`]), by session, at once; its open anomalies
+//! come from the case outbox. The fleet list reads this table, so its cost does not grow with
+//! `sensor_data`.
 
 use std::collections::HashMap;
 
@@ -128,35 +133,59 @@ fn deciding_per_vehicle(events: &[ConnectivityEvent]) -> Vec<&ConnectivityEvent>
     deciding
 }
 
-/// Each car's newest reading in `readings` (by event time, then event id) and the newest time
-/// one of its readings was received, by VIN.
-fn newest_per_vehicle(readings: &[TelemetryReading]) -> Vec<(&TelemetryReading, DateTime<Utc>)> {
-    let mut newest: HashMap<&Vin, (&TelemetryReading, DateTime<Utc>)> = HashMap::new();
-    for reading in readings {
-        newest
-            .entry(&reading.vin)
-            .and_modify(|(kept, last_seen)| {
-                if (reading.date, reading.event_id) > (kept.date, kept.event_id) {
-                    *kept = reading;
-                }
-                *last_seen = (*last_seen).max(reading.received_at);
-            })
-            .or_insert((reading, reading.received_at));
-    }
-    let mut newest: Vec<_> = newest.into_values().collect();
-    // One order for every writer: two transactions upserting the same cars take their row
-    // locks in the same order and cannot deadlock (PostgreSQL).
-    newest.sort_by(|a, b| a.0.vin.as_str().cmp(b.0.vin.as_str()));
-    newest
+/// A car's newest reading among some (by event time, then event id) and when the last of them
+/// was received: what they add to the car's state.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct NewestReading {
+    /// The newest reading.
+    pub(crate) reading: TelemetryReading,
+    /// The newest `received_at` of the car's readings.
+    pub(crate) last_seen: DateTime<Utc>,
 }
 
-/// Upserts the cars of `readings` inside the sensor rows' transaction (PostgreSQL).
+/// Each car's newest reading in `readings` and the newest time one of its readings was
+/// received, by VIN.
+pub(crate) fn newest_per_vehicle(readings: &[TelemetryReading]) -> Vec<NewestReading> {
+    merge_newest(readings.iter().map(|reading| NewestReading {
+        reading: reading.clone(),
+        last_seen: reading.received_at,
+    }))
+}
+
+/// The newest readings of many batches (in any order) merged: each car's newest, seen when the
+/// latest of them was. By VIN: one order for every writer, so two transactions upserting the
+/// same cars take their row locks in the same order and cannot deadlock (PostgreSQL).
+pub(crate) fn merge_newest(batches: impl IntoIterator<Item = NewestReading>) -> Vec<NewestReading> {
+    let mut merged: HashMap<Vin, NewestReading> = HashMap::new();
+    for newest in batches {
+        match merged.entry(newest.reading.vin.clone()) {
+            std::collections::hash_map::Entry::Occupied(mut kept) => {
+                let kept = kept.get_mut();
+                kept.last_seen = kept.last_seen.max(newest.last_seen);
+                let key = |r: &TelemetryReading| (r.date, r.event_id);
+                if key(&newest.reading) > key(&kept.reading) {
+                    kept.reading = newest.reading;
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(newest);
+            }
+        }
+    }
+    let mut merged: Vec<_> = merged.into_values().collect();
+    merged.sort_by(|a, b| a.reading.vin.as_str().cmp(b.reading.vin.as_str()));
+    merged
+}
+
+/// Upserts cars' newest readings inside the rollup pass's transaction (PostgreSQL).
 pub(crate) async fn upsert_pg(
     tx: &mut Transaction<'_, Postgres>,
-    readings: &[TelemetryReading],
+    newest: &[NewestReading],
 ) -> Result<(), DbError> {
-    let newest = newest_per_vehicle(readings);
-    let arrays = ReadingArrays::of(newest.iter().map(|(r, _)| *r));
+    if newest.is_empty() {
+        return Ok(());
+    }
+    let arrays = ReadingArrays::of(newest.iter().map(|n| &n.reading));
     let sql = format!(
         "INSERT INTO vehicle_state ({}) SELECT * FROM UNNEST({PG_ARRAYS}, $14::timestamptz[]){}",
         reading_columns(),
@@ -164,18 +193,17 @@ pub(crate) async fn upsert_pg(
     );
     arrays
         .bind(sqlx::query(sqlx::AssertSqlSafe(sql)))
-        .bind(newest.iter().map(|(_, seen)| *seen).collect::<Vec<_>>())
+        .bind(newest.iter().map(|n| n.last_seen).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
     Ok(())
 }
 
-/// Upserts the cars of `readings` inside the sensor rows' transaction (SQLite).
+/// Upserts cars' newest readings inside the rollup pass's transaction (SQLite).
 pub(crate) async fn upsert_sqlite(
     conn: &mut SqliteConnection,
-    readings: &[TelemetryReading],
+    newest: &[NewestReading],
 ) -> Result<(), DbError> {
-    let newest = newest_per_vehicle(readings);
     // Built once: the statement's text is the key of its prepared statement.
     static STATEMENT: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
     let (insert, on_conflict) = STATEMENT.get_or_init(|| {
@@ -190,9 +218,9 @@ pub(crate) async fn upsert_sqlite(
             on_conflict("MAX"),
         )
     });
-    sqlite_insert_in(conn, insert, on_conflict, &newest, |row, (r, last_seen)| {
-        push_reading(row, r);
-        row.push_bind(sqlite_time(last_seen));
+    sqlite_insert_in(conn, insert, on_conflict, newest, |row, n| {
+        push_reading(row, &n.reading);
+        row.push_bind(sqlite_time(&n.last_seen));
     })
     .await?;
     Ok(())
@@ -406,10 +434,37 @@ mod tests {
         ];
         let newest = newest_per_vehicle(&batch);
         assert_eq!(newest.len(), 2);
-        let (a, a_seen) = newest[0];
-        assert_eq!((a.vin.as_str(), a.battery), (A, Some(300.0)));
-        assert_eq!(a_seen.timestamp(), 1_002);
-        let (b, b_seen) = newest[1];
-        assert_eq!((b.vin.as_str(), b_seen.timestamp()), (B, 1_001));
+        let a = &newest[0];
+        assert_eq!(
+            (a.reading.vin.as_str(), a.reading.battery),
+            (A, Some(300.0))
+        );
+        assert_eq!(a.last_seen.timestamp(), 1_002);
+        let b = &newest[1];
+        assert_eq!(
+            (b.reading.vin.as_str(), b.last_seen.timestamp()),
+            (B, 1_001)
+        );
+    }
+
+    #[test]
+    fn batches_merge_into_each_cars_newest_whatever_their_order() {
+        const A: &str = "1HGCM82633A004352";
+        const B: &str = "2HGCM82633A004352";
+        let first = [reading(A, 300, 1_000), reading(B, 50, 1_001)];
+        let second = [reading(A, 200, 1_005), reading(B, 60, 1_003)];
+        let all: Vec<_> = first.iter().chain(&second).cloned().collect();
+        let at_once = newest_per_vehicle(&all);
+        for order in [[&first[..], &second[..]], [&second[..], &first[..]]] {
+            let merged = merge_newest(order.into_iter().flat_map(newest_per_vehicle));
+            assert_eq!(merged, at_once);
+        }
+        assert_eq!(
+            at_once[0].reading.battery,
+            Some(300.0),
+            "A's newest by date"
+        );
+        assert_eq!(at_once[0].last_seen.timestamp(), 1_005, "A last seen later");
+        assert_eq!(at_once[1].reading.battery, Some(60.0));
     }
 }

@@ -52,6 +52,12 @@ pub struct PersistConfig {
     /// ranges) are kept, by bucket start (`400d`); `0s` keeps them forever.
     #[arg(long = "rollup-retention", env = "ECARS_ROLLUP_RETENTION", default_value = "400d", value_parser = parse_duration)]
     pub rollup_retention: Duration,
+    /// How often committed batches are added to the rollups and to each car's latest state
+    /// (`GET /v1/vehicles`), which trail the stored readings by about this much (`1s`, up to
+    /// `60s`). Longer costs the database less: one upsert per car per pass, whatever its
+    /// readings in between.
+    #[arg(long = "summary-interval", env = "ECARS_SUMMARY_INTERVAL", default_value = "1s", value_parser = parse_batch_delay)]
+    pub summary_interval: Duration,
 }
 
 /// Rows one retention statement deletes at most: short transactions, so the writers are never
@@ -165,24 +171,22 @@ async fn backfill_rollups(db: Database, shutdown: CancellationToken) {
     }
 }
 
-/// How often queued batches of sensor rows are added to the rollups: a pass takes a few
-/// seconds of batches, one upsert per car and minute (the longer, the fewer upserts; the
-/// rollups trail the readings by about this much).
-const ROLLUP_INTERVAL: Duration = Duration::from_secs(5);
 /// Queued batches one rollup transaction takes at most (up to 50,000 rows at the default batch
 /// size).
 pub const ROLLUP_BATCH: i64 = 50;
 
-/// Adds queued batches to the rollups every [`ROLLUP_INTERVAL`], [`ROLLUP_BATCH`] per
+/// Adds queued batches to the rollups and the cars' states every `interval`
+/// (`--summary-interval`: one upsert per car and minute, hour and state per pass, whatever the
+/// car sent in between), [`ROLLUP_BATCH`] per
 /// transaction while there are more, until `done` (the writers stopped); then once more, so a
 /// clean stop leaves none behind. A failure is logged and tried again at the next pass (the batches stay
 /// queued).
-async fn apply_rollups(db: Database, done: CancellationToken) {
+async fn apply_rollups(db: Database, interval: Duration, done: CancellationToken) {
     let rollups = db.rollups();
     loop {
         let stopping = tokio::select! {
             _ = done.cancelled() => true,
-            _ = tokio::time::sleep(ROLLUP_INTERVAL) => false,
+            _ = tokio::time::sleep(interval) => false,
         };
         loop {
             match rollups.apply_pending(ROLLUP_BATCH).await {
@@ -452,6 +456,8 @@ pub struct PersistWorker {
     policy: BatchPolicy,
     /// The database, and how long its rows and its rollups are kept (zero: forever).
     retention: (Database, (Duration, Duration)),
+    /// `--summary-interval`.
+    summary_interval: Duration,
 }
 
 impl PersistWorker {
@@ -482,6 +488,7 @@ impl PersistWorker {
             ),
             policy: config.policy(),
             retention: (db, (config.retention, config.rollup_retention)),
+            summary_interval: config.summary_interval,
         })
     }
 
@@ -523,7 +530,11 @@ impl PersistWorker {
         let backfill = tokio::spawn(backfill_rollups(db.clone(), shutdown.clone()));
         // Its own signal: the last pass comes after the writers' last commit.
         let writers_done = CancellationToken::new();
-        let rollups = tokio::spawn(apply_rollups(db.clone(), writers_done.clone()));
+        let rollups = tokio::spawn(apply_rollups(
+            db.clone(),
+            self.summary_interval,
+            writers_done.clone(),
+        ));
         let checkpoints = tokio::spawn(checkpoint_every_second(db.clone()));
         let upkeep = tokio::spawn(upkeep(db, keep, shutdown.clone()));
         let (a, b, c) = tokio::join!(readings, dead_letters, connectivity);
