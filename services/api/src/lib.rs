@@ -320,9 +320,10 @@ fn limit(query: &LimitQuery, default: i64) -> Result<i64, ApiError> {
 #[derive(Serialize, schemars::JsonSchema)]
 struct VehicleSummary {
     vin: Vin,
-    /// The newest reading by event time (`null` before the first).
+    /// The newest stored reading by event time (`null` before the first), as of the persistence
+    /// worker's last pass over committed batches (every `--summary-interval`, 1 s).
     latest: Option<TelemetryReading>,
-    /// When a reading of the car last arrived.
+    /// When a reading of the car last arrived (as of the same pass).
     last_seen: Option<DateTime<Utc>>,
     /// Connected now (`null`: no connectivity event yet).
     online: Option<bool>,
