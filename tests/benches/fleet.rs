@@ -90,23 +90,12 @@ async fn write_path(db: &Database, cars: u32, pass: &mut Duration) -> f64 {
         }
         writing += started.elapsed();
         let started = Instant::now();
-        roll_up(db).await;
+        ecars_e2e::apply_pending_batches(db)
+            .await
+            .expect("the rollup pass");
         *pass += started.elapsed();
     }
     RUN / writing.as_secs_f64()
-}
-
-/// Applies every queued batch to the rollups and the cars' states (the persistence worker's
-/// background pass).
-async fn roll_up(db: &Database) {
-    while db
-        .rollups()
-        .apply_pending(50)
-        .await
-        .expect("the rollups")
-        .batches
-        > 0
-    {}
 }
 
 /// Runs `run` (a write path, giving its rows per second) right after a checkpoint, as every
@@ -355,7 +344,9 @@ async fn main() {
             .await
             .expect("the newest readings");
         // Their state, as the persistence worker's next pass writes it.
-        roll_up(&pipeline.db).await;
+        ecars_e2e::apply_pending_batches(&pipeline.db)
+            .await
+            .expect("the rollup pass");
         let mut took = Vec::new();
         for i in 0..220 {
             let started = Instant::now();

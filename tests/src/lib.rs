@@ -91,6 +91,20 @@ where
     }
 }
 
+/// Applies every queued batch of sensor rows to the rollups and the cars' states, as the
+/// persistence worker's pass does every `--summary-interval` ([`ecars_persist::ROLLUP_BATCH`]
+/// batches per transaction).
+pub async fn apply_pending_batches(db: &ecars_db::Database) -> anyhow::Result<()> {
+    let rollups = db.rollups();
+    while rollups
+        .apply_pending(ecars_persist::ROLLUP_BATCH)
+        .await?
+        .batches
+        > 0
+    {}
+    Ok(())
+}
+
 /// A PostgreSQL server of Debian's `postgresql` package, in a temporary directory, on a free
 /// port; stopped and removed on drop.
 pub struct PgServer {

@@ -6,7 +6,7 @@ use ecars_db::detector_states::StoredState;
 use ecars_db::rollups::Width;
 use ecars_db::vehicle_states::{FleetQuery, VehicleState};
 use ecars_db::Database;
-use ecars_e2e::PgServer;
+use ecars_e2e::{apply_pending_batches, PgServer};
 use ecars_model::telemetry::{DeadLetter, RejectReason, Rejection, TelemetryReading, Vin};
 use ecars_model::{Connectivity, ConnectivityEvent, DisconnectReason};
 use uuid::Uuid;
@@ -28,12 +28,6 @@ fn reading(vin: &str, minutes_ago: i64, battery: f64) -> TelemetryReading {
         longitude: Some(-122.25),
         date: now - ChronoDuration::minutes(minutes_ago),
     }
-}
-
-/// Applies every queued batch to the rollups and the cars' states, as the persistence worker
-/// does every second.
-async fn apply_pending(db: &Database) {
-    while db.rollups().apply_pending(1_000).await.unwrap().batches > 0 {}
 }
 
 async fn exercise(db: Database) {
@@ -84,7 +78,7 @@ async fn exercise(db: Database) {
         fleet.page(&all).await.unwrap().is_empty(),
         "not before the pass"
     );
-    apply_pending(&db).await;
+    apply_pending_batches(&db).await.unwrap();
     let latest = fleet.page(&all).await.unwrap();
     assert_eq!(latest.len(), 2);
     assert_eq!(
@@ -110,7 +104,7 @@ async fn exercise(db: Database) {
     // was seen later.
     let late = reading(a, 30, 10.0);
     assert_eq!(store.insert(std::slice::from_ref(&late)).await.unwrap(), 1);
-    apply_pending(&db).await;
+    apply_pending_batches(&db).await.unwrap();
     let a_state = &fleet.page(&all).await.unwrap()[0];
     assert_eq!(a_state.latest.as_ref().unwrap().battery, Some(88.0));
     assert_eq!(a_state.last_seen, Some(late.received_at));
@@ -276,7 +270,7 @@ async fn exercise(db: Database) {
     assert!(fleet.online_on_node("ingest-1").await.unwrap().is_empty());
     // A reading of c after its connection: the row gets its reading, keeps its connectivity.
     assert_eq!(store.insert(&[reading(c, 0, 70.0)]).await.unwrap(), 1);
-    apply_pending(&db).await;
+    apply_pending_batches(&db).await.unwrap();
     let c_state = fleet
         .page(&FleetQuery {
             after: Some(Vin::parse(b).unwrap()),
@@ -376,7 +370,7 @@ async fn retention(db: Database) {
         .await
         .unwrap();
     // The rollups take the batches in, as the persistence worker does within seconds.
-    apply_pending(&db).await;
+    apply_pending_batches(&db).await.unwrap();
     let cutoffs = ecars_persist::Cutoffs {
         readings: Some(now - ChronoDuration::days(30)),
         rollups: None,
@@ -792,7 +786,7 @@ async fn write_batches(db: &Database, batches: u32) {
         db.sensor_rows().insert(&readings).await.unwrap();
         // And the pass that writes their rollups and the cars' states, as the persistence
         // worker's would.
-        apply_pending(db).await;
+        apply_pending_batches(db).await.unwrap();
     }
 }
 
