@@ -143,18 +143,39 @@ pub(crate) struct NewestReading {
     pub(crate) last_seen: DateTime<Utc>,
 }
 
+/// Whether `reading` is newer than `than` by event time (date, then event id): the one rule
+/// that picks a car's newest reading.
+fn is_newer(reading: &TelemetryReading, than: &TelemetryReading) -> bool {
+    (reading.date, reading.event_id) > (than.date, than.event_id)
+}
+
 /// Each car's newest reading in `readings` and the newest time one of its readings was
-/// received, by VIN.
+/// received, by VIN. Only the newest are copied: this runs after every batch's commit.
 pub(crate) fn newest_per_vehicle(readings: &[TelemetryReading]) -> Vec<NewestReading> {
-    merge_newest(readings.iter().map(|reading| NewestReading {
-        reading: reading.clone(),
-        last_seen: reading.received_at,
-    }))
+    let mut newest: HashMap<&Vin, (&TelemetryReading, DateTime<Utc>)> = HashMap::new();
+    for reading in readings {
+        newest
+            .entry(&reading.vin)
+            .and_modify(|(kept, last_seen)| {
+                if is_newer(reading, kept) {
+                    *kept = reading;
+                }
+                *last_seen = (*last_seen).max(reading.received_at);
+            })
+            .or_insert((reading, reading.received_at));
+    }
+    by_vin(
+        newest
+            .into_values()
+            .map(|(reading, last_seen)| NewestReading {
+                reading: reading.clone(),
+                last_seen,
+            }),
+    )
 }
 
 /// The newest readings of many batches (in any order) merged: each car's newest, seen when the
-/// latest of them was. By VIN: one order for every writer, so two transactions upserting the
-/// same cars take their row locks in the same order and cannot deadlock (PostgreSQL).
+/// latest of them was, by VIN.
 pub(crate) fn merge_newest(batches: impl IntoIterator<Item = NewestReading>) -> Vec<NewestReading> {
     let mut merged: HashMap<Vin, NewestReading> = HashMap::new();
     for newest in batches {
@@ -162,8 +183,7 @@ pub(crate) fn merge_newest(batches: impl IntoIterator<Item = NewestReading>) -> 
             std::collections::hash_map::Entry::Occupied(mut kept) => {
                 let kept = kept.get_mut();
                 kept.last_seen = kept.last_seen.max(newest.last_seen);
-                let key = |r: &TelemetryReading| (r.date, r.event_id);
-                if key(&newest.reading) > key(&kept.reading) {
+                if is_newer(&newest.reading, &kept.reading) {
                     kept.reading = newest.reading;
                 }
             }
@@ -172,9 +192,15 @@ pub(crate) fn merge_newest(batches: impl IntoIterator<Item = NewestReading>) -> 
             }
         }
     }
-    let mut merged: Vec<_> = merged.into_values().collect();
-    merged.sort_by(|a, b| a.reading.vin.as_str().cmp(b.reading.vin.as_str()));
-    merged
+    by_vin(merged.into_values())
+}
+
+/// Sorted by VIN: one order for every writer, so two transactions upserting the same cars take
+/// their row locks in the same order and cannot deadlock (PostgreSQL).
+fn by_vin(newest: impl Iterator<Item = NewestReading>) -> Vec<NewestReading> {
+    let mut newest: Vec<_> = newest.collect();
+    newest.sort_by(|a, b| a.reading.vin.as_str().cmp(b.reading.vin.as_str()));
+    newest
 }
 
 /// Upserts cars' newest readings inside the rollup pass's transaction (PostgreSQL).
