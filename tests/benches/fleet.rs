@@ -7,18 +7,21 @@
 //!   product's write path, then `GET /v1/vehicles` is timed (sequential requests, p50 / p99).
 //!   The query the list ran before `vehicle_state` (ranking every reading) is timed beside it
 //!   with `EXPLAIN ANALYZE`, for contrast;
-//! - write: 200 batches of 1,000 readings through `SensorRows::insert`, as the persistence
-//!   worker writes them (then their rollup pass, which also writes each car's state, timed on
-//!   its own), from 1,000 cars (one reading each: the most state rows a batch can
-//!   have) and from 100 cars (ten each); rows per second. Event ids are what ingest gives a
-//!   reading (a hash of its content, so random), and on PostgreSQL today's partition already
-//!   holds `--day-rows` readings (default 4,000,000: about an hour of 1,000 cars reporting once
-//!   a second, or seven minutes of 10,000), because how an index takes new rows shows only
-//!   once it is large. Beside it, in turns, the write path as it was before the fleet state
-//!   (issue 15): the same batches in one `INSERT … ON CONFLICT (event_id) DO NOTHING` into a
-//!   table of the first migration's shape (not partitioned, unique event id), holding as many
-//!   rows. Each PostgreSQL run starts right after a checkpoint and is reported with the WAL it
-//!   wrote per row.
+//! - write: batches of 1,000 readings through `SensorRows::insert`, as the persistence worker
+//!   writes them (with their rollup pass, which also writes each car's state, every
+//!   [`PASS_EVERY`] batches, timed on its own), from 1,000 cars (one reading each: the most state
+//!   rows a batch can have) and from 100 cars (ten each); rows per second. Event ids are what
+//!   ingest gives a reading, and on PostgreSQL today's partition already holds `--day-rows`
+//!   readings (default 4,000,000: about an hour of 1,000 cars reporting once a second, or seven
+//!   minutes of 10,000), because how an index takes new rows shows only once it is large.
+//!   Beside it, the write path as it was before the fleet state (issue 15): the same batches in
+//!   one `INSERT … ON CONFLICT (event_id) DO NOTHING` into a table of the first migration's
+//!   shape (not partitioned, unique event id), holding as many rows. The two take turns ten
+//!   batches at a time ([`ROUNDS`] rounds, which goes first alternating), with a checkpoint
+//!   every ten rounds: this machine's speed drifts by a fifth between runs minutes apart, and
+//!   turns this short give both paths the same drift and the same share of the writes right
+//!   after a checkpoint (a page's first change after one writes the whole page to the WAL).
+//!   Reported per block of ten rounds and in total, with the WAL each path wrote per row.
 //!
 //! Run: `cargo bench -p ecars-e2e --bench fleet` (`-- --quick`: smaller tables; `-- --rows
 //! 1000000,10000000`: the sizes of the list's table; `-- --day-rows N`).
@@ -68,17 +71,23 @@ fn batch(round: u32) -> Vec<TelemetryReading> {
     batch_of(round, CARS)
 }
 
-/// Readings in a run of the write path: 200 batches of 1,000.
+/// Readings in a run of SQLite's write path: 200 batches of 1,000.
 const RUN: f64 = 200.0 * CARS as f64;
 
 /// Batches one rollup pass takes in this benchmark: about a second of them at these rates, as
 /// the persistence worker's pass every `--summary-interval` (1 s) would.
 const PASS_EVERY: usize = 40;
 
+/// Rounds of the PostgreSQL comparison; each writes ten batches through each path.
+const ROUNDS: u32 = 60;
+
+/// Batches of a path in one round.
+const TURN: u32 = 10;
+
 /// Rows per second of 200 batches of 1,000 readings from `cars` cars through the product's
-/// write path. After every [`PASS_EVERY`] batches the rollup pass (rollups and each car's
-/// state) applies them, as the persistence worker's would beside the writes; its time is added
-/// to `pass`, not to the write path's.
+/// write path (SQLite). After every [`PASS_EVERY`] batches the rollup pass (rollups and each
+/// car's state) applies them, as the persistence worker's would beside the writes; its time is
+/// added to `pass`, not to the write path's.
 async fn write_path(db: &Database, cars: u32, pass: &mut Duration) -> f64 {
     let rows = db.sensor_rows();
     let batches: Vec<_> = (0..200).map(|round| batch_of(round, cars)).collect();
@@ -98,28 +107,12 @@ async fn write_path(db: &Database, cars: u32, pass: &mut Duration) -> f64 {
     RUN / writing.as_secs_f64()
 }
 
-/// Runs `run` (a write path, giving its rows per second) right after a checkpoint, as every
-/// row would in a day's index far larger than the rows added between two checkpoints; returns
-/// its rows per second and the bytes of WAL it wrote per row.
-async fn after_checkpoint(
-    pool: &PgPool,
-    run: impl std::future::Future<Output = f64>,
-) -> (f64, f64) {
-    const WAL_POSITION: &str = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint";
-    sqlx::query("CHECKPOINT")
-        .execute(pool)
-        .await
-        .expect("a checkpoint");
-    let from: i64 = sqlx::query_scalar(WAL_POSITION)
+/// The position of the WAL, in bytes.
+async fn wal_position(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint")
         .fetch_one(pool)
         .await
-        .expect("the WAL");
-    let rate = run.await;
-    let to: i64 = sqlx::query_scalar(WAL_POSITION)
-        .fetch_one(pool)
-        .await
-        .expect("the WAL");
-    (rate, (to - from) as f64 / RUN)
+        .expect("the WAL")
 }
 
 /// The table the write path before issue 15 wrote: `sensor_data` as the first migration made it
@@ -133,12 +126,10 @@ fn before_table() -> String {
     FIRST_MIGRATION[..next].replace("sensor_data", "sensor_data_before_issue_15")
 }
 
-/// Rows per second of 200 batches of 1,000 readings from `cars` cars written as before issue
-/// 15: one statement per batch, the sensor rows alone (the statement of that time, verbatim).
-async fn write_path_before_issue_15(pool: &PgPool, cars: u32) -> f64 {
-    let batches: Vec<_> = (0..200).map(|round| batch_of(round, cars)).collect();
-    let started = Instant::now();
-    for b in &batches {
+/// Writes `batches` as before issue 15: one statement per batch, the sensor rows alone (the
+/// statement of that time, verbatim).
+async fn write_before_issue_15(pool: &PgPool, batches: &[Vec<TelemetryReading>]) {
+    for b in batches {
         let column = |f: fn(&TelemetryReading) -> Option<f64>| b.iter().map(f).collect::<Vec<_>>();
         sqlx::query(
             r#"INSERT INTO sensor_data_before_issue_15
@@ -166,7 +157,90 @@ async fn write_path_before_issue_15(pool: &PgPool, cars: u32) -> f64 {
         .await
         .expect("the batch is written");
     }
-    RUN / started.elapsed().as_secs_f64()
+}
+
+/// What one path did over some rounds.
+#[derive(Clone, Copy, Debug, Default)]
+struct Tally {
+    /// Time spent writing batches (not the passes).
+    writing: Duration,
+    /// Rows written.
+    rows: f64,
+    /// WAL written, passes included.
+    wal: i64,
+    /// Time of the rollup passes.
+    pass: Duration,
+}
+
+impl Tally {
+    fn rate(&self) -> f64 {
+        self.rows / self.writing.as_secs_f64()
+    }
+
+    /// Rows per second with the passes' time added, as if they ran on the write path.
+    fn rate_with_pass(&self) -> f64 {
+        self.rows / (self.writing + self.pass).as_secs_f64()
+    }
+
+    fn add(&mut self, other: &Tally) {
+        self.writing += other.writing;
+        self.rows += other.rows;
+        self.wal += other.wal;
+        self.pass += other.pass;
+    }
+}
+
+/// The write path before issue 15 and the product's (`db`, the rollup pass every
+/// [`PASS_EVERY`] batches), taking turns for [`ROUNDS`] rounds of [`TURN`] batches from `cars`
+/// cars each; a checkpoint every ten rounds. Returns each block of ten rounds' tallies, before
+/// and now.
+async fn compare(pool: &PgPool, db: &Database, cars: u32) -> Vec<[Tally; 2]> {
+    let mut blocks = Vec::new();
+    let mut block = [Tally::default(); 2];
+    let mut batches_now = 0;
+    for round in 0..ROUNDS {
+        if round % 10 == 0 {
+            sqlx::query("CHECKPOINT")
+                .execute(pool)
+                .await
+                .expect("a checkpoint");
+        }
+        for path in [round % 2, 1 - round % 2] {
+            let batches: Vec<_> = (0..TURN)
+                .map(|i| batch_of((round * 2 + path) * TURN + i, cars))
+                .collect();
+            let wal = wal_position(pool).await;
+            let started = Instant::now();
+            if path == 0 {
+                write_before_issue_15(pool, &batches).await;
+            } else {
+                for b in &batches {
+                    db.sensor_rows()
+                        .insert(b)
+                        .await
+                        .expect("the batch is written");
+                }
+            }
+            let tally = &mut block[path as usize];
+            tally.writing += started.elapsed();
+            tally.rows += f64::from(TURN * CARS);
+            if path == 1 {
+                batches_now += TURN as usize;
+                if batches_now % PASS_EVERY == 0 {
+                    let started = Instant::now();
+                    ecars_e2e::apply_pending_batches(db)
+                        .await
+                        .expect("the rollup pass");
+                    tally.pass += started.elapsed();
+                }
+            }
+            tally.wal += wal_position(pool).await - wal;
+        }
+        if round % 10 == 9 {
+            blocks.push(std::mem::take(&mut block));
+        }
+    }
+    blocks
 }
 
 /// Adds `rows` readings dated today (the last `rows` / 1,000 seconds, not before midnight) to
@@ -251,7 +325,7 @@ async fn main() {
         });
 
     println!("# Fleet state: the fleet list against the size of sensor_data, and the write path\n");
-    println!("## write path: 200 batches of 1,000 readings, sensor rows + rollup queue; then the background pass (rollups + vehicle_state)\n");
+    println!("## SQLite write path: 200 batches of 1,000 readings, sensor rows + rollup queue; then the background pass (rollups + vehicle_state)\n");
     println!("| database | 1,000 cars a batch (one reading each) | 100 cars a batch (ten each) | the pass (rollups and state), 1,000 cars / 100 cars |");
     println!("|---|---|---|---|");
     let dir = tempfile::tempdir().expect("a temporary directory");
@@ -280,36 +354,33 @@ async fn main() {
     fill_today(&pg, "sensor_data", day_rows);
     fill_today(&pg, "sensor_data_before_issue_15", day_rows);
     let pool = PgPool::connect(&pg.url()).await.expect("a pool");
-    let mut runs = Vec::new();
-    for _ in 0..3 {
-        let old = after_checkpoint(&pool, write_path_before_issue_15(&pool, CARS)).await;
-        let (mut a_pass, mut b_pass) = (Duration::ZERO, Duration::ZERO);
-        let a = after_checkpoint(&pool, write_path(&db, CARS, &mut a_pass)).await;
-        let a_rolled = pass_rate(a_pass);
-        let old_b = after_checkpoint(&pool, write_path_before_issue_15(&pool, 100)).await;
-        let b = after_checkpoint(&pool, write_path(&db, 100, &mut b_pass)).await;
-        let b_rolled = pass_rate(b_pass);
+    println!("\n## PostgreSQL write path against the one before issue 15 (sensor rows only, not partitioned, unique event id), taking turns {TURN} batches at a time, {ROUNDS} rounds, a checkpoint every 10 rounds, {day_rows} rows of today stored before; rows/s of each block of 10 rounds; WAL per row (\"now\" includes its passes'); \"with the pass\": the rollup passes' time (rollups and each car's state, every {PASS_EVERY} batches) added, as if the pass ran on the write path\n");
+    for cars in [CARS, 100] {
+        let blocks = compare(&pool, &db, cars).await;
         println!(
-            "| PostgreSQL | {:.0} rows/s | {:.0} rows/s | {a_rolled:.0} / {b_rolled:.0} rows/s |",
-            a.0, b.0
+            "\n### {cars} cars a batch ({} reading(s) each)\n",
+            CARS / cars
         );
-        runs.push(([old, a, old_b, b], [a_rolled, b_rolled]));
-    }
-    println!("\n## PostgreSQL write path against the one before issue 15 (sensor rows only, not partitioned, unique event id), in turns, each run right after a checkpoint, {day_rows} rows of today stored before (the WAL of \"now\" includes its passes'); \"with the pass\": the write path's time and its rollup passes' (rollups and each car's state, every {PASS_EVERY} batches) added, as if the pass ran on the write path\n");
-    println!("| before, 1,000 cars a batch | now, 1,000 cars | with the pass | before, 100 cars a batch | now, 100 cars | with the pass |");
-    println!("|---|---|---|---|---|---|");
-    let in_series = |write: f64, pass: f64| 1.0 / (1.0 / write + 1.0 / pass);
-    for ([old, a, old_b, b], [a_rolled, b_rolled]) in runs {
-        let cell = |(rate, wal): (f64, f64)| format!("{rate:.0} rows/s, {wal:.0} B of WAL a row");
-        println!(
-            "| {} | {} | {:.0} rows/s | {} | {} | {:.0} rows/s |",
-            cell(old),
-            cell(a),
-            in_series(a.0, a_rolled),
-            cell(old_b),
-            cell(b),
-            in_series(b.0, b_rolled)
-        );
+        println!("| rounds | before | now | now / before | now with the pass | WAL a row, before / now |");
+        println!("|---|---|---|---|---|---|");
+        let mut total = [Tally::default(); 2];
+        let row = |label: String, [old, now]: &[Tally; 2]| {
+            println!(
+                "| {label} | {:.0} rows/s | {:.0} rows/s | {:.3} | {:.0} rows/s | {:.0} / {:.0} B |",
+                old.rate(),
+                now.rate(),
+                now.rate() / old.rate(),
+                now.rate_with_pass(),
+                old.wal as f64 / old.rows,
+                now.wal as f64 / now.rows,
+            )
+        };
+        for (i, tallies) in blocks.iter().enumerate() {
+            row(format!("{}–{}", i * 10 + 1, i * 10 + 10), tallies);
+            total[0].add(&tallies[0]);
+            total[1].add(&tallies[1]);
+        }
+        row("all".into(), &total);
     }
     pool.close().await;
     db.close().await;

@@ -276,6 +276,50 @@ async fn retention_drops_old_days_and_keeps_the_rest(url: &str) {
     let prepared = store.prepare_days(blocked_day, blocked_day).await.unwrap();
     assert_eq!(prepared.blocked, vec![blocked_day]);
     assert_eq!(rows_in(&pool, "sensor_data_default").await, 1);
+
+    // A batch dated on one day is written straight into that day's partition (the writer names
+    // it; a missing one, as the blocked day's above, falls back to the parent): the same rows,
+    // and a redelivery still adds nothing. A batch across midnight goes through the parent.
+    let partition = |day: NaiveDate| format!("sensor_data_{}", day.format("%Y%m%d"));
+    let tomorrow = today + chrono::Days::new(1);
+    let (today_rows, tomorrow_rows) = (
+        rows_in(&pool, &partition(today)).await,
+        rows_in(&pool, &partition(tomorrow)).await,
+    );
+    let one_day: Vec<_> = (0..4)
+        .map(|i| reading_dated(midnight(today) + ChronoDuration::seconds(i), 90.0))
+        .collect();
+    assert_eq!(store.insert(&one_day).await.unwrap(), 4);
+    assert_eq!(store.insert(&one_day).await.unwrap(), 0, "a redelivery");
+    let across = [
+        reading_dated(midnight(tomorrow) - ChronoDuration::microseconds(1), 91.0),
+        reading_dated(midnight(tomorrow), 92.0),
+    ];
+    assert_eq!(store.insert(&across).await.unwrap(), 2);
+    assert_eq!(store.insert(&across).await.unwrap(), 0, "a redelivery");
+    assert_eq!(
+        rows_in(&pool, &partition(today)).await,
+        today_rows + 5,
+        "four of one day and one before midnight"
+    );
+    assert_eq!(
+        rows_in(&pool, &partition(tomorrow)).await,
+        tomorrow_rows + 1
+    );
+    assert_eq!(rows_in(&pool, "sensor_data_default").await, 1);
+    // Each batch that added rows is queued for the rollup pass by the ids it took, as ranges.
+    let queued: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT row_ranges::text, (SELECT count(*) FROM sensor_data s WHERE s.id <@ row_ranges)
+         FROM rollup_batches ORDER BY id DESC LIMIT 2",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        queued.iter().map(|(_, rows)| *rows).collect::<Vec<_>>(),
+        [2, 4],
+        "{queued:?}"
+    );
 }
 
 #[tokio::test]

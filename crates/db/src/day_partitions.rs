@@ -3,13 +3,15 @@
 //! drops a whole day instead of deleting its rows one by one, and a car's history reads only
 //! the days it asks for. The day arithmetic is here, apart from the catalog queries.
 
-use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use chrono::{DateTime, Datelike, NaiveDate, TimeDelta, Utc};
 use sqlx::PgPool;
 
 use crate::DbError;
 
 /// The partitioned table.
-const TABLE: &str = "sensor_data";
+pub(crate) const TABLE: &str = "sensor_data";
 
 /// The partition of readings dated on no day of its own: the days before the partitions were
 /// made, or outside the days prepared.
@@ -37,6 +39,50 @@ pub(crate) fn day_of(name: &str) -> Option<NaiveDate> {
         return None;
     }
     NaiveDate::parse_from_str(digits, "%Y%m%d").ok()
+}
+
+/// The day all of `dates` fall on (UTC), if they fall on one; `None` for none or several.
+pub(crate) fn one_day(mut dates: impl Iterator<Item = DateTime<Utc>>) -> Option<NaiveDate> {
+    let day = dates.next()?.date_naive();
+    dates.all(|date| date.date_naive() == day).then_some(day)
+}
+
+/// The last day a writer of this process found without a partition, so the batches of a day
+/// that has none (readings older than the partitions kept) go to the parent at once instead of
+/// each failing on the missing table first (an error in the server's log every time). Only a
+/// hint: a partition made later by another process is used again once another day is found
+/// missing.
+#[derive(Debug)]
+pub(crate) struct MissingDay(AtomicI32);
+
+/// [`MissingDay`]'s value when no day is: `num_days_from_ce` of a day no reading has.
+const NO_DAY: i32 = i32::MIN;
+
+impl MissingDay {
+    /// A hint that knows no missing day.
+    pub(crate) fn new() -> MissingDay {
+        MissingDay(AtomicI32::new(NO_DAY))
+    }
+
+    /// Whether `day` was found without a partition.
+    pub(crate) fn is(&self, day: NaiveDate) -> bool {
+        self.0.load(Ordering::Relaxed) == day.num_days_from_ce()
+    }
+
+    /// `day` has no partition.
+    pub(crate) fn set(&self, day: NaiveDate) {
+        self.0.store(day.num_days_from_ce(), Ordering::Relaxed);
+    }
+
+    /// `day` has a partition now.
+    pub(crate) fn clear(&self, day: NaiveDate) {
+        let _ = self.0.compare_exchange(
+            day.num_days_from_ce(),
+            NO_DAY,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
 }
 
 /// When `day` starts (UTC midnight).
@@ -77,6 +123,7 @@ pub(crate) async fn prepare(
     pool: &PgPool,
     first: NaiveDate,
     last: NaiveDate,
+    missing: &MissingDay,
 ) -> Result<PreparedDays, DbError> {
     let have = existing(pool).await?;
     let mut prepared = PreparedDays::default();
@@ -91,14 +138,20 @@ pub(crate) async fn prepare(
             end.to_rfc3339(),
         );
         match sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await {
-            Ok(_) => prepared.created.push(day),
+            Ok(_) => {
+                missing.clear(day);
+                prepared.created.push(day)
+            }
             // 23514: the default partition holds readings of that day. 42P07 and 23505:
             // another worker created it just now.
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23514") => {
                 prepared.blocked.push(day)
             }
             Err(sqlx::Error::Database(e))
-                if matches!(e.code().as_deref(), Some("42P07") | Some("23505")) => {}
+                if matches!(e.code().as_deref(), Some("42P07") | Some("23505")) =>
+            {
+                missing.clear(day)
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -169,6 +222,43 @@ mod tests {
         assert!(!expired(d, midnight_after - TimeDelta::microseconds(1)));
         assert!(!expired(d, start_of(d)), "the cutoff's own day is kept");
         assert!(!expired(NaiveDate::MAX, midnight_after));
+    }
+
+    #[test]
+    fn a_batch_has_one_day_only_when_every_date_is_on_it() {
+        let at = |text: &str| DateTime::parse_from_rfc3339(text).unwrap().to_utc();
+        let d = day("2026-12-02");
+        assert_eq!(one_day([at("2026-12-02T00:00:00Z")].into_iter()), Some(d));
+        assert_eq!(
+            one_day([at("2026-12-02T23:59:59.999Z"), at("2026-12-02T08:00:00Z")].into_iter()),
+            Some(d)
+        );
+        assert_eq!(
+            one_day([at("2026-12-02T23:59:59Z"), at("2026-12-03T00:00:00Z")].into_iter()),
+            None,
+            "midnight UTC starts the next day"
+        );
+        assert_eq!(
+            one_day([at("2026-12-02T23:30:00-01:00")].into_iter()),
+            Some(day("2026-12-03")),
+            "the day is UTC's"
+        );
+        assert_eq!(one_day(std::iter::empty()), None);
+    }
+
+    #[test]
+    fn the_missing_day_is_one_day_until_cleared_or_replaced() {
+        let missing = MissingDay::new();
+        let (a, b) = (day("2026-10-01"), day("2026-10-02"));
+        assert!(!missing.is(a));
+        missing.set(a);
+        assert!(missing.is(a) && !missing.is(b));
+        missing.clear(b);
+        assert!(missing.is(a), "clearing another day leaves it");
+        missing.set(b);
+        assert!(!missing.is(a) && missing.is(b));
+        missing.clear(b);
+        assert!(!missing.is(b));
     }
 
     #[test]

@@ -168,6 +168,8 @@ pub struct Database {
     sqlite_writer: Option<SqlitePool>,
     /// The minute buckets of the sensor-row batches this process queued for the rollups.
     queued: std::sync::Arc<rollups::QueuedSummaries>,
+    /// PostgreSQL: the last day found without a partition of `sensor_data`.
+    missing_day: std::sync::Arc<day_partitions::MissingDay>,
 }
 
 /// How long a SQLite statement waits for a lock another connection holds.
@@ -285,6 +287,7 @@ impl Database {
             pool,
             sqlite_writer,
             queued: Default::default(),
+            missing_day: std::sync::Arc::new(day_partitions::MissingDay::new()),
         })
     }
 

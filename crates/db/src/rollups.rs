@@ -35,7 +35,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
-use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use ecars_model::{TelemetryReading, Vin};
 use sqlx::{Postgres, Row, SqliteConnection, Transaction};
 use uuid::Uuid;
@@ -77,8 +77,12 @@ impl Width {
 
     /// The start of the bucket that holds `time`.
     pub fn bucket(self, time: DateTime<Utc>) -> DateTime<Utc> {
-        // Rounding down to a minute or an hour cannot overflow a valid time.
-        time.duration_trunc(self.length()).unwrap_or(time)
+        // Whole seconds (a minute and an hour are), rounded down also before 1970; chrono's
+        // `duration_trunc` gives the same and was a tenth of the summary's time. The start of a
+        // valid time's bucket is a valid time.
+        let seconds = self.length().num_seconds();
+        let start = time.timestamp() - time.timestamp().rem_euclid(seconds);
+        DateTime::from_timestamp(start, 0).unwrap_or(time)
     }
 }
 
@@ -198,27 +202,26 @@ impl Rollup {
         }
     }
 
+    /// Adds one reading (of the same car and bucket): what [`Rollup::merge`] does with a rollup
+    /// of that reading alone, without making one (which copied the VIN for every reading).
     fn add(&mut self, r: &TelemetryReading) {
         let stamp = |value| Stamped {
             date: r.date,
             event_id: r.event_id,
             value,
         };
-        self.merge(&Rollup {
-            vin: r.vin.clone(),
-            bucket: self.bucket,
-            readings: 1,
-            battery: one(r.battery),
-            speed: one(r.speed),
-            range: one(r.range),
-            first_battery: r.battery.map(stamp),
-            last_battery: r.battery.map(stamp),
-            position: r.latitude.zip(r.longitude).map(|p| Stamped {
-                date: r.date,
-                event_id: r.event_id,
-                value: p,
-            }),
+        self.readings += 1;
+        self.battery.add(r.battery);
+        self.speed.add(r.speed);
+        self.range.add(r.range);
+        Stamped::keep(&mut self.first_battery, r.battery.map(stamp), false);
+        Stamped::keep(&mut self.last_battery, r.battery.map(stamp), true);
+        let position = r.latitude.zip(r.longitude).map(|value| Stamped {
+            date: r.date,
+            event_id: r.event_id,
+            value,
         });
+        Stamped::keep(&mut self.position, position, true);
     }
 
     /// Adds the readings `other` summarises (of the same car and bucket).
@@ -233,27 +236,34 @@ impl Rollup {
     }
 }
 
-fn one(value: Option<f64>) -> Stats {
-    let mut stats = Stats::default();
-    stats.add(value);
-    stats
-}
-
 /// The buckets of `width` that `readings` fall in, summarised, by VIN then bucket: the order
 /// every writer upserts them in, so two transactions cannot deadlock on their row locks.
 pub fn summarise<'a>(
     width: Width,
     readings: impl IntoIterator<Item = &'a TelemetryReading>,
 ) -> Vec<Rollup> {
-    let mut buckets: BTreeMap<(&str, DateTime<Utc>), Rollup> = BTreeMap::new();
+    // Found by hash and sorted once at the end, by their keys: a rollup is a few hundred bytes,
+    // and an ordered map moved them within its nodes on every insert (half the summary's time).
+    let readings = readings.into_iter();
+    let mut index: HashMap<(&str, DateTime<Utc>), usize> =
+        HashMap::with_capacity(readings.size_hint().0);
+    let mut buckets: Vec<Option<Rollup>> = Vec::with_capacity(readings.size_hint().0);
     for r in readings {
         let bucket = width.bucket(r.date);
-        buckets
-            .entry((r.vin.as_str(), bucket))
-            .or_insert_with(|| Rollup::empty(r.vin.clone(), bucket))
-            .add(r);
+        let i = *index.entry((r.vin.as_str(), bucket)).or_insert_with(|| {
+            buckets.push(Some(Rollup::empty(r.vin.clone(), bucket)));
+            buckets.len() - 1
+        });
+        if let Some(rollup) = &mut buckets[i] {
+            rollup.add(r);
+        }
     }
-    buckets.into_values().collect()
+    let mut order: Vec<_> = index.into_iter().collect();
+    order.sort_unstable();
+    order
+        .into_iter()
+        .filter_map(|(_, i)| buckets[i].take())
+        .collect()
 }
 
 /// The buckets of both widths from minute buckets (of any batches, in any order): minutes of
@@ -314,13 +324,14 @@ struct KeptBatches {
 
 /// What a batch adds: its minute buckets and each car's newest reading.
 #[derive(Debug, Default)]
-struct BatchSummary {
+pub(crate) struct BatchSummary {
     minutes: Vec<Rollup>,
     newest: Vec<NewestReading>,
 }
 
 impl BatchSummary {
-    fn of(readings: &[TelemetryReading]) -> BatchSummary {
+    /// The summary of `readings`.
+    pub(crate) fn of(readings: &[TelemetryReading]) -> BatchSummary {
         BatchSummary {
             minutes: summarise(Width::Minute, readings),
             newest: newest_per_vehicle(readings),
@@ -339,10 +350,9 @@ impl BatchSummary {
 }
 
 impl QueuedSummaries {
-    /// Keeps the summary of `batch` (committed), whose rows are exactly `readings`; not when
-    /// [`KEPT_BUCKETS`] are kept already.
-    pub(crate) fn keep(&self, batch: QueuedBatch, readings: &[TelemetryReading]) {
-        let summary = BatchSummary::of(readings);
+    /// Keeps the summary of `batch` (committed), whose rows are exactly the readings `summary`
+    /// was made of; not when [`KEPT_BUCKETS`] are kept already.
+    pub(crate) fn keep(&self, batch: QueuedBatch, summary: BatchSummary) {
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         if kept.buckets + summary.buckets() > KEPT_BUCKETS {
             return;
@@ -460,32 +470,10 @@ fn on_conflict(table: &str, least: &str, greatest: &str) -> String {
     )
 }
 
-/// Queues the ids of the sensor rows a batch added for the rollups, with the range of their
-/// dates (which days' partitions hold them), inside the batch's transaction (PostgreSQL): one
-/// row per batch, whatever its size, so the write path does not wait for the rollups. Returns
-/// the queued batch's id (`None` when the batch added no row).
-pub(crate) async fn queue_pg(
-    tx: &mut Transaction<'_, Postgres>,
-    added: &[(i64, DateTime<Utc>)],
-) -> Result<Option<i64>, DbError> {
-    let dates = added.iter().map(|(_, date)| *date);
-    let (Some(first), Some(last)) = (dates.clone().min(), dates.max()) else {
-        return Ok(None);
-    };
-    let ids: Vec<i64> = added.iter().map(|(id, _)| *id).collect();
-    let id = sqlx::query_scalar(
-        "INSERT INTO rollup_batches (row_ids, first_date, last_date) VALUES ($1, $2, $3)
-         RETURNING id",
-    )
-    .bind(ids)
-    .bind(first)
-    .bind(last)
-    .fetch_one(&mut **tx)
-    .await?;
-    Ok(Some(id))
-}
-
-/// The same for SQLite, where one writer at a time makes a batch's ids a range. Returns the
+/// Queues the ids of the sensor rows a batch added for the rollups and the cars' states, inside
+/// the batch's transaction (SQLite, where one writer at a time makes a batch's ids a range;
+/// PostgreSQL queues in the batch's insert statement, [`crate::SensorRows::insert`]): one row
+/// per batch, whatever its size, so the write path does not wait for the pass. Returns the
 /// queued batch's id.
 pub(crate) async fn queue_sqlite(
     conn: &mut SqliteConnection,
@@ -717,12 +705,24 @@ impl Rollups {
         match &self.db.pool {
             Pool::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
-                // SKIP LOCKED: two workers take different batches instead of waiting.
-                type Queued = (i64, Vec<i64>, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+                // SKIP LOCKED: two workers take different batches instead of waiting. A batch
+                // names its rows' ids as ranges; one queued by an earlier version, as an array.
+                // (The ranges travel as text: the driver has no multirange type.)
+                type Queued = (
+                    i64,
+                    String,
+                    i64,
+                    Option<DateTime<Utc>>,
+                    Option<DateTime<Utc>>,
+                );
                 let mut batches: Vec<Queued> = sqlx::query_as(
-                    "DELETE FROM rollup_batches WHERE id IN
-                       (SELECT id FROM rollup_batches ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
-                     RETURNING id, row_ids, first_date, last_date",
+                    "WITH taken AS (
+                       DELETE FROM rollup_batches WHERE id IN
+                         (SELECT id FROM rollup_batches ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+                       RETURNING id, first_date, last_date, COALESCE(row_ranges,
+                         (SELECT range_agg(int8range(i, i, '[]')) FROM unnest(row_ids) AS i))
+                         AS ranges)
+                     SELECT id, ranges::text, lower(ranges), first_date, last_date FROM taken",
                 )
                 .bind(limit)
                 .fetch_all(&mut *tx)
@@ -732,7 +732,7 @@ impl Rollups {
                     .iter()
                     .map(|b| QueuedBatch {
                         id: b.0,
-                        first_row: b.1.iter().copied().min().unwrap_or_default(),
+                        first_row: b.2,
                     })
                     .collect();
                 let (mut taken, missing) = self.db.queued.take(&listed);
@@ -741,22 +741,30 @@ impl Rollups {
                     .filter(|b| missing.iter().any(|m| m.id == b.0))
                     .collect();
                 if !unread.is_empty() {
-                    let rows: Vec<i64> = unread.iter().flat_map(|b| &b.1).copied().collect();
+                    let ranges: Vec<&str> = unread.iter().map(|b| b.1.as_str()).collect();
                     // The days the rows are dated on, so only their partitions are read; a
                     // batch queued before the dates were kept may be on any day.
                     // (None sorts first: any batch without dates leaves the range open.)
-                    let first = unread.iter().map(|b| b.2).min().flatten();
-                    let last = match unread.iter().all(|b| b.3.is_some()) {
-                        true => unread.iter().map(|b| b.3).max().flatten(),
+                    let first = unread.iter().map(|b| b.3).min().flatten();
+                    let last = match unread.iter().all(|b| b.4.is_some()) {
+                        true => unread.iter().map(|b| b.4).max().flatten(),
                         false => None,
                     };
+                    // Each range is an index range scan of the days' partitions, a few
+                    // milliseconds; but the planner cannot tell how many rows a range holds,
+                    // guesses millions, and past `jit_above_cost` compiled the query first:
+                    // 180 ms of every pass that read a batch back, measured. No JIT, then.
+                    sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
                     let sql = format!(
-                        "SELECT {select} FROM sensor_data
-                         WHERE id = ANY($1) AND date >= COALESCE($2, '-infinity'::timestamptz)
+                        "SELECT {select}
+                         FROM unnest($1::text[]::int8multirange[]) AS batch, unnest(batch) AS ids,
+                              sensor_data
+                         WHERE id >= lower(ids) AND id < upper(ids)
+                           AND date >= COALESCE($2, '-infinity'::timestamptz)
                            AND date <= COALESCE($3, 'infinity'::timestamptz)"
                     );
                     let readings = sqlx::query(sqlx::AssertSqlSafe(sql))
-                        .bind(&rows)
+                        .bind(&ranges)
                         .bind(first)
                         .bind(last)
                         .fetch_all(&mut *tx)
@@ -1117,6 +1125,23 @@ mod tests {
             }
             let merged: Vec<Rollup> = merged.into_values().collect();
             prop_assert!(close(&merged, &summarise(width, &all)));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn a_bucket_starts_where_truncating_to_its_width_does(
+            seconds in -100_000_000_000i64..100_000_000_000,
+            nanos in 0u32..1_000_000_000,
+        ) {
+            let time = DateTime::from_timestamp(seconds, nanos).unwrap_or_default();
+            use chrono::DurationRound;
+            // (chrono truncates only times within 1677–2262, nanoseconds in an i64.)
+            for width in Width::ALL {
+                if let Ok(start) = time.duration_trunc(width.length()) {
+                    prop_assert_eq!(width.bucket(time), start);
+                }
+            }
         }
     }
 

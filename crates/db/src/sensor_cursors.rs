@@ -22,6 +22,9 @@ pub struct SensorCursor<'a> {
 pub(crate) const UPSERT: &str = "INSERT INTO sensor_cursors (consumer, through_id) VALUES ($1, $2)
      ON CONFLICT (consumer) DO UPDATE SET through_id = excluded.through_id";
 
+/// A consumer's cursor (`$1` consumer).
+const CURSOR: &str = "SELECT through_id FROM sensor_cursors WHERE consumer = $1";
+
 /// The `sensor_cursors` table.
 #[derive(Clone, Debug)]
 pub struct SensorCursors {
@@ -33,9 +36,19 @@ impl SensorCursors {
     /// rows before it were handled by whatever ran before it, as the in-process bus it
     /// replaces started empty).
     pub async fn start(&self, consumer: &str) -> Result<i64, DbError> {
-        // `WHERE true` keeps SQLite from reading ON CONFLICT as part of the SELECT.
         on_write_pool!(self.db, |pool| {
             let mut tx = pool.begin().await?;
+            let stored: Option<i64> = sqlx::query_scalar(CURSOR)
+                .bind(consumer)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some(through) = stored {
+                tx.commit().await?;
+                return Ok(through);
+            }
+            // The newest row is looked for only when the consumer has no cursor: on PostgreSQL
+            // the ids have a BRIN index, not a B-tree, and `MAX(id)` reads every partition.
+            // `WHERE true` keeps SQLite from reading ON CONFLICT as part of the SELECT.
             sqlx::query(
                 "INSERT INTO sensor_cursors (consumer, through_id)
                  SELECT $1, COALESCE(MAX(id), 0) FROM sensor_data WHERE true
@@ -44,11 +57,10 @@ impl SensorCursors {
             .bind(consumer)
             .execute(&mut *tx)
             .await?;
-            let through: i64 =
-                sqlx::query_scalar("SELECT through_id FROM sensor_cursors WHERE consumer = $1")
-                    .bind(consumer)
-                    .fetch_one(&mut *tx)
-                    .await?;
+            let through: i64 = sqlx::query_scalar(CURSOR)
+                .bind(consumer)
+                .fetch_one(&mut *tx)
+                .await?;
             tx.commit().await?;
             Ok(through)
         })
@@ -56,11 +68,9 @@ impl SensorCursors {
 
     /// `consumer`'s stored cursor, if it has one.
     pub async fn get(&self, consumer: &str) -> Result<Option<i64>, DbError> {
-        on_pool!(self.db, |pool| Ok(sqlx::query_scalar(
-            "SELECT through_id FROM sensor_cursors WHERE consumer = $1"
-        )
-        .bind(consumer)
-        .fetch_optional(pool)
-        .await?))
+        on_pool!(self.db, |pool| Ok(sqlx::query_scalar(CURSOR)
+            .bind(consumer)
+            .fetch_optional(pool)
+            .await?))
     }
 }
