@@ -303,15 +303,22 @@ async fn the_backfill_summarises_readings_stored_before_the_rollups() {
     rollups_match_raw_rows(&db, 900_000, None).await.unwrap();
 }
 
-/// Two workers applying the same queue at once (two processes on one database): each batch is
-/// summarised once. On SQLite both read the queued rows before either claims them, so the one
-/// that claims second must notice and leave them.
-async fn concurrent_appliers_count_each_row_once(url: &str, case: u32) {
+/// Two handles on one migrated database, as two processes would have: each keeps its own
+/// summaries of the batches it queued.
+async fn two_processes(url: &str) -> (Database, Database) {
     let (one, two) = (
         Database::connect_lazy(url).unwrap(),
         Database::connect_lazy(url).unwrap(),
     );
     one.migrate().await.unwrap();
+    (one, two)
+}
+
+/// Two workers applying the same queue at once (two processes on one database): each batch is
+/// summarised once. On SQLite both read the queued rows before either claims them, so the one
+/// that claims second must notice and leave them.
+async fn concurrent_appliers_count_each_row_once(url: &str, case: u32) {
+    let (one, two) = two_processes(url).await;
     let specs: Vec<Spec> = (0..300)
         .map(|i| {
             (
@@ -361,11 +368,7 @@ async fn postgres_concurrent_appliers_count_each_row_once() {
 /// process queued have their rows read back; the rollups equal the raw rows either way, and a
 /// summary kept of a batch another process applied is not applied again.
 async fn summaries_come_from_memory_where_this_process_queued_them(url: &str, case: u32) {
-    let (one, two) = (
-        Database::connect_lazy(url).unwrap(),
-        Database::connect_lazy(url).unwrap(),
-    );
-    one.migrate().await.unwrap();
+    let (one, two) = two_processes(url).await;
     let specs: Vec<Spec> = (0..150)
         .map(|i| {
             (
@@ -426,11 +429,7 @@ async fn postgres_summaries_come_from_memory_where_this_process_queued_them() {
 /// process kept of a batch another process applied must not stand in for a new batch of that
 /// id.
 async fn a_summary_kept_of_a_batch_applied_elsewhere_is_not_applied(url: &str, case: u32) {
-    let (one, two) = (
-        Database::connect_lazy(url).unwrap(),
-        Database::connect_lazy(url).unwrap(),
-    );
-    one.migrate().await.unwrap();
+    let (one, two) = two_processes(url).await;
     let specs: Vec<Spec> = (0..40)
         .map(|i| (i % 3, i as i64 * 97, Some(i as f64), Some(1.0), true))
         .collect();
@@ -470,11 +469,7 @@ async fn postgres_a_summary_kept_of_a_batch_applied_elsewhere_is_not_applied() {
 #[tokio::test]
 async fn postgres_a_batch_queued_by_ids_is_read_back() {
     let server = PgServer::start().expect("throwaway PostgreSQL");
-    let (one, two) = (
-        Database::connect_lazy(&server.url()).unwrap(),
-        Database::connect_lazy(&server.url()).unwrap(),
-    );
-    one.migrate().await.unwrap();
+    let (one, two) = two_processes(&server.url()).await;
     let case = 970_000;
     let specs: Vec<Spec> = (0..60)
         .map(|i| (i % 3, i as i64 * 89, Some(i as f64), Some(3.0), true))

@@ -243,7 +243,8 @@ pub fn summarise<'a>(
     readings: impl IntoIterator<Item = &'a TelemetryReading>,
 ) -> Vec<Rollup> {
     // Found by hash and sorted once at the end, by their keys: a rollup is a few hundred bytes,
-    // and an ordered map moved them within its nodes on every insert (half the summary's time).
+    // and an ordered map moved them within its nodes on inserts (an eighth of this function's
+    // time with 1,000 cars, measured).
     let readings = readings.into_iter();
     let mut index: HashMap<(&str, DateTime<Utc>), usize> =
         HashMap::with_capacity(readings.size_hint().0);

@@ -223,8 +223,10 @@ impl SensorRows {
     /// Writes a batch (not empty) and queues it for the rollup pass; returns its ids, its place
     /// in the queue (`None` when it added no row), and the summary of `readings` the pass takes
     /// from memory. The summary is worked out while the database writes the batch (`biased`:
-    /// the write goes first, so its statement is on its way) instead of after the commit: 4 %
-    /// of the write path's readings per second with 1,000 cars a batch, measured.
+    /// the write goes first, so its statement is on its way) instead of after the commit. (The
+    /// summary is not free: without it the write path ran 0.94 times the one before fleet
+    /// state instead of 0.90, 1,000 cars a batch; computed beside the statement or after it
+    /// made no difference to see on two cores.)
     async fn write_batch(
         &self,
         readings: &[TelemetryReading],
